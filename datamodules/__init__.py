@@ -1,0 +1,21 @@
+"""DataModules of lightning-methods (installed as ``lightning_methods.datamodules``).
+
+Every DataModule yields dict batches ``{"image": float NCHW, "target": int64, "index": int64}``.
+"""
+
+from .base import DeviceBatchLoader, ImageDataModule, IndexedTensorDataset, collate_dict
+from .cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule, read_cifar_batch
+from .digits import DigitsDataModule, load_digits_uint8
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "CIFARDataModule",
+    "DeviceBatchLoader",
+    "DigitsDataModule",
+    "ImageDataModule",
+    "IndexedTensorDataset",
+    "collate_dict",
+    "load_digits_uint8",
+    "read_cifar_batch",
+]

@@ -1,0 +1,293 @@
+"""Shared DataModule machinery: uint8 tensor datasets with dict batches, seeded hold-out split, batched on-device
+augmentation and an optional GPU-resident training loader.
+
+Workers only index uint8 tensors (one ``index_select`` per batch through ``__getitems__``). The standard CIFAR
+augmentation (pad-4 random crop, horizontal flip), normalization and CutMix/MixUp run batched on the training
+device in ``on_after_batch_transfer``. AutoAugment runs per sample in the workers (torchvision.transforms.v2 on
+uint8 tensors) before that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .transforms import mix_batch, normalize, random_crop, random_hflip
+
+Augment = Literal["standard", "crop", "none", "autoaugment"]
+
+
+class IndexedTensorDataset(Dataset):
+    """Images (uint8 NCHW), targets and base indices; items are dicts ``{"image", "target", "index", ...}``.
+
+    Args:
+        images: uint8 tensor of shape (N, C, H, W).
+        targets: int64 tensor of shape (N,).
+        indices: int64 positions of the samples in the full source split (``"index"`` in batches).
+        transform: optional per-sample transform of the uint8 CHW image (runs in workers).
+        extras: further per-sample tensors of length N added to every item under their key.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be a uint8 NCHW tensor, got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.targets = targets.long()
+        self.indices = torch.arange(len(images)) if indices is None else indices.long()
+        self.transform = transform
+        self.extras = extras or {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _item(self, i: int | torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"image": self.images[i], "target": self.targets[i], "index": self.indices[i]}
+        out.update({k: v[i] for k, v in self.extras.items()})
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self._item(i)
+        if self.transform is not None:
+            item["image"] = self.transform(item["image"])
+        return item
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        if self.transform is not None:
+            return [self[i] for i in idx]
+        return self._item(torch.as_tensor(idx))  # already a batch: one gather per tensor
+
+
+def collate_dict(items: Any) -> Any:
+    """Collate that passes batches made by ``__getitems__`` through unchanged."""
+    return items if isinstance(items, dict) else default_collate(items)
+
+
+class _EpochSampler:
+    """Gives Lightning a ``sampler.set_epoch`` hook on :class:`DeviceBatchLoader`."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class DeviceBatchLoader:
+    """Training batches sliced from a dataset held whole on the training device (no workers, no host copies).
+
+    Every epoch draws one permutation from ``(seed, epoch)`` (identical on every rank), keeps the first
+    ``world_size * (N // world_size)`` entries, gives rank ``r`` the entries ``r, r + world_size, ...`` and cuts
+    those into batches. With ``drop_last`` the incomplete last batch is dropped, as for the worker loader.
+    """
+
+    def __init__(
+        self,
+        dataset: IndexedTensorDataset,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if dataset.transform is not None:
+            raise ValueError("the GPU-resident loader cannot apply per-sample transforms (augment='autoaugment')")
+        self.device = torch.device(device)
+        self.images = dataset.images.to(self.device)
+        self.tensors = {"target": dataset.targets, "index": dataset.indices, **dataset.extras}
+        self.tensors = {k: v.to(self.device) for k, v in self.tensors.items()}
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.sampler = _EpochSampler()
+        self.per_rank = len(self.images) // world_size
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.per_rank, self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def rank_order(self) -> torch.Tensor:
+        """Positions (into the dataset) that this rank visits this epoch, in order."""
+        n = len(self.images)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.sampler.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        return order[: self.per_rank * self.world_size][self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = self.rank_order().to(self.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = {"image": self.images.index_select(0, idx)}
+            batch.update({k: v.index_select(0, idx) for k, v in self.tensors.items()})
+            yield batch
+
+
+class ImageDataModule(LightningDataModule):
+    """Base of the image DataModules: subclasses implement :meth:`load_splits` and set ``num_classes``, ``mean``
+    and ``std``.
+
+    Args:
+        batch_size: training batch size per device (the global batch is ``batch_size * devices``).
+        eval_batch_size: batch size for validation/test/predict (default: ``batch_size``).
+        num_workers: DataLoader worker processes (persistent).
+        val_split: fraction of the training set held out for validation, seeded; 0 validates on the test set.
+        augment: ``"standard"`` (pad-4 random crop + flip, batched on the device), ``"crop"`` (crop only),
+            ``"none"``, or ``"autoaugment"`` (CIFAR-10 AutoAugment policy per sample in workers, then crop + flip).
+        gpu_resident: keep the whole uint8 training set on the training device and slice batches there (no
+            workers); sharded by rank under DDP.
+        cutmix_alpha: Beta parameter of batch CutMix (0 disables); adds ``"soft_target"`` to training batches.
+        mixup_alpha: Beta parameter of batch MixUp (0 disables).
+        seed: seed of the hold-out split, the GPU-resident shuffling and the mixing draws.
+        pin_memory: pin host memory for faster copies (default: when CUDA is available).
+    """
+
+    num_classes: int = 0
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        val_split: float = 0.0,
+        augment: Augment = "standard",
+        gpu_resident: bool = False,
+        cutmix_alpha: float = 0.0,
+        mixup_alpha: float = 0.0,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if augment not in ("standard", "crop", "none", "autoaugment"):
+            raise ValueError(f"augment must be 'standard', 'crop', 'none' or 'autoaugment', got {augment!r}")
+        if not 0.0 <= val_split < 1.0:
+            raise ValueError(f"val_split must be in [0, 1), got {val_split}")
+        if gpu_resident and augment == "autoaugment":
+            raise ValueError(
+                "augment='autoaugment' runs per sample in DataLoader workers and cannot be combined with "
+                "gpu_resident=True; use augment='standard' or gpu_resident=False"
+            )
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_split = val_split
+        self.augment = augment
+        self.gpu_resident = gpu_resident
+        self.cutmix_alpha, self.mixup_alpha = cutmix_alpha, mixup_alpha
+        self.seed = seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.train_set: IndexedTensorDataset | None = None
+        self.val_set: IndexedTensorDataset | None = None
+        self.test_set: IndexedTensorDataset | None = None
+
+    # ------------------------------------------------------------------------------------------ data
+    def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Return ``{"train": (uint8 NCHW images, int64 targets), "test": (...)}``."""
+        raise NotImplementedError
+
+    def train_targets(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Hook for subclasses that change training labels (label noise): returns ``{"target": ..., extras}``
+        for the full training split, before the hold-out split."""
+        return {"target": targets}
+
+    def holdout_split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seeded disjoint (train, val) positions into a training split of size ``n`` (both sorted)."""
+        n_val = int(round(self.val_split * n))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+    def _worker_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.augment != "autoaugment":
+            return None
+        from torchvision.transforms import v2
+
+        return v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = self.load_splits()
+        images, clean = splits["train"]
+        labels = self.train_targets(images, clean)
+        target = labels.pop("target")
+        train_pos, val_pos = self.holdout_split(len(images))
+        base = torch.arange(len(images))
+
+        def subset(pos: torch.Tensor, transform: Callable | None) -> IndexedTensorDataset:
+            return IndexedTensorDataset(images[pos], target[pos], base[pos], transform, {k: v[pos] for k, v in labels.items()})
+
+        self.train_set = subset(train_pos, self._worker_transform())
+        test_images, test_targets = splits["test"]
+        self.test_set = IndexedTensorDataset(test_images, test_targets)
+        self.val_set = subset(val_pos, None) if len(val_pos) else self.test_set
+
+    # ------------------------------------------------------------------------------------------ loaders
+    def _loader(self, dataset: IndexedTensorDataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_dict,
+        )
+
+    def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
+        assert self.train_set is not None, "call setup() first"
+        if not self.gpu_resident:
+            return self._loader(self.train_set, train=True)
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        return DeviceBatchLoader(self.train_set, self.batch_size, device, True, True, self.seed, rank, world)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "call setup() first"
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_set is not None, "call setup() first"
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    # ------------------------------------------------------------------------------------------ device side
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        image = batch["image"]
+        if image.dtype != torch.uint8:
+            return batch
+        training = self.trainer is not None and self.trainer.training
+        if training and self.augment != "none":
+            image = random_crop(image, 4)
+            if self.augment != "crop":
+                image = random_hflip(image)
+        batch["image"] = normalize(image, self.mean, self.std)
+        if training and (self.cutmix_alpha > 0 or self.mixup_alpha > 0):
+            step = self.trainer.global_step if self.trainer is not None else 0
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            rng = np.random.default_rng([self.seed, step, rank])
+            batch["image"], batch["soft_target"] = mix_batch(
+                batch["image"], batch["target"], self.num_classes, self.cutmix_alpha, self.mixup_alpha, rng
+            )
+        return batch

@@ -1,0 +1,263 @@
+"""ImageClassifier: the LightningModule every classification method of lightning-methods builds on.
+
+It trains with manual optimization under the package's *closure contract* (see ARCHITECTURE.md): each training step
+builds a closure that runs the forward pass, ``manual_backward(per_sample_loss.mean())`` and returns the detached
+per-sample loss vector, and calls ``optimizer.step(closure)`` through the LightningOptimizer. Plain optimizers call
+the closure once; two-pass optimizers (SAM family) call it twice, and every call after the first within one step
+runs with BatchNorm running statistics frozen; loss-adaptive optimizers (KOALA family) read the returned vector.
+Training metrics and the logged loss come from the first call.
+
+Parameter groups are tagged with roles (``lightning_methods.parameters``) so SAM-ON, ASAM and weight-decay
+exclusions select parameters by module type, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from .models import create_backbone
+from .parameters import frozen_bn_stats, param_groups_by_role
+
+#: Precision settings under which a GradScaler drives the optimizer step.
+SCALER_PRECISIONS = ("16-mixed", "16", 16)
+
+
+def as_dict_batch(batch: Any) -> dict[str, torch.Tensor]:
+    """Accept the package's dict batches and plain ``(image, target)`` tuples from other projects."""
+    if isinstance(batch, Mapping):
+        return batch  # type: ignore[return-value]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return {"image": batch[0], "target": batch[1]}
+    raise TypeError(
+        "ImageClassifier expects dict batches {'image', 'target', ...} or (image, target) tuples, got "
+        f"{type(batch).__name__}"
+    )
+
+
+def soft_cross_entropy(logits: torch.Tensor, soft_target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-sample cross-entropy against a probability vector (CutMix / MixUp targets), with label smoothing."""
+    if label_smoothing > 0:
+        soft_target = soft_target * (1.0 - label_smoothing) + label_smoothing / soft_target.shape[-1]
+    return -(soft_target * F.log_softmax(logits, dim=-1)).sum(-1)
+
+
+class ImageClassifier(LightningModule):
+    """Image classification with injected optimizer and scheduler.
+
+    Args:
+        backbone: a name for ``lightning_methods.models.create_backbone`` or a ready ``nn.Module`` returning logits.
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        optimizer: callable ``params -> Optimizer``; receives role-tagged parameter groups. ``None`` means
+            SGD(lr=0.1, momentum=0.9, weight_decay=5e-4), the CIFAR baseline.
+        lr_scheduler: callable ``optimizer -> LRScheduler`` or ``None``.
+        scheduler_interval: step the scheduler every ``"epoch"`` or every optimizer ``"step"``.
+        scheduler_monitor: metric passed to ``ReduceLROnPlateau.step``.
+        label_smoothing: label smoothing of the training cross-entropy.
+        no_weight_decay_roles: parameter roles ("norm", "bias", "weight") whose groups get weight_decay 0.
+        grad_clip_norm: clip the global gradient norm after every backward pass (manual optimization makes
+            ``Trainer(gradient_clip_val=...)`` unavailable); ``None`` disables it.
+        channels_last: convert the backbone and inputs to channels-last memory format.
+        compile: compile the backbone with ``torch.compile`` (keeps parameter names unchanged).
+        backbone_kwargs: extra keyword arguments for ``create_backbone``.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        num_classes: int = 100,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_monitor: str = "val/loss",
+        label_smoothing: float = 0.0,
+        no_weight_decay_roles: list[str] | None = None,
+        grad_clip_norm: float | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        self.automatic_optimization = False
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.backbone = (
+            backbone if isinstance(backbone, nn.Module) else create_backbone(backbone, num_classes, **(backbone_kwargs or {}))
+        )
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.closure_call = 0  # index of the current closure evaluation within one optimizer step
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False),
+                "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro",
+                                               validate_args=False),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    # ----------------------------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.backbone.compile()
+            self._compiled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
+
+    # ----------------------------------------------------------------------------------------------- losses
+    def per_sample_loss(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Training loss of every sample (fp32), from ``soft_target`` when the batch has one."""
+        logits = logits.float()
+        ls = self.hparams.label_smoothing
+        if "soft_target" in batch:
+            return soft_cross_entropy(logits, batch["soft_target"].float(), ls)
+        return F.cross_entropy(logits, batch["target"], reduction="none", label_smoothing=ls)
+
+    def forward_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward pass of one training closure call: returns ``(per_sample_loss, logits)``.
+
+        Methods override this to add terms (distillation) while keeping the closure contract.
+        ``self.closure_call`` tells which call of the current step this is (0 = first).
+        """
+        logits = self(batch["image"])
+        return self.per_sample_loss(logits, batch), logits
+
+    # ----------------------------------------------------------------------------------------------- training
+    def make_closure(self, batch: Mapping[str, torch.Tensor], optimizer: Any) -> Any:
+        """Build the closure of the contract for ``batch``; ``closure.first_loss`` holds the pass-1 mean loss."""
+
+        def closure() -> torch.Tensor:
+            call = closure.calls
+            closure.calls += 1
+            self.closure_call = call
+            ctx = frozen_bn_stats(self) if call > 0 else contextlib.nullcontext()
+            with ctx:
+                losses, logits = self.forward_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss = losses.mean()
+            self.manual_backward(loss)
+            if call == 0:
+                closure.first_loss = loss.detach()
+                self.train_metrics.update(logits.detach(), batch["target"])
+            return losses.detach()
+
+        closure.calls = 0
+        closure.first_loss = None
+        return closure
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        batch = as_dict_batch(batch)
+        opt = self.optimizers()
+        closure = self.make_closure(batch, opt)
+        opt.step(closure=closure)
+        if closure.calls == 0:
+            raise RuntimeError(
+                f"{type(opt.optimizer).__name__}.step(closure) did not evaluate the closure; optimizers used with "
+                "ImageClassifier must call it (see the closure contract in ARCHITECTURE.md)"
+            )
+        self.closure_call = 0
+        if self.hparams.scheduler_interval == "step":
+            self._step_schedulers()
+        n = batch["target"].shape[0]
+        self.log("train/loss", closure.first_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
+        return closure.first_loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning runs this after every closure call (after GradScaler unscaling), i.e. after each backward.
+        if self.hparams.grad_clip_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip_norm, gradient_clip_algorithm="norm")
+
+    def on_train_epoch_end(self) -> None:
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        self.log("train/lr", float(opt.param_groups[0]["lr"]), on_epoch=True, batch_size=1)
+        if self.hparams.scheduler_interval == "epoch":
+            self._step_schedulers()
+
+    def _step_schedulers(self) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                metric = self.trainer.callback_metrics.get(self.hparams.scheduler_monitor)
+                if metric is None:
+                    raise KeyError(
+                        f"ReduceLROnPlateau needs the metric {self.hparams.scheduler_monitor!r}, which was not logged; "
+                        f"logged metrics: {sorted(self.trainer.callback_metrics)}. Set model.scheduler_monitor."
+                    )
+                sch.step(metric)
+            else:
+                sch.step()
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str) -> None:
+        batch = as_dict_batch(batch)
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["target"])
+        metrics.update(logits, batch["target"])
+        n = batch["target"].shape[0]
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=n, sync_dist=True)
+        self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val", batch_size=n)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        batch = as_dict_batch(batch)
+        probs = torch.softmax(self(batch["image"]).float(), dim=-1)
+        conf, pred = probs.max(dim=-1)
+        out = {"pred": pred, "confidence": conf, "probs": probs}
+        for key in ("index", "target"):
+            if key in batch:
+                out[key] = batch[key]
+        return out
+
+    # ----------------------------------------------------------------------------------------------- optimizers
+    def parameter_groups(self) -> list[dict]:
+        """Role-tagged parameter groups of the trainable parameters (see ``lightning_methods.parameters``)."""
+        return param_groups_by_role(self, no_weight_decay_roles=self.hparams.no_weight_decay_roles or ())
+
+    def configure_optimizers(self) -> Any:
+        groups = self.parameter_groups()
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        else:
+            optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                         "interval": self.hparams.scheduler_interval}}
+
+    def on_fit_start(self) -> None:
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        if self.trainer.precision in SCALER_PRECISIONS and not getattr(opt, "supports_grad_scaler", True):
+            raise ValueError(
+                f"{type(opt).__name__} cannot run under precision={self.trainer.precision!r}: a GradScaler cannot serve "
+                "its step (it evaluates the closure more than once or reads the loss value). Use "
+                "--trainer.precision bf16-mixed on GPUs with bf16 (Ampere or newer), or 32-true."
+            )

@@ -1,0 +1,105 @@
+"""``lightning-methods`` command line: LightningCLI with subcommands fit / validate / test / predict.
+
+- model and data are chosen in subclass mode (``model.class_path``, ``data.class_path``); short class names of
+  this package resolve because its modules are imported here;
+- ``data.num_classes`` is linked to ``model.init_args.num_classes``;
+- the resolved config is saved next to the logs (overwriting) and, when a ``WandbLogger`` is used, written into the
+  W&B run config;
+- ``--checkpoint.*`` configures the always-present ModelCheckpoint (best ``val/acc`` plus ``last.ckpt``);
+- ``--test_after_fit best|last`` runs the test set after ``fit`` on the best checkpoint or the final weights;
+- ``trainer.precision`` defaults to ``bf16-mixed`` on a GPU that supports it and ``32-true`` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+import lightning_methods  # noqa: F401  (registers the package's classes for short class_path names)
+import lightning_methods.callbacks  # noqa: F401
+import lightning_methods.datamodules  # noqa: F401
+
+
+def default_precision() -> str:
+    """bf16-mixed on a CUDA GPU with bf16 support, 32-true otherwise."""
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def _plain(value: Any) -> Any:
+    """Config namespace -> JSON-safe nested dict (paths and other objects become strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Saves the resolved config to the log dir and also into the W&B run config (rank zero only)."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        config = _plain(self.config.as_dict())
+        # linked arguments are not part of the parsed config: add them so the run config is complete
+        if "num_classes" in pl_module.hparams:
+            config.setdefault("model", {}).setdefault("init_args", {})["num_classes"] = pl_module.hparams.num_classes
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(config, allow_val_change=True)
+
+
+class LightningMethodsCLI(LightningCLI):
+    """LightningCLI with the package's links, defaults and extras (see the module docstring)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=Literal["off", "best", "last"],
+            default="off",
+            help="After fit, evaluate the test set on the best checkpoint ('best') or the final weights ('last').",
+        )
+
+    def after_fit(self) -> None:
+        mode = self.config.get(self.subcommand, {}).get("test_after_fit", "off")
+        if mode == "off" or self.trainer.interrupted:
+            return
+        ckpt = "best" if mode == "best" and self.trainer.checkpoint_callback.best_model_path else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMethodsCLI:
+    """Create the CLI (and run the subcommand when ``run``); returns it so tests can inspect the trainer."""
+    return LightningMethodsCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LoggerSaveConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        trainer_defaults={"precision": default_precision()},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-methods`` console script."""
+    build_cli(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, also in spawned DDP workers
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_CODE", "true")
+
+from helpers import write_fake_cifar  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def fake_cifar_root(tmp_path_factory):
+    """A data_dir holding small fake CIFAR-10 and CIFAR-100 releases in the official pickle format."""
+    root = tmp_path_factory.mktemp("cifar")
+    arrays = {"cifar100": write_fake_cifar(root, "cifar100", n_train=200, n_test=100, seed=1),
+              "cifar10": write_fake_cifar(root, "cifar10", n_train=100, n_test=50, seed=2)}
+    return root, arrays
+
+
+@pytest.fixture(autouse=True)
+def _wandb_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))

@@ -1,0 +1,104 @@
+"""Shared test utilities: fake CIFAR releases in the real on-disk format, tiny models, a 2-process DDP runner."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+
+def write_fake_cifar(root: str | Path, kind: str = "cifar100", n_train: int = 200, n_test: int = 100,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """Write a small CIFAR release (python pickle format, as in the official tarball) under ``root``.
+
+    Returns the written arrays: ``train_x`` / ``test_x`` (uint8 N x 3 x 32 x 32) and ``train_y`` / ``test_y``.
+    CIFAR-10 training data is spread over the five ``data_batch_i`` files like the real release.
+    """
+    rng = np.random.default_rng(seed)
+    classes = 100 if kind == "cifar100" else 10
+    out = {
+        "train_x": rng.integers(0, 256, (n_train, 3, 32, 32), dtype=np.uint8),
+        "train_y": np.arange(n_train) % classes,
+        "test_x": rng.integers(0, 256, (n_test, 3, 32, 32), dtype=np.uint8),
+        "test_y": rng.permutation(np.arange(n_test) % classes),
+    }
+    rng.shuffle(out["train_y"])
+
+    def dump(path: Path, x: np.ndarray, y: np.ndarray, label_key: str) -> None:
+        entry = {"data": x.reshape(len(x), -1), label_key: y.tolist(), "batch_label": path.name,
+                 "filenames": [f"img_{i}.png" for i in range(len(x))]}
+        if kind == "cifar100":
+            entry["coarse_labels"] = (y // 5).tolist()
+        with open(path, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+
+    root = Path(root)
+    if kind == "cifar100":
+        d = root / "cifar-100-python"
+        d.mkdir(parents=True, exist_ok=True)
+        dump(d / "train", out["train_x"], out["train_y"], "fine_labels")
+        dump(d / "test", out["test_x"], out["test_y"], "fine_labels")
+        with open(d / "meta", "wb") as f:
+            pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)],
+                         "coarse_label_names": [f"s{i}" for i in range(20)]}, f, protocol=2)
+    else:
+        d = root / "cifar-10-batches-py"
+        d.mkdir(parents=True, exist_ok=True)
+        chunks = np.array_split(np.arange(n_train), 5)
+        for i, c in enumerate(chunks, 1):
+            dump(d / f"data_batch_{i}", out["train_x"][c], out["train_y"][c], "labels")
+        dump(d / "test_batch", out["test_x"], out["test_y"], "labels")
+        with open(d / "batches.meta", "wb") as f:
+            pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f, protocol=2)
+    return out
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU-pool-Linear: the smallest model with every parameter role (weight, bias, norm)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8, in_ch: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, fn: Callable, world_size: int, port: int, outdir: str, args: tuple) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "NODE_RANK": "0",
+                       "LOCAL_WORLD_SIZE": str(world_size)})
+    torch.set_num_threads(1)
+    result = fn(rank, world_size, *args)
+    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned CPU processes and return their results.
+
+    The environment is set as an external launcher (torchrun) would, so inside ``fn`` either
+    ``torch.distributed.init_process_group("gloo")`` or ``Trainer(accelerator="cpu", devices=world_size,
+    strategy="ddp")`` joins the group without spawning. ``fn`` must be a module-level function; its return value
+    must be picklable by ``torch.save``.
+    """
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(_ddp_worker, args=(fn, world_size, free_port(), outdir, args), nprocs=world_size, join=True)
+        return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
