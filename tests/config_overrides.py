@@ -1,0 +1,35 @@
+"""Per-family hooks for tests/test_configs.py, which runs every shipped YAML through ``main(["fit", ...])``.
+
+A family registers a hook for a directory prefix under ``configs/`` in its own module ``tests/overrides_<family>.py``
+(imported below). The hook gets ``(config_path, tmp_path, data_root)`` and returns extra CLI arguments (e.g. a
+teacher checkpoint written by the test), or ``None`` to say the file is not a ``fit`` config and name the test that
+covers it instead (set ``reason`` on the hook: ``hook.reason = "covered by tests/test_x.py::test_y"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+Hook = Callable[[Path, Path, Path], "list[str] | None"]
+HOOKS: dict[str, Hook] = {}
+
+
+def register(prefix: str) -> Callable[[Hook], Hook]:
+    """Register a hook for every config whose path relative to ``configs/`` starts with ``prefix``."""
+
+    def deco(fn: Hook) -> Hook:
+        HOOKS[prefix] = fn
+        return fn
+
+    return deco
+
+
+def hook_for(rel: str) -> Hook | None:
+    matches = [p for p in HOOKS if rel.startswith(p)]
+    return HOOKS[max(matches, key=len)] if matches else None
+
+
+for _module in sorted(Path(__file__).parent.glob("overrides_*.py")):
+    importlib.import_module(_module.stem)
