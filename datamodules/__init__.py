@@ -3,7 +3,14 @@
 Every DataModule yields dict batches ``{"image": float NCHW, "target": int64, "index": int64}``.
 """
 
-from .base import DeviceBatchLoader, ImageDataModule, IndexedTensorDataset, collate_dict
+from .base import (
+    DeviceBatchLoader,
+    EpochShuffleSampler,
+    ImageDataModule,
+    IndexedTensorDataset,
+    collate_dict,
+    epoch_permutation,
+)
 from .cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule, read_cifar_batch
 from .digits import DigitsDataModule, load_digits_uint8
 
@@ -13,9 +20,11 @@ __all__ = [
     "CIFARDataModule",
     "DeviceBatchLoader",
     "DigitsDataModule",
+    "EpochShuffleSampler",
     "ImageDataModule",
     "IndexedTensorDataset",
     "collate_dict",
+    "epoch_permutation",
     "load_digits_uint8",
     "read_cifar_batch",
 ]

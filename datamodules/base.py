@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .transforms import mix_batch, normalize, random_crop, random_hflip
 
@@ -74,14 +74,33 @@ def collate_dict(items: Any) -> Any:
     return items if isinstance(items, dict) else default_collate(items)
 
 
-class _EpochSampler:
-    """Gives Lightning a ``sampler.set_epoch`` hook on :class:`DeviceBatchLoader`."""
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of one epoch: a function of ``(seed, epoch)`` only, so a resumed run (or another rank)
+    draws exactly the same order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
-    def __init__(self) -> None:
-        self.epoch = 0
+
+def step_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integers (seed, global step, rank): per-batch randomness that survives resume."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Random order per epoch from ``(seed, epoch)`` (Lightning calls ``set_epoch``; under DDP its sampler wrapper
+    shards this order and forwards ``set_epoch``). Unlike ``RandomSampler`` it does not draw from the global RNG,
+    so a run resumed from a checkpoint sees the same batches as the uninterrupted run."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
 
 
 class DeviceBatchLoader:
@@ -111,7 +130,7 @@ class DeviceBatchLoader:
         self.tensors = {k: v.to(self.device) for k, v in self.tensors.items()}
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.sampler = _EpochSampler()
+        self.sampler = EpochShuffleSampler(len(self.images), seed)  # holds the epoch Lightning sets
         self.per_rank = len(self.images) // world_size
 
     def __len__(self) -> int:
@@ -122,8 +141,7 @@ class DeviceBatchLoader:
         """Positions (into the dataset) that this rank visits this epoch, in order."""
         n = len(self.images)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.sampler.epoch)
-            order = torch.randperm(n, generator=g)
+            order = epoch_permutation(n, self.seed, self.sampler.epoch)
         else:
             order = torch.arange(n)
         return order[: self.per_rank * self.world_size][self.rank :: self.world_size]
@@ -243,7 +261,7 @@ class ImageDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -278,15 +296,16 @@ class ImageDataModule(LightningDataModule):
         if image.dtype != torch.uint8:
             return batch
         training = self.trainer is not None and self.trainer.training
+        if training:  # randomness keyed by (seed, step, rank): reproducible, resumable, different on every rank
+            seed = step_seed(self.seed, self.trainer.global_step, self.trainer.global_rank)
         if training and self.augment != "none":
-            image = random_crop(image, 4)
+            gen = torch.Generator(device=image.device).manual_seed(seed)
+            image = random_crop(image, 4, gen)
             if self.augment != "crop":
-                image = random_hflip(image)
+                image = random_hflip(image, 0.5, gen)
         batch["image"] = normalize(image, self.mean, self.std)
         if training and (self.cutmix_alpha > 0 or self.mixup_alpha > 0):
-            step = self.trainer.global_step if self.trainer is not None else 0
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            rng = np.random.default_rng([self.seed, step, rank])
+            rng = np.random.default_rng(seed)
             batch["image"], batch["soft_target"] = mix_batch(
                 batch["image"], batch["target"], self.num_classes, self.cutmix_alpha, self.mixup_alpha, rng
             )

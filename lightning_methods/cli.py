@@ -79,9 +79,18 @@ class LightningMethodsCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
+def finish_wandb_runs(trainer: Trainer) -> None:
+    """Close the W&B runs this trainer started, so their files are complete when ``main`` returns (the run would
+    otherwise stay open until the interpreter exits, e.g. in notebooks and tests)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+            logger._experiment = None
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMethodsCLI:
     """Create the CLI (and run the subcommand when ``run``); returns it so tests can inspect the trainer."""
-    return LightningMethodsCLI(
+    cli = LightningMethodsCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -94,6 +103,9 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMetho
         args=args,
         run=run,
     )
+    if run and cli.trainer.is_global_zero:
+        finish_wandb_runs(cli.trainer)
+    return cli
 
 
 def main(args: list[str] | None = None) -> None:

@@ -102,3 +102,32 @@ def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> li
     with tempfile.TemporaryDirectory() as outdir:
         mp.spawn(_ddp_worker, args=(fn, world_size, free_port(), outdir, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def read_wandb_records(path: str | Path) -> list:
+    """Decode an offline W&B run file (``run-<id>.wandb``): a 7-byte header, then LevelDB-log framing (32 KiB
+    blocks, 7-byte record headers: crc32, length, type FULL/FIRST/MIDDLE/LAST) around protobuf ``Record``s."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    block, pos, records, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            pos += block - pos % block if pos % block else 0
+        elif kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending + chunk)
+            records.append(rec)
+            pending = b""
+        else:
+            pending += chunk
+    return records

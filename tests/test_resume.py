@@ -1,0 +1,57 @@
+"""A run saved mid-training (after epoch 1) and resumed from its last.ckpt takes exactly the steps of the
+uninterrupted run:
+weights, momentum buffers, scheduler, data order and augmentation draws all survive the checkpoint."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from helpers import TinyNet
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_methods import ImageClassifier
+from lightning_methods.datamodules import DigitsDataModule
+
+
+def _model() -> ImageClassifier:
+    L.seed_everything(0)
+    return ImageClassifier(
+        TinyNet(10), 10,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4),
+    )
+
+
+def _trainer(**kw) -> L.Trainer:
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, **kw)
+
+
+@pytest.mark.parametrize("gpu_resident", [False, True])
+def test_resume_takes_the_same_next_step(tmp_path, gpu_resident):
+    def dm():
+        return DigitsDataModule(batch_size=128, augment="crop", gpu_resident=gpu_resident, seed=3)
+
+    steps_per_epoch = 1257 // 128  # train split of the digits, drop_last
+    full = _model()
+    _trainer(max_epochs=2).fit(full, dm())
+
+    # interrupted run: stops after one epoch; its last.ckpt is what `--ckpt_path last` resumes from
+    _trainer(max_epochs=1, enable_checkpointing=True,
+             callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(_model(), dm())
+    ckpt = tmp_path / "last.ckpt"
+
+    resumed = _model()
+    torch.manual_seed(1234)  # the global RNG differs after a restart: nothing may depend on it
+    # max_epochs, as the configs use (Lightning treats max_steps runs as restarting mid-epoch even from an
+    # end-of-epoch checkpoint and replays one extra batch)
+    t2 = _trainer(max_epochs=2)
+    t2.fit(resumed, dm(), ckpt_path=ckpt)
+    assert t2.global_step == 2 * steps_per_epoch
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    assert torch.allclose(full.backbone.bn.running_mean, resumed.backbone.bn.running_mean, atol=1e-6)
+    lr_full = t2.optimizers[0].param_groups[0]["lr"]
+    assert lr_full == pytest.approx(0.05 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 4)).item()) / 2)
