@@ -1,0 +1,185 @@
+"""Timing machinery of the throughput benchmarks: synthetic CIFAR-sized data, a raw PyTorch training loop, the same
+training through ImageClassifier + Trainer, and median-of-repeats measurement without per-step host syncs.
+
+Every measurement times ``steps`` optimizer steps after ``warmup`` untimed ones; the device is synchronized only at
+the two ends of the timed window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from lightning_methods import ImageClassifier, create_backbone, param_groups_by_role
+from lightning_methods.datamodules import ImageDataModule, IndexedTensorDataset
+from lightning_methods.datamodules.transforms import normalize, random_crop, random_hflip
+
+
+@dataclass
+class Settings:
+    """One benchmark configuration (small CPU mode or full GPU mode)."""
+
+    device: str
+    backbone: str
+    small_backbone: str
+    batch_size: int
+    steps: int
+    warmup: int
+    repeats: int
+    workers: int
+    n_train: int
+    precision: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def small_settings() -> Settings:
+    return Settings("cpu", "resnet8", "resnet8", 32, 4, 2, 1, 1, 512, "32-true")
+
+
+def full_settings() -> Settings:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prec = "bf16-mixed" if dev == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    return Settings(dev, "resnet18", "resnet20", 512, 50, 15, 3, 8, 50_000, prec)
+
+
+def machine() -> str:
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); host {cpu}"
+    return f"CPU only ({cpu})"
+
+
+def versions() -> str:
+    import lightning
+
+    return f"torch {torch.__version__}, lightning {lightning.__version__}, python {platform.python_version()}"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class SyntheticCIFAR(ImageDataModule):
+    """Random uint8 32x32 images with 100 classes, loaded like the CIFAR DataModules."""
+
+    num_classes = 100
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
+
+    def __init__(self, n_train: int = 50_000, per_sample_indexing: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_train = n_train
+        self.per_sample_indexing = per_sample_indexing
+
+    def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (self.n_train, 3, 32, 32), dtype=torch.uint8, generator=g)
+        y = torch.randint(0, 100, (self.n_train,), generator=g)
+        return {"train": (x, y), "test": (x[:256], y[:256])}
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.per_sample_indexing:  # the "before" data path: one __getitem__ per sample + default_collate
+            self.train_set.__class__ = PerSampleDataset
+
+
+class PerSampleDataset(IndexedTensorDataset):
+    __getitems__ = None  # DataLoader falls back to per-sample __getitem__ and default_collate
+
+
+class WindowTimer(Callback):
+    """Wall time of the training batches after ``warmup``, synchronized only at both ends."""
+
+    def __init__(self, warmup: int, device: str) -> None:
+        self.warmup, self.device, self.batches, self.t0, self.elapsed = warmup, device, 0, None, None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if self.batches == self.warmup:
+            sync(self.device)
+            self.t0 = time.perf_counter()
+        self.batches += 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sync(self.device)
+        self.elapsed = time.perf_counter() - self.t0
+
+
+def data(s: Settings, **kwargs: Any) -> SyntheticCIFAR:
+    kw = dict(batch_size=s.batch_size, num_workers=s.workers, n_train=s.n_train)
+    kw.update(kwargs)
+    return SyntheticCIFAR(**kw)
+
+
+def time_trainer(s: Settings, model: L.LightningModule, dm: L.LightningDataModule, precision: str | None = None,
+                 callbacks: list[Callback] | None = None, quiet: bool = True, **trainer_kw: Any) -> float:
+    """Seconds per training batch of ``model`` on ``dm`` through a Trainer."""
+    timer = WindowTimer(s.warmup, s.device)
+    kw = dict(accelerator="gpu" if s.device.startswith("cuda") else "cpu", devices=1, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+              max_steps=s.warmup + s.steps, precision=precision or s.precision, benchmark=True)
+    kw.update(trainer_kw)
+    trainer = L.Trainer(callbacks=[timer, *(callbacks or [])], **kw)
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out) if quiet else contextlib.nullcontext():
+        trainer.fit(model, dm)
+    return timer.elapsed / (timer.batches - s.warmup)
+
+
+def time_raw_loop(s: Settings, backbone: str, dm: SyntheticCIFAR, precision: str | None = None,
+                  channels_last: bool = False) -> float:
+    """Seconds per step of a hand-written loop: same model, optimizer, augmentation (on the device) and precision."""
+    precision = precision or s.precision
+    dm.setup("fit")
+    device = torch.device(s.device)
+    model = create_backbone(backbone, 100).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(param_groups_by_role(model), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    loader = dm.train_dataloader()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
+                else contextlib.nullcontext())
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    for i in range(s.warmup + s.steps):
+        if i == s.warmup:
+            sync(s.device)
+            t0 = time.perf_counter()
+        batch = next(it)
+        image = batch["image"].to(device, non_blocking=True)
+        target = batch["target"].to(device, non_blocking=True)
+        image = normalize(random_hflip(random_crop(image, 4, gen), 0.5, gen), dm.mean, dm.std)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = F.cross_entropy(model(image).float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync(s.device)
+    return (time.perf_counter() - t0) / s.steps
+
+
+def classifier(backbone: str, optimizer: Callable | None = None, **kwargs: Any) -> ImageClassifier:
+    opt = optimizer or (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4))
+    return ImageClassifier(backbone, 100, optimizer=opt, **kwargs)
+
+
+def median_time(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
