@@ -69,6 +69,9 @@ class ImageClassifier(LightningModule):
         channels_last: convert the backbone and inputs to channels-last memory format.
         compile: compile the backbone with ``torch.compile`` (keeps parameter names unchanged).
         backbone_kwargs: extra keyword arguments for ``create_backbone``.
+        bn_bypass_second_pass: freeze BatchNorm running statistics in every closure call after the first of a step
+            (SAM's descent pass), so they are updated once per batch. ``False`` reproduces the official ASAM and
+            SAM-ON scripts, which update them in both passes.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class ImageClassifier(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
+        bn_bypass_second_pass: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -100,6 +104,7 @@ class ImageClassifier(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.closure_call = 0  # index of the current closure evaluation within one optimizer step
+        self.bn_bypass_second_pass = bn_bypass_second_pass
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False),
@@ -148,7 +153,7 @@ class ImageClassifier(LightningModule):
             call = closure.calls
             closure.calls += 1
             self.closure_call = call
-            ctx = frozen_bn_stats(self) if call > 0 else contextlib.nullcontext()
+            ctx = frozen_bn_stats(self) if call > 0 and self.bn_bypass_second_pass else contextlib.nullcontext()
             with ctx:
                 losses, logits = self.forward_loss(batch)
             optimizer.zero_grad(set_to_none=True)

@@ -101,6 +101,14 @@ def test_second_closure_call_freezes_bn_and_metrics_and_logging_use_the_first():
     assert torch.isclose(tr.callback_metrics["train/loss_step"], first.mean())
 
 
+def test_bn_bypass_can_be_switched_off_as_in_the_official_sam_scripts():
+    data = batches(1)
+    net = TinyNet(4)
+    model = ImageClassifier(net, 4, optimizer=lambda p: TwoPassSGD(p, lr=0.0), bn_bypass_second_pass=False)
+    trainer(max_steps=1).fit(model, loader(data))
+    assert int(net.bn.num_batches_tracked) == 2  # both passes updated the running statistics
+
+
 def test_optimizer_that_skips_the_closure_is_reported():
     model = ImageClassifier(TinyNet(4), 4, optimizer=lambda p: LazyOptimizer(p, lr=0.1))
     with pytest.raises(RuntimeError, match="did not evaluate the closure"):
