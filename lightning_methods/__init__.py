@@ -17,3 +17,11 @@ __all__ = [
     "param_groups_by_role",
     "parameter_roles",
 ]
+
+from .distillation import DistillationModule  # noqa: E402
+
+__all__ += ["DistillationModule"]
+
+from .noisy_labels import CoTrainingModule, EMAModel  # noqa: E402
+
+__all__ += ["CoTrainingModule", "EMAModel"]

@@ -25,6 +25,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from .hparams import callable_from_config, checkpoint_safe
 from .models import create_backbone
 from .parameters import frozen_bn_stats, param_groups_by_role
 
@@ -101,8 +102,9 @@ class ImageClassifier(LightningModule):
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.num_classes = num_classes
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
+        # load_from_checkpoint hands back the {"class_path", "init_args"} form stored by on_save_checkpoint
+        self.optimizer_factory = callable_from_config(optimizer)
+        self.scheduler_factory = callable_from_config(lr_scheduler)
         self.closure_call = 0  # index of the current closure evaluation within one optimizer step
         self.bn_bypass_second_pass = bn_bypass_second_pass
         metrics = MetricCollection(
@@ -256,6 +258,12 @@ class ImageClassifier(LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
                                                          "interval": self.hparams.scheduler_interval}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # torch >= 2.6 loads checkpoints with weights_only=True: store callables (partial optimizer factories from
+        # Python) as {"class_path", "init_args"} dicts, the form LightningCLI uses
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = checkpoint_safe(checkpoint["hyper_parameters"])
 
     def on_fit_start(self) -> None:
         opt = self.optimizers()

@@ -90,3 +90,20 @@ __all__ = [
     "create_backbone",
     "register_backbone",
 ]
+
+# CIFAR-100 distillation zoo students (mdistiller names; see lightning_methods/distillation.py)
+from .mobilenetv2 import MobileNetV2  # noqa: E402
+from .shufflenetv1 import ShuffleNetV1  # noqa: E402
+from .shufflenetv2 import ShuffleNetV2  # noqa: E402
+
+register_backbone("MobileNetV2", partial(MobileNetV2, expansion=6, width_mult=0.5))
+register_backbone("mobile_half", partial(MobileNetV2, expansion=6, width_mult=0.5))
+register_backbone("ShuffleV1", ShuffleNetV1)
+register_backbone("ShuffleV2", partial(ShuffleNetV2, width=1.0))
+__all__ += ["MobileNetV2", "ShuffleNetV1", "ShuffleNetV2"]
+
+# KOALA / KOALA++ CIFAR-100 backbone: torchvision's Wide ResNet-50-2 with a CIFAR stem
+from .wide_resnet50 import WideResNet50  # noqa: E402
+
+register_backbone("wrn_50_2", WideResNet50)
+__all__ += ["WideResNet50"]

@@ -1,0 +1,59 @@
+"""Checkpoint-safe hyperparameters.
+
+torch >= 2.6 loads checkpoints with ``weights_only=True``, which refuses pickled callables such as the
+``functools.partial`` optimizer factories users pass from Python. Checkpoints therefore store callables in the form
+LightningCLI uses, ``{"class_path": "torch.optim.SGD", "init_args": {...}}``, and modules rebuild them with
+:func:`callable_from_config` when ``load_from_checkpoint`` hands that form back.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+_PRIMITIVES = (str, int, float, bool, type(None))
+
+
+def describe_callable(value: Any) -> Any:
+    """Replace callables (classes, functions, ``functools.partial`` without positional args) by
+    ``{"class_path", "init_args"}`` dicts, recursively; other values that are not plain data become strings."""
+    if isinstance(value, _PRIMITIVES):
+        return value
+    if isinstance(value, Mapping):
+        return {k: describe_callable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(describe_callable(v) for v in value)
+    if isinstance(value, functools.partial) and not value.args:
+        return {"class_path": _path(value.func), "init_args": describe_callable(value.keywords)}
+    if inspect.isclass(value) or (inspect.isfunction(value) and value.__name__ != "<lambda>"):
+        return {"class_path": _path(value), "init_args": {}}
+    return repr(value)
+
+
+def _path(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def is_callable_config(value: Any) -> bool:
+    return isinstance(value, Mapping) and "class_path" in value and set(value) <= {"class_path", "init_args"}
+
+
+def callable_from_config(value: Any) -> Any:
+    """Inverse of :func:`describe_callable` for ``{"class_path", "init_args"}`` dicts (nested ones included);
+    anything else is returned unchanged."""
+    if not is_callable_config(value):
+        return value
+    module, _, name = value["class_path"].rpartition(".")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    kwargs = {k: callable_from_config(v) for k, v in (value.get("init_args") or {}).items()}
+    return functools.partial(obj, **kwargs)
+
+
+def checkpoint_safe(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``hparams`` that ``torch.load(weights_only=True)`` accepts."""
+    return {k: describe_callable(v) for k, v in hparams.items()}
