@@ -44,7 +44,7 @@ class Settings:
 
 
 def small_settings() -> Settings:
-    return Settings("cpu", "resnet8", "resnet8", 32, 4, 2, 1, 1, 512, "32-true")
+    return Settings("cpu", "resnet8", "resnet8", 16, 2, 1, 1, 1, 256, "32-true")
 
 
 def full_settings() -> Settings:

@@ -1,22 +1,71 @@
-"""Per-step cost of each optimizer / method module against plain SGD on the same model (the `methods` section).
+"""Per-step cost of each optimizer and method module against a plain-SGD baseline on the same model.
 
-A method adds its case here: a name and a zero-argument function returning seconds per step from
-``harness.time_trainer``. The first case is the baseline.
+Two sections, each with its own baseline (the first case):
+- ``optimizers``: ImageClassifier on the section backbone with every optimizer of the package.
+- ``distillation``: a student trained with CE only vs KD / DKD / DeepKD with the teacher forward included
+  (resnet32x4 -> resnet8x4 in full mode, as in the papers).
+
+A new method adds its case to one of the lists below.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from harness import Settings, classifier, data, time_trainer
 
+from lightning_methods import DistillationModule, create_backbone
+from lightning_methods.callbacks import SSAMMaskCallback
+from lightning_methods.optim import ASAMON, KOALAM, SAM, SAMON, SSAM, DeepKD, KOALAPlusPlus, KOALAV
 
-def method_cases(s: Settings) -> list[tuple[str, Callable[[], float]]]:
-    def opt_case(make_opt: Callable) -> Callable[[], float]:
-        return lambda: time_trainer(s, classifier(s.backbone, optimizer=make_opt), data(s, gpu_resident=True))
+Case = tuple[str, Callable[[], float]]
+SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def optimizer_cases(s: Settings) -> list[Case]:
+    def case(make_opt: Callable, callbacks: Callable[[], list] | None = None) -> Callable[[], float]:
+        return lambda: time_trainer(s, classifier(s.backbone, optimizer=make_opt), data(s, gpu_resident=True),
+                                    callbacks=callbacks() if callbacks else None)
+
+    fisher = 16 if s.device == "cpu" else 128
+    return [
+        ("SGD (baseline)", case(SGD)),
+        ("AdamW", case(partial(torch.optim.AdamW, lr=1e-3, weight_decay=5e-4))),
+        ("SAM (rho 0.2)", case(partial(SAM, base_optimizer=SGD, rho=0.2))),
+        ("SAM-ON (rho 1.0)", case(partial(SAMON, base_optimizer=SGD, rho=1.0))),
+        ("SAM-ON + ascent-pass saving", case(partial(SAMON, base_optimizer=SGD, rho=1.0, freeze_non_norm_pass1=True))),
+        ("ASAM-ON elementwise (rho 10)", case(partial(ASAMON, base_optimizer=SGD, rho=10.0, adaptive="elementwise"))),
+        ("SAM every 2nd step", case(partial(SAM, base_optimizer=SGD, rho=0.2, sam_every_k=2))),
+        ("SSAM-F (s 0.5; mask refresh at batch 0, untimed)",
+         case(partial(SSAM, base_optimizer=SGD, rho=0.2, sparsity=0.5),
+              lambda: [SSAMMaskCallback(mode="fisher", num_samples=fisher)])),
+        ("SSAM-D (s 0.5)", case(partial(SSAM, base_optimizer=SGD, rho=0.2, sparsity=0.5, mask_init="random"),
+                                lambda: [SSAMMaskCallback(mode="dynamic", t_end=200)])),
+        ("KOALA-V", case(partial(KOALAV, lr=1.0, sigma=0.1, weight_decay=5e-4))),
+        ("KOALA-M", case(partial(KOALAM, lr=1.0, weight_decay=5e-4))),
+        ("KOALA++", case(partial(KOALAPlusPlus, lr=1.0, sigma=0.1, q=0.1, weight_decay=5e-4))),
+    ]
+
+
+def distillation_cases(s: Settings) -> list[Case]:
+    student, teacher = ("resnet8", "resnet14") if s.device == "cpu" else ("resnet8x4", "resnet32x4")
+    opt = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    def kd(method: str, deepkd: bool = False) -> Callable[[], float]:
+        def run() -> float:
+            model = DistillationModule(
+                backbone=student, teacher=create_backbone(teacher, 100), method=method, deepkd=deepkd,
+                optimizer=partial(DeepKD, lr=0.05) if deepkd else opt, log_teacher_accuracy=False)
+            return time_trainer(s, model, data(s, gpu_resident=True))
+        return run
 
     return [
-        ("SGD (baseline)", opt_case(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4))),
-        ("AdamW", opt_case(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=5e-4))),
+        (f"{student}, CE only (baseline)",
+         lambda: time_trainer(s, classifier(student, optimizer=opt), data(s, gpu_resident=True))),
+        (f"KD ({teacher} teacher)", kd("kd")),
+        ("DKD", kd("dkd")),
+        ("KD + DeepKD (3 gradient streams)", kd("kd", deepkd=True)),
+        ("DKD + DeepKD", kd("dkd", deepkd=True)),
     ]

@@ -2,15 +2,16 @@
 
     python benchmarks/throughput.py                 # full mode: GPU if present (ResNet-18, batch 512, bf16)
     python benchmarks/throughput.py --mode small    # tiny CPU mode, seconds (used by the smoke test)
-    python benchmarks/throughput.py --sections methods --out docs/benchmarks_methods.md
+    python benchmarks/throughput.py --sections optimizers,distillation --out table.md
 
 Sections (each with its own baseline, ratio = time per step / baseline time per step; images/s = batch / time):
 - loop:      raw PyTorch loop vs ImageClassifier + Trainer (same model, on-device augmentation, precision, data)
 - input:     DataLoader workers (batched and, as "before", per-sample indexing) vs gpu_resident input,
              on a small CIFAR network where the input pipeline matters
 - precision: fp32 vs bf16-mixed; channels_last off/on; torch.compile off/on (full mode, or --compile)
-- methods:   per-step cost of every optimizer and method module against plain SGD on the same model
-             (cases in benchmarks/method_cases.py)
+- optimizers:   per-step cost of every optimizer against plain SGD on the same model
+- distillation: KD / DKD / DeepKD (teacher forward included) against the student trained with CE alone
+             (the method cases live in benchmarks/method_cases.py)
 """
 
 from __future__ import annotations
@@ -73,30 +74,32 @@ def precision_section(s: Settings, with_compile: bool) -> list[tuple[str, Callab
     return cases
 
 
-def method_section(s: Settings) -> list[tuple[str, Callable[[], float]]]:
-    from method_cases import method_cases
-
-    return method_cases(s)
+SECTIONS = ("loop", "input", "precision", "optimizers", "distillation")
 
 
-def run(mode: str = "full", sections: tuple[str, ...] = ("loop", "input", "precision", "methods"),
+def run(mode: str = "full", sections: tuple[str, ...] = SECTIONS,
         with_compile: bool | None = None, verbose: bool = True) -> list[Row]:
     """Measure the requested sections; returns one row per case with seconds/step, images/s and ratio."""
     s = small_settings() if mode == "small" else full_settings()
     with_compile = (mode == "full") if with_compile is None else with_compile
+    from method_cases import distillation_cases, optimizer_cases
+
     builders = {"loop": lambda: loop_section(s), "input": lambda: input_section(s),
-                "precision": lambda: precision_section(s, with_compile), "methods": lambda: method_section(s)}
+                "precision": lambda: precision_section(s, with_compile), "optimizers": lambda: optimizer_cases(s),
+                "distillation": lambda: distillation_cases(s)}
     rows: list[Row] = []
     for section in sections:
         baseline = None
-        for name, fn in builders[section]():
+        cases = builders[section]()
+        cases[0][1]()  # discarded warm-up run: one-time costs (allocator, kernels, thread pools) stay out of the table
+        for name, fn in cases:
             sec = median_time(fn, s.repeats)
             baseline = baseline or sec
             row = {"section": section, "case": name, "ms_per_step": 1e3 * sec,
                    "img_per_s": s.batch_size / sec, "ratio": sec / baseline}
             rows.append(row)
             if verbose:
-                print(f"{section:9s} {name:55s} {row['ms_per_step']:9.2f} ms {row['img_per_s']:10.0f} img/s "
+                print(f"{section:12s} {name:52s} {row['ms_per_step']:9.2f} ms {row['img_per_s']:10.0f} img/s "
                       f"x{row['ratio']:.3f}", flush=True)
     return rows
 
@@ -116,7 +119,7 @@ def markdown(rows: list[Row], mode: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["small", "full"], default="full")
-    parser.add_argument("--sections", default="loop,input,precision,methods")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--compile", dest="with_compile", action="store_true", default=None,
                         help="include the torch.compile case (default: full mode only)")
     parser.add_argument("--out", help="also write the markdown table to this file")
