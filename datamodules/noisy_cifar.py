@@ -84,7 +84,7 @@ class NoisyCIFAR100DataModule(NoisyLabelsMixin, CIFAR100DataModule):
         super().__init__(data_dir, download, batch_size, eval_batch_size, num_workers, val_split, augment,
                          gpu_resident, 0.0, 0.0, seed, pin_memory)
         if asym_grouping not in (None, "consecutive5", "superclass", "cyclic"):
-            raise ValueError(f"CIFAR-100 asym_grouping must be consecutive5, superclass or cyclic, got {asym_grouping!r}")
+            raise ValueError(f"CIFAR-100 asym_grouping: consecutive5, superclass or cyclic, not {asym_grouping!r}")
         self._init_noise(noise_type, noise_rate, noise_seed, include_noise, asym_grouping or "consecutive5",
                          cifarn_file, cifarn_key, label_file, train_subset)
 

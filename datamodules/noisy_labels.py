@@ -90,7 +90,8 @@ def cifar100_groups(grouping: Literal["consecutive5", "superclass"], coarse_labe
 
 
 def noisify_with_transition(labels: np.ndarray, P: np.ndarray, seed: int) -> np.ndarray:
-    """Draw every noisy label from row ``P[y]`` with ``RandomState(seed).multinomial`` (one draw per sample, in order)."""
+    """Draw every noisy label from row ``P[y]`` with ``RandomState(seed).multinomial`` (one draw per sample, in
+    order)."""
     labels = np.asarray(labels, dtype=np.int64)
     if not np.allclose(P.sum(1), 1.0) or (P < 0).any():
         raise ValueError("the transition matrix must be row-stochastic")
