@@ -14,11 +14,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from harness import Settings, classifier, data, time_trainer
 
 from lightning_methods import DistillationModule, create_backbone
 from lightning_methods.callbacks import SSAMMaskCallback
-from lightning_methods.optim import ASAMON, KOALAM, SAM, SAMON, SSAM, DeepKD, KOALAPlusPlus, KOALAV
+from lightning_methods.optim import ASAMON, KOALAM, KOALAV, SAM, SAMON, SSAM, DeepKD, KOALAPlusPlus
+
+from harness import Settings, classifier, data, time_trainer
 
 Case = tuple[str, Callable[[], float]]
 SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)

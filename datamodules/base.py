@@ -249,7 +249,8 @@ class ImageDataModule(LightningDataModule):
         base = torch.arange(len(images))
 
         def subset(pos: torch.Tensor, transform: Callable | None) -> IndexedTensorDataset:
-            return IndexedTensorDataset(images[pos], target[pos], base[pos], transform, {k: v[pos] for k, v in labels.items()})
+            extras = {k: v[pos] for k, v in labels.items()}
+            return IndexedTensorDataset(images[pos], target[pos], base[pos], transform, extras)
 
         self.train_set = subset(train_pos, self._worker_transform())
         test_images, test_targets = splits["test"]

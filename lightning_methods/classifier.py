@@ -96,9 +96,9 @@ class ImageClassifier(LightningModule):
         self.automatic_optimization = False
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.backbone = (
-            backbone if isinstance(backbone, nn.Module) else create_backbone(backbone, num_classes, **(backbone_kwargs or {}))
-        )
+        if not isinstance(backbone, nn.Module):
+            backbone = create_backbone(backbone, num_classes, **(backbone_kwargs or {}))
+        self.backbone = backbone
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.num_classes = num_classes
@@ -106,7 +106,11 @@ class ImageClassifier(LightningModule):
         self.optimizer_factory = callable_from_config(optimizer)
         self.scheduler_factory = callable_from_config(lr_scheduler)
         self.closure_call = 0  # index of the current closure evaluation within one optimizer step
-        self.bn_bypass_second_pass = bn_bypass_second_pass
+        # settings read during training live in attributes, so subclasses may re-save their own hparams
+        self.label_smoothing, self.grad_clip_norm, self.channels_last = label_smoothing, grad_clip_norm, channels_last
+        self.compile_backbone, self.bn_bypass_second_pass = compile, bn_bypass_second_pass
+        self.scheduler_interval, self.scheduler_monitor = scheduler_interval, scheduler_monitor
+        self.no_weight_decay_roles = list(no_weight_decay_roles or ())
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False),
@@ -120,12 +124,12 @@ class ImageClassifier(LightningModule):
 
     # ----------------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
-        if self.hparams.compile and not getattr(self, "_compiled", False):
+        if self.compile_backbone and not getattr(self, "_compiled", False):
             self.backbone.compile()
             self._compiled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
@@ -133,7 +137,7 @@ class ImageClassifier(LightningModule):
     def per_sample_loss(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Training loss of every sample (fp32), from ``soft_target`` when the batch has one."""
         logits = logits.float()
-        ls = self.hparams.label_smoothing
+        ls = self.label_smoothing
         if "soft_target" in batch:
             return soft_cross_entropy(logits, batch["soft_target"].float(), ls)
         return F.cross_entropy(logits, batch["target"], reduction="none", label_smoothing=ls)
@@ -181,7 +185,7 @@ class ImageClassifier(LightningModule):
                 "ImageClassifier must call it (see the closure contract in ARCHITECTURE.md)"
             )
         self.closure_call = 0
-        if self.hparams.scheduler_interval == "step":
+        if self.scheduler_interval == "step":
             self._step_schedulers()
         n = batch["target"].shape[0]
         self.log("train/loss", closure.first_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
@@ -190,14 +194,16 @@ class ImageClassifier(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning runs this after every closure call (after GradScaler unscaling), i.e. after each backward.
-        if self.hparams.grad_clip_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip_norm, gradient_clip_algorithm="norm")
+        if self.grad_clip_norm:
+            self.clip_gradients(optimizer, self.grad_clip_norm, gradient_clip_algorithm="norm")
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        opts = self.optimizers()
+        return [getattr(o, "optimizer", o) for o in (opts if isinstance(opts, list) else [opts])]
 
     def on_train_epoch_end(self) -> None:
-        opt = self.optimizers()
-        opt = getattr(opt, "optimizer", opt)
-        self.log("train/lr", float(opt.param_groups[0]["lr"]), on_epoch=True, batch_size=1)
-        if self.hparams.scheduler_interval == "epoch":
+        self.log("train/lr", float(self._optimizers()[0].param_groups[0]["lr"]), on_epoch=True, batch_size=1)
+        if self.scheduler_interval == "epoch":
             self._step_schedulers()
 
     def _step_schedulers(self) -> None:
@@ -206,10 +212,10 @@ class ImageClassifier(LightningModule):
             return
         for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
             if isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                metric = self.trainer.callback_metrics.get(self.hparams.scheduler_monitor)
+                metric = self.trainer.callback_metrics.get(self.scheduler_monitor)
                 if metric is None:
                     raise KeyError(
-                        f"ReduceLROnPlateau needs the metric {self.hparams.scheduler_monitor!r}, which was not logged; "
+                        f"ReduceLROnPlateau needs the metric {self.scheduler_monitor!r}, which was not logged; "
                         f"logged metrics: {sorted(self.trainer.callback_metrics)}. Set model.scheduler_monitor."
                     )
                 sch.step(metric)
@@ -245,7 +251,7 @@ class ImageClassifier(LightningModule):
     # ----------------------------------------------------------------------------------------------- optimizers
     def parameter_groups(self) -> list[dict]:
         """Role-tagged parameter groups of the trainable parameters (see ``lightning_methods.parameters``)."""
-        return param_groups_by_role(self, no_weight_decay_roles=self.hparams.no_weight_decay_roles or ())
+        return param_groups_by_role(self, no_weight_decay_roles=self.no_weight_decay_roles)
 
     def configure_optimizers(self) -> Any:
         groups = self.parameter_groups()
@@ -257,7 +263,7 @@ class ImageClassifier(LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
-                                                         "interval": self.hparams.scheduler_interval}}
+                                                         "interval": self.scheduler_interval}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # torch >= 2.6 loads checkpoints with weights_only=True: store callables (partial optimizer factories from
@@ -266,11 +272,13 @@ class ImageClassifier(LightningModule):
             checkpoint["hyper_parameters"] = checkpoint_safe(checkpoint["hyper_parameters"])
 
     def on_fit_start(self) -> None:
-        opt = self.optimizers()
-        opt = getattr(opt, "optimizer", opt)
+        for opt in self._optimizers():
+            self._check_precision(opt)
+
+    def _check_precision(self, opt: torch.optim.Optimizer) -> None:
         if self.trainer.precision in SCALER_PRECISIONS and not getattr(opt, "supports_grad_scaler", True):
             raise ValueError(
-                f"{type(opt).__name__} cannot run under precision={self.trainer.precision!r}: a GradScaler cannot serve "
-                "its step (it evaluates the closure more than once or reads the loss value). Use "
+                f"{type(opt).__name__} cannot run under precision={self.trainer.precision!r}: a GradScaler cannot "
+                "serve its step (it evaluates the closure more than once or reads the loss value). Use "
                 "--trainer.precision bf16-mixed on GPUs with bf16 (Ampere or newer), or 32-true."
             )

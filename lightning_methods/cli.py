@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -71,6 +73,17 @@ class LightningMethodsCLI(LightningCLI):
             help="After fit, evaluate the test set on the best checkpoint ('best') or the final weights ('last').",
         )
 
+    def before_instantiate_classes(self) -> None:
+        # W&B's service process outlives a run and keeps the working directory it started in: a relative save_dir
+        # is resolved here, against the directory the command runs in, so runs never land elsewhere (notebooks)
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        loggers = config.get("trainer", {}).get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            if str(getattr(logger, "class_path", "")).endswith("WandbLogger") and init_args is not None:
+                save_dir = init_args.get("save_dir") or "."
+                init_args["save_dir"] = str(Path(save_dir).expanduser().resolve())
+
     def after_fit(self) -> None:
         mode = self.config.get(self.subcommand, {}).get("test_after_fit", "off")
         if mode == "off" or self.trainer.interrupted:
@@ -88,9 +101,28 @@ def finish_wandb_runs(trainer: Trainer) -> None:
             logger._experiment = None
 
 
+def finish_open_wandb_run(exit_code: int = 1) -> None:
+    """Close a W&B run left open by a run that failed: a WandbLogger created later in the same process would
+    otherwise silently log into it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMethodsCLI:
     """Create the CLI (and run the subcommand when ``run``); returns it so tests can inspect the trainer."""
-    cli = LightningMethodsCLI(
+    try:
+        cli = _make_cli(args, run)
+    except BaseException:
+        finish_open_wandb_run(exit_code=1)
+        raise
+    if run and cli.trainer.is_global_zero:
+        finish_wandb_runs(cli.trainer)
+    return cli
+
+
+def _make_cli(args: list[str] | None, run: bool) -> LightningMethodsCLI:
+    return LightningMethodsCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -103,9 +135,6 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMetho
         args=args,
         run=run,
     )
-    if run and cli.trainer.is_global_zero:
-        finish_wandb_runs(cli.trainer)
-    return cli
 
 
 def main(args: list[str] | None = None) -> None:

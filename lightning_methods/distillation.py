@@ -142,7 +142,7 @@ class DistillationModule(ImageClassifier):
             return cache[1]
         if self.teacher.training:
             self.teacher.eval()
-        x = images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
+        x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
         logits = self.teacher(x)
         self._teacher_cache = (images, logits)
         return logits
@@ -229,7 +229,7 @@ class DistillationModule(ImageClassifier):
         g_tcg = torch.autograd.grad(tc, params, retain_graph=True, allow_unused=True)
         g_tog = torch.autograd.grad(task, params, allow_unused=True)
         opt.step(grads=all_reduce_streams((g_tog, g_tcg, g_ncg)))
-        if self.hparams.scheduler_interval == "step":
+        if self.scheduler_interval == "step":
             self._step_schedulers()
         n = batch["target"].shape[0]
         loss = (task + tc + nc).detach()
@@ -247,7 +247,7 @@ class DistillationModule(ImageClassifier):
             if self.scheduler_factory is None:
                 return optimizer
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
-                                                             "interval": self.hparams.scheduler_interval}}
+                                                             "interval": self.scheduler_interval}}
         out = super().configure_optimizers()
         optimizer = out["optimizer"] if isinstance(out, dict) else out
         if self.hparams.deepkd != isinstance(optimizer, DeepKD):

@@ -20,19 +20,14 @@ network steps its own optimizer. Because there are two ``LightningOptimizer.step
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
-from .classifier import SCALER_PRECISIONS, as_dict_batch
-from .hparams import callable_from_config, checkpoint_safe
+from .classifier import SCALER_PRECISIONS, ImageClassifier, as_dict_batch
 from .models import create_backbone
 from .parameters import param_groups_by_role
 
@@ -89,8 +84,10 @@ def _fresh_copy(module: nn.Module) -> nn.Module:
     return twin
 
 
-class CoTrainingModule(LightningModule):
-    """Two networks + two EMA copies with mutual distillation (see the module docstring).
+class CoTrainingModule(ImageClassifier):
+    """Two networks + two EMA copies with mutual distillation (see the module docstring). ``backbone`` is the first
+    network (also available as ``net1``); evaluation, prediction, scheduler stepping and checkpoint handling are
+    ImageClassifier's, with the 4-model ensemble as ``forward``.
 
     Args:
         backbone: backbone name for ``create_backbone`` (paper: ``resnet34`` on CIFAR-100, ``resnet18`` on CIFAR-10)
@@ -124,34 +121,26 @@ class CoTrainingModule(LightningModule):
         channels_last: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        self.automatic_optimization = False
         if not 0.0 <= ema_decay <= 1.0 or temperature <= 0 or kd_weight < 0:
             raise ValueError("need 0 <= ema_decay <= 1, temperature > 0 and kd_weight >= 0")
+        super().__init__(backbone, num_classes, optimizer, lr_scheduler, scheduler_interval, scheduler_monitor,
+                         no_weight_decay_roles=no_weight_decay_roles, channels_last=channels_last,
+                         backbone_kwargs=backbone_kwargs)
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if isinstance(backbone, nn.Module):
-            self.net1, self.net2 = backbone, _fresh_copy(backbone)
+            self.net2 = _fresh_copy(backbone)
         else:
-            self.net1 = create_backbone(backbone, num_classes, **(backbone_kwargs or {}))
             self.net2 = create_backbone(backbone, num_classes, **(backbone_kwargs or {}))
         if channels_last:
-            self.net1.to(memory_format=torch.channels_last)
             self.net2.to(memory_format=torch.channels_last)
         self.ema1, self.ema2 = EMAModel(self.net1), EMAModel(self.net2)
-        self.num_classes = num_classes
-        self.optimizer_factory = callable_from_config(optimizer)
-        self.scheduler_factory = callable_from_config(lr_scheduler)
-        metrics = MetricCollection({
-            "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False),
-            "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro",
-                                           validate_args=False),
-        })
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+
+    @property
+    def net1(self) -> nn.Module:
+        return self.backbone
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Ensemble logits ``(f1 + f2 + f1_ema + f2_ema) / 4``."""
@@ -183,55 +172,13 @@ class CoTrainingModule(LightningModule):
         self.log_dict({"train/loss_net1": loss1.detach(), "train/loss_net2": loss2.detach()}, on_step=False,
                       on_epoch=True, batch_size=n)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
-        if self.hparams.scheduler_interval == "step":
+        if self.scheduler_interval == "step":
             self._step_schedulers()
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        opt = self.optimizers()[0]
-        self.log("train/lr", float(opt.optimizer.param_groups[0]["lr"]), on_epoch=True, batch_size=1)
-        if self.hparams.scheduler_interval == "epoch":
-            self._step_schedulers()
-
-    def _step_schedulers(self) -> None:
-        schedulers = self.lr_schedulers()
-        for sch in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers is not None else []:
-            if isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                metric = self.trainer.callback_metrics.get(self.hparams.scheduler_monitor)
-                if metric is None:
-                    raise KeyError(f"ReduceLROnPlateau needs {self.hparams.scheduler_monitor!r}, which was not logged;"
-                                   " set model.init_args.scheduler_monitor")
-                sch.step(metric)
-            else:
-                sch.step()
-
-    # ------------------------------------------------------------------------------------------- evaluation
-    def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str) -> None:
-        batch = as_dict_batch(batch)
-        logits = self(batch["image"])
-        n = batch["target"].shape[0]
-        self.log(f"{stage}/loss", F.cross_entropy(logits, batch["target"]), on_epoch=True, batch_size=n,
-                 sync_dist=True)
-        metrics.update(logits, batch["target"])
-        self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val", batch_size=n)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        batch = as_dict_batch(batch)
-        probs = torch.softmax(self(batch["image"]), dim=-1)
-        conf, pred = probs.max(dim=-1)
-        out = {"pred": pred, "confidence": conf, "probs": probs}
-        out.update({k: batch[k] for k in ("index", "target") if isinstance(batch, Mapping) and k in batch})
-        return out
-
     # ------------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> Any:
-        roles = self.hparams.no_weight_decay_roles or ()
+        roles = self.no_weight_decay_roles
         optimizers, schedulers = [], []
         for net in (self.net1, self.net2):
             groups = param_groups_by_role(net, no_weight_decay_roles=roles)
@@ -242,11 +189,6 @@ class CoTrainingModule(LightningModule):
                 schedulers.append({"scheduler": self.scheduler_factory(opt),
                                    "interval": self.hparams.scheduler_interval})
         return optimizers, schedulers
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # weights_only-loadable checkpoints: callables stored as {"class_path", "init_args"} (see hparams.py)
-        if "hyper_parameters" in checkpoint:
-            checkpoint["hyper_parameters"] = checkpoint_safe(checkpoint["hyper_parameters"])
 
     def on_fit_start(self) -> None:
         if self.trainer.precision in SCALER_PRECISIONS:

@@ -24,7 +24,7 @@ import lightning_methods  # noqa: F401  (registers the package's classes for sho
 import lightning_methods.callbacks  # noqa: F401
 import lightning_methods.datamodules  # noqa: F401
 
-from .cli import default_precision
+from .cli import default_precision, finish_open_wandb_run
 from .selection_config import SelectionConfig
 from .selection_runner import EarlyCuttingRunner
 
@@ -54,7 +54,11 @@ def run_select(args: list[str] | None = None) -> dict[str, Any]:
     """Parse ``args`` (default: the command line), run or resume the procedure and return its summary."""
     parser = build_parser()
     config = parser.parse_args(args)
-    return EarlyCuttingRunner(parser, config).run()
+    try:
+        return EarlyCuttingRunner(parser, config).run()
+    except BaseException:
+        finish_open_wandb_run(exit_code=1)  # an interrupted round must not leave its W&B run open
+        raise
 
 
 def main(args: list[str] | None = None) -> None:

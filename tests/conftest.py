@@ -25,5 +25,11 @@ def fake_cifar_root(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _wandb_dir(tmp_path, monkeypatch):
+def _wandb_isolation(tmp_path, monkeypatch):
+    """Each test gets its own W&B directory, and no W&B run outlives the test that opened it (a WandbLogger would
+    otherwise reuse it in a later test)."""
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

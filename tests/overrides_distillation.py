@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from config_overrides import register
 
 from lightning_methods.models import create_backbone
+
+from config_overrides import register
 
 _WRITTEN: dict[tuple[str, int], Path] = {}  # one file per architecture and test session
 

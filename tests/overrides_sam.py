@@ -1,9 +1,8 @@
 """tests/test_configs.py hook for configs/sam_on/ (60 files: 15 variants x 2 backbones x {basic, AutoAugment}).
 
-A representative set is fitted with ``fast_dev_run`` (SAM-ON, ASAM-ON, ASAM layerwise, no-norm perturbation,
-both SSAM callbacks, AutoAugment; ResNet-56 once, ResNet-8 otherwise). Every other file is skipped here:
-tests/test_sam_configs.py checks that it differs from its fitted ResNet-56 sibling only in backbone, augmentation and
-run name, that its hyperparameters are the paper's, and builds its optimizer and callbacks and takes a step."""
+Every file is fitted with ``fast_dev_run``: one with its real backbone (ResNet-56), the others with ResNet-8 swapped
+in to keep the suite fast (WRN-28-10 itself runs in configs/cifar100/wrn28_10.yaml, and tests/test_sam_configs.py
+checks each file's backbone, hyperparameters and per-variant rho)."""
 
 from __future__ import annotations
 
@@ -25,14 +24,9 @@ REAL_BACKBONE = "sam_on/cifar100_resnet56_samon.yaml"
 @register("sam_on/")
 def sam_on_args(config_path: Path, tmp_path: Path, data_root: Path) -> list[str] | None:
     rel = "sam_on/" + config_path.as_posix().split("/configs/sam_on/", 1)[1]
-    if rel not in FITTED:
-        return None
     # one file runs with its real backbone; the others swap in the smallest CIFAR ResNet to keep the suite fast
     args = [] if rel == REAL_BACKBONE else ["--model.init_args.backbone=resnet8"]
     if rel.endswith("_ssamf.yaml"):
         args.append("--trainer.callbacks.init_args.num_samples=4")  # 128 single-sample passes are slow on a CPU
     return args
 
-
-sam_on_args.reason = ("covered by tests/test_sam_configs.py (same as a fitted ResNet-56 sibling up to backbone / "
-                      "augmentation / run name; optimizer and callbacks built and stepped)")

@@ -9,11 +9,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyNet
 from torch.utils.data import DataLoader
 
 from lightning_methods import ImageClassifier
 from lightning_methods.classifier import soft_cross_entropy
+
+from helpers import TinyNet
 
 
 def batches(n_batches: int = 3, bs: int = 8, classes: int = 4, seed: int = 0) -> list[dict]:

@@ -75,3 +75,33 @@ def test_fit_then_validate_test_predict_from_the_checkpoint(tmp_path, monkeypatc
                          "--trainer.limit_test_batches=1", "--trainer.limit_predict_batches=1"])
     preds = cli.trainer.predict_loop.predictions
     assert preds and preds[0]["probs"].shape[1] == 10
+
+
+def test_a_failed_run_does_not_leave_its_wandb_run_open(tmp_path, monkeypatch):
+    """A later WandbLogger in the same process (a notebook) would otherwise log into the crashed run."""
+    import wandb
+
+    from lightning_methods import ImageClassifier
+
+    def crash(self, batch, batch_idx):
+        assert wandb.run is not None  # the run was open when training failed
+        raise RuntimeError("crashed mid-training")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ImageClassifier, "training_step", crash)
+    with pytest.raises(RuntimeError, match="crashed mid-training"):
+        main(["fit", "--config", QUICK, "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"])
+    assert wandb.run is None
+
+
+def test_wandb_runs_land_in_the_directory_each_command_runs_in(tmp_path, monkeypatch):
+    """W&B's service process keeps the working directory of the first run: a relative save_dir must be resolved
+    per command, or a second run in the same process (notebook, test session) writes its files elsewhere."""
+    args = ["fit", "--config", QUICK, "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+            "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+            "--test_after_fit=off"]
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        main(args)
+        assert len(list((tmp_path / name / "runs/quickstart/wandb").glob("offline-run-*/run-*.wandb"))) == 1

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from config_overrides import hook_for
 
 from lightning_methods.cli import main
+
+from config_overrides import hook_for
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"

@@ -8,13 +8,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from distill_utils import NUM_CLASSES, STUDENT, TEACHER, loader, make_module, trainer, write_teacher
 from lightning.pytorch import Callback
 
 from lightning_methods import DistillationModule, ImageClassifier
 from lightning_methods.losses import kd_loss, nckd_loss, tckd_loss, teacher_target_prob
 from lightning_methods.models import create_backbone
 from lightning_methods.optim import DeepKD
+
+from distill_utils import NUM_CLASSES, STUDENT, TEACHER, loader, make_module, trainer, write_teacher
 
 
 @pytest.fixture()

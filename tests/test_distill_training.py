@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill_utils import NUM_CLASSES, loader, make_module, trainer, write_teacher
-from helpers import run_ddp
 from lightning.pytorch import Callback, Trainer
-from lightning_methods.callbacks import TopKScheduleCallback
 
 from lightning_methods import DistillationModule
+from lightning_methods.callbacks import TopKScheduleCallback
 from lightning_methods.cli import main
+
+from distill_utils import NUM_CLASSES, loader, make_module, trainer, write_teacher
+from helpers import run_ddp
 
 REPO = Path(__file__).resolve().parents[1]
 

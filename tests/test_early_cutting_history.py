@@ -7,14 +7,15 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import TinyNet, run_ddp
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_methods import CoTrainingModule
 from lightning_methods.callbacks import PredictionHistoryCallback, TestAccuracyTracker
 from lightning_methods.callbacks.history import prepare_images
 from lightning_methods.datamodules import NoisyDigitsDataModule
 
-from lightning_methods import CoTrainingModule
+from helpers import TinyNet, run_ddp
 
 
 @pytest.fixture(autouse=True)

@@ -9,14 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyNet
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_methods.datamodules import IndexedTensorDataset, collate_dict
 from torch.utils.data import DataLoader
 
 from lightning_methods import CoTrainingModule, EMAModel
+from lightning_methods.datamodules import IndexedTensorDataset, collate_dict
 from lightning_methods.noisy_labels import mutual_kd_loss
+
+from helpers import TinyNet
 
 
 @pytest.fixture(autouse=True)

@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import write_fake_cifar
 from lightning.pytorch import Callback, Trainer
-from lightning_methods.datamodules import noisy_labels
 from torch import nn
 
 from lightning_methods import selection_runner
+from lightning_methods.datamodules import noisy_labels
 from lightning_methods.selection import simulate_selection_round
 from lightning_methods.selection_cli import build_parser, main, run_select
 from lightning_methods.selection_runner import EarlyCuttingRunner
+
+from helpers import write_fake_cifar
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs" / "early_cutting").glob("*.yaml")

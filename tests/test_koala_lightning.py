@@ -8,7 +8,6 @@ import csv
 import lightning as L
 import pytest
 import torch
-from helpers import TinyNet
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -17,6 +16,8 @@ from torch.utils.data import DataLoader
 
 from lightning_methods import ImageClassifier
 from lightning_methods.optim import KOALAM, KOALAMonitor, KOALAPlusPlus
+
+from helpers import TinyNet
 
 
 def toy_loader(n: int = 128, classes: int = 4, bs: int = 16, seed: int = 0) -> DataLoader:

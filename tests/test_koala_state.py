@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import TinyNet, run_ddp
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import lightning_methods.optim.koala_base as koala_base
 from lightning_methods import ImageClassifier
 from lightning_methods.optim import KOALAM, KOALAV, KOALAPlusPlus, global_loss_moments
+
+from helpers import TinyNet, run_ddp
 
 CLASSES = {"KOALAPlusPlus": KOALAPlusPlus, "KOALAV": KOALAV, "KOALAM": KOALAM}
 

@@ -93,7 +93,8 @@ def test_roles_found_by_type_not_name():
 
 
 def test_no_weight_decay_roles():
-    groups = param_groups_by_role(create_backbone("resnet8", 10), weight_decay=5e-4, no_weight_decay_roles=["norm", "bias"])
+    model = create_backbone("resnet8", 10)
+    groups = param_groups_by_role(model, weight_decay=5e-4, no_weight_decay_roles=["norm", "bias"])
     assert {g["role"]: g["weight_decay"] for g in groups} == {"weight": 5e-4, "bias": 0.0, "norm": 0.0}
     with pytest.raises(ValueError, match="roles are"):
         param_groups_by_role(nn.Linear(2, 2), no_weight_decay_roles=["gamma"])

@@ -8,6 +8,8 @@ import datetime
 import numpy as np
 import pytest
 import torch
+from scipy import stats
+
 from lightning_methods.datamodules.noisy_labels import (
     CIFAR10_ASYM_MAP,
     cifar100_groups,
@@ -18,7 +20,6 @@ from lightning_methods.datamodules.noisy_labels import (
     read_cifarn_labels,
     symmetric_transition,
 )
-from scipy import stats
 
 N, C = 50_000, 100
 CLEAN = np.arange(N) % C

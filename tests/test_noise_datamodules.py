@@ -9,8 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import write_fake_cifar
+
 from lightning_methods.datamodules import NoisyCIFAR10DataModule, NoisyCIFAR100DataModule, NoisyDigitsDataModule
+
+from helpers import write_fake_cifar
 
 
 def _dm(cls, root, **kw):

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import read_wandb_records
 
 from lightning_methods import ImageClassifier
 from lightning_methods.cli import build_cli
+
+from helpers import read_wandb_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,4 +41,4 @@ def test_quickstart_learns_and_leaves_wandb_run_and_checkpoint(tmp_path, monkeyp
     assert '"backbone":"resnet8"' in config["model"].replace(" ", "")
     assert '"num_classes":10' in config["model"].replace(" ", "")  # linked value added to the resolved config
     assert "DigitsDataModule" in config["data"] and '"max_epochs":12' in config["trainer"].replace(" ", "")
-    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    assert torch.isfinite(cli.trainer.callback_metrics["test/loss"])

@@ -7,11 +7,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import TinyNet
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_methods import ImageClassifier
 from lightning_methods.datamodules import DigitsDataModule
+
+from helpers import TinyNet
 
 
 def _model() -> ImageClassifier:

@@ -9,13 +9,14 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from helpers import TinyNet
 from torch import nn
 from torch.func import functional_call
 
 from lightning_methods.models import available_backbones, create_backbone
 from lightning_methods.optim import ASAM, ASAMON, SAM, SAMON, sam_closure
 from lightning_methods.parameters import NORM_TYPES, param_groups_by_role
+
+from helpers import TinyNet
 
 SGD = partial(torch.optim.SGD, lr=0.1)
 A = torch.tensor([1.0, 10.0])

@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import TinyNet
 from overrides_sam import FITTED
 
 from lightning_methods.optim import sam_closure
 from lightning_methods.parameters import param_groups_by_role
+
+from helpers import TinyNet
 
 DIR = Path(__file__).resolve().parents[1] / "configs" / "sam_on"
 MODELS = {"wrn28_10": "wrn_28_10", "resnet56": "resnet56"}

@@ -7,11 +7,12 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import TinyNet, run_ddp
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_methods.optim import SAMON, SSAM, fisher_scores, global_topk_mask, sam_closure
 from lightning_methods.parameters import frozen_bn_stats, param_groups_by_role
+
+from helpers import TinyNet, run_ddp
 
 SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 

@@ -10,14 +10,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyNet
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
-from lightning_methods.callbacks import SAMEpochSync, SSAMMaskCallback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_methods import ImageClassifier
+from lightning_methods.callbacks import SAMEpochSync, SSAMMaskCallback
 from lightning_methods.optim import SAM, SSAM
+
+from helpers import TinyNet
 
 SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
 

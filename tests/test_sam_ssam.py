@@ -8,11 +8,12 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import TinyNet
 from torch import nn
 
 from lightning_methods.optim import SAM, SSAM, death_rate, drop_and_grow, fisher_scores, global_topk_mask, sam_closure
 from lightning_methods.parameters import param_groups_by_role
+
+from helpers import TinyNet
 
 SGD = partial(torch.optim.SGD, lr=0.1)
 

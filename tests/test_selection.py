@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning_methods.callbacks import PredictionHistoryCallback
 
+from lightning_methods.callbacks import PredictionHistoryCallback
 from lightning_methods.selection import (
     cut_subset,
     early_cut,

@@ -57,7 +57,8 @@ def create_backbone(name: str, num_classes: int, **kwargs) -> nn.Module:
         warnings.warn(
             f"backbone {name!r} is not a CIFAR backbone of lightning-methods; creating it with timm. timm models have "
             "ImageNet stems (stride-4 stem with max-pool) that lose accuracy on 32x32 inputs "
-            f"(e.g. ResNet-34 59.8% vs 75.9% on CIFAR-100, timm #2481). CIFAR backbones: {', '.join(available_backbones())}",
+            "(e.g. ResNet-34 59.8% vs 75.9% on CIFAR-100, timm #2481). "
+            f"CIFAR backbones: {', '.join(available_backbones())}",
             stacklevel=2,
         )
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
