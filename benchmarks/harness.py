@@ -47,14 +47,31 @@ def small_settings() -> Settings:
     return Settings("cpu", "resnet8", "resnet8", 16, 2, 1, 1, 1, 256, "32-true")
 
 
+def cpu_settings() -> Settings:
+    """For machines without a GPU: CIFAR ResNets at batch 128, enough steps for stable medians on a few cores."""
+    return Settings("cpu", "resnet20", "resnet8", 128, 8, 3, 3, 1, 4096, "32-true")
+
+
+def settings(mode: str) -> Settings:
+    return {"small": small_settings, "cpu": cpu_settings, "full": full_settings}[mode]()
+
+
 def full_settings() -> Settings:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     prec = "bf16-mixed" if dev == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
     return Settings(dev, "resnet18", "resnet20", 512, 50, 15, 3, 8, 50_000, prec)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    cpu = f"{cpu_name()}, {torch.get_num_threads()} threads"
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); host {cpu}"
     return f"CPU only ({cpu})"
@@ -183,3 +200,60 @@ def classifier(backbone: str, optimizer: Callable | None = None, **kwargs: Any) 
 
 def median_time(fn: Callable[[], float], repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
+
+
+class PILRecipeDataset(torch.utils.data.Dataset):
+    """The classic torchvision CIFAR recipe: PIL image per sample, RandomCrop(32, 4) + flip + ToTensor + Normalize."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: tuple, std: tuple) -> None:
+        from torchvision import transforms as T
+
+        self.images, self.targets = images.permute(0, 2, 3, 1).numpy(), targets
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize(mean, std)])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        return {"image": self.transform(Image.fromarray(self.images[i])), "target": self.targets[i]}
+
+
+def time_input(s: Settings, kind: str, workers: int | None = None) -> float:
+    """Seconds per training batch of the input pipeline alone (loading + augmentation + normalization on the
+    device), no model: ``kind`` is "pil", "per_sample", "batched" or "resident"."""
+    workers = s.workers if workers is None else workers
+    dm = data(s, batch_size=256, gpu_resident=kind == "resident", per_sample_indexing=kind == "per_sample",
+              num_workers=workers)
+    dm.setup("fit")
+    device = torch.device(s.device)
+    if kind == "pil":
+        ds = PILRecipeDataset(dm.train_set.images, dm.train_set.targets, dm.mean, dm.std)
+        loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=True, drop_last=True, num_workers=workers,
+                                             persistent_workers=workers > 0, pin_memory=dm.pin_memory)
+    elif kind == "resident":
+        from lightning_methods.datamodules import DeviceBatchLoader
+
+        loader = DeviceBatchLoader(dm.train_set, 256, device)
+    else:
+        loader = dm._loader(dm.train_set, train=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def batches_forever():
+        while True:
+            yield from loader
+
+    it = batches_forever()
+    warm, batches = max(2, workers * 2), 3 * s.steps
+    for i in range(warm + batches):
+        if i == warm:
+            sync(s.device)
+            t0 = time.perf_counter()
+        batch = next(it)
+        image = batch["image"].to(device, non_blocking=True)
+        if image.dtype == torch.uint8:  # the package path: batched crop / flip / normalize on the device
+            image = normalize(random_hflip(random_crop(image, 4, gen), 0.5, gen), dm.mean, dm.std)
+    sync(s.device)
+    return (time.perf_counter() - t0) / batches

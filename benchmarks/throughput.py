@@ -1,13 +1,17 @@
 """Training throughput of lightning-methods, as ratios against baselines measured in the same run.
 
     python benchmarks/throughput.py                 # full mode: GPU if present (ResNet-18, batch 512, bf16)
+    python benchmarks/throughput.py --mode cpu      # no GPU: CIFAR ResNets at batch 128 (a few minutes)
     python benchmarks/throughput.py --mode small    # tiny CPU mode, seconds (used by the smoke test)
     python benchmarks/throughput.py --sections optimizers,distillation --out table.md
 
 Sections (each with its own baseline, ratio = time per step / baseline time per step; images/s = batch / time):
 - loop:      raw PyTorch loop vs ImageClassifier + Trainer (same model, on-device augmentation, precision, data)
-- input:     DataLoader workers (batched and, as "before", per-sample indexing) vs gpu_resident input,
-             on a small CIFAR network where the input pipeline matters
+- pipeline:  the input pipeline alone (no model), batch 256: the torchvision per-sample PIL recipe vs uint8
+             per-sample indexing ("before") vs batched __getitems__ indexing vs gpu_resident slicing, each followed
+             by the package's batched crop / flip / normalize on the device
+- input:     DataLoader workers (batched and, as "before", per-sample indexing) vs gpu_resident input while training
+             a small CIFAR network
 - precision: fp32 vs bf16-mixed; channels_last off/on; torch.compile off/on (full mode, or --compile)
 - optimizers:   per-step cost of every optimizer against plain SGD on the same model
 - distillation: KD / DKD / DeepKD (teacher forward included) against the student trained with CE alone
@@ -27,10 +31,10 @@ from harness import (  # noqa: E402
     Settings,
     classifier,
     data,
-    full_settings,
     machine,
     median_time,
-    small_settings,
+    settings,
+    time_input,
     time_raw_loop,
     time_trainer,
     versions,
@@ -45,6 +49,18 @@ def loop_section(s: Settings) -> list[tuple[str, Callable[[], float]]]:
         ("ImageClassifier + Trainer", lambda: time_trainer(s, classifier(s.backbone), data(s, gpu_resident=True))),
         ("ImageClassifier + Trainer, progress bar", lambda: time_trainer(
             s, classifier(s.backbone), data(s, gpu_resident=True), enable_progress_bar=True)),
+    ]
+
+
+def pipeline_section(s: Settings) -> list[tuple[str, Callable[[], float]]]:
+    w = f"{s.workers} worker{'s' if s.workers != 1 else ''}"
+    return [
+        (f"torchvision PIL recipe, per sample, {w} (baseline)", lambda: time_input(s, "pil")),
+        (f"uint8 per-sample indexing + device aug, {w} (before)", lambda: time_input(s, "per_sample")),
+        (f"uint8 batched indexing + device aug, {w}", lambda: time_input(s, "batched")),
+        ("uint8 per-sample indexing + device aug, in-process (before)", lambda: time_input(s, "per_sample", 0)),
+        ("uint8 batched indexing + device aug, in-process", lambda: time_input(s, "batched", 0)),
+        ("gpu_resident slicing + device aug", lambda: time_input(s, "resident")),
     ]
 
 
@@ -74,17 +90,18 @@ def precision_section(s: Settings, with_compile: bool) -> list[tuple[str, Callab
     return cases
 
 
-SECTIONS = ("loop", "input", "precision", "optimizers", "distillation")
+SECTIONS = ("loop", "pipeline", "input", "precision", "optimizers", "distillation")
 
 
 def run(mode: str = "full", sections: tuple[str, ...] = SECTIONS,
         with_compile: bool | None = None, verbose: bool = True) -> list[Row]:
     """Measure the requested sections; returns one row per case with seconds/step, images/s and ratio."""
-    s = small_settings() if mode == "small" else full_settings()
+    s = settings(mode)
     with_compile = (mode == "full") if with_compile is None else with_compile
     from method_cases import distillation_cases, optimizer_cases
 
-    builders = {"loop": lambda: loop_section(s), "input": lambda: input_section(s),
+    builders = {"loop": lambda: loop_section(s), "pipeline": lambda: pipeline_section(s),
+                "input": lambda: input_section(s),
                 "precision": lambda: precision_section(s, with_compile), "optimizers": lambda: optimizer_cases(s),
                 "distillation": lambda: distillation_cases(s)}
     rows: list[Row] = []
@@ -95,8 +112,9 @@ def run(mode: str = "full", sections: tuple[str, ...] = SECTIONS,
         for name, fn in cases:
             sec = median_time(fn, s.repeats)
             baseline = baseline or sec
+            batch = 256 if section == "pipeline" else s.batch_size
             row = {"section": section, "case": name, "ms_per_step": 1e3 * sec,
-                   "img_per_s": s.batch_size / sec, "ratio": sec / baseline}
+                   "img_per_s": batch / sec, "ratio": sec / baseline}
             rows.append(row)
             if verbose:
                 print(f"{section:12s} {name:52s} {row['ms_per_step']:9.2f} ms {row['img_per_s']:10.0f} img/s "
@@ -105,11 +123,12 @@ def run(mode: str = "full", sections: tuple[str, ...] = SECTIONS,
 
 
 def markdown(rows: list[Row], mode: str) -> str:
-    s = small_settings() if mode == "small" else full_settings()
+    s = settings(mode)
     lines = [f"Machine: {machine()}. Software: {versions()}.",
              f"Mode {mode}: backbone {s.backbone} (input section: {s.small_backbone}), batch {s.batch_size}, "
-             f"precision {s.precision} unless named, {s.steps} timed steps after {s.warmup} warm-up, median of "
-             f"{s.repeats}. Ratio = time per step / the section's baseline (first row).", "",
+             f"precision {s.precision} unless named, {s.steps} timed steps after {s.warmup} warm-up (pipeline section: "
+             f"batch 256, no model, {3 * s.steps} batches), median of {s.repeats}. "
+             "Ratio = time per step / the section's baseline (first row).", "",
              "| section | case | ms / step | images / s | ratio |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['section']} | {r['case']} | {r['ms_per_step']:.2f} | {r['img_per_s']:.0f} | {r['ratio']:.3f} |"
               for r in rows]
@@ -118,7 +137,7 @@ def markdown(rows: list[Row], mode: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["small", "full"], default="full")
+    parser.add_argument("--mode", choices=["small", "cpu", "full"], default="full")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--compile", dest="with_compile", action="store_true", default=None,
                         help="include the torch.compile case (default: full mode only)")
