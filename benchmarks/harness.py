@@ -83,6 +83,12 @@ def versions() -> str:
     return f"torch {torch.__version__}, lightning {lightning.__version__}, python {platform.python_version()}"
 
 
+def cycle(loader: Any) -> Any:
+    """Batches of ``loader``, epoch after epoch (each pass re-iterates, so shuffling continues)."""
+    while True:
+        yield from loader
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -169,11 +175,7 @@ def time_raw_loop(s: Settings, backbone: str, dm: SyntheticCIFAR, precision: str
                 else contextlib.nullcontext())
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def batches():
-        while True:
-            yield from loader
-
-    it = batches()
+    it = cycle(loader)
     for i in range(s.warmup + s.steps):
         if i == s.warmup:
             sync(s.device)
@@ -241,11 +243,7 @@ def time_input(s: Settings, kind: str, workers: int | None = None) -> float:
         loader = dm._loader(dm.train_set, train=True)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def batches_forever():
-        while True:
-            yield from loader
-
-    it = batches_forever()
+    it = cycle(loader)
     warm, batches = max(2, workers * 2), 3 * s.steps
     for i in range(warm + batches):
         if i == warm:

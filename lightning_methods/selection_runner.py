@@ -151,7 +151,7 @@ class EarlyCuttingRunner:
         Returns False when the fit was interrupted."""
         last = Path(ckpt.dirpath) / "last.ckpt"
         if last.is_file() and history is not None:
-            saved = torch.load(last, map_location="cpu", weights_only=False)
+            saved = torch.load(last, map_location="cpu")
             if saved["callbacks"].get(history.state_key, {}).get("stop_epoch") is not None:
                 rank_zero_info(f"{last}: the round had already stopped; restoring its selection")
                 history.load_state_dict(saved["callbacks"][history.state_key])
@@ -160,7 +160,7 @@ class EarlyCuttingRunner:
                 dm.setup("fit")
                 return True
         # our own checkpoints; their hparams hold the optimizer / scheduler callables (not weights-only loadable)
-        trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None, weights_only=False)
+        trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
         return not trainer.interrupted
 
     def _noise_stats(self, dm: Any, name: str, indices: torch.Tensor) -> dict[str, float]:
@@ -236,7 +236,7 @@ class EarlyCuttingRunner:
         if r == 0 and sel.early_cutting:
             best = ckpt.best_model_path
             if _rank() == 0:
-                model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+                model.load_state_dict(torch.load(best, map_location="cpu")["state_dict"])
                 cut, scores = compute_early_cut(model, dm, fkl, sel, trainer.strategy.root_device)
                 (self.run_dir / tag).mkdir(parents=True, exist_ok=True)
                 torch.save(scores, self.run_dir / tag / "cut_scores.pt")

@@ -24,6 +24,17 @@ def fake_cifar_root(tmp_path_factory):
     return root, arrays
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny models: as fast, and immune to oversubscription on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _wandb_isolation(tmp_path, monkeypatch):
     """Each test gets its own W&B directory, and no W&B run outlives the test that opened it (a WandbLogger would

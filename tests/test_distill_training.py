@@ -74,7 +74,7 @@ def test_resume_gives_the_same_next_steps(tmp_path):
     t1.fit(first, data)
     ckpt = tmp_path / "epoch0.ckpt"
     t1.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt)
     assert not any(k.startswith("teacher.") for k in saved["state_dict"])  # the teacher is not duplicated
     assert saved["distillation_teacher"]["path"] == str(teacher)
     assert saved["distillation_teacher"]["sha256"] == first.teacher_sha256
@@ -82,7 +82,7 @@ def test_resume_gives_the_same_next_steps(tmp_path):
 
     resumed = _deepkd_module(teacher, seed=123)  # different init: everything must come from the checkpoint
     cbs2 = _callbacks()
-    trainer(max_epochs=2, callbacks=cbs2).fit(resumed, data, ckpt_path=ckpt, weights_only=False)
+    trainer(max_epochs=2, callbacks=cbs2).fit(resumed, data, ckpt_path=ckpt)
     assert cbs2[1].seen == [6, 6]
     a, b = _state(full), _state(resumed)
     assert a.keys() == b.keys()
@@ -93,7 +93,7 @@ def test_resume_gives_the_same_next_steps(tmp_path):
     other = write_teacher(tmp_path / "other", seed=1)
     wrong = _deepkd_module(other)
     with pytest.raises(ValueError, match="teacher differs"):
-        trainer(max_epochs=2).fit(wrong, data, ckpt_path=ckpt, weights_only=False)
+        trainer(max_epochs=2).fit(wrong, data, ckpt_path=ckpt)
 
 
 def test_load_from_checkpoint_with_and_without_the_teacher(tmp_path):
@@ -103,12 +103,12 @@ def test_load_from_checkpoint_with_and_without_the_teacher(tmp_path):
     t.fit(module, loader(8, 8))
     ckpt = tmp_path / "kd.ckpt"
     t.save_checkpoint(ckpt)
-    loaded = DistillationModule.load_from_checkpoint(ckpt, weights_only=False)
+    loaded = DistillationModule.load_from_checkpoint(ckpt)
     assert loaded.teacher_sha256 == module.teacher_sha256 and loaded.hparams.method == "kd"
     for k, v in module.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     with pytest.warns(UserWarning, match="without its teacher"):
-        student_only = DistillationModule.load_from_checkpoint(ckpt, teacher_checkpoint=None, weights_only=False)
+        student_only = DistillationModule.load_from_checkpoint(ckpt, teacher_checkpoint=None)
     for k, v in module.backbone.state_dict().items():
         assert torch.equal(student_only.backbone.state_dict()[k], v)
 

@@ -17,14 +17,7 @@ from lightning_methods.datamodules import NoisyDigitsDataModule
 
 from helpers import TinyNet, run_ddp
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _parts(n_train: int, augment: str = "none", **history_kw):
@@ -87,8 +80,7 @@ def test_resumed_fit_has_the_history_of_an_uninterrupted_one(tmp_path):
     _trainer(3, [first_history, first_tracker, ckpt]).fit(model, dm)
     dm, model, resumed, resumed_tracker = _parts(160, augment="crop")
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_on_train_epoch_end=True)
-    _trainer(5, [resumed, resumed_tracker, ckpt]).fit(model, dm, ckpt_path=str(tmp_path / "last.ckpt"),
-                                                     weights_only=False)
+    _trainer(5, [resumed, resumed_tracker, ckpt]).fit(model, dm, ckpt_path=str(tmp_path / "last.ckpt"))
 
     assert resumed.recorded_epochs == history.recorded_epochs == [1, 2, 3, 4]
     assert all(torch.equal(a, b) for a, b in zip(resumed.predictions, history.predictions))

@@ -19,14 +19,7 @@ from lightning_methods.noisy_labels import mutual_kd_loss
 
 from helpers import TinyNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mutual_kd_loss_by_hand():

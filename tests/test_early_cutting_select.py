@@ -31,13 +31,7 @@ DIGITS = REPO / "configs" / "early_cutting" / "digits_sym40.yaml"
 QUIET = ["--trainer.logger=false", "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SmallCNN(nn.Sequential):
@@ -210,7 +204,7 @@ def test_interrupted_round_resumes_from_its_checkpoint(tmp_path, monkeypatch):
              '"init_args": {"epoch": 1}}]']
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_select(_digits_args(run, *args, *crash))
-    saved = torch.load(run / "round0" / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = torch.load(run / "round0" / "checkpoints" / "last.ckpt")
     assert saved["epoch"] == 1 and not (run / "round0" / "stats.json").exists()
     fits = []
     original = Trainer.fit

@@ -138,7 +138,7 @@ def test_checkpoint_resume_gives_identical_steps(tmp_path):
     cb_b = SSAMMaskCallback(mode="dynamic", drop_rate=0.5, t_end=3)
     tb = trainer(callbacks=[cb_b], max_epochs=2)
     tb.fit(model_b, data, ckpt_path=tmp_path / "epoch=0.ckpt")
-    state = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)["optimizer_states"][0]
+    state = torch.load(tmp_path / "epoch=0.ckpt")["optimizer_states"][0]
     assert any("momentum_buffer" in s for s in state["base_optimizer"]["state"].values())
     assert all(s["mask"].dtype == torch.bool for s in state["state"].values())
     for a, b in zip(model_a.parameters(), model_b.parameters()):
