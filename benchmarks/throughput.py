@@ -16,6 +16,10 @@ Sections (each with its own baseline, ratio = time per step / baseline time per 
 - optimizers:   per-step cost of every optimizer against plain SGD on the same model
 - distillation: KD / DKD / DeepKD (teacher forward included) against the student trained with CE alone
              (the method cases live in benchmarks/method_cases.py)
+- family sections (one file each, ``benchmarks/<section>_cases.py`` with ``cases(s: Settings) -> list[Case]``):
+  multibit, federated, ood, vit_locality, tunnel, hpn. A case is ``(name, fn)`` or ``(name, fn, items)``:
+  ``fn()`` returns seconds per timed unit (a step unless the name says otherwise, e.g. "per epoch", "per round"),
+  ``items`` is the number of samples one unit processes (default: the batch size), for the images/s column.
 """
 
 from __future__ import annotations
@@ -90,7 +94,16 @@ def precision_section(s: Settings, with_compile: bool) -> list[tuple[str, Callab
     return cases
 
 
-SECTIONS = ("loop", "pipeline", "input", "precision", "optimizers", "distillation")
+CORE_SECTIONS = ("loop", "pipeline", "input", "precision", "optimizers", "distillation")
+FAMILY_SECTIONS = ("multibit", "federated", "ood", "vit_locality", "tunnel", "hpn")
+SECTIONS = CORE_SECTIONS + tuple(f for f in FAMILY_SECTIONS if (Path(__file__).parent / f"{f}_cases.py").is_file())
+
+
+def family_cases(section: str, s: Settings) -> list:
+    """The cases of a family section, from ``benchmarks/<section>_cases.py``."""
+    import importlib
+
+    return importlib.import_module(f"{section}_cases").cases(s)
 
 
 def run(mode: str = "full", sections: tuple[str, ...] = SECTIONS,
@@ -104,15 +117,16 @@ def run(mode: str = "full", sections: tuple[str, ...] = SECTIONS,
                 "input": lambda: input_section(s),
                 "precision": lambda: precision_section(s, with_compile), "optimizers": lambda: optimizer_cases(s),
                 "distillation": lambda: distillation_cases(s)}
+    builders.update({f: (lambda f=f: family_cases(f, s)) for f in FAMILY_SECTIONS})
     rows: list[Row] = []
     for section in sections:
         baseline = None
         cases = builders[section]()
         cases[0][1]()  # discarded warm-up run: one-time costs (allocator, kernels, thread pools) stay out of the table
-        for name, fn in cases:
+        for name, fn, *items in cases:
             sec = median_time(fn, s.repeats)
             baseline = baseline or sec
-            batch = 256 if section == "pipeline" else s.batch_size
+            batch = items[0] if items else (256 if section == "pipeline" else s.batch_size)
             row = {"section": section, "case": name, "ms_per_step": 1e3 * sec,
                    "img_per_s": batch / sec, "ratio": sec / baseline}
             rows.append(row)

@@ -137,9 +137,72 @@ def _make_cli(args: list[str] | None, run: bool) -> LightningMethodsCLI:
     )
 
 
+#: The package's commands besides LightningCLI's fit / validate / test / predict. Each runs as ``lightning-methods
+#: <name> ...`` and as the console script ``lightning-methods-<name> ...``; its module (imported only when the command
+#: runs) has ``main(args: list[str] | None = None)`` and a module docstring whose first line is the help summary.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "list": ("lightning_methods.results.catalog", "methods, configs, backbones and DataModules of the package"),
+    "grid": ("lightning_methods.results.grid", "run a config over seeds and a grid of overrides (resumable)"),
+    "table": ("lightning_methods.results.table", "mean +- std tables and learning curves from finished runs"),
+    "select": ("lightning_methods.noisy_labels.cli", "Early Cutting: selection rounds, the cut, final training"),
+    "fed": ("lightning_methods.federated.cli", "federated rounds (FedFree and the HtFL/HmFL baselines)"),
+    "ood": ("lightning_methods.ood.cli", "EncMin2L OOD pipeline: embed, fit RDMs, score, calibrate, report"),
+    "prototypes": ("lightning_methods.hpn.cli", "hyperspherical prototypes for HPN (.npy)"),
+    "locality": ("lightning_methods.vit_locality.cli", "attention-locality table from ViT checkpoints"),
+    "probe": ("lightning_methods.tunnel.cli", "Tunnel Effect: layer-wise linear probes and rank of a checkpoint"),
+}
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def run_command(name: str, args: list[str] | None = None) -> Any:
+    """Run the package command ``name`` (a key of :data:`COMMANDS`) with ``args``."""
+    import importlib
+
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(args)
+
+
+def _command_help() -> str:
+    width = max(map(len, COMMANDS)) + 2
+    lines = ["", "Commands of the package (also installed as lightning-methods-<command>; each has --help):"]
+    lines += [f"  {name:<{width}}{summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-methods`` console script."""
-    build_cli(args)
+    """Entry point of the ``lightning-methods`` console script: LightningCLI's subcommands, or one of
+    :data:`COMMANDS` (``lightning-methods list``, ``lightning-methods select --config ...``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in COMMANDS:
+        run_command(argv[0], argv[1:])
+        return
+    if argv and argv[0] in ("-h", "--help"):
+        try:
+            build_cli(argv)
+        finally:
+            print(_command_help())
+        return
+    build_cli(argv)
+
+
+def _script(name: str) -> Any:
+    def entry(args: list[str] | None = None) -> Any:
+        return run_command(name, sys.argv[1:] if args is None else args)
+
+    entry.__name__ = entry.__qualname__ = f"{name}_main"
+    entry.__doc__ = f"Entry point of the ``lightning-methods-{name}`` console script: {COMMANDS[name][1]}."
+    return entry
+
+
+list_main = _script("list")
+grid_main = _script("grid")
+table_main = _script("table")
+select_main = _script("select")
+fed_main = _script("fed")
+ood_main = _script("ood")
+prototypes_main = _script("prototypes")
+locality_main = _script("locality")
+probe_main = _script("probe")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,14 +1,14 @@
 """Per-family hooks for tests/test_configs.py, which runs every shipped YAML through ``main(["fit", ...])``.
 
-A family registers a hook for a directory prefix under ``configs/`` in its own module ``tests/overrides_<family>.py``
-(imported below). The hook gets ``(config_path, tmp_path, data_root)`` and returns extra CLI arguments (e.g. a
+A family registers a hook for a directory prefix under ``configs/`` in its own module
+``tests/<family>/overrides_<family>.py`` (every ``overrides_*.py`` under ``tests/`` is imported below). The hook gets ``(config_path, tmp_path, data_root)`` and returns extra CLI arguments (e.g. a
 teacher checkpoint written by the test), or ``None`` to say the file is not a ``fit`` config and name the test that
 covers it instead (set ``reason`` on the hook: ``hook.reason = "covered by tests/test_x.py::test_y"``).
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,5 +31,11 @@ def hook_for(rel: str) -> Hook | None:
     return HOOKS[max(matches, key=len)] if matches else None
 
 
-for _module in sorted(Path(__file__).parent.glob("overrides_*.py")):
-    importlib.import_module(_module.stem)
+def _load(path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(f"config_overrides_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+
+
+for _path in sorted(Path(__file__).parent.rglob("overrides_*.py")):
+    _load(_path)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 import torch.multiprocessing as mp
@@ -74,6 +75,16 @@ class TinyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn(self.conv(x)))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+def quiet_trainer(**overrides: Any) -> L.Trainer:
+    """A CPU Trainer for tests: one device, no logger, no checkpoints, no progress bar or model summary, no
+    validation and no sanity check unless ``overrides`` ask for them (e.g. ``max_epochs=2, limit_val_batches=1``)."""
+    args: dict[str, Any] = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                limit_val_batches=0)
+    args.update(overrides)
+    return L.Trainer(**args)
 
 
 def free_port() -> int:

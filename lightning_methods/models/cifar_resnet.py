@@ -9,8 +9,12 @@ checkpoints, so those load with ``strict=True``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
+
+from .registry import register_backbone
 
 
 class BasicBlock(nn.Module):
@@ -78,3 +82,9 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
+
+
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+    register_backbone(f"resnet{_depth}", partial(CifarResNet, _depth, (16, 16, 32, 64)))
+register_backbone("resnet8x4", partial(CifarResNet, 8, (32, 64, 128, 256)))
+register_backbone("resnet32x4", partial(CifarResNet, 32, (32, 64, 128, 256)))

@@ -12,9 +12,12 @@ mdistiller's so the shared CIFAR-100 checkpoints load with ``strict=True``.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
+
+from .registry import register_backbone
 
 #: (expansion placeholder "T" or 1, output channels, blocks, first stride) of the seven stages (paper Table 2,
 #: CIFAR strides).
@@ -106,3 +109,8 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))
+
+
+# CIFAR-100 distillation zoo student (mdistiller names)
+register_backbone("MobileNetV2", partial(MobileNetV2, expansion=6, width_mult=0.5))
+register_backbone("mobile_half", partial(MobileNetV2, expansion=6, width_mult=0.5))

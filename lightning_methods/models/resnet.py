@@ -7,8 +7,12 @@ with this one. Parameter names (``conv1``, ``bn1``, ``layer{1..4}``, ``shortcut`
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
+
+from .registry import register_backbone
 
 
 def _shortcut(inplanes: int, planes: int, stride: int) -> nn.Sequential:
@@ -96,3 +100,8 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.forward_features(x))
+
+
+register_backbone("resnet18", partial(ResNet, BasicBlock, [2, 2, 2, 2]))
+register_backbone("resnet34", partial(ResNet, BasicBlock, [3, 4, 6, 3]))
+register_backbone("resnet50", partial(ResNet, Bottleneck, [3, 4, 6, 3]))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import register_backbone
+
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Interleave the channels of ``groups`` equal groups: (N, g*c, H, W) -> (N, c*g, H, W)."""
@@ -82,3 +84,6 @@ class ShuffleNetV1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.forward_features(x))
+
+
+register_backbone("ShuffleV1", ShuffleNetV1)

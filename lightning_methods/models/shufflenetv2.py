@@ -11,10 +11,13 @@ initialization, as there.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import register_backbone
 from .shufflenetv1 import channel_shuffle
 
 #: width multiplier -> (stage channels..., head channels), blocks per stage (paper Table 5).
@@ -105,3 +108,6 @@ class ShuffleNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.forward_features(x))
+
+
+register_backbone("ShuffleV2", partial(ShuffleNetV2, width=1.0))

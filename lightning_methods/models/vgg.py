@@ -9,10 +9,13 @@ VGG-8 is the CRD student configuration "S" (one conv per block).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .registry import register_backbone
 
 CONFIGS: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -73,3 +76,7 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))
+
+
+for _name, _cfg in CONFIGS.items():
+    register_backbone(_name, partial(VGG, _cfg))

@@ -14,6 +14,8 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.resnet import ResNet as TorchvisionResNet
 
+from .registry import register_backbone
+
 
 class WideResNet50(TorchvisionResNet):
     """WRN-50-2 for 32x32 inputs; ``forward`` returns logits, ``forward_features`` the pooled 2048-d features.
@@ -41,3 +43,7 @@ class WideResNet50(TorchvisionResNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
+
+
+# KOALA / KOALA++ CIFAR-100 backbone: torchvision's Wide ResNet-50-2 with a CIFAR stem
+register_backbone("wrn_50_2", WideResNet50)

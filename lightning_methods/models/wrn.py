@@ -8,10 +8,13 @@ CIFAR-100 teacher checkpoints (mdistiller / RepDistiller ``wrn_40_2``).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .registry import register_backbone
 
 
 class BasicBlock(nn.Module):
@@ -90,3 +93,7 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
+
+
+for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2), (28, 10)):
+    register_backbone(f"wrn_{_d}_{_k}", partial(WideResNet, _d, _k))

@@ -1,0 +1,109 @@
+"""Crash-safe writes and code-free loads.
+
+Every file the package writes for later reuse (checkpoint-like state, selections, caches, JSON state) goes through an
+atomic write: the bytes go to a temporary file in the same directory, are flushed to disk, and replace the target with
+``os.replace``, so a kill or a full disk leaves either the old file or the new one, never a truncated one.
+
+Every file the package loads with ``torch.load`` goes through :func:`safe_torch_load` (``weights_only=True``): a file
+from elsewhere can never run code while it is loaded. Unpickling arbitrary objects needs the explicit
+``allow_pickle=True`` opt-in, which warns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see the module docstring)."""
+    return _atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically; non-JSON values (paths, numpy scalars) become strings/floats."""
+    return atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()  # numpy / torch scalars
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return value.tolist()
+    return str(value)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj, path)`` atomically."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", allow_pickle: bool = False, what: str = "file") -> Any:
+    """``torch.load`` with ``weights_only=True``; errors name the file and say what to do.
+
+    Args:
+        path: the file.
+        map_location: as for ``torch.load``.
+        allow_pickle: explicit opt-in to unpickle arbitrary objects (``weights_only=False``). Only for files you
+            created yourself or fully trust: unpickling can run arbitrary code. Warns when used.
+        what: a short description of the file for error messages ("teacher checkpoint", "feature cache", ...).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is truncated or not a torch file, or it holds objects that need unpickling.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if allow_pickle:
+        warnings.warn(f"loading {what} {path} with weights_only=False (allow_pickle=True): unpickling can run "
+                      "arbitrary code; use this only for files you created or fully trust", stacklevel=2)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        if allow_pickle:
+            raise ValueError(f"{what} {path} could not be read: {err}") from err
+        raise ValueError(
+            f"{what} {path} holds objects that a weights-only load refuses ({str(err).splitlines()[0]}). A file that "
+            "needs unpickling can run code while it loads; re-save it as plain tensors/containers, or opt in "
+            "explicitly (allow_pickle=True) if you created it yourself."
+        ) from err
+    except (EOFError, RuntimeError, OSError) as err:
+        raise ValueError(f"{what} {path} is truncated or not a torch file ({type(err).__name__}: {err}); "
+                         "re-create or re-download it") from err
