@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from lightning_methods import DistillationModule, create_backbone
+from lightning_methods import DistillationClassifier, create_backbone
 from lightning_methods.callbacks import SSAMMaskCallback
 from lightning_methods.optim import ASAMON, KOALAM, KOALAV, SAM, SAMON, SSAM, DeepKD, KOALAPlusPlus
 
@@ -56,7 +56,7 @@ def distillation_cases(s: Settings) -> list[Case]:
 
     def kd(method: str, deepkd: bool = False) -> Callable[[], float]:
         def run() -> float:
-            model = DistillationModule(
+            model = DistillationClassifier(
                 backbone=student, teacher=create_backbone(teacher, 100), method=method, deepkd=deepkd,
                 optimizer=partial(DeepKD, lr=0.05) if deepkd else opt, log_teacher_accuracy=False)
             return time_trainer(s, model, data(s, gpu_resident=True))

@@ -6,11 +6,15 @@ from .ssam import SAMEpochSync, SSAMMaskCallback  # noqa: E402
 
 __all__ += ["SAMEpochSync", "SSAMMaskCallback"]
 
-from .topk import TopKScheduleCallback  # noqa: E402
+from .deepkd_topk import TopKScheduleCallback  # noqa: E402
 
 __all__ += ["TopKScheduleCallback"]
 
-from .history import PredictionHistoryCallback  # noqa: E402
-from .history_tracker import TestAccuracyTracker  # noqa: E402
+from .prediction_history import PredictionHistoryCallback  # noqa: E402
+from .test_accuracy_tracker import TestAccuracyTracker  # noqa: E402
 
 __all__ += ["PredictionHistoryCallback", "TestAccuracyTracker"]
+
+from .koala_monitor import KOALAMonitor  # noqa: E402
+
+__all__ += ["KOALAMonitor"]

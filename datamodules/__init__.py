@@ -29,9 +29,9 @@ __all__ = [
     "read_cifar_batch",
 ]
 
+from .label_noise import make_noisy_labels, read_cifarn_labels  # noqa: E402
 from .noisy_cifar import NoisyCIFAR10DataModule, NoisyCIFAR100DataModule  # noqa: E402
 from .noisy_digits import NoisyDigitsDataModule  # noqa: E402
-from .noisy_labels import make_noisy_labels, read_cifarn_labels  # noqa: E402
 
 __all__ += ["NoisyCIFAR10DataModule", "NoisyCIFAR100DataModule", "NoisyDigitsDataModule", "make_noisy_labels",
             "read_cifarn_labels"]

@@ -23,7 +23,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities import rank_zero_info
 
 from .base import IndexedTensorDataset
-from .noisy_labels import NoiseType, make_noisy_labels
+from .label_noise import NoiseType, make_noisy_labels
 
 NOISE_TYPES = ("none", "sym", "pairflip", "asym", "instance", "cifarn")
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from .base import Augment
 from .cifar import CIFAR10DataModule, CIFAR100DataModule, read_cifar_batch
+from .label_noise import CIFAR10_ASYM_MAP, NoiseType, cifar100_groups
 from .noisy_base import NoisyLabelsMixin
-from .noisy_labels import CIFAR10_ASYM_MAP, NoiseType, cifar100_groups
 
 AsymGrouping = Literal["consecutive5", "superclass", "classmap", "cyclic"]
 

@@ -11,8 +11,8 @@ import torch
 
 from .base import Augment, ImageDataModule
 from .digits import load_digits_uint8
+from .label_noise import NoiseType
 from .noisy_base import NoisyLabelsMixin
-from .noisy_labels import NoiseType
 
 
 class NoisyDigitsDataModule(NoisyLabelsMixin, ImageDataModule):

@@ -18,10 +18,16 @@ __all__ = [
     "parameter_roles",
 ]
 
-from .distillation import DistillationModule  # noqa: E402
+from .distillation import DistillationClassifier  # noqa: E402
 
-__all__ += ["DistillationModule"]
+__all__ += ["DistillationClassifier"]
 
-from .noisy_labels import CoTrainingModule, EMAModel  # noqa: E402
+from .noisy_labels import CoTrainingClassifier, EMAModel  # noqa: E402
 
-__all__ += ["CoTrainingModule", "EMAModel"]
+__all__ += ["CoTrainingClassifier", "EMAModel"]
+
+from .utils.deprecation import renamed_attributes  # noqa: E402
+
+__getattr__ = renamed_attributes(
+    __name__, {"DistillationModule": "DistillationClassifier", "CoTrainingModule": "CoTrainingClassifier"}
+)

@@ -96,8 +96,9 @@ class ImageClassifier(LightningModule):
         self.automatic_optimization = False
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.backbone_kwargs = dict(backbone_kwargs or {})
         if not isinstance(backbone, nn.Module):
-            backbone = create_backbone(backbone, num_classes, **(backbone_kwargs or {}))
+            backbone = create_backbone(backbone, num_classes, **self.backbone_kwargs)
         self.backbone = backbone
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)

@@ -1,9 +1,11 @@
-"""Per-family hooks for tests/test_configs.py, which runs every shipped YAML through ``main(["fit", ...])``.
+"""Per-family hooks for tests/core/test_configs.py, which runs every shipped YAML through ``main(["fit", ...])``.
 
 A family registers a hook for a directory prefix under ``configs/`` in its own module
-``tests/<family>/overrides_<family>.py`` (every ``overrides_*.py`` under ``tests/`` is imported below). The hook gets ``(config_path, tmp_path, data_root)`` and returns extra CLI arguments (e.g. a
-teacher checkpoint written by the test), or ``None`` to say the file is not a ``fit`` config and name the test that
-covers it instead (set ``reason`` on the hook: ``hook.reason = "covered by tests/test_x.py::test_y"``).
+``tests/<family>/overrides_<family>.py`` (every ``overrides_*.py`` under ``tests/`` is imported below). The hook
+gets ``(config_path, tmp_path, data_root)`` and returns extra CLI arguments (e.g. a teacher checkpoint written by
+the test), or ``None`` to say the file is not a ``fit`` config and name the test that covers it instead (set
+``reason`` on the hook: ``hook.reason = "covered by tests/<family>/test_x.py::test_y"``). A hook that swaps a
+backbone or shrinks a batch for speed says so with :func:`note_swap`, and the test prints it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ def register(prefix: str) -> Callable[[Hook], Hook]:
         return fn
 
     return deco
+
+
+SWAPS: list[str] = []  # what hooks swapped for speed, printed in the test session summary
+
+
+def note_swap(rel: str, what: str) -> None:
+    """Record that the smoke fit of config ``rel`` runs with ``what`` changed (e.g. "backbone wrn_28_10 ->
+    resnet8"), so the test output says it did not run the config exactly as shipped."""
+    SWAPS.append(f"{rel}: {what}")
 
 
 def hook_for(rel: str) -> Hook | None:

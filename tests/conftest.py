@@ -15,6 +15,17 @@ from helpers import write_fake_cifar  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say which shipped configs the config smoke test ran with something swapped for speed."""
+    overrides = sys.modules.get("config_overrides")
+    swaps = getattr(overrides, "SWAPS", None)
+    if swaps:
+        terminalreporter.section("config smoke test: swapped for speed")
+        terminalreporter.write_line("every config: fast_dev_run, batch_size 4 unless listed, 32-true on CPU")
+        for line in sorted(set(swaps)):
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def fake_cifar_root(tmp_path_factory):
     """A data_dir holding small fake CIFAR-10 and CIFAR-100 releases in the official pickle format."""

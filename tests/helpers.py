@@ -87,6 +87,26 @@ def quiet_trainer(**overrides: Any) -> L.Trainer:
     return L.Trainer(**args)
 
 
+def write_teacher_file(directory: str | Path, arch: str, num_classes: int, seed: int = 0) -> Path:
+    """A randomly initialized ``arch`` teacher in the shared CIFAR-100 teacher format (CRD / mdistiller):
+    ``<directory>/<arch>_vanilla/ckpt_epoch_240.pth`` holding ``{"model": state_dict, "epoch": 240}``. BatchNorm
+    running statistics are set to non-default values, so a loader that dropped them would be caught."""
+    from lightning_methods.models import create_backbone
+
+    torch.manual_seed(seed)
+    model = create_backbone(arch, num_classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.num_batches_tracked.fill_(1000)
+    path = Path(directory) / f"{arch}_vanilla" / "ckpt_epoch_240.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "epoch": 240}, path)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

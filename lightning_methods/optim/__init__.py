@@ -9,9 +9,8 @@ __all__: list[str] = []
 
 from .koala import KOALAM, KOALAV, KOALAPlusPlus  # noqa: E402
 from .koala_base import KOALABase, global_loss_moments  # noqa: E402
-from .koala_monitor import KOALAMonitor  # noqa: E402
 
-__all__ += ["KOALABase", "KOALAM", "KOALAMonitor", "KOALAPlusPlus", "KOALAV", "global_loss_moments"]
+__all__ += ["KOALABase", "KOALAM", "KOALAPlusPlus", "KOALAV", "global_loss_moments"]
 
 from .sam import SAM, sam_closure  # noqa: E402
 from .sam_masks import death_rate, drop_and_grow, fisher_scores, global_topk_mask  # noqa: E402
@@ -24,3 +23,15 @@ __all__ += ["SAM", "ASAM", "SAMON", "ASAMON", "SSAM", "sam_closure", "death_rate
 from .deepkd import DeepKD  # noqa: E402
 
 __all__ += ["DeepKD"]
+
+
+def __getattr__(name: str):  # deprecated location of the KOALA monitor callback (a Lightning callback)
+    if name == "KOALAMonitor":
+        import warnings
+
+        warnings.warn("lightning_methods.optim.KOALAMonitor moved to lightning_methods.callbacks.KOALAMonitor; the "
+                      "old name will be removed in the next release", DeprecationWarning, stacklevel=2)
+        from ..callbacks.koala_monitor import KOALAMonitor
+
+        return KOALAMonitor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

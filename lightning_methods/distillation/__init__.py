@@ -1,0 +1,28 @@
+"""Logit distillation: KD, DKD and the DeepKD trainer.
+
+Papers: Huang et al., *DeepKD: A Deeply Decoupled and Denoised Knowledge Distillation Trainer*, NeurIPS 2025
+(arXiv 2505.15133); Zhao et al., *Decoupled Knowledge Distillation*, CVPR 2022 (arXiv 2203.08679); Hinton et al.,
+*Distilling the Knowledge in a Neural Network* (arXiv 1503.02531).
+
+Public classes and functions:
+- :class:`DistillationClassifier` (``module.py``): a student :class:`~lightning_methods.ImageClassifier` trained from
+  a frozen teacher with KD or DKD, optionally with DeepKD's three gradient streams.
+- :func:`load_teacher`, :func:`resolve_teacher_path`, :func:`extract_state_dict`, :func:`state_hash`
+  (``teacher.py``): strict, weights-only teacher loading from the shared CIFAR-100 teacher files or
+  lightning-methods checkpoints.
+
+Elsewhere in the family: the loss terms in :mod:`lightning_methods.losses.kd`, the DeepKD optimizer
+:class:`lightning_methods.optim.DeepKD`, the top-k schedule callback
+:class:`lightning_methods.callbacks.TopKScheduleCallback` (``callbacks/deepkd_topk.py``), the DataModule
+:class:`lightning_methods.datamodules.CIFAR100DataModule`, configs in ``configs/distillation/`` (teachers in
+``configs/distillation/teachers/``), the doc ``docs/methods/distillation.md`` and tests in ``tests/distillation/``.
+"""
+
+from ..utils.deprecation import renamed_attributes
+from .module import CKPT_KEY, DistillationClassifier, all_reduce_streams
+from .teacher import extract_state_dict, load_teacher, resolve_teacher_path, state_hash
+
+__all__ = ["CKPT_KEY", "DistillationClassifier", "all_reduce_streams", "extract_state_dict", "load_teacher",
+           "resolve_teacher_path", "state_hash"]
+
+__getattr__ = renamed_attributes(__name__, {"DistillationModule": "DistillationClassifier"})

@@ -1,0 +1,134 @@
+"""Loading frozen CIFAR-100 teachers for :class:`lightning_methods.DistillationClassifier`.
+
+Accepted teacher checkpoints (never downloaded implicitly):
+
+- the widely shared CIFAR-100 teacher files of CRD / mdistiller (``cifar_teachers.tar`` from the mdistiller
+  release "checkpoints"): a dict whose ``"model"`` key holds the state dict, laid out as
+  ``cifar_teachers/<name>_vanilla/ckpt_epoch_240.pth``. Give the file, its ``<name>_vanilla/`` folder or the
+  ``cifar_teachers/`` folder itself;
+- a lightning-methods checkpoint (``.ckpt`` of an ImageClassifier, e.g. from the teacher configs under
+  ``configs/distillation/teachers/``; the ``backbone.*`` weights are used);
+- a plain state dict saved with ``torch.save``.
+
+The state dict is loaded with ``strict=True`` into ``create_backbone(name, num_classes)``; the parameter names of the
+zoo equal mdistiller's. Any mismatch stops with a message naming the expected layout and the training config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models import create_backbone
+
+TEACHER_FILE = "ckpt_epoch_240.pth"
+#: teachers of the CIFAR-100 zoo with a training config under configs/distillation/teachers/
+ZOO_TEACHERS = ("resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13", "ResNet50")
+
+
+def _how_to_get(name: str) -> str:
+    return (
+        f"Expected a teacher checkpoint for the architecture {name!r}: either the shared CIFAR-100 teacher file "
+        f"(mdistiller release 'cifar_teachers.tar', layout cifar_teachers/{name}_vanilla/{TEACHER_FILE}, a dict whose "
+        f"'model' key holds the state dict; pass the file, its folder or the cifar_teachers/ folder), or the last.ckpt "
+        f"of an ImageClassifier with backbone {name!r}, e.g. from `lightning-methods fit --config "
+        f"configs/distillation/teachers/{name.lower()}.yaml` (teacher configs: {', '.join(ZOO_TEACHERS)})."
+    )
+
+
+def resolve_teacher_path(path: str | Path, name: str) -> Path:
+    """Find the checkpoint file for teacher ``name`` given a file, a ``<name>_vanilla/`` folder or the
+    ``cifar_teachers/`` folder; raises ``FileNotFoundError`` with the expected layout otherwise."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        candidates = [p / TEACHER_FILE, p / f"{name}_vanilla" / TEACHER_FILE]
+        wanted = f"{name.lower()}_vanilla"  # names are case-insensitive (resnet50_vanilla / ResNet50_vanilla)
+        candidates += [d / TEACHER_FILE for d in sorted(p.glob("*_vanilla")) if d.name.lower() == wanted]
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise FileNotFoundError(f"no teacher checkpoint for {name!r} in the folder {p} (looked for "
+                                f"{', '.join(str(c) for c in candidates[:2])}). {_how_to_get(name)}")
+    raise FileNotFoundError(f"teacher checkpoint {p} does not exist. {_how_to_get(name)}")
+
+
+def _read(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Lightning checkpoints carry hyperparameters that are not plain tensors or containers; the user named this
+        # file explicitly, so it is trusted like any checkpoint they resume from.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The backbone state dict inside a loaded teacher file (mdistiller ``{"model": sd}``, Lightning ``.ckpt`` with
+    ``backbone.*`` keys, or a plain state dict); strips a DataParallel ``module.`` prefix."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source} holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
+    if "model" in obj and isinstance(obj["model"], Mapping):
+        sd = dict(obj["model"])
+    elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        full = obj["state_dict"]
+        sd = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
+        if not sd:
+            raise ValueError(f"{source} is a Lightning checkpoint without 'backbone.*' weights (keys start with "
+                             f"{sorted({k.split('.')[0] for k in full})}); expected an ImageClassifier checkpoint")
+    else:
+        sd = dict(obj)
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{source} does not contain a state dict of tensors")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_teacher(name: str, path: str | Path, num_classes: int, **backbone_kwargs) -> tuple[nn.Module, Path]:
+    """Build ``create_backbone(name, num_classes)`` and load the teacher weights strictly.
+
+    Returns:
+        ``(model, resolved_file)``; the model is frozen (``requires_grad=False``) and in eval mode.
+
+    Raises:
+        FileNotFoundError: the file or folder does not exist / holds no teacher for ``name``.
+        ValueError: the weights do not fit the architecture (wrong teacher, wrong number of classes).
+    """
+    file = resolve_teacher_path(path, name)
+    sd = extract_state_dict(_read(file), str(file))
+    model = create_backbone(name, num_classes, **backbone_kwargs)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            f"{label} ({len(items)}): {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if items
+        )
+        raise ValueError(
+            f"teacher checkpoint {file} does not match the architecture {name!r} with {num_classes} classes: "
+            f"{details}. Check model.teacher (and num_classes). {_how_to_get(name)}"
+        )
+    model.load_state_dict(sd, strict=True)
+    model.requires_grad_(False)
+    model.eval()
+    return model, file
+
+
+def state_hash(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): identifies a teacher independently of the
+    file format it came from."""
+    h = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,314 @@
+"""The multi-round Early Cutting procedure: selection rounds, the cut, the final training; resumable.
+
+Yuan, Feng, Han, Liu, "Enhancing Sample Selection Against Label Noise by Cutting Mislabeled Easy Examples" (NeurIPS
+2025, arXiv 2502.08227). Round ``r < rounds`` trains fresh modules on the previous selection with a
+:class:`PredictionHistoryCallback` until the learning-time selection reaches ``keep_rate`` of the round's training
+set; after round 0 the selection is recalibrated with the best noisy-validation checkpoint (the cut). The final round
+trains on the final selection for all epochs. Each round is one ``Trainer.fit`` with modules instantiated afresh from
+the config; its outputs go to ``run_dir/round<r>/`` (checkpoints, ``selected.npy``, ``removed.npy``, ``fkl.npy``,
+``stats.json``) and to the round's W&B run (group = the run name). ``run_dir/state.json`` records finished rounds:
+a finished round is never recomputed, an interrupted one resumes from its ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from ..callbacks.prediction_history import PredictionHistoryCallback
+from ..callbacks.test_accuracy_tracker import TestAccuracyTracker
+from ..cli import finish_wandb_runs
+from .config import SelectionConfig
+from .cut import compute_early_cut
+from .selection import CutResult
+
+FINGERPRINT_SKIP = {"num_workers", "data_dir", "download", "pin_memory", "eval_batch_size", "label_file"}
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _broadcast(obj: Any) -> Any:
+    """``obj`` of rank 0 on every rank (identity without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+class EarlyCuttingRunner:
+    """Runs the procedure described in the module docstring from a parsed ``lightning-methods-select`` config.
+
+    Args:
+        parser: the parser that produced ``config`` (instantiates fresh modules per round).
+        config: the parsed config namespace (keys ``trainer``, ``model``, ``data``, ``selection``, ``run_dir``, ...).
+    """
+
+    def __init__(self, parser: Any, config: Any) -> None:
+        self.parser, self.config = parser, config
+        self.sel = SelectionConfig(**config.selection.as_dict())
+        self.run_dir = Path(config.run_dir).expanduser()
+        self.seed = int(config.seed_everything)
+        self.state: dict[str, Any] = {"rounds": {}, "wandb_ids": {}}
+        self.histories: dict[int, PredictionHistoryCallback] = {}  # rounds run by this process (for inspection)
+        self.cuts: dict[int, CutResult] = {}
+
+    # ------------------------------------------------------------------------------------------- state
+    def _fingerprint(self) -> dict[str, Any]:
+        cfg = json.loads(json.dumps(self.config.as_dict(), default=str))
+        data = dict(cfg.get("data") or {})
+        data["init_args"] = {k: v for k, v in (data.get("init_args") or {}).items() if k not in FINGERPRINT_SKIP}
+        return {"model": cfg.get("model"), "data": data, "selection": cfg.get("selection"),
+                "seed_everything": cfg.get("seed_everything")}
+
+    def _load_state(self) -> None:
+        path = self.run_dir / "state.json"
+        fingerprint = self._fingerprint()
+        if path.is_file():
+            if not self.config.resume:
+                raise FileExistsError(f"{self.run_dir} already holds an Early Cutting run; pass --resume true to "
+                                      "continue it, or choose another --run_dir")
+            self.state = json.loads(path.read_text())
+            old = self.state.get("fingerprint", {})
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            if diff:
+                raise ValueError(f"{self.run_dir} holds a run with another configuration (differs in: {diff}); "
+                                 "choose another --run_dir to start a new run")
+        self.state["fingerprint"] = fingerprint
+        self.state.setdefault("rounds", {})
+        self.state.setdefault("wandb_ids", {})
+        if _rank() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.parser.dump(self.config, skip_none=False))
+            self._save_state()
+
+    def _save_state(self) -> None:
+        if _rank() == 0:
+            _write_json(self.run_dir / "state.json", self.state)
+
+    # ------------------------------------------------------------------------------------------- building blocks
+    def _instantiate(self, tag: str, train_indices: torch.Tensor | None, callbacks: list) -> tuple[Any, Any, Trainer]:
+        init = self.parser.instantiate_classes(self.config.clone())
+        model, dm = init.model, init.data
+        if not hasattr(dm, "set_train_subset"):
+            raise TypeError(f"{type(dm).__name__} cannot train on a subset; use a noisy DataModule of this package "
+                            "(NoisyCIFAR100DataModule, NoisyCIFAR10DataModule, NoisyDigitsDataModule)")
+        if getattr(dm, "val_split", 0.1) <= 0:
+            raise ValueError("Early Cutting selects the later state on noisy validation data: set "
+                             "data.init_args.val_split > 0 (paper: 0.1)")
+        if getattr(dm, "label_file", "") is None:
+            dm.label_file = str(self.run_dir / "noisy_labels.pt")
+        if train_indices is not None:  # round 0 keeps the DataModule's own train_subset (default: all)
+            dm.set_train_subset(train_indices.tolist())
+        trainer_args = dict(init.trainer)
+        trainer_args["callbacks"] = [*(trainer_args.get("callbacks") or []), *callbacks]
+        trainer_args["default_root_dir"] = str(self.run_dir / tag)
+        trainer_args["enable_checkpointing"] = True
+        loggers = trainer_args.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            self._configure_logger(logger, tag)
+        trainer = Trainer(**trainer_args)
+        return model, dm, trainer
+
+    def _configure_logger(self, logger: Any, tag: str) -> None:
+        if not isinstance(logger, WandbLogger) or not hasattr(logger, "_wandb_init"):
+            return
+        init = logger._wandb_init
+        base = init.get("name") or self.run_dir.name
+        run_id = self.state["wandb_ids"].get(tag) or uuid.uuid4().hex[:12]
+        self.state["wandb_ids"][tag] = run_id
+        self._save_state()
+        init.update(name=f"{base}-{tag}", group=init.get("group") or base, job_type=tag, id=run_id, resume="allow")
+        logger._name, logger._id = init["name"], run_id
+
+    def _checkpoint(self, tag: str) -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=self.run_dir / tag / "checkpoints", filename="best-{epoch:03d}",
+                               monitor="val/acc", mode="max", save_top_k=1, save_last=True,
+                               save_on_train_epoch_end=True, auto_insert_metric_name=False)
+
+    def _fit(self, model: Any, dm: Any, trainer: Trainer, ckpt: ModelCheckpoint,
+             history: PredictionHistoryCallback | None, tracker: TestAccuracyTracker) -> bool:
+        """Fit, resuming from ``last.ckpt``; a round already stopped by its rule is restored without training.
+        Returns False when the fit was interrupted."""
+        last = Path(ckpt.dirpath) / "last.ckpt"
+        if last.is_file() and history is not None:
+            saved = torch.load(last, map_location="cpu")
+            if saved["callbacks"].get(history.state_key, {}).get("stop_epoch") is not None:
+                rank_zero_info(f"{last}: the round had already stopped; restoring its selection")
+                history.load_state_dict(saved["callbacks"][history.state_key])
+                tracker.load_state_dict(saved["callbacks"].get(tracker.state_key, {}))
+                ckpt.load_state_dict(saved["callbacks"].get(ckpt.state_key, {}))
+                dm.setup("fit")
+                return True
+        # our own checkpoints; their hparams hold the optimizer / scheduler callables (not weights-only loadable)
+        trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
+        return not trainer.interrupted
+
+    def _noise_stats(self, dm: Any, name: str, indices: torch.Tensor) -> dict[str, float]:
+        noisy, clean = getattr(dm, "noisy_targets", None), getattr(dm, "clean_targets", None)
+        out = {f"{name}_size": float(len(indices))}
+        if noisy is not None and clean is not None:
+            wrong = float((noisy[indices] != clean[indices]).sum()) if len(indices) else 0.0
+            out[f"{name}_mislabeled"] = wrong
+            out[f"{name}_mislabeled_rate"] = wrong / max(len(indices), 1)
+        return out
+
+    def _save_history(self, tag: str, history: PredictionHistoryCallback) -> None:
+        """``history.pt``: base indices, noisy / clean targets, first-learned epochs, per-epoch statistics and (with
+        ``selection.store_predictions``) the N x epochs prediction matrix of the round."""
+        if _rank() == 0:
+            (self.run_dir / tag).mkdir(parents=True, exist_ok=True)
+            torch.save(history.state_dict(), self.run_dir / tag / "history.pt")
+
+    def _report(self, trainer: Trainer, tag: str, stats: dict[str, Any], files: dict[str, torch.Tensor]) -> None:
+        """Write ``stats.json`` and the index files of one round; log them to the loggers; finish its W&B run."""
+        if _rank() == 0:
+            out = self.run_dir / tag
+            out.mkdir(parents=True, exist_ok=True)
+            for name, value in files.items():
+                np.save(out / f"{name}.npy", value.numpy())
+            _write_json(out / "stats.json", stats)
+            numbers = {f"selection/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
+            for logger in trainer.loggers:
+                logger.log_metrics(numbers, step=trainer.global_step)
+                if isinstance(logger, WandbLogger):
+                    import wandb
+
+                    logger.experiment.summary.update(numbers)
+                    artifact = wandb.Artifact(f"{self.run_dir.name}-{tag}-selection", type="selection")
+                    for name in files:
+                        artifact.add_file(str(out / f"{name}.npy"))
+                    artifact.add_file(str(out / "stats.json"))
+                    logger.experiment.log_artifact(artifact)
+        if _rank() == 0:
+            finish_wandb_runs(trainer)
+
+    # ------------------------------------------------------------------------------------------- rounds
+    def selection_round(self, r: int, train_indices: torch.Tensor | None) -> dict[str, Any] | None:
+        """Run selection round ``r``; returns its stats (``None`` if interrupted)."""
+        tag, sel = f"round{r}", self.sel
+        seed_everything(self.seed + r)
+        history = PredictionHistoryCallback(sel.warm_up_epochs, sel.k_of(r), sel.keep_rate_of(r), sel.lag,
+                                            sel.history_transform, store_predictions=sel.store_predictions,
+                                            seed=self.seed + r)
+        self.histories[r] = history
+        tracker, ckpt = TestAccuracyTracker(), self._checkpoint(tag)
+        model, dm, trainer = self._instantiate(tag, train_indices, [history, tracker, ckpt])
+        if not self._fit(model, dm, trainer, ckpt, history, tracker):
+            return None
+        n_train = len(dm.train_set)
+        stats: dict[str, Any] = {"round": r, "n_train": n_train, "keep_rate": sel.keep_rate_of(r), "k": sel.k_of(r),
+                                 "threshold": int(n_train * sel.keep_rate_of(r)), "stop_epoch": history.stop_epoch,
+                                 **self._noise_stats(dm, "train", dm.train_set.indices)}
+        stats.update({f"test_{k}": v for k, v in tracker.summary().items()})
+        if history.stop_epoch is None:
+            stats["status"] = "threshold_not_reached"
+            then = "no further rounds" if sel.on_threshold_not_reached == "stop" else "going to the final round"
+            rank_zero_warn(f"round {r} never reached its threshold ({stats['threshold']} of {n_train}) within "
+                           f"{trainer.max_epochs} epochs; {then}")
+            self._save_history(tag, history)
+            last = max(history.recorded_epochs, default=-1) - sel.lag  # what the stop rule saw last
+            self._report(trainer, tag, stats, {"fkl": history.current_selection(last)})
+            return stats
+        self._save_history(tag, history)
+        fkl = history.selection
+        files = {"fkl": fkl}
+        stats.update(self._noise_stats(dm, "fkl", fkl))
+        if r == 0 and sel.early_cutting:
+            best = ckpt.best_model_path
+            if _rank() == 0:
+                model.load_state_dict(torch.load(best, map_location="cpu")["state_dict"])
+                cut, scores = compute_early_cut(model, dm, fkl, sel, trainer.strategy.root_device)
+                (self.run_dir / tag).mkdir(parents=True, exist_ok=True)
+                torch.save(scores, self.run_dir / tag / "cut_scores.pt")
+            else:
+                cut = None
+            cut = self.cuts[r] = _broadcast(cut)
+            stats.update({"best_checkpoint": Path(best).name, **self._noise_stats(dm, "cut_subset", cut.subset),
+                          **self._noise_stats(dm, "candidates", cut.candidates),
+                          **self._noise_stats(dm, "removed", cut.removed)})
+            files["removed"] = cut.removed
+            selected = cut.selected
+        else:
+            selected = fkl
+        files["selected"] = selected
+        stats.update(self._noise_stats(dm, "selected", selected))
+        stats["status"] = "done"
+        self._report(trainer, tag, stats, files)
+        return stats
+
+    def final_round(self, train_indices: torch.Tensor | None) -> dict[str, Any] | None:
+        """Train on the final selection for all epochs; returns the final stats (``None`` if interrupted)."""
+        tag = "final"
+        seed_everything(self.seed + self.sel.rounds)
+        tracker, ckpt = TestAccuracyTracker(), self._checkpoint(tag)
+        model, dm, trainer = self._instantiate(tag, train_indices, [tracker, ckpt])
+        if not self._fit(model, dm, trainer, ckpt, None, tracker):
+            return None
+        stats = {"n_train": len(dm.train_set), **self._noise_stats(dm, "train", dm.train_set.indices),
+                 **{f"test_{k}": v for k, v in tracker.summary().items()}, "status": "done"}
+        self._report(trainer, tag, stats, {"train_indices": dm.train_set.indices})
+        return stats
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) every round; returns the summary also written to ``run_dir/summary.json``."""
+        self._load_state()
+        train_indices: torch.Tensor | None = None
+        ended = False
+        for r in range(self.sel.rounds):
+            done = self.state["rounds"].get(str(r))
+            if done is None:
+                done = self.selection_round(r, train_indices)
+                if done is None:
+                    rank_zero_info(f"round {r} was interrupted; run the same command again to resume it")
+                    return {"status": "interrupted", "round": r}
+                self.state["rounds"][str(r)] = done
+                self._save_state()
+            else:
+                rank_zero_info(f"round {r} already finished ({done['status']}); not recomputed")
+            if done["status"] != "done":
+                ended = self.sel.on_threshold_not_reached == "stop"
+                break
+            train_indices = torch.from_numpy(np.load(self.run_dir / f"round{r}" / "selected.npy"))
+            if self.config.stop_after_round is not None and r >= self.config.stop_after_round:
+                return {"status": "paused", "round": r}
+        final = self.state.get("final")
+        if self.sel.final_round and not ended and final is None:
+            final = self.final_round(train_indices)
+            if final is None:
+                return {"status": "interrupted", "round": "final"}
+            self.state["final"] = final
+            self._save_state()
+        return self._summary(final, ended)
+
+    def _summary(self, final: dict[str, Any] | None, ended: bool) -> dict[str, Any]:
+        rounds = self.state["rounds"]
+        accs = [v.get("test_acc_max") for v in [*rounds.values(), final or {}] if v.get("test_acc_max") is not None]
+        summary = {"status": "threshold_not_reached" if ended else "done", "rounds": rounds, "final": final,
+                   "test_acc_last": (final or {}).get("test_acc_last"),
+                   "test_acc_at_best_val": (final or {}).get("test_acc_at_best_val"),
+                   "test_acc_max_over_all_epochs_and_rounds": max(accs) if accs else None}
+        if _rank() == 0:
+            _write_json(self.run_dir / "summary.json", summary)
+        rank_zero_info(f"Early Cutting finished: last-epoch test acc {summary['test_acc_last']}, at best noisy-val "
+                       f"epoch {summary['test_acc_at_best_val']} (summary in {self.run_dir / 'summary.json'})")
+        return summary

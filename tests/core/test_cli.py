@@ -1,0 +1,107 @@
+"""The lightning-methods command line: help, print_config, subcommands, errors with advice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_methods.cli import build_cli, main
+
+REPO = Path(__file__).resolve().parents[2]
+CIFAR = str(REPO / "configs/cifar100/resnet18.yaml")
+QUICK = str(REPO / "configs/quickstart.yaml")
+FAST = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
+
+
+def run_exit(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out = capsys.readouterr()
+    return info.value.code, out.out + out.err
+
+
+def test_help_lists_the_package_arguments(capsys):
+    code, out = run_exit(["fit", "--help"], capsys)
+    assert code == 0 and "--test_after_fit" in out and "--checkpoint.monitor" in out and "--data CONFIG" in out
+
+
+def test_print_config_resolves_the_yaml_and_accepts_ddp(capsys):
+    code, out = run_exit(["fit", "--config", CIFAR, "--trainer.devices=4", "--trainer.strategy=ddp", "--print_config"],
+                         capsys)
+    cfg = yaml.safe_load(out)
+    assert code == 0
+    assert cfg["model"]["class_path"] == "lightning_methods.ImageClassifier"
+    assert cfg["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.1
+    assert str(cfg["trainer"]["devices"]) == "4" and cfg["trainer"]["strategy"] == "ddp"
+    assert cfg["data"]["init_args"]["batch_size"] == 128
+
+
+def test_unknown_config_key_is_an_error_naming_it(capsys, tmp_path):
+    code, out = run_exit(["fit", "--config", QUICK, "--model.init_args.learning_rate=0.1"], capsys)
+    assert code != 0 and "learning_rate" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(QUICK).read_text().replace("max_epochs:", "max_epoch:"))
+    code, out = run_exit(["fit", "--config", str(bad)], capsys)
+    assert code != 0 and "max_epoch" in out
+
+
+def test_unknown_backbone_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="Known CIFAR backbones"):
+        main(["fit", "--config", QUICK, "--model.init_args.backbone=resnet_999", *FAST])
+
+
+def test_missing_cifar_without_download_stops_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        main(["fit", "--config", CIFAR, f"--data.init_args.data_dir={tmp_path}", "--data.init_args.download=false",
+              "--trainer.fast_dev_run=1", *FAST])
+
+
+def test_fit_then_validate_test_predict_from_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", QUICK, *FAST, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+            f"--checkpoint.dirpath={tmp_path / 'ckpt'}"]
+    cli = build_cli(["fit", *args, "--test_after_fit=last"])
+    assert cli.trainer.global_step == 2
+    assert "test/acc" in cli.trainer.callback_metrics  # test_after_fit ran
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    assert ckpt.exists() and (tmp_path / "config.yaml").exists()
+    for sub in ("validate", "test", "predict"):
+        cli = build_cli([sub, "--config", QUICK, *FAST, f"--ckpt_path={ckpt}", "--trainer.limit_val_batches=1",
+                         "--trainer.limit_test_batches=1", "--trainer.limit_predict_batches=1"])
+    preds = cli.trainer.predict_loop.predictions
+    assert preds and preds[0]["probs"].shape[1] == 10
+
+
+def test_a_failed_run_does_not_leave_its_wandb_run_open(tmp_path, monkeypatch):
+    """A later WandbLogger in the same process (a notebook) would otherwise log into the crashed run."""
+    import wandb
+
+    from lightning_methods import ImageClassifier
+
+    def crash(self, batch, batch_idx):
+        assert wandb.run is not None  # the run was open when training failed
+        raise RuntimeError("crashed mid-training")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ImageClassifier, "training_step", crash)
+    with pytest.raises(RuntimeError, match="crashed mid-training"):
+        main(["fit", "--config", QUICK, "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"])
+    assert wandb.run is None
+
+
+def test_wandb_runs_land_in_the_directory_each_command_runs_in(tmp_path, monkeypatch):
+    """W&B's service process keeps the working directory of the first run: a relative save_dir must be resolved
+    per command, or a second run in the same process (notebook, test session) writes its files elsewhere."""
+    args = ["fit", "--config", QUICK, "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+            "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+            "--test_after_fit=off"]
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        main(args)
+        assert len(list((tmp_path / name / "runs/quickstart/wandb").glob("offline-run-*/run-*.wandb"))) == 1

@@ -1,0 +1,91 @@
+"""A run saved mid-training (after epoch 1) and resumed from its last.ckpt takes exactly the steps of the
+uninterrupted run:
+weights, momentum buffers, scheduler, data order and augmentation draws all survive the checkpoint."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_methods import ImageClassifier
+from lightning_methods.datamodules import DigitsDataModule
+
+from helpers import TinyNet, quiet_trainer
+
+
+def _model() -> ImageClassifier:
+    L.seed_everything(0)
+    return ImageClassifier(
+        TinyNet(10), 10,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4),
+    )
+
+
+_trainer = quiet_trainer
+
+
+@pytest.mark.parametrize("gpu_resident", [False, True])
+def test_resume_takes_the_same_next_step(tmp_path, gpu_resident):
+    def dm():
+        return DigitsDataModule(batch_size=128, augment="crop", gpu_resident=gpu_resident, seed=3)
+
+    steps_per_epoch = 1257 // 128  # train split of the digits, drop_last
+    full = _model()
+    _trainer(max_epochs=2).fit(full, dm())
+
+    # interrupted run: stops after one epoch; its last.ckpt is what `--ckpt_path last` resumes from
+    _trainer(max_epochs=1, enable_checkpointing=True,
+             callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(_model(), dm())
+    ckpt = tmp_path / "last.ckpt"
+
+    resumed = _model()
+    torch.manual_seed(1234)  # the global RNG differs after a restart: nothing may depend on it
+    # max_epochs, as the configs use (Lightning treats max_steps runs as restarting mid-epoch even from an
+    # end-of-epoch checkpoint and replays one extra batch)
+    t2 = _trainer(max_epochs=2)
+    t2.fit(resumed, dm(), ckpt_path=ckpt)
+    assert t2.global_step == 2 * steps_per_epoch
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    assert torch.allclose(full.backbone.bn.running_mean, resumed.backbone.bn.running_mean, atol=1e-6)
+    lr_full = t2.optimizers[0].param_groups[0]["lr"]
+    assert lr_full == pytest.approx(0.05 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 4)).item()) / 2)
+
+
+def test_checkpoints_of_python_made_modules_load_with_weights_only(tmp_path):
+    """Optimizer factories given from Python (functools.partial, nested for wrapped optimizers) are stored as
+    {"class_path", "init_args"} dicts: torch >= 2.6's weights_only loading accepts the file, resuming works, and
+    load_from_checkpoint rebuilds equivalent factories."""
+    from functools import partial
+
+    from lightning_methods.hparams import callable_from_config, describe_callable
+
+    nested = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    wrapped = partial(dict, base_optimizer=nested, rho=0.5)  # shape of a SAM factory: a factory inside a factory
+    cfg = describe_callable(wrapped)
+    assert cfg == {"class_path": "builtins.dict", "init_args": {
+        "base_optimizer": {"class_path": "torch.optim.sgd.SGD", "init_args": {"lr": 0.1, "momentum": 0.9}},
+        "rho": 0.5}}
+    rebuilt = callable_from_config(cfg)
+    assert rebuilt.keywords["base_optimizer"].func is torch.optim.SGD and rebuilt.keywords["rho"] == 0.5
+
+    def model():
+        L.seed_everything(0)
+        return ImageClassifier("resnet8", 10, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+                               lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=3))
+
+    def dm():
+        return DigitsDataModule(batch_size=64)
+
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(max_epochs=1, limit_train_batches=2, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(model(), dm())
+    torch.load(tmp_path / "last.ckpt", weights_only=True)  # raises on pickled callables
+    t = _trainer(max_epochs=2, limit_train_batches=2)
+    t.fit(model(), dm(), ckpt_path=tmp_path / "last.ckpt")
+    assert t.global_step == 4
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "last.ckpt")
+    opt = restored.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.05 and opt.defaults["momentum"] == 0.9

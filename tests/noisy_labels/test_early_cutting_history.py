@@ -1,0 +1,93 @@
+"""PredictionHistoryCallback and TestAccuracyTracker inside real fits: identical state on 2 DDP ranks (gathered,
+deduplicated despite sampler padding), and a resumed fit gives exactly the history of an uninterrupted one."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_methods import CoTrainingClassifier
+from lightning_methods.callbacks import PredictionHistoryCallback, TestAccuracyTracker
+from lightning_methods.callbacks.prediction_history import prepare_images
+from lightning_methods.datamodules import NoisyDigitsDataModule
+
+from helpers import TinyNet, quiet_trainer, run_ddp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _parts(n_train: int, augment: str = "none", **history_kw):
+    seed_everything(0)
+    dm = NoisyDigitsDataModule(noise_type="sym", noise_rate=0.4, batch_size=16, eval_batch_size=64, augment=augment)
+    dm.setup()
+    dm.set_train_subset(dm.train_set.indices[:n_train].tolist())
+    model = CoTrainingClassifier(TinyNet(10, 8), num_classes=10,
+                                 optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
+    kw = {"warm_up_epochs": 0, "k": 2, "keep_rate": None, **history_kw}
+    history = PredictionHistoryCallback(store_predictions=True, history_transform="train", **kw)
+    return dm, model, history, TestAccuracyTracker()
+
+
+def _trainer(max_epochs: int, callbacks: list, **kw) -> Trainer:
+    return quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, **{"limit_val_batches": 1.0,
+                                                                        "enable_checkpointing": True, **kw})
+
+
+def _ddp_fit(rank: int, world_size: int) -> dict:
+    # 101 samples (odd: the distributed sampler pads one rank); the stop rule fires but training goes on
+    dm, model, history, tracker = _parts(101, k=1, keep_rate=0.05, lag=0, stop_training=False)
+    trainer = _trainer(3, [history, tracker], devices=world_size, strategy="ddp", enable_checkpointing=False)
+    trainer.fit(model, dm)
+    model.eval()
+    ds = dm.train_set
+    with torch.no_grad():  # the final model's predictions on every training sample, computed locally
+        local = model(prepare_images({"image": ds.images}, dm, augment=False)).argmax(-1)
+        test = dm.test_set
+        test_acc = (model(prepare_images({"image": test.images}, dm, False)).argmax(-1) == test.targets).float().mean()
+    return {"history": history.state_dict(), "train_indices": ds.indices, "local_preds": local,
+            "tracker": tracker.state_dict(), "local_test_acc": test_acc.item()}
+
+
+def test_ddp_ranks_hold_identical_histories():
+    r0, r1 = run_ddp(_ddp_fit, world_size=2)
+    h0, h1 = r0["history"], r1["history"]
+    assert torch.equal(h0["indices"], r0["train_indices"])  # every sample exactly once, padding removed
+    for key in ("indices", "targets", "clean_targets"):
+        assert torch.equal(h0[key], h1[key])
+    for key in ("prev_pred", "streak", "first_epoch"):
+        assert torch.equal(h0["counters"][key], h1["counters"][key])
+    assert h0["stop_epoch"] is not None and h0["stop_epoch"] == h1["stop_epoch"]
+    assert torch.equal(h0["selection"], h1["selection"]) and len(h0["selection"]) >= 5
+    assert h0["recorded_epochs"] == h1["recorded_epochs"] == [1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(h0["predictions"], h1["predictions"]))
+    # the gathered last-epoch record equals what each rank's (synchronized) final model predicts locally;
+    # history_transform="train" with augment="none" means no augmentation here
+    assert torch.equal(h0["predictions"][-1].long(), r0["local_preds"])
+    assert torch.equal(r0["local_preds"], r1["local_preds"])
+    assert r0["tracker"] == r1["tracker"]
+    assert abs(r0["tracker"]["history"][-1]["test_acc"] - r0["local_test_acc"]) < 1e-6
+
+
+def test_resumed_fit_has_the_history_of_an_uninterrupted_one(tmp_path):
+    dm, model, history, tracker = _parts(160, augment="crop")  # augmented history pass, seeded per epoch
+    _trainer(5, [history, tracker], enable_checkpointing=False).fit(model, dm)
+
+    dm, model, first_history, first_tracker = _parts(160, augment="crop")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_on_train_epoch_end=True)
+    _trainer(3, [first_history, first_tracker, ckpt]).fit(model, dm)
+    dm, model, resumed, resumed_tracker = _parts(160, augment="crop")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_on_train_epoch_end=True)
+    _trainer(5, [resumed, resumed_tracker, ckpt]).fit(model, dm, ckpt_path=str(tmp_path / "last.ckpt"))
+
+    assert resumed.recorded_epochs == history.recorded_epochs == [1, 2, 3, 4]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.predictions, history.predictions))
+    assert torch.equal(resumed.counters["first_epoch"], history.counters["first_epoch"])
+    assert resumed_tracker.state_dict() == tracker.state_dict()
+    summary = tracker.summary()
+    best = max(tracker.history, key=lambda h: h["monitor"])
+    assert summary["acc_last"] == tracker.history[-1]["test_acc"] and summary["acc_at_best_val"] == best["test_acc"]
+    assert summary["acc_max"] == max(h["test_acc"] for h in tracker.history)
