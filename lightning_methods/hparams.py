@@ -41,15 +41,25 @@ def is_callable_config(value: Any) -> bool:
     return isinstance(value, Mapping) and "class_path" in value and set(value) <= {"class_path", "init_args"}
 
 
+def import_path(path: str) -> Any:
+    """The object named by a dotted import path (``"torch.optim.SGD"``, ``"lightning_methods.ImageClassifier"``)."""
+    module, _, name = path.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError:  # a nested attribute path, e.g. "pkg.module.Class.Inner"
+        parent, _, outer = module.rpartition(".")
+        obj = getattr(importlib.import_module(parent), outer)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def callable_from_config(value: Any) -> Any:
     """Inverse of :func:`describe_callable` for ``{"class_path", "init_args"}`` dicts (nested ones included);
     anything else is returned unchanged."""
     if not is_callable_config(value):
         return value
-    module, _, name = value["class_path"].rpartition(".")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
+    obj = import_path(value["class_path"])
     kwargs = {k: callable_from_config(v) for k, v in (value.get("init_args") or {}).items()}
     return functools.partial(obj, **kwargs)
 

@@ -12,9 +12,6 @@ a finished round is never recomputed, an interrupted one resumes from its ``last
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +24,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..callbacks.prediction_history import PredictionHistoryCallback
 from ..callbacks.test_accuracy_tracker import TestAccuracyTracker
-from ..cli import finish_wandb_runs
+from ..runs import StagedRun, config_fingerprint
+from ..utils.distributed import broadcast_object, get_rank
+from ..utils.io import safe_torch_load
+from ..utils.wandb import finish_runs, log_config, plain
 from .config import SelectionConfig
 from .cut import compute_early_cut
 from .selection import CutResult
 
-FINGERPRINT_SKIP = {"num_workers", "data_dir", "download", "pin_memory", "eval_batch_size", "label_file"}
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _broadcast(obj: Any) -> Any:
-    """``obj`` of rank 0 on every rank (identity without a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+#: data settings that do not change results, besides the generic ones of ``lightning_methods.runs.NEUTRAL_KEYS``
+NEUTRAL_DATA_KEYS = {"eval_batch_size"}
 
 
 class EarlyCuttingRunner:
@@ -68,46 +49,32 @@ class EarlyCuttingRunner:
         self.sel = SelectionConfig(**config.selection.as_dict())
         self.run_dir = Path(config.run_dir).expanduser()
         self.seed = int(config.seed_everything)
-        self.state: dict[str, Any] = {"rounds": {}, "wandb_ids": {}}
+        self.staged: StagedRun | None = None
         self.histories: dict[int, PredictionHistoryCallback] = {}  # rounds run by this process (for inspection)
         self.cuts: dict[int, CutResult] = {}
 
     # ------------------------------------------------------------------------------------------- state
-    def _fingerprint(self) -> dict[str, Any]:
-        cfg = json.loads(json.dumps(self.config.as_dict(), default=str))
-        data = dict(cfg.get("data") or {})
-        data["init_args"] = {k: v for k, v in (data.get("init_args") or {}).items() if k not in FINGERPRINT_SKIP}
-        return {"model": cfg.get("model"), "data": data, "selection": cfg.get("selection"),
-                "seed_everything": cfg.get("seed_everything")}
+    def fingerprint(self) -> dict[str, Any]:
+        """Every setting that changes the results: model, data (noise included), selection, seed and the trainer
+        (epochs, precision, devices, ...), without paths, worker counts and logging."""
+        cfg = self.config
+        from ..runs import NEUTRAL_KEYS
 
-    def _load_state(self) -> None:
-        path = self.run_dir / "state.json"
-        fingerprint = self._fingerprint()
-        if path.is_file():
-            if not self.config.resume:
-                raise FileExistsError(f"{self.run_dir} already holds an Early Cutting run; pass --resume true to "
-                                      "continue it, or choose another --run_dir")
-            self.state = json.loads(path.read_text())
-            old = self.state.get("fingerprint", {})
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-            if diff:
-                raise ValueError(f"{self.run_dir} holds a run with another configuration (differs in: {diff}); "
-                                 "choose another --run_dir to start a new run")
-        self.state["fingerprint"] = fingerprint
-        self.state.setdefault("rounds", {})
-        self.state.setdefault("wandb_ids", {})
-        if _rank() == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.parser.dump(self.config, skip_none=False))
-            self._save_state()
+        return config_fingerprint({"model": cfg.model, "data": cfg.data, "selection": cfg.selection,
+                                   "trainer": cfg.trainer, "seed_everything": cfg.seed_everything},
+                                  NEUTRAL_KEYS | NEUTRAL_DATA_KEYS)
 
-    def _save_state(self) -> None:
-        if _rank() == 0:
-            _write_json(self.run_dir / "state.json", self.state)
+    @property
+    def state(self) -> dict[str, Any]:
+        """``{"rounds": {r: stats}, "final": stats}`` of the finished stages (read from the run's state)."""
+        stages = self.staged.state.get("stages", {}) if self.staged else {}
+        return {"rounds": {k[5:]: v for k, v in stages.items() if k.startswith("round")}, "final": stages.get("final")}
 
     # ------------------------------------------------------------------------------------------- building blocks
     def _instantiate(self, tag: str, train_indices: torch.Tensor | None, callbacks: list) -> tuple[Any, Any, Trainer]:
-        init = self.parser.instantiate_classes(self.config.clone())
+        config = self.config.clone()
+        self.staged.stage_logger_settings(config.trainer, tag)
+        init = self.parser.instantiate(config)
         model, dm = init.model, init.data
         if not hasattr(dm, "set_train_subset"):
             raise TypeError(f"{type(dm).__name__} cannot train on a subset; use a noisy DataModule of this package "
@@ -123,22 +90,12 @@ class EarlyCuttingRunner:
         trainer_args["callbacks"] = [*(trainer_args.get("callbacks") or []), *callbacks]
         trainer_args["default_root_dir"] = str(self.run_dir / tag)
         trainer_args["enable_checkpointing"] = True
-        loggers = trainer_args.get("logger")
-        for logger in loggers if isinstance(loggers, list) else [loggers]:
-            self._configure_logger(logger, tag)
         trainer = Trainer(**trainer_args)
+        if trainer.is_global_zero:  # the resolved config of the run, with the round it belongs to
+            resolved = plain(config)
+            resolved.setdefault("model", {}).setdefault("init_args", {})["num_classes"] = dm.num_classes
+            log_config(trainer.loggers, {**resolved, "stage": tag})
         return model, dm, trainer
-
-    def _configure_logger(self, logger: Any, tag: str) -> None:
-        if not isinstance(logger, WandbLogger) or not hasattr(logger, "_wandb_init"):
-            return
-        init = logger._wandb_init
-        base = init.get("name") or self.run_dir.name
-        run_id = self.state["wandb_ids"].get(tag) or uuid.uuid4().hex[:12]
-        self.state["wandb_ids"][tag] = run_id
-        self._save_state()
-        init.update(name=f"{base}-{tag}", group=init.get("group") or base, job_type=tag, id=run_id, resume="allow")
-        logger._name, logger._id = init["name"], run_id
 
     def _checkpoint(self, tag: str) -> ModelCheckpoint:
         return ModelCheckpoint(dirpath=self.run_dir / tag / "checkpoints", filename="best-{epoch:03d}",
@@ -151,7 +108,7 @@ class EarlyCuttingRunner:
         Returns False when the fit was interrupted."""
         last = Path(ckpt.dirpath) / "last.ckpt"
         if last.is_file() and history is not None:
-            saved = torch.load(last, map_location="cpu")
+            saved = safe_torch_load(last, what="round checkpoint")
             if saved["callbacks"].get(history.state_key, {}).get("stop_epoch") is not None:
                 rank_zero_info(f"{last}: the round had already stopped; restoring its selection")
                 history.load_state_dict(saved["callbacks"][history.state_key])
@@ -159,9 +116,10 @@ class EarlyCuttingRunner:
                 ckpt.load_state_dict(saved["callbacks"].get(ckpt.state_key, {}))
                 dm.setup("fit")
                 return True
-        # our own checkpoints; their hparams hold the optimizer / scheduler callables (not weights-only loadable)
         trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
-        return not trainer.interrupted
+        # a round cut short (interrupted, max_steps / max_time / limits) is not finished: it resumes next time
+        complete = trainer.current_epoch >= (trainer.max_epochs or 0) or trainer.should_stop
+        return not trainer.interrupted and complete
 
     def _noise_stats(self, dm: Any, name: str, indices: torch.Tensor) -> dict[str, float]:
         noisy, clean = getattr(dm, "noisy_targets", None), getattr(dm, "clean_targets", None)
@@ -175,18 +133,15 @@ class EarlyCuttingRunner:
     def _save_history(self, tag: str, history: PredictionHistoryCallback) -> None:
         """``history.pt``: base indices, noisy / clean targets, first-learned epochs, per-epoch statistics and (with
         ``selection.store_predictions``) the N x epochs prediction matrix of the round."""
-        if _rank() == 0:
-            (self.run_dir / tag).mkdir(parents=True, exist_ok=True)
-            torch.save(history.state_dict(), self.run_dir / tag / "history.pt")
+        self.staged.save_torch(f"{tag}/history.pt", history.state_dict())
 
     def _report(self, trainer: Trainer, tag: str, stats: dict[str, Any], files: dict[str, torch.Tensor]) -> None:
         """Write ``stats.json`` and the index files of one round; log them to the loggers; finish its W&B run."""
-        if _rank() == 0:
-            out = self.run_dir / tag
-            out.mkdir(parents=True, exist_ok=True)
-            for name, value in files.items():
-                np.save(out / f"{name}.npy", value.numpy())
-            _write_json(out / "stats.json", stats)
+        out = self.run_dir / tag
+        for name, value in files.items():
+            self.staged.save_numpy(f"{tag}/{name}.npy", value.numpy())
+        self.staged.write_json(f"{tag}/stats.json", stats)
+        if get_rank() == 0:
             numbers = {f"selection/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
             for logger in trainer.loggers:
                 logger.log_metrics(numbers, step=trainer.global_step)
@@ -199,8 +154,8 @@ class EarlyCuttingRunner:
                         artifact.add_file(str(out / f"{name}.npy"))
                     artifact.add_file(str(out / "stats.json"))
                     logger.experiment.log_artifact(artifact)
-        if _rank() == 0:
-            finish_wandb_runs(trainer)
+        if get_rank() == 0:
+            finish_runs(trainer.loggers)
 
     # ------------------------------------------------------------------------------------------- rounds
     def selection_round(self, r: int, train_indices: torch.Tensor | None) -> dict[str, Any] | None:
@@ -235,14 +190,13 @@ class EarlyCuttingRunner:
         stats.update(self._noise_stats(dm, "fkl", fkl))
         if r == 0 and sel.early_cutting:
             best = ckpt.best_model_path
-            if _rank() == 0:
-                model.load_state_dict(torch.load(best, map_location="cpu")["state_dict"])
+            if get_rank() == 0:
+                model.load_state_dict(safe_torch_load(best, what="best checkpoint of round 0")["state_dict"])
                 cut, scores = compute_early_cut(model, dm, fkl, sel, trainer.strategy.root_device)
-                (self.run_dir / tag).mkdir(parents=True, exist_ok=True)
-                torch.save(scores, self.run_dir / tag / "cut_scores.pt")
+                self.staged.save_torch(f"{tag}/cut_scores.pt", scores)
             else:
                 cut = None
-            cut = self.cuts[r] = _broadcast(cut)
+            cut = self.cuts[r] = broadcast_object(cut)
             stats.update({"best_checkpoint": Path(best).name, **self._noise_stats(dm, "cut_subset", cut.subset),
                           **self._noise_stats(dm, "candidates", cut.candidates),
                           **self._noise_stats(dm, "removed", cut.removed)})
@@ -269,20 +223,39 @@ class EarlyCuttingRunner:
         self._report(trainer, tag, stats, {"train_indices": dm.train_set.indices})
         return stats
 
+    def _link_num_classes(self) -> None:
+        """Apply the ``data.num_classes -> model.init_args.num_classes`` link to the config itself, so the recorded
+        config and the fingerprint hold the real number of classes (the link is otherwise applied only when the
+        modules are instantiated)."""
+        from jsonargparse import Namespace
+
+        from ..hparams import import_path
+
+        data = self.config.data
+        init_args = data.init_args.as_dict() if isinstance(data.init_args, Namespace) else dict(data.init_args)
+        num_classes = getattr(import_path(data.class_path)(**init_args), "num_classes", None)
+        if num_classes is not None and self.config.model.get("init_args") is not None:
+            self.config.model.init_args.num_classes = int(num_classes)
+
     def run(self) -> dict[str, Any]:
         """Run (or resume) every round; returns the summary also written to ``run_dir/summary.json``."""
-        self._load_state()
+        self._link_num_classes()
+        self.staged = StagedRun(self.run_dir, "early_cutting", self.fingerprint(), resume=bool(self.config.resume),
+                             config_text=self.parser.dump(self.config, skip_none=False))
+        with self.staged:
+            return self._run_rounds()
+
+    def _run_rounds(self) -> dict[str, Any]:
         train_indices: torch.Tensor | None = None
         ended = False
         for r in range(self.sel.rounds):
-            done = self.state["rounds"].get(str(r))
+            done = self.staged.record(f"round{r}")
             if done is None:
                 done = self.selection_round(r, train_indices)
                 if done is None:
                     rank_zero_info(f"round {r} was interrupted; run the same command again to resume it")
                     return {"status": "interrupted", "round": r}
-                self.state["rounds"][str(r)] = done
-                self._save_state()
+                self.staged.mark_done(f"round{r}", done)
             else:
                 rank_zero_info(f"round {r} already finished ({done['status']}); not recomputed")
             if done["status"] != "done":
@@ -290,14 +263,15 @@ class EarlyCuttingRunner:
                 break
             train_indices = torch.from_numpy(np.load(self.run_dir / f"round{r}" / "selected.npy"))
             if self.config.stop_after_round is not None and r >= self.config.stop_after_round:
+                rank_zero_info(f"stopping after round {r} as asked (--stop_after_round {r}); run the same command "
+                               "without --stop_after_round (or with a later round) to continue")
                 return {"status": "paused", "round": r}
-        final = self.state.get("final")
+        final = self.staged.record("final")
         if self.sel.final_round and not ended and final is None:
             final = self.final_round(train_indices)
             if final is None:
                 return {"status": "interrupted", "round": "final"}
-            self.state["final"] = final
-            self._save_state()
+            self.staged.mark_done("final", final)
         return self._summary(final, ended)
 
     def _summary(self, final: dict[str, Any] | None, ended: bool) -> dict[str, Any]:
@@ -307,8 +281,7 @@ class EarlyCuttingRunner:
                    "test_acc_last": (final or {}).get("test_acc_last"),
                    "test_acc_at_best_val": (final or {}).get("test_acc_at_best_val"),
                    "test_acc_max_over_all_epochs_and_rounds": max(accs) if accs else None}
-        if _rank() == 0:
-            _write_json(self.run_dir / "summary.json", summary)
+        self.staged.write_json("summary.json", summary)
         rank_zero_info(f"Early Cutting finished: last-epoch test acc {summary['test_acc_last']}, at best noisy-val "
                        f"epoch {summary['test_acc_at_best_val']} (summary in {self.run_dir / 'summary.json'})")
         return summary

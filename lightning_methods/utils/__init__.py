@@ -14,11 +14,12 @@ from .distributed import (
     is_distributed,
     sharded_loader,
 )
-from .io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load, sha256_file
+from .io import atomic_save_numpy, atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load, sha256_file
 from .seeding import mix_seed, seeded_generator
 
 __all__ = [
     "all_reduce_flat",
+    "atomic_save_numpy",
     "atomic_torch_save",
     "atomic_write_json",
     "atomic_write_text",

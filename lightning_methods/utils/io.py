@@ -65,6 +65,13 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_save_numpy(array: Any, path: str | Path) -> Path:
+    """``numpy.save(path, array)`` atomically (the file name is used as given; no ``.npy`` is appended)."""
+    import numpy as np
+
+    return _atomic_write(path, lambda f: np.save(f, np.asarray(array)))
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()

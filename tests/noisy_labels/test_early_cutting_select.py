@@ -6,16 +6,19 @@ checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from torch import nn
 
+from lightning_methods.callbacks import TestAccuracyTracker
 from lightning_methods.datamodules import label_noise
 from lightning_methods.noisy_labels import runner as selection_runner
 from lightning_methods.noisy_labels.cli import build_parser, main, run_select
@@ -181,29 +184,28 @@ def test_digits_procedure_removes_mislabeled_samples_and_resumes(tmp_path, monke
     assert r0["candidates_mislabeled_rate"] > r0["cut_subset_mislabeled_rate"]
     assert set(np.load(run / "round0" / "removed.npy")) <= set(torch.load(run / "round0" / "cut_scores.pt")
                                                               ["candidates"].tolist())
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match="differ in: selection.keep_rate"):
         run_select(_digits_args(run, "--selection.keep_rate=0.5"))
 
 
-class CrashAfterEpoch(Callback):
-    """Simulates a killed job: raises after the checkpoint of ``epoch`` was written."""
+def crash_after_epoch(epoch: int):
+    """A hook that simulates a killed job: raises after the checkpoint of ``epoch`` was written."""
 
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch + 1:
+    def hook(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == epoch + 1:
             raise RuntimeError("simulated crash")
+
+    return hook
 
 
 def test_interrupted_round_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     args = ["--selection.rounds=1", "--selection.final_round=false"]
-    crash = ['--trainer.callbacks=[{"class_path": "test_early_cutting_select.CrashAfterEpoch", '
-             '"init_args": {"epoch": 1}}]']
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_select(_digits_args(run, *args, *crash))
+    with monkeypatch.context() as patch:  # the same command, killed after epoch 1
+        patch.setattr(TestAccuracyTracker, "on_train_epoch_start", crash_after_epoch(1), raising=False)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_select(_digits_args(run, *args))
     saved = torch.load(run / "round0" / "checkpoints" / "last.ckpt")
     assert saved["epoch"] == 1 and not (run / "round0" / "stats.json").exists()
     fits = []
@@ -240,3 +242,29 @@ def test_round_stopped_before_its_files_were_written_is_restored_without_trainin
     assert fits == [] and stats["status"] == "done"  # the stopped round's selection came from its checkpoint
     fkl, removed, selected = (np.load(tmp_path / "run" / "round0" / f"{n}.npy") for n in ("fkl", "removed", "selected"))
     assert len(fkl) >= stats["threshold"] and selected.tolist() == [i for i in fkl if i not in set(removed)]
+
+
+def test_a_cut_short_round_is_never_recorded_and_other_trainer_settings_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    args = ["--selection.rounds=1", "--selection.final_round=false", "--trainer.max_steps=2"]
+    out = run_select(_digits_args(run, *args))
+    assert out == {"status": "interrupted", "round": 0}  # 2 steps end the fit before any epoch completes
+    state = json.loads((run / "state.json").read_text())
+    assert state["stages"] == {} and not (run / "round0" / "stats.json").exists()
+    assert state["fingerprint"]["trainer"]["max_steps"] == 2
+    assert state["fingerprint"]["model"]["init_args"]["num_classes"] == 10  # the linked value, not the default 100
+    with pytest.raises(ValueError, match=r"differ in: trainer\.max_epochs, trainer\.max_steps"):
+        run_select(_digits_args(run, "--selection.rounds=1", "--selection.final_round=false",
+                                "--trainer.max_epochs=3"))
+    assert json.loads((run / "state.json").read_text()) == state  # the refused command changed nothing
+
+
+def test_a_second_command_on_a_busy_run_directory_stops(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live process
+    with pytest.raises(RuntimeError, match="is in use by process"):
+        run_select(_digits_args(run, "--selection.rounds=1"))
+    assert not (run / "state.json").exists()

@@ -1,0 +1,273 @@
+"""Run plumbing for multi-stage procedures (selection rounds, federated rounds, OOD pipeline stages, grids).
+
+A :class:`StagedRun` is one run directory::
+
+    run_dir/
+      state.json     kind, fingerprint of every setting that changes results, finished stages and their records,
+                     the W&B run id of every stage
+      config.yaml    the resolved config of the run (written once, by the command that created it)
+      .lock          pid and host of the process working in the directory
+      <stage>/       each stage's files (checkpoints, results)
+
+Rules it enforces (so a run never mixes two experiments and never redoes finished work):
+
+- **Fingerprint.** The run is created with the fingerprint of its config; a later command on the same directory
+  must present the same fingerprint, or it stops with :class:`ConfigMismatchError` naming the fields that differ.
+  :func:`config_fingerprint` keeps every setting except those that cannot change results (paths to data, worker
+  counts, logging and progress display); trainer settings (``max_epochs``, ``precision``, ``devices``, ...) count.
+- **Finished stages** are recorded with :meth:`StagedRun.mark_done` only after all their files are written, and are
+  never recomputed; a stage that was interrupted (or cut short) is not recorded and resumes from its own files.
+- **One process at a time.** :meth:`StagedRun.open` takes ``.lock`` (rank zero only); a second command on the same
+  directory stops with :class:`RunLockedError`; a lock left by a dead process on this host is detected and replaced.
+- **Crash-safe writes** (temporary file + rename) for the state and every file written through the run; rank zero
+  writes, other ranks only read.
+- **W&B**: every stage gets its own W&B run (name ``<run>-<stage>``, group ``<run>``) with a fixed id, so an
+  interrupted stage continues its own W&B run (:meth:`StagedRun.stage_logger_settings`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .utils.distributed import broadcast_object, get_rank
+from .utils.io import atomic_save_numpy, atomic_torch_save, atomic_write_json, atomic_write_text
+from .utils.wandb import plain, stage_run_settings
+
+#: Config keys (leaf names) that never change results: where data lives, how it is loaded, how progress is shown.
+NEUTRAL_KEYS = frozenset({
+    "data_dir", "download", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "label_file",
+    "logger", "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir",
+    "accelerator", "num_nodes", "profiler", "barebones", "detect_anomaly", "enable_checkpointing",
+})
+
+
+class ConfigMismatchError(ValueError):
+    """The run directory holds a run made with different settings."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process works in the run directory."""
+
+
+def config_fingerprint(config: Any, neutral: Iterable[str] = NEUTRAL_KEYS) -> dict[str, Any]:
+    """The settings of ``config`` (namespace or mapping) that change results: a JSON-safe nested dict without the
+    keys named in ``neutral`` (leaf names, at any depth)."""
+    skip = set(neutral)
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in skip}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(plain(config))
+
+
+def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two fingerprints differ (``["trainer.max_epochs", ...]``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += fingerprint_diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".") or "<root>"]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StagedRun:
+    """A run directory of a multi-stage procedure (see the module docstring).
+
+    Args:
+        run_dir: the directory (created if needed).
+        kind: what the run is (``"early_cutting"``, ``"fedfree"``, ``"ood"``, ...); a directory of another kind is
+            refused.
+        fingerprint: the settings that change results (see :func:`config_fingerprint`).
+        resume: continue a run found in ``run_dir``; ``False`` refuses an existing run instead.
+        config_text: the resolved config, written to ``run_dir/config.yaml`` when the run is created.
+
+    Use it as a context manager (or call :meth:`open` / :meth:`close`)::
+
+        with StagedRun(run_dir, "fedfree", config_fingerprint(cfg), config_text=parser.dump(cfg)) as run:
+            for r in range(rounds):
+                if run.is_done(f"round{r}"):
+                    continue
+                ...  # train, write files with run.write_json / run.save_torch
+                run.mark_done(f"round{r}", {"acc": acc})
+    """
+
+    def __init__(self, run_dir: str | Path, kind: str, fingerprint: Mapping[str, Any], resume: bool = True,
+                 config_text: str | None = None) -> None:
+        self.run_dir = Path(run_dir).expanduser()
+        self.kind, self.fingerprint, self.resume = kind, plain(dict(fingerprint)), resume
+        self.config_text = config_text
+        self.state: dict[str, Any] = {}
+        self._locked = False
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "state.json"
+
+    @property
+    def is_writer(self) -> bool:
+        """True on the process that writes files (rank zero)."""
+        return get_rank() == 0
+
+    def open(self) -> StagedRun:
+        """Lock the directory, then load (checking kind and fingerprint) or create the state."""
+        if self.is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock()
+        try:
+            self.state = broadcast_object(self._load_or_create() if self.is_writer else None)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _load_or_create(self) -> dict[str, Any]:
+        if not self.state_path.is_file():
+            state = {"kind": self.kind, "fingerprint": self.fingerprint, "stages": {}, "wandb_ids": {},
+                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+            if self.config_text is not None:
+                atomic_write_text(self.run_dir / "config.yaml", self.config_text)
+            atomic_write_json(self.state_path, state)
+            return state
+        if not self.resume:
+            raise FileExistsError(f"{self.run_dir} already holds a {self.kind} run; pass --resume true to continue "
+                                  "it, or choose another run directory")
+        try:
+            state = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{self.state_path} is not valid JSON ({err}); restore it from a backup or choose "
+                             "another run directory") from err
+        if state.get("kind") != self.kind:
+            raise ConfigMismatchError(f"{self.run_dir} holds a {state.get('kind')!r} run, not a {self.kind!r} run; "
+                                      "choose another run directory")
+        diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint)
+        if diff:
+            shown = ", ".join(diff[:12]) + (f" (and {len(diff) - 12} more)" if len(diff) > 12 else "")
+            raise ConfigMismatchError(
+                f"{self.run_dir} holds a run made with other settings; they differ in: {shown}. Rerun with the "
+                f"settings recorded in {self.run_dir / 'config.yaml'} to resume it, or choose another run directory "
+                "for the new settings (a run never mixes two experiments)."
+            )
+        state.setdefault("stages", {})
+        state.setdefault("wandb_ids", {})
+        return state
+
+    def _lock(self) -> None:
+        path, me = self.run_dir / ".lock", {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    holder = {}
+                pid, host = holder.get("pid"), holder.get("host")
+                if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                    path.unlink(missing_ok=True)  # stale lock of a dead process on this host
+                    continue
+                raise RunLockedError(
+                    f"{self.run_dir} is in use by process {pid} on {host} (lock file {path}). Wait for it to finish "
+                    "or choose another run directory; if that process no longer exists, delete the lock file."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._locked = True
+            return
+        raise RunLockedError(f"could not take the lock {path}")
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self._locked:
+            (self.run_dir / ".lock").unlink(missing_ok=True)
+            self._locked = False
+
+    def __enter__(self) -> StagedRun:
+        return self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------- stages
+    def is_done(self, stage: str) -> bool:
+        return stage in self.state.get("stages", {})
+
+    def record(self, stage: str) -> dict[str, Any] | None:
+        """The record of a finished stage (``None`` if it has not finished)."""
+        return self.state.get("stages", {}).get(stage)
+
+    def mark_done(self, stage: str, record: Mapping[str, Any] | None = None) -> None:
+        """Record ``stage`` as finished (call only after all its files are written)."""
+        self.state.setdefault("stages", {})[stage] = plain(dict(record or {}))
+        self.save_state()
+
+    def set(self, key: str, value: Any) -> None:
+        """Store a run-level value in the state (e.g. a seed stream position) and save."""
+        self.state[key] = plain(value)
+        self.save_state()
+
+    def save_state(self) -> None:
+        if self.is_writer:
+            atomic_write_json(self.state_path, self.state)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    # ------------------------------------------------------------------------------------------- files
+    def write_json(self, relpath: str, data: Any) -> Path:
+        path = self.run_dir / relpath
+        if self.is_writer:
+            atomic_write_json(path, data)
+        return path
+
+    def save_torch(self, relpath: str, obj: Any) -> Path:
+        path = self.run_dir / relpath
+        if self.is_writer:
+            atomic_torch_save(obj, path)
+        return path
+
+    def save_numpy(self, relpath: str, array: Any) -> Path:
+        path = self.run_dir / relpath
+        if self.is_writer:
+            atomic_save_numpy(array, path)
+        return path
+
+    # ------------------------------------------------------------------------------------------- W&B
+    def wandb_id(self, stage: str) -> str:
+        """The W&B run id of ``stage`` (created once, kept in the state)."""
+        ids = self.state.setdefault("wandb_ids", {})
+        if stage not in ids:
+            ids[stage] = broadcast_object(uuid.uuid4().hex[:12])
+            self.save_state()
+        return ids[stage]
+
+    def stage_logger_settings(self, trainer_config: Any, stage: str) -> None:
+        """Edit the ``WandbLogger`` entries of a trainer config (namespace or dict, before instantiation) so the
+        stage logs into its own W&B run: name ``<name or run dir>-<stage>``, group, job type, fixed id."""
+        loggers = trainer_config.get("logger") if hasattr(trainer_config, "get") else None
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            class_path = str(logger.get("class_path", "") if hasattr(logger, "get") else "")
+            init_args = logger.get("init_args") if hasattr(logger, "get") else None
+            if class_path.endswith("WandbLogger") and init_args is not None:
+                stage_run_settings(init_args, self.run_dir.name, stage, self.wandb_id(stage))

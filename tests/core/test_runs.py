@@ -1,0 +1,105 @@
+"""lightning_methods.runs: fingerprints that name what differs, finished stages, the run lock, W&B stage settings."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+from jsonargparse import Namespace
+
+from lightning_methods.runs import (
+    NEUTRAL_KEYS,
+    ConfigMismatchError,
+    RunLockedError,
+    StagedRun,
+    config_fingerprint,
+    fingerprint_diff,
+)
+
+
+def cfg(**trainer) -> Namespace:
+    return Namespace(trainer=Namespace(max_epochs=3, precision="32-true", enable_progress_bar=True, **trainer),
+                     data=Namespace(class_path="X", init_args=Namespace(data_dir="/a", num_workers=4, seed=1)))
+
+
+def test_fingerprint_keeps_results_settings_and_drops_neutral_ones():
+    fp = config_fingerprint(cfg())
+    assert fp == {"trainer": {"max_epochs": 3, "precision": "32-true"},
+                  "data": {"class_path": "X", "init_args": {"seed": 1}}}
+    assert {"data_dir", "num_workers", "logger", "enable_progress_bar"} <= NEUTRAL_KEYS
+    other = config_fingerprint(cfg(devices=2))
+    other["data"]["init_args"]["seed"] = 2
+    assert fingerprint_diff(fp, other) == ["data.init_args.seed", "trainer.devices"]
+    assert fingerprint_diff(fp, config_fingerprint(cfg())) == []
+
+
+def test_stages_are_recorded_and_survive_reopening(tmp_path):
+    fp = config_fingerprint(cfg())
+    with StagedRun(tmp_path / "run", "demo", fp, config_text="a: 1\n") as run:
+        assert not run.is_done("round0")
+        run.write_json("round0/stats.json", {"acc": 0.5})
+        run.mark_done("round0", {"acc": 0.5})
+        wid = run.wandb_id("round0")
+        assert run.wandb_id("round0") == wid
+    assert (tmp_path / "run" / "config.yaml").read_text() == "a: 1\n"
+    assert not (tmp_path / "run" / ".lock").exists()  # released
+    with StagedRun(tmp_path / "run", "demo", fp, config_text="b: 2\n") as again:
+        assert again.record("round0") == {"acc": 0.5} and again.wandb_id("round0") == wid
+    assert (tmp_path / "run" / "config.yaml").read_text() == "a: 1\n"  # the run's own config is kept
+
+
+def test_other_settings_kind_or_resume_false_are_refused(tmp_path):
+    StagedRun(tmp_path, "demo", config_fingerprint(cfg())).open().close()
+    with pytest.raises(ConfigMismatchError, match=r"differ in: trainer\.max_epochs"):
+        StagedRun(tmp_path, "demo", config_fingerprint(_epochs(5))).open()
+    with pytest.raises(ConfigMismatchError, match="'demo' run, not a 'other' run"):
+        StagedRun(tmp_path, "other", config_fingerprint(cfg())).open()
+    with pytest.raises(FileExistsError, match="--resume true"):
+        StagedRun(tmp_path, "demo", config_fingerprint(cfg()), resume=False).open()
+    assert not (tmp_path / ".lock").exists()  # a refused open leaves no lock behind
+
+
+def _epochs(n: int) -> Namespace:
+    c = cfg()
+    c.trainer.max_epochs = n
+    return c
+
+
+def test_lock_refuses_a_live_holder_and_replaces_a_dead_ones(tmp_path):
+    fp = config_fingerprint(cfg())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        with pytest.raises(RunLockedError, match=f"in use by process {live.pid}"):
+            StagedRun(tmp_path, "demo", fp).open()
+        assert (tmp_path / ".lock").exists()  # not ours to remove
+    finally:
+        live.kill()
+        live.wait()
+    # the holder is dead now: its lock is stale and replaced
+    run = StagedRun(tmp_path, "demo", fp).open()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] != live.pid
+    with pytest.raises(RunLockedError):  # a second opener while the first works
+        StagedRun(tmp_path, "demo", fp).open()
+    run.close()
+
+
+def test_corrupt_state_file_is_reported(tmp_path):
+    StagedRun(tmp_path, "demo", {}).open().close()
+    (tmp_path / "state.json").write_text('{"kind": "demo", "stag')
+    with pytest.raises(ValueError, match="state.json is not valid JSON"):
+        StagedRun(tmp_path, "demo", {}).open()
+
+
+def test_stage_logger_settings_point_each_stage_at_its_own_wandb_run(tmp_path):
+    trainer = {"logger": [{"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "p"}},
+                          {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}}]}
+    with StagedRun(tmp_path / "exp", "demo", {}) as run:
+        run.stage_logger_settings(trainer, "round1")
+        init = trainer["logger"][0]["init_args"]
+        assert init == {"project": "p", "name": "exp-round1", "group": "exp", "job_type": "round1",
+                        "id": run.wandb_id("round1"), "resume": "allow"}
+        assert trainer["logger"][1]["init_args"] == {"save_dir": "."}
