@@ -18,3 +18,7 @@ __all__ += ["PredictionHistoryCallback", "TestAccuracyTracker"]
 from .koala_monitor import KOALAMonitor  # noqa: E402
 
 __all__ += ["KOALAMonitor"]
+
+from .checkpoint import LatestCheckpoint  # noqa: E402
+
+__all__ += ["LatestCheckpoint"]

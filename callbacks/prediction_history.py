@@ -18,36 +18,14 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils.data import DataLoader, DistributedSampler
 
 from ..datamodules.base import IndexedTensorDataset, collate_dict
-from ..datamodules.transforms import normalize, random_crop, random_hflip
+from ..datamodules.transforms import device_augment, normalize
 from ..noisy_labels.selection import fkl_order, init_learning_state, should_stop, stop_threshold, update_learning_state
+from ..utils.distributed import gather_by_index, sharded_loader
+from ..utils.seeding import seeded_generator
 
 PredictFn = Callable[[LightningModule, dict[str, torch.Tensor]], torch.Tensor]
-
-
-def gather_unique(pl_module: LightningModule, index: torch.Tensor, *values: torch.Tensor
-                  ) -> tuple[torch.Tensor, ...]:
-    """All-gather per-sample tensors from every rank and keep one entry per ``index`` (the first rank's), sorted by
-    index. Every rank gets the same result. Shards must have equal lengths (``DistributedSampler`` pads to that)."""
-    if pl_module.trainer.world_size > 1:
-        index = pl_module.all_gather(index).reshape(-1)
-        values = tuple(pl_module.all_gather(v).reshape(-1, *v.shape[1:]) for v in values)
-    sorted_idx, order = torch.sort(index, stable=True)
-    keep = torch.ones_like(sorted_idx, dtype=torch.bool)
-    keep[1:] = sorted_idx[1:] != sorted_idx[:-1]
-    sel = order[keep]
-    return (index[sel], *(v[sel] for v in values))
-
-
-def sample_loader(trainer: Trainer, dataset: IndexedTensorDataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Unshuffled loader over ``dataset``, sharded by rank with a padding ``DistributedSampler`` under DDP."""
-    sampler = None
-    if trainer.world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_dict)
 
 
 def prepare_images(batch: dict[str, torch.Tensor], datamodule: Any, augment: bool,
@@ -57,11 +35,8 @@ def prepare_images(batch: dict[str, torch.Tensor], datamodule: Any, augment: boo
     image = batch["image"]
     if image.dtype != torch.uint8:
         return image
-    mode = getattr(datamodule, "augment", "standard")
-    if augment and mode != "none":
-        image = random_crop(image, 4, generator=generator)
-        if mode != "crop":
-            image = random_hflip(image, generator=generator)
+    if augment:
+        image = device_augment(image, getattr(datamodule, "augment", "standard"), generator)
     return normalize(image, datamodule.mean, datamodule.std)
 
 
@@ -186,14 +161,15 @@ class PredictionHistoryCallback(Callback):
         transform = ds.transform if self.history_transform == "train" else None
         ds = IndexedTensorDataset(ds.images, ds.targets, ds.indices, transform, ds.extras)
         bs = self.batch_size or getattr(dm, "eval_batch_size", 256)
-        return sample_loader(trainer, ds, bs, getattr(dm, "num_workers", 0) if transform is not None else 0)
+        return sharded_loader(ds, bs, getattr(dm, "num_workers", 0) if transform is not None else 0, collate_dict,
+                              trainer.global_rank, trainer.world_size)
 
     @torch.no_grad()
     def predict_training_set(self, trainer: Trainer, pl_module: LightningModule, epoch: int
                              ) -> tuple[torch.Tensor, ...]:
         """``(index, prediction, target, clean_target or None)`` of every training sample, identical on all ranks."""
         device = pl_module.device
-        gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + epoch)
+        gen = seeded_generator(self.seed, epoch, device=device)
         was_training = pl_module.training
         pl_module.eval()
         out: dict[str, list[torch.Tensor]] = {"index": [], "pred": [], "target": [], "clean": []}
@@ -211,7 +187,7 @@ class PredictionHistoryCallback(Callback):
                 has_clean = "clean_target" in batch
         finally:
             pl_module.train(was_training)
-        index, pred, target, clean = gather_unique(pl_module, *(torch.cat(v) for v in out.values()))
+        index, pred, target, clean = gather_by_index(*(torch.cat(v) for v in out.values()))
         return index, pred, target, clean if has_clean else None
 
     # --------------------------------------------------------------------------------------- hooks

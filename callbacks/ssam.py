@@ -26,6 +26,7 @@ from lightning_methods.classifier import as_dict_batch
 from lightning_methods.optim.sam import SAM
 from lightning_methods.optim.sam_masks import death_rate
 from lightning_methods.optim.sam_sparse import SSAM
+from lightning_methods.utils.seeding import mix_seed, seeded_generator
 
 
 def sam_optimizers(trainer: Trainer) -> list[SAM]:
@@ -108,7 +109,7 @@ class SSAMMaskCallback(SAMEpochSync):
         epoch = trainer.current_epoch
         rate = death_rate(epoch, self.drop_rate, self.t_end or trainer.max_epochs)
         self.optimizer(trainer).schedule_dynamic_update(rate, self.drop_score, self.grow_score,
-                                                        seed=self.seed * 1_000_003 + epoch)
+                                                        seed=mix_seed(self.seed, epoch))
         self.updates += 1
         self.last_update_epoch = epoch
 
@@ -137,7 +138,7 @@ class SSAMMaskCallback(SAMEpochSync):
             dataset = getattr(trainer.train_dataloader, "dataset", None)
         if dataset is None:
             raise RuntimeError("SSAM-F needs the training dataset: use a DataModule with `train_set` or a DataLoader")
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.current_epoch)
+        gen = seeded_generator(self.seed, trainer.current_epoch)
         idx = torch.randperm(len(dataset), generator=gen)[: self.num_samples]
         for i in idx[trainer.global_rank :: trainer.world_size].tolist():
             batch = pl_module._apply_batch_transfer_handler(default_collate([dataset[i]]))

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ..datamodules.base import IndexedTensorDataset
-from .prediction_history import gather_unique, limited, prepare_images, sample_loader
+from ..datamodules.base import IndexedTensorDataset, collate_dict
+from ..utils.distributed import gather_by_index, sharded_loader
+from .prediction_history import limited, prepare_images
 
 
 class TestAccuracyTracker(Callback):
@@ -57,7 +58,8 @@ class TestAccuracyTracker(Callback):
         ds = getattr(dm, "test_set", None)
         if not isinstance(ds, IndexedTensorDataset):
             raise RuntimeError("TestAccuracyTracker needs an ImageDataModule with a test_set (call setup)")
-        loader = sample_loader(trainer, ds, self.batch_size or getattr(dm, "eval_batch_size", 256))
+        loader = sharded_loader(ds, self.batch_size or getattr(dm, "eval_batch_size", 256), collate_fn=collate_dict,
+                                rank=trainer.global_rank, world_size=trainer.world_size)
         was_training = pl_module.training
         pl_module.eval()
         idx, hit = [], []
@@ -71,7 +73,7 @@ class TestAccuracyTracker(Callback):
                 hit.append((pred == batch["target"]).float())
         finally:
             pl_module.train(was_training)
-        _, hits = gather_unique(pl_module, torch.cat(idx), torch.cat(hit))
+        _, hits = gather_by_index(torch.cat(idx), torch.cat(hit))
         return hits.mean().item()
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -17,9 +17,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from .transforms import mix_batch, normalize, random_crop, random_hflip
+from ..utils.seeding import mix_seed, seeded_generator
+from .transforms import device_augment, mix_batch, normalize
 
-Augment = Literal["standard", "crop", "none", "autoaugment"]
+Augment = Literal["standard", "crop", "none", "autoaugment", "colorjitter"]
 
 
 class IndexedTensorDataset(Dataset):
@@ -77,12 +78,7 @@ def collate_dict(items: Any) -> Any:
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The training order of one epoch: a function of ``(seed, epoch)`` only, so a resumed run (or another rank)
     draws exactly the same order."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def step_seed(*keys: int) -> int:
-    """A 63-bit seed mixed from integers (seed, global step, rank): per-batch randomness that survives resume."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    return torch.randperm(n, generator=seeded_generator(seed, epoch))
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -165,7 +161,8 @@ class ImageDataModule(LightningDataModule):
         num_workers: DataLoader worker processes (persistent).
         val_split: fraction of the training set held out for validation, seeded; 0 validates on the test set.
         augment: ``"standard"`` (pad-4 random crop + flip, batched on the device), ``"crop"`` (crop only),
-            ``"none"``, or ``"autoaugment"`` (CIFAR-10 AutoAugment policy per sample in workers, then crop + flip).
+            ``"none"``, ``"autoaugment"`` (CIFAR-10 AutoAugment policy per sample in workers, then crop + flip) or
+            ``"colorjitter"`` (ColorJitter(0.4, 0.4, 0.4) per sample in workers, then crop + flip).
         gpu_resident: keep the whole uint8 training set on the training device and slice batches there (no
             workers); sharded by rank under DDP.
         cutmix_alpha: Beta parameter of batch CutMix (0 disables); adds ``"soft_target"`` to training batches.
@@ -192,13 +189,14 @@ class ImageDataModule(LightningDataModule):
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
-        if augment not in ("standard", "crop", "none", "autoaugment"):
-            raise ValueError(f"augment must be 'standard', 'crop', 'none' or 'autoaugment', got {augment!r}")
+        if augment not in ("standard", "crop", "none", "autoaugment", "colorjitter"):
+            raise ValueError(f"augment must be 'standard', 'crop', 'none', 'autoaugment' or 'colorjitter', got "
+                             f"{augment!r}")
         if not 0.0 <= val_split < 1.0:
             raise ValueError(f"val_split must be in [0, 1), got {val_split}")
-        if gpu_resident and augment == "autoaugment":
+        if gpu_resident and augment in ("autoaugment", "colorjitter"):
             raise ValueError(
-                "augment='autoaugment' runs per sample in DataLoader workers and cannot be combined with "
+                f"augment={augment!r} runs per sample in DataLoader workers and cannot be combined with "
                 "gpu_resident=True; use augment='standard' or gpu_resident=False"
             )
         self.save_hyperparameters()
@@ -232,10 +230,12 @@ class ImageDataModule(LightningDataModule):
         return perm[n_val:].sort().values, perm[:n_val].sort().values
 
     def _worker_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        if self.augment != "autoaugment":
+        if self.augment not in ("autoaugment", "colorjitter"):
             return None
         from torchvision.transforms import v2
 
+        if self.augment == "colorjitter":
+            return v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
         return v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
 
     def setup(self, stage: str | None = None) -> None:
@@ -270,8 +270,13 @@ class ImageDataModule(LightningDataModule):
             collate_fn=collate_dict,
         )
 
+    def _require(self, split: str) -> None:
+        if getattr(self, split, None) is None:
+            raise RuntimeError(f"{type(self).__name__}.{split} is not built yet: call setup() first (the Trainer "
+                               "does this; in your own code call datamodule.setup('fit') before asking for loaders)")
+
     def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
-        assert self.train_set is not None, "call setup() first"
+        self._require("train_set")
         if not self.gpu_resident:
             return self._loader(self.train_set, train=True)
         trainer = self.trainer
@@ -281,11 +286,11 @@ class ImageDataModule(LightningDataModule):
         return DeviceBatchLoader(self.train_set, self.batch_size, device, True, True, self.seed, rank, world)
 
     def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None, "call setup() first"
+        self._require("val_set")
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        assert self.test_set is not None, "call setup() first"
+        self._require("test_set")
         return self._loader(self.test_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:
@@ -298,12 +303,9 @@ class ImageDataModule(LightningDataModule):
             return batch
         training = self.trainer is not None and self.trainer.training
         if training:  # randomness keyed by (seed, step, rank): reproducible, resumable, different on every rank
-            seed = step_seed(self.seed, self.trainer.global_step, self.trainer.global_rank)
-        if training and self.augment != "none":
-            gen = torch.Generator(device=image.device).manual_seed(seed)
-            image = random_crop(image, 4, gen)
-            if self.augment != "crop":
-                image = random_hflip(image, 0.5, gen)
+            seed = mix_seed(self.seed, self.trainer.global_step, self.trainer.global_rank)
+        if training:
+            image = device_augment(image, self.augment, torch.Generator(device=image.device).manual_seed(seed))
         batch["image"] = normalize(image, self.mean, self.std)
         if training and (self.cutmix_alpha > 0 or self.mixup_alpha > 0):
             rng = np.random.default_rng(seed)

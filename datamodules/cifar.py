@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .base import Augment, ImageDataModule
+from .base import ImageDataModule
 
 
 def read_cifar_batch(path: str | Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -40,23 +41,8 @@ class CIFARDataModule(ImageDataModule):
     display_name = ""
     url = ""
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = True,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        val_split: float = 0.0,
-        augment: Augment = "standard",
-        gpu_resident: bool = False,
-        cutmix_alpha: float = 0.0,
-        mixup_alpha: float = 0.0,
-        seed: int = 0,
-        pin_memory: bool | None = None,
-    ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, val_split, augment, gpu_resident, cutmix_alpha,
-                         mixup_alpha, seed, pin_memory)
+    def __init__(self, data_dir: str = "data", download: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.data_dir = Path(data_dir).expanduser()
         self.download = download
 

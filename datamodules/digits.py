@@ -7,6 +7,8 @@ test split is seeded and stratified.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -30,8 +32,12 @@ class DigitsDataModule(ImageDataModule):
     Args:
         val_fraction: fraction of the images in the validation split.
         test_fraction: fraction of the images in the test split.
+        batch_size: training batch size (64).
+        num_workers: DataLoader workers (0: the data is tiny).
         augment: ``"none"`` by default; ``"crop"`` is safe for digits, flips are not (they change the class).
-        **kwargs: see :class:`ImageDataModule`.
+        **kwargs: every other argument of :class:`ImageDataModule` (``eval_batch_size``, ``gpu_resident``,
+            ``cutmix_alpha``, ``mixup_alpha``, ``seed``, ``pin_memory``), by keyword; ``val_split`` is refused
+            (the split is ``val_fraction``).
     """
 
     num_classes = 10
@@ -41,15 +47,14 @@ class DigitsDataModule(ImageDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
         num_workers: int = 0,
         augment: Augment = "none",
-        gpu_resident: bool = False,
-        seed: int = 0,
-        pin_memory: bool | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, 0.0, augment, gpu_resident, 0.0, 0.0, seed,
-                         pin_memory)
+        if kwargs.get("val_split"):
+            raise ValueError(f"DigitsDataModule splits the digits with val_fraction / test_fraction; val_split "
+                             f"({kwargs['val_split']}) is not used: set data.init_args.val_fraction instead")
+        super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment, **kwargs)
         if val_fraction < 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
             raise ValueError("need 0 <= val_fraction, 0 < test_fraction and val_fraction + test_fraction < 1")
         self.val_fraction, self.test_fraction = val_fraction, test_fraction

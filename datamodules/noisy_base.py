@@ -182,7 +182,8 @@ class NoisyLabelsMixin:
 
     # ------------------------------------------------------------------------------------- reporting
     def _record_noise_stats(self) -> None:
-        assert self.noisy_targets is not None and self.clean_targets is not None and self.train_set is not None
+        for name in ("noisy_targets", "clean_targets", "train_set"):
+            self._require(name)
         flipped = self.noisy_targets != self.clean_targets
         stats = {"noise/realized_rate": flipped.float().mean().item(),
                  "noise/train_rate": flipped[self.full_train_set.indices].float().mean().item(),

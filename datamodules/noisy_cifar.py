@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .base import Augment
 from .cifar import CIFAR10DataModule, CIFAR100DataModule, read_cifar_batch
 from .label_noise import CIFAR10_ASYM_MAP, NoiseType, cifar100_groups
 from .noisy_base import NoisyLabelsMixin
@@ -46,10 +45,13 @@ _NOISE_ARGS_DOC = """
             ``random_label1``..``3``).
         label_file: where to save the generated labels (reloaded and checked when it exists); ``None``: not saved.
         train_subset: train only on these base indices (a list, or a .npy / .pt / .json / text file of indices).
-        data_dir, download, batch_size, eval_batch_size, num_workers, augment, gpu_resident, pin_memory: see
-            :class:`CIFARDataModule` (paper: batch 32, RandomCrop(32, 4) + flip).
+        batch_size: training batch size (paper: 32, RandomCrop(32, 4) + flip).
+        eval_batch_size: evaluation batch size (512).
         val_split: fraction of the noisy training set held out as noisy validation data (paper: 0.1).
         seed: seed of the hold-out split (and, by default, of the noise).
+        **kwargs: every other argument of :class:`CIFARDataModule` / :class:`ImageDataModule` (``data_dir``,
+            ``download``, ``num_workers``, ``augment``, ``gpu_resident``, ``cutmix_alpha``, ``mixup_alpha``,
+            ``pin_memory``), by keyword.
 """
 
 
@@ -70,19 +72,14 @@ class NoisyCIFAR100DataModule(NoisyLabelsMixin, CIFAR100DataModule):
         cifarn_key: str | None = None,
         label_file: str | None = None,
         train_subset: list[int] | str | None = None,
-        data_dir: str = "data",
-        download: bool = True,
         batch_size: int = 32,
         eval_batch_size: int | None = 512,
-        num_workers: int = 4,
         val_split: float = 0.1,
-        augment: Augment = "standard",
-        gpu_resident: bool = False,
         seed: int = 1,
-        pin_memory: bool | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, download, batch_size, eval_batch_size, num_workers, val_split, augment,
-                         gpu_resident, 0.0, 0.0, seed, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=val_split, seed=seed,
+                         **kwargs)
         if asym_grouping not in (None, "consecutive5", "superclass", "cyclic"):
             raise ValueError(f"CIFAR-100 asym_grouping: consecutive5, superclass or cyclic, not {asym_grouping!r}")
         self._init_noise(noise_type, noise_rate, noise_seed, include_noise, asym_grouping or "consecutive5",
@@ -121,19 +118,14 @@ class NoisyCIFAR10DataModule(NoisyLabelsMixin, CIFAR10DataModule):
         cifarn_key: str | None = None,
         label_file: str | None = None,
         train_subset: list[int] | str | None = None,
-        data_dir: str = "data",
-        download: bool = True,
         batch_size: int = 32,
         eval_batch_size: int | None = 512,
-        num_workers: int = 4,
         val_split: float = 0.1,
-        augment: Augment = "standard",
-        gpu_resident: bool = False,
         seed: int = 1,
-        pin_memory: bool | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, download, batch_size, eval_batch_size, num_workers, val_split, augment,
-                         gpu_resident, 0.0, 0.0, seed, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=val_split, seed=seed,
+                         **kwargs)
         if asym_grouping not in (None, "classmap", "cyclic"):
             raise ValueError(f"CIFAR-10 asym_grouping must be classmap or cyclic, got {asym_grouping!r}")
         self._init_noise(noise_type, noise_rate, noise_seed, include_noise, asym_grouping or "classmap",

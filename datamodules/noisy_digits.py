@@ -7,6 +7,8 @@ which ``val_split`` is held out as noisy validation data, exactly as for :class:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import Augment, ImageDataModule
@@ -24,8 +26,10 @@ class NoisyDigitsDataModule(NoisyLabelsMixin, ImageDataModule):
         image_size: side of the (bilinearly upsampled) square images; 8 keeps the originals.
         test_fraction: stratified fraction of the images in the clean test split.
         val_split: fraction of the noisy training part held out as noisy validation data.
-        batch_size, eval_batch_size, num_workers, augment, gpu_resident, seed, pin_memory: see
-            :class:`ImageDataModule` (``augment="none"`` by default: flips change digit classes).
+        batch_size, eval_batch_size, num_workers, augment, seed: see :class:`ImageDataModule` (``augment="none"``
+            by default: flips change digit classes).
+        **kwargs: every other argument of :class:`ImageDataModule` (``gpu_resident``, ``cutmix_alpha``,
+            ``mixup_alpha``, ``pin_memory``), by keyword.
     """
 
     num_classes = 10
@@ -45,12 +49,11 @@ class NoisyDigitsDataModule(NoisyLabelsMixin, ImageDataModule):
         num_workers: int = 0,
         val_split: float = 0.1,
         augment: Augment = "none",
-        gpu_resident: bool = False,
         seed: int = 1,
-        pin_memory: bool | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, val_split, augment, gpu_resident, 0.0, 0.0, seed,
-                         pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         val_split=val_split, augment=augment, seed=seed, **kwargs)
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.image_size, self.test_fraction = image_size, test_fraction

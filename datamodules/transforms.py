@@ -30,6 +30,17 @@ def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | N
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def device_augment(x: torch.Tensor, mode: str = "standard", generator: torch.Generator | None = None) -> torch.Tensor:
+    """The package's batched training augmentation, on the batch's device: pad-4 random crop and horizontal flip
+    (``"standard"``, also after the worker-side ``"autoaugment"`` / ``"colorjitter"`` policies), the crop alone
+    (``"crop"``) or nothing (``"none"``). Used by the DataModules and by callbacks that re-predict the training set
+    with the training augmentation, so both always augment alike."""
+    if mode == "none":
+        return x
+    x = random_crop(x, 4, generator)
+    return x if mode == "crop" else random_hflip(x, 0.5, generator)
+
+
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (0-255) or float (0-1) images -> float32 ``(x - mean) / std`` per channel."""
     scale = 255.0 if x.dtype == torch.uint8 else 1.0

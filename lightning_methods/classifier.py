@@ -270,7 +270,7 @@ class ImageClassifier(LightningModule):
         # torch >= 2.6 loads checkpoints with weights_only=True: store callables (partial optimizer factories from
         # Python) as {"class_path", "init_args"} dicts, the form LightningCLI uses
         if "hyper_parameters" in checkpoint:
-            checkpoint["hyper_parameters"] = checkpoint_safe(checkpoint["hyper_parameters"])
+            checkpoint["hyper_parameters"] = checkpoint_safe(checkpoint["hyper_parameters"], type(self))
 
     def on_fit_start(self) -> None:
         for opt in self._optimizers():

@@ -12,20 +12,20 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 
 import lightning_methods  # noqa: F401  (registers the package's classes for short class_path names)
 import lightning_methods.callbacks  # noqa: F401
 import lightning_methods.datamodules  # noqa: F401
+
+from .callbacks.checkpoint import LatestCheckpoint
+from .utils.wandb import finish_open_run, finish_runs, log_config, plain
 
 
 def default_precision() -> str:
@@ -33,22 +33,15 @@ def default_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def _plain(value: Any) -> Any:
-    """Config namespace -> JSON-safe nested dict (paths and other objects become strings)."""
-    return json.loads(json.dumps(value, default=str))
-
-
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Saves the resolved config to the log dir and also into the W&B run config (rank zero only)."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        config = _plain(self.config.as_dict())
+        config = plain(self.config)
         # linked arguments are not part of the parsed config: add them so the run config is complete
         if "num_classes" in pl_module.hparams:
             config.setdefault("model", {}).setdefault("init_args", {})["num_classes"] = pl_module.hparams.num_classes
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.config.update(config, allow_val_change=True)
+        log_config(trainer.loggers, config)
 
 
 class LightningMethodsCLI(LightningCLI):
@@ -56,7 +49,7 @@ class LightningMethodsCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -92,32 +85,15 @@ class LightningMethodsCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
-def finish_wandb_runs(trainer: Trainer) -> None:
-    """Close the W&B runs this trainer started, so their files are complete when ``main`` returns (the run would
-    otherwise stay open until the interpreter exits, e.g. in notebooks and tests)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
-            logger.experiment.finish()
-            logger._experiment = None
-
-
-def finish_open_wandb_run(exit_code: int = 1) -> None:
-    """Close a W&B run left open by a run that failed: a WandbLogger created later in the same process would
-    otherwise silently log into it."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=exit_code)
-
-
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMethodsCLI:
     """Create the CLI (and run the subcommand when ``run``); returns it so tests can inspect the trainer."""
     try:
         cli = _make_cli(args, run)
     except BaseException:
-        finish_open_wandb_run(exit_code=1)
+        finish_open_run(exit_code=1)  # a WandbLogger created later in this process would log into it
         raise
     if run and cli.trainer.is_global_zero:
-        finish_wandb_runs(cli.trainer)
+        finish_runs(cli.trainer.loggers)  # the run's files are complete when main returns (notebooks, tests)
     return cli
 
 

@@ -28,13 +28,40 @@ def describe_callable(value: Any) -> Any:
         return type(value)(describe_callable(v) for v in value)
     if isinstance(value, functools.partial) and not value.args:
         return {"class_path": _path(value.func), "init_args": describe_callable(value.keywords)}
+    if _is_jsonargparse_partial(value):  # what jsonargparse builds for OptimizerCallable & co. from a config
+        return {"class_path": _path(value.args[-1]), "init_args": describe_callable(value.keywords)}
     if inspect.isclass(value) or (inspect.isfunction(value) and value.__name__ != "<lambda>"):
         return {"class_path": _path(value), "init_args": {}}
     return repr(value)
 
 
+def _is_jsonargparse_partial(value: Any) -> bool:
+    """``partial(<jsonargparse helper>, ..., cls, **init_args)``: jsonargparse's lazily instantiated callable."""
+    return (isinstance(value, functools.partial) and bool(value.args) and inspect.isclass(value.args[-1])
+            and getattr(value.func, "__module__", "").startswith("jsonargparse"))
+
+
 def _path(obj: Any) -> str:
-    return f"{obj.__module__}.{obj.__qualname__}"
+    return public_path(obj)
+
+
+def public_path(obj: Any) -> str:
+    """The shortest dotted import path that names ``obj``: ``lightning_methods.optim.SAM`` rather than
+    ``lightning_methods.optim.sam.SAM``, ``torch.optim.SGD`` rather than ``torch.optim.sgd.SGD``. Checkpoints record
+    this form, so they keep loading when a module moves inside its package."""
+    module, qualname = obj.__module__, obj.__qualname__
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        candidate = ".".join(parts[:i])
+        try:
+            target: Any = importlib.import_module(candidate)
+            for attr in qualname.split("."):
+                target = getattr(target, attr)
+        except (ImportError, AttributeError):
+            continue
+        if target is obj:
+            return f"{candidate}.{qualname}"
+    return f"{module}.{qualname}"
 
 
 def is_callable_config(value: Any) -> bool:
@@ -64,6 +91,10 @@ def callable_from_config(value: Any) -> Any:
     return functools.partial(obj, **kwargs)
 
 
-def checkpoint_safe(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``hparams`` that ``torch.load(weights_only=True)`` accepts."""
-    return {k: describe_callable(v) for k, v in hparams.items()}
+def checkpoint_safe(hparams: Mapping[str, Any], module_class: type | None = None) -> dict[str, Any]:
+    """A copy of ``hparams`` that ``torch.load(weights_only=True)`` accepts; LightningCLI's ``_class_path`` entry
+    (the module's class as the config spelled it) becomes the shortest public path of ``module_class``."""
+    out = {k: describe_callable(v) for k, v in hparams.items()}
+    if module_class is not None and "_class_path" in out:
+        out["_class_path"] = public_path(module_class)
+    return out

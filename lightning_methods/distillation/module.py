@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -30,6 +29,7 @@ from ..classifier import ImageClassifier, as_dict_batch
 from ..losses.kd import kd_loss, nckd_loss, standardize_logits, tckd_loss, teacher_target_prob
 from ..models import create_backbone
 from ..optim.deepkd import DeepKD
+from ..utils.distributed import all_reduce_flat, is_distributed
 from .teacher import load_teacher, state_hash
 
 CKPT_KEY = "distillation_teacher"
@@ -285,16 +285,7 @@ def all_reduce_streams(streams: tuple[tuple[torch.Tensor | None, ...], ...]) -> 
     """Average gradient streams over all ranks in one flat all-reduce (a no-op without an initialized process group
     of more than one rank). ``autograd.grad`` bypasses DDP's gradient hooks, so this replaces DDP's own all-reduce."""
     out = tuple(list(s) for s in streams)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return out
-    tensors = [g for s in out for g in s if g is not None]
-    flat = torch.cat([g.reshape(-1) for g in tensors])
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    offset = 0
-    for s in out:
-        for i, g in enumerate(s):
-            if g is not None:
-                s[i] = flat[offset:offset + g.numel()].view_as(g)
-                offset += g.numel()
-    return out
+    reduced = iter(all_reduce_flat([g for s in out for g in s if g is not None], op="mean"))
+    return tuple([None if g is None else next(reduced) for g in s] for s in out)

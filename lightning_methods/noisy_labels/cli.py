@@ -24,7 +24,8 @@ import lightning_methods  # noqa: F401  (registers the package's classes for sho
 import lightning_methods.callbacks  # noqa: F401
 import lightning_methods.datamodules  # noqa: F401
 
-from ..cli import default_precision, finish_open_wandb_run
+from ..cli import default_precision
+from ..utils.wandb import finish_open_run
 from .config import SelectionConfig
 from .runner import EarlyCuttingRunner
 
@@ -57,7 +58,7 @@ def run_select(args: list[str] | None = None) -> dict[str, Any]:
     try:
         return EarlyCuttingRunner(parser, config).run()
     except BaseException:
-        finish_open_wandb_run(exit_code=1)  # an interrupted round must not leave its W&B run open
+        finish_open_run(exit_code=1)  # an interrupted round must not leave its W&B run open
         raise
 
 

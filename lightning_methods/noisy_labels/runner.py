@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ..callbacks.checkpoint import LatestCheckpoint
 from ..callbacks.prediction_history import PredictionHistoryCallback
 from ..callbacks.test_accuracy_tracker import TestAccuracyTracker
 from ..runs import StagedRun, config_fingerprint
@@ -97,8 +98,8 @@ class EarlyCuttingRunner:
             log_config(trainer.loggers, {**resolved, "stage": tag})
         return model, dm, trainer
 
-    def _checkpoint(self, tag: str) -> ModelCheckpoint:
-        return ModelCheckpoint(dirpath=self.run_dir / tag / "checkpoints", filename="best-{epoch:03d}",
+    def _checkpoint(self, tag: str) -> LatestCheckpoint:
+        return LatestCheckpoint(dirpath=self.run_dir / tag / "checkpoints", filename="best-{epoch:03d}",
                                monitor="val/acc", mode="max", save_top_k=1, save_last=True,
                                save_on_train_epoch_end=True, auto_insert_metric_name=False)
 

@@ -22,8 +22,9 @@ from itertools import chain
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.optim import Optimizer
+
+from ..utils.distributed import all_reduce_flat, is_distributed
 
 #: Key of the optimizer-wide state (R, S-clamp counter, KOALA-V/M covariance) in ``optimizer.state``.
 GLOBAL_KEY = "koala"
@@ -36,15 +37,12 @@ R_INIT = 1.0
 
 
 def _all_reduce_sum(stats: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    return stats
+    return all_reduce_flat([stats])[0]
 
 
 def default_all_reduce() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A summing all-reduce when ``torch.distributed`` is initialized with more than one rank, else ``None``."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _all_reduce_sum
-    return None
+    return _all_reduce_sum if is_distributed() else None
 
 
 def global_loss_moments(

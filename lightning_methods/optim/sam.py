@@ -29,10 +29,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from ..utils.distributed import is_distributed
 from .sam_helpers import check_arguments, resolve_roles, sam_closure  # noqa: F401  (sam_closure re-exported)
 
 Perturb = Literal["all", "only_norm", "no_norm"]
@@ -110,6 +110,10 @@ class SAM(Optimizer):
         self.sam_start_epoch, self.sam_end_epoch = sam_start_epoch, sam_end_epoch
         self.freeze_non_norm_pass1 = freeze_non_norm_pass1
         self._roles = self._resolve_roles(model)
+        if perturb == "only_norm" and not any(role == "norm" for role, _ in self._roles.values()):
+            raise ValueError(f"{type(self).__name__} perturbs only the affine parameters of normalization layers "
+                             "(perturb='only_norm'), and the model has none: it would be plain SGD at twice the cost. "
+                             "Use SAM / ASAM (perturb='all') for models without normalization layers.")
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         if not isinstance(self.base_optimizer, Optimizer):
             raise TypeError(f"base_optimizer returned {type(self.base_optimizer).__name__}, not a torch Optimizer")
@@ -249,7 +253,7 @@ class SAM(Optimizer):
     def _pass1_freeze(self):
         frozen = []
         if self.freeze_non_norm_pass1:
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if is_distributed():
                 raise RuntimeError("freeze_non_norm_pass1=True cannot run under DDP (the reducer waits for the "
                                    "gradients of every parameter); set it to False for multi-device training")
             frozen = [q for q in self._roles if q.requires_grad and not self.is_perturbed(q)]

@@ -17,18 +17,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from ..utils.distributed import all_reduce_flat, broadcast_tensors_
 from .sam import SAM
 from .sam_masks import drop_and_grow, fisher_scores, global_topk_mask
 
 MaskInit = Literal["zeros", "ones", "random"]
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 Score = Literal["gradient", "weight", "random"]
 
@@ -132,26 +129,11 @@ class SSAM(SAM):
         :func:`fisher_scores`), summed over ranks when a process group is initialized (give each rank its share of
         the samples), then the global top-k mask."""
         scores = fisher_scores(model, self.mask_parameters(), samples, loss_fn)
-        if _distributed():
-            flat = torch.cat([s.reshape(-1) for s in scores])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            scores, start = [], 0
-            for q in self.mask_parameters():
-                scores.append(flat[start : start + q.numel()].view(q.shape))
-                start += q.numel()
-        self.set_masks_from_scores(scores)
+        self.set_masks_from_scores(all_reduce_flat(scores))
 
     def broadcast_masks(self, src: int = 0) -> None:
         """Make every rank hold rank ``src``'s masks (no-op without an initialized multi-process group)."""
-        if not _distributed():
-            return
-        masks = self.masks()
-        flat = torch.cat([m.reshape(-1) for m in masks]).to(torch.uint8)
-        dist.broadcast(flat, src)
-        start = 0
-        for m in masks:
-            m.copy_(flat[start : start + m.numel()].view(m.shape).bool())
-            start += m.numel()
+        broadcast_tensors_(self.masks(), src)
 
     def _mask(self, q: torch.Tensor) -> torch.Tensor | None:
         st = self.state.get(q)

@@ -54,6 +54,21 @@ def all_reduce_flat(tensors: Sequence[torch.Tensor], op: Literal["sum", "mean"] 
     return out
 
 
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values, in one collective (boolean tensors travel as
+    uint8). Nothing happens without a process group."""
+    tensors = list(tensors)
+    if not tensors or not is_distributed():
+        return
+    wire = torch.uint8 if tensors[0].dtype == torch.bool else tensors[0].dtype
+    flat = torch.cat([t.reshape(-1).to(wire) for t in tensors])
+    dist.broadcast(flat, src)
+    start = 0
+    for t in tensors:
+        t.copy_(flat[start : start + t.numel()].view(t.shape).to(t.dtype))
+        start += t.numel()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (identity without a process group)."""
     if not is_distributed():

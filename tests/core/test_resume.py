@@ -67,7 +67,7 @@ def test_checkpoints_of_python_made_modules_load_with_weights_only(tmp_path):
     wrapped = partial(dict, base_optimizer=nested, rho=0.5)  # shape of a SAM factory: a factory inside a factory
     cfg = describe_callable(wrapped)
     assert cfg == {"class_path": "builtins.dict", "init_args": {
-        "base_optimizer": {"class_path": "torch.optim.sgd.SGD", "init_args": {"lr": 0.1, "momentum": 0.9}},
+        "base_optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1, "momentum": 0.9}},
         "rho": 0.5}}
     rebuilt = callable_from_config(cfg)
     assert rebuilt.keywords["base_optimizer"].func is torch.optim.SGD and rebuilt.keywords["rho"] == 0.5

@@ -125,11 +125,11 @@ def test_select_command_runs_end_to_end(tmp_path, monkeypatch):
         "--config", str(REPO / "configs/early_cutting/cifar10_sym40.yaml"),
         f"--data.init_args.data_dir={tmp_path}/data",
         "--data.init_args.download=false", "--data.init_args.num_workers=0", "--data.init_args.batch_size=16",
-        "--data.init_args.eval_batch_size=128", SMALL, "--trainer.max_epochs=3",
+        "--data.init_args.eval_batch_size=128", SMALL, "--trainer.max_epochs=4",
         "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.enable_progress_bar=false",
         "--trainer.logger.init_args.offline=true", f"--trainer.logger.init_args.save_dir={tmp_path}/wandb",
         "--selection.rounds=1", "--selection.warm_up_epochs=-1", "--selection.k=1", "--selection.lag=0",
-        "--selection.keep_rate=0.3", f"--run_dir={run}",
+        "--selection.keep_rate=0.2", f"--run_dir={run}",
     ])
     assert summary["status"] == "done" and summary["final"]["status"] == "done"
     stats = json.loads((run / "round0" / "stats.json").read_text())

@@ -1,0 +1,73 @@
+"""LatestCheckpoint: ``last.ckpt`` is the latest state after a full run and after a kill, the best checkpoint is kept
+separately (Lightning's ModelCheckpoint rewrites ``last.ckpt`` only when the monitored metric improves)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_methods.callbacks import LatestCheckpoint
+
+from helpers import quiet_trainer
+
+
+class Worsening(LightningModule):
+    """A linear model whose logged ``val/acc`` falls every epoch: the best epoch is the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", 1.0 / (self.current_epoch + 1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)),
+                      batch_size=4)
+
+
+def fit(tmp_path, ckpt: ModelCheckpoint, epochs: int = 4, callbacks=()) -> None:
+    trainer = quiet_trainer(max_epochs=epochs, enable_checkpointing=True, limit_val_batches=1,
+                            callbacks=[ckpt, *callbacks], default_root_dir=tmp_path)
+    trainer.fit(Worsening(), loader(), loader())
+
+
+def test_lightning_modelcheckpoint_keeps_an_early_last_ckpt(tmp_path):
+    """The fault this callback fixes (if Lightning changes, this test tells us the subclass may go)."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", save_last=True, filename="best")
+    fit(tmp_path, ckpt)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 0
+
+
+def test_last_ckpt_is_the_final_state_and_best_is_kept(tmp_path):
+    ckpt = LatestCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", filename="best-{epoch:03d}",
+                            auto_insert_metric_name=False)
+    fit(tmp_path, ckpt)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 3  # epochs 0..3
+    assert (tmp_path / "best-000.ckpt").is_file() and ckpt.best_model_path.endswith("best-000.ckpt")
+
+
+class Kill(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            raise KeyboardInterrupt  # what a SIGINT does inside fit
+
+
+def test_after_a_kill_last_ckpt_holds_the_last_finished_epoch(tmp_path):
+    ckpt = LatestCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", filename="best")
+    with pytest.raises(SystemExit):  # Lightning turns the interrupt into a graceful shutdown, then exits
+        fit(tmp_path, ckpt, callbacks=[Kill()])
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["epoch"] == 1 and saved["global_step"] == 8
