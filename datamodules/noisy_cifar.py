@@ -55,11 +55,12 @@ _NOISE_ARGS_DOC = """
 """
 
 
-class NoisyCIFAR100DataModule(NoisyLabelsMixin, CIFAR100DataModule):
-    __doc__ = "CIFAR-100 with label noise (50k -> 45k noisy train / 5k noisy val / 10k clean test).\n" + _NOISE_ARGS_DOC
+class _NoisyCIFAR(NoisyLabelsMixin):
+    """The constructor shared by the noisy CIFAR DataModules (combined with a CIFAR DataModule; see the module
+    docstring). ``asym_groupings`` lists the valid ``asym_grouping`` values, the first being the default."""
 
-    mean = (0.507, 0.487, 0.441)  # the normalization of the official Early Cutting code
-    std = (0.267, 0.256, 0.276)
+    asym_groupings: tuple[str, ...] = ()
+    display_name: str
 
     def __init__(
         self,
@@ -80,10 +81,19 @@ class NoisyCIFAR100DataModule(NoisyLabelsMixin, CIFAR100DataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=val_split, seed=seed,
                          **kwargs)
-        if asym_grouping not in (None, "consecutive5", "superclass", "cyclic"):
-            raise ValueError(f"CIFAR-100 asym_grouping: consecutive5, superclass or cyclic, not {asym_grouping!r}")
-        self._init_noise(noise_type, noise_rate, noise_seed, include_noise, asym_grouping or "consecutive5",
+        if asym_grouping not in (None, *self.asym_groupings):
+            raise ValueError(f"{self.display_name} asym_grouping must be one of {self.asym_groupings}, got "
+                             f"{asym_grouping!r}")
+        self._init_noise(noise_type, noise_rate, noise_seed, include_noise, asym_grouping or self.asym_groupings[0],
                          cifarn_file, cifarn_key, label_file, train_subset)
+
+
+class NoisyCIFAR100DataModule(_NoisyCIFAR, CIFAR100DataModule):
+    __doc__ = "CIFAR-100 with label noise (50k -> 45k noisy train / 5k noisy val / 10k clean test).\n" + _NOISE_ARGS_DOC
+
+    mean = (0.507, 0.487, 0.441)  # the normalization of the official Early Cutting code
+    std = (0.267, 0.256, 0.276)
+    asym_groupings = ("consecutive5", "superclass", "cyclic")
 
     def coarse_labels(self) -> np.ndarray:
         """Per-sample superclass labels of the training split (``coarse_labels`` in the release pickle)."""
@@ -101,35 +111,12 @@ class NoisyCIFAR100DataModule(NoisyLabelsMixin, CIFAR100DataModule):
         return {"asym_groups": cifar100_groups("consecutive5")}
 
 
-class NoisyCIFAR10DataModule(NoisyLabelsMixin, CIFAR10DataModule):
+class NoisyCIFAR10DataModule(_NoisyCIFAR, CIFAR10DataModule):
     __doc__ = "CIFAR-10 with label noise (50k -> 45k noisy train / 5k noisy val / 10k clean test).\n" + _NOISE_ARGS_DOC
 
     mean = (0.4914, 0.4822, 0.4465)  # the normalization of the official Early Cutting code
     std = (0.2023, 0.1994, 0.2010)
-
-    def __init__(
-        self,
-        noise_type: NoiseType = "sym",
-        noise_rate: float = 0.4,
-        noise_seed: int | None = None,
-        include_noise: bool = False,
-        asym_grouping: AsymGrouping | None = None,
-        cifarn_file: str | None = None,
-        cifarn_key: str | None = None,
-        label_file: str | None = None,
-        train_subset: list[int] | str | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int | None = 512,
-        val_split: float = 0.1,
-        seed: int = 1,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=val_split, seed=seed,
-                         **kwargs)
-        if asym_grouping not in (None, "classmap", "cyclic"):
-            raise ValueError(f"CIFAR-10 asym_grouping must be classmap or cyclic, got {asym_grouping!r}")
-        self._init_noise(noise_type, noise_rate, noise_seed, include_noise, asym_grouping or "classmap",
-                         cifarn_file, cifarn_key, label_file, train_subset)
+    asym_groupings = ("classmap", "cyclic")
 
     def default_cifarn_key(self) -> str:
         return "worse_label"

@@ -11,12 +11,12 @@ mdistiller's so the shared CIFAR-100 checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
 from torch import nn
 
+from .init import init_conv_bn_linear
 from .registry import register_backbone
 
 #: (expansion placeholder "T" or 1, output channels, blocks, first stride) of the seven stages (paper Table 2,
@@ -90,16 +90,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = _conv_bn_relu(in_ch, self.num_features, 1, 1)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(self.num_features, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_linear(self, linear_std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

@@ -8,13 +8,13 @@ VGG-8 is the CRD student configuration "S" (one conv per block).
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import init_conv_bn_linear
 from .registry import register_backbone
 
 CONFIGS: dict[str, list[list[int]]] = {
@@ -52,17 +52,7 @@ class VGG(nn.Module):
         self.block4 = _block(cfg[4], in_ch[4])
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
         self.num_features = cfg[4][-1]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_linear(self, linear_std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.block0(x)), 2)

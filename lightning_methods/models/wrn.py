@@ -7,13 +7,13 @@ CIFAR-100 teacher checkpoints (mdistiller / RepDistiller ``wrn_40_2``).
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import init_conv_bn_linear
 from .registry import register_backbone
 
 
@@ -76,15 +76,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(ch[3], num_classes)
         self.num_features = ch[3]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_conv_bn_linear(self, linear_std=None)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
