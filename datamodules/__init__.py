@@ -35,3 +35,7 @@ from .noisy_digits import NoisyDigitsDataModule  # noqa: E402
 
 __all__ += ["NoisyCIFAR10DataModule", "NoisyCIFAR100DataModule", "NoisyDigitsDataModule", "make_noisy_labels",
             "read_cifarn_labels"]
+
+from .digits_regression import DigitsRegressionDataModule, digit_regression_values  # noqa: E402
+
+__all__ += ["DigitsRegressionDataModule", "digit_regression_values"]

@@ -1,0 +1,48 @@
+"""The t-sweep runner (python -m lightning_methods.hpn.sweep) on the shipped digits multi-task config: one stage per
+t, results as CSV / JSON / PNG, finished t's never rerun, another configuration refused, one W&B run per t."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_methods.hpn.sweep import main
+from lightning_methods.runs import ConfigMismatchError
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "hpn" / "digits_multitask.yaml"
+FAST = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--model.init_args.prototype_iterations=50"]
+
+
+def test_sweep_runs_resumes_and_refuses_other_settings(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sweep"
+    results = main(["--config", str(CONFIG), "--task_weights", "0.25", "0.9", "--out", str(out), *FAST])
+    assert set(results) == {"0.25", "0.9"}
+    for row in results.values():
+        assert 0 <= row["test/acc"] <= 1 and row["test/mae"] > 0 and "test/loss_c" in row
+    printed = capsys.readouterr().out
+    assert "test acc %" in printed and "54.5 / 64.1" in printed  # the table, with the paper's OmniArt row for 0.25
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [r["task_weight"] for r in rows] == ["0.25", "0.9"]
+    assert float(rows[1]["test/mae"]) == pytest.approx(results["0.9"]["test/mae"])
+    assert (out / "sweep.png").stat().st_size > 0
+    state = json.loads((out / "state.json").read_text())
+    assert set(state["stages"]) == {"t=0.25", "t=0.9"}
+    assert "task_weight" not in json.dumps(state["fingerprint"])  # swept, so not part of the fingerprint
+    for stage, run_id in state["wandb_ids"].items():  # each t logged into its own (offline) W&B run
+        assert list((tmp_path / "runs" / "wandb").glob(f"offline-run-*-{run_id}")), stage
+    assert (out / "t=0.9" / "checkpoints" / "last.ckpt").is_file()
+
+    again = main(["--config", str(CONFIG), "--task_weights", "0.25", "0.9", "--out", str(out), *FAST])
+    assert again == results and capsys.readouterr().out.count("finished earlier, skipped") == 2
+    with pytest.raises(ConfigMismatchError, match="max_epochs"):
+        main(["--config", str(CONFIG), "--task_weights", "0.25", "--out", str(out), *FAST,
+              "--trainer.max_epochs=2"])
+    with pytest.raises(SystemExit, match="one device"):
+        main(["--config", str(CONFIG), "--out", str(tmp_path / "other"), "--trainer.devices=2"])
+    with pytest.raises(ValueError, match="task_weight t must be in"):
+        main(["--config", str(CONFIG), "--task_weights", "1.5", "--out", str(tmp_path / "other")])
