@@ -39,3 +39,7 @@ __all__ += ["NoisyCIFAR10DataModule", "NoisyCIFAR100DataModule", "NoisyDigitsDat
 from .digits_regression import DigitsRegressionDataModule, digit_regression_values  # noqa: E402
 
 __all__ += ["DigitsRegressionDataModule", "digit_regression_values"]
+
+from .federated import FederatedDataModule  # noqa: E402
+
+__all__ += ["FederatedDataModule"]

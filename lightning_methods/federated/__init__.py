@@ -1,0 +1,29 @@
+"""Federated learning: FedFree and the heterogeneous / homogeneous FL baselines of its evaluation.
+
+Paper: Du, Xiang, Cai, Liu, Wu, Huo, Long, "FedFree: Breaking Knowledge-sharing Barriers through Layer-wise
+Alignment in Heterogeneous Federated Learning" (NeurIPS 2025; OpenReview G10Y4vrhGF; no arXiv id).
+
+Public classes (one algorithm object per method, shared by the in-process runner and the Flower apps):
+:class:`FedFree`, :class:`LocalOnly`, :class:`FedAvg`, :class:`FedProx`, :class:`FedProto`, :class:`FedGH`,
+:class:`FedKD`, their base :class:`FedAlgorithm` and :class:`Payload`, and the client LightningModule
+:class:`FedClientModule`. Pure server functions: :mod:`.layers` (layer inventory, Eq. 2 critical layers, depth
+mapping), :mod:`.distill` (Gaussian pseudo-data layer distillation, Eqs. 3-5), :mod:`.kge` (histogram entropy, KGE,
+projection, Eqs. 6-7); partitioners in :mod:`.partition`.
+
+Family parts elsewhere: client families ``fed_*`` in ``lightning_methods/models/fed_clients.py`` (512-d feature +
+head), DataModule :class:`lightning_methods.datamodules.FederatedDataModule`, configs ``configs/fedfree/``, doc
+``docs/methods/fedfree.md``, tests ``tests/federated/``, benchmark ``benchmarks/federated_cases.py``. The runner
+(:mod:`.runner`), the command (:mod:`.cli`, ``lightning-methods-fed``) and the Flower apps (:mod:`.flower`, extra
+``[federated]``) are imported on demand, not here.
+"""
+
+from .algorithm import ClientInfo, FedAlgorithm, FederationInfo, LocalOnly, Payload
+from .baselines import FedAvg, FedProx
+from .client import FedClientModule
+from .fedfree import FedFree
+from .fedgh import FedGH
+from .fedkd import FedKD
+from .fedproto import FedProto
+
+__all__ = ["ClientInfo", "FedAlgorithm", "FedAvg", "FedClientModule", "FedFree", "FedGH", "FedKD", "FedProto",
+           "FedProx", "FederationInfo", "LocalOnly", "Payload"]

@@ -1,0 +1,176 @@
+"""The algorithm interface shared by both runtimes (the in-process runner and the Flower apps).
+
+A federated algorithm is written once as a :class:`FedAlgorithm`: server-side methods (``setup_server``,
+``aggregate``, ``download``, state for checkpoints) and client-side methods (``init_client``, ``apply_download``,
+``make_module``, ``after_fit``, ``upload``, ``predictor``). Server and clients exchange :class:`Payload` objects:
+named tensors plus JSON-serialisable metadata, which map one-to-one onto Flower's ``ArrayRecord`` and a JSON string
+in a ``ConfigRecord``, so heterogeneous layers (names, shapes, kinds) travel unchanged in Flower messages.
+
+One round, in both runtimes:
+
+1. every client applies its pending download (round 1: :meth:`FedAlgorithm.initial_download`), trains locally with a
+   fresh Trainer on :meth:`FedAlgorithm.make_module`, and returns :meth:`FedAlgorithm.upload`;
+2. the server runs :meth:`FedAlgorithm.aggregate` on all uploads;
+3. every client receives :meth:`FedAlgorithm.download` (applied at once), then is evaluated on its local test set
+   (HtFLlib evaluates at this point too: after the server's update, before the next local training).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..utils import mix_seed
+from .client import FedClientModule
+
+#: Key mixed into the seed of the server's global model initialisation.
+GLOBAL_INIT_KEY = 7_777
+
+
+@dataclass
+class Payload:
+    """A message between server and client: named tensors and JSON-serialisable metadata."""
+
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arrays": dict(self.arrays), "meta": json.dumps(self.meta)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Payload:
+        return cls(dict(data["arrays"]), json.loads(data["meta"]))
+
+
+@dataclass
+class FederationInfo:
+    """What the server knows about the federation (no client data, no client weights)."""
+
+    num_clients: int
+    num_classes: int
+    families: list[str]
+    seed: int = 0
+    feature_dim: int = 512
+    stem: str = "cifar"
+    rounds: int = 1
+
+
+@dataclass
+class ClientInfo:
+    """What a client knows about itself in one round."""
+
+    client_id: int
+    family: str
+    num_classes: int
+    num_examples: int
+    round: int = 1
+    seed: int = 0
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    feature_dim: int = 512
+    stem: str = "cifar"
+
+
+@dataclass
+class ClientData:
+    """Access to one client's local training data outside the Trainer (FedGH's prototypes after training)."""
+
+    train_loader: Callable[[], Iterable[dict[str, torch.Tensor]]]
+    preprocess: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    device: torch.device | str = "cpu"
+
+
+def build_net(family: str, info: FederationInfo | ClientInfo, seed: int, feature_dim: int = 512,
+              stem: str = "cifar") -> nn.Module:
+    """A client-family network whose initialisation is a function of ``seed`` only (never of the global RNG)."""
+    from ..models.fed_clients import create_client_net
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_client_net(family, info.num_classes, feature_dim=feature_dim, stem=stem)
+
+
+def cpu_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a state dict."""
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+
+class FedAlgorithm:
+    """Base class: no collaboration (Local-only). Subclasses override the hooks they need.
+
+    Class attributes:
+        name: short name used in tables and run names.
+        same_architecture: the algorithm averages whole models, so every client must use the same family.
+    """
+
+    name = "local"
+    same_architecture = False
+
+    # ------------------------------------------------------------------------------------------ server side
+    def setup_server(self, info: FederationInfo) -> None:
+        """Create the server state (global model, prototypes, ...) from the federation description."""
+        self.info = info
+        self.pending: dict[int, Payload] = {}
+
+    def server_state_dict(self) -> dict[str, Any]:
+        """Everything the server needs to resume (tensors, lists, numbers)."""
+        return {}
+
+    def load_server_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`server_state_dict`."""
+
+    def initial_download(self, client: int) -> Payload | None:
+        """What a client receives before its first local update (e.g. FedAvg's initial global model)."""
+        return None
+
+    def aggregate(self, round: int, uploads: Mapping[int, Payload]) -> dict[str, Any]:
+        """Server update from the clients' uploads; returns metrics (numbers, or strings / lists for tables)."""
+        return {}
+
+    def download(self, client: int) -> Payload | None:
+        """What ``client`` receives after this round's :meth:`aggregate` (``None``: nothing)."""
+        return self.pending.pop(client, None)
+
+    # ------------------------------------------------------------------------------------------ client side
+    def init_client(self, net: nn.Module, info: ClientInfo) -> dict[str, Any]:
+        """Extra client state kept between rounds besides the network weights (tensors, lists, numbers)."""
+        return {}
+
+    def validate_client(self, net: nn.Module, info: ClientInfo) -> None:
+        """Raise a clear error before any training when the algorithm cannot serve this client family."""
+
+    def apply_download(self, net: nn.Module, extra: dict[str, Any], payload: Payload, info: ClientInfo) -> None:
+        """Apply a server message to the client (in place)."""
+
+    def make_module(self, net: nn.Module, extra: dict[str, Any], info: ClientInfo) -> FedClientModule:
+        """The LightningModule that trains ``net`` for one round."""
+        return FedClientModule(net, info.num_classes, lr=info.lr, momentum=info.momentum,
+                               weight_decay=info.weight_decay)
+
+    def after_fit(self, module: FedClientModule, extra: dict[str, Any], info: ClientInfo, data: ClientData) -> None:
+        """Update ``extra`` from the trained module (prototypes, mentee weights, ...)."""
+
+    def upload(self, before: Mapping[str, torch.Tensor], net: nn.Module, extra: dict[str, Any],
+               info: ClientInfo) -> Payload:
+        """What the client sends to the server after local training (``before``: weights at the round's start)."""
+        return Payload(meta={"num_examples": info.num_examples})
+
+    def predictor(self, net: nn.Module, extra: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Class scores for evaluation (default: the network's logits)."""
+        return net
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def global_seed(self, *keys: int) -> int:
+        return mix_seed(self.info.seed, GLOBAL_INIT_KEY, *keys)
+
+
+class LocalOnly(FedAlgorithm):
+    """Local-only baseline: every client trains on its own data, nothing is exchanged (HtFLlib ``Local``)."""
+
+    name = "local"

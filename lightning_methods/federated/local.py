@@ -1,0 +1,166 @@
+"""Client-side steps shared by both runtimes: initialise a client, train it for one round with a fresh quiet
+Trainer, apply a server message, evaluate it. The in-process runner and the Flower ClientApp both call these, so
+a round computes the same thing in either runtime.
+
+A client's state is a plain dict ``{"weights": state dict (CPU), "extra": algorithm state, "optimizer": state or
+None}``. Randomness is keyed: initialisation by (seed, client), dropout by (seed, round, client); data order and
+augmentation by (seed, client, round) in :class:`~lightning_methods.datamodules.FederatedDataModule`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import nn
+
+from ..datamodules.federated import FederatedDataModule
+from ..utils import mix_seed
+from .algorithm import ClientData, ClientInfo, FedAlgorithm, Payload, build_net, cpu_state
+from .client import evaluate_client
+from .config import FederationConfig
+
+CLIENT_INIT_KEY, DROPOUT_KEY = 101, 202
+#: Trainer settings every client-round uses: no logger, checkpoints, progress bar, summary or validation.
+QUIET_TRAINER = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                 "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0}
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-Trainer info lines and possible-user warnings during client fits."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                                              "lightning_fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PossibleUserWarning)
+            # emitted by Lightning's own pytree helper on every fit with recent torch (not actionable here)
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+class StepTimer(Callback):
+    """Wall time spent inside training batches (forward, backward, step), to split off per-round overhead."""
+
+    def __init__(self, sync: bool = False) -> None:
+        self.total, self.sync, self._t0 = 0.0, sync, 0.0
+
+    def _now(self) -> float:
+        if self.sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._t0 = self._now()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.total += self._now() - self._t0
+
+
+class ClientRuntime:
+    """Runs client steps in one process (see the module docstring).
+
+    Args:
+        data: the federated DataModule (set up lazily).
+        algorithm: the algorithm object (its client-side methods are used).
+        federation: local epochs, optimizer settings, seed, feature width, stem.
+        families: every client's family.
+        trainer: keyword arguments of the client-round Trainers (accelerator, devices, precision, ...).
+        profile_steps: synchronise the GPU around each training step to time the steps exactly.
+    """
+
+    def __init__(self, data: FederatedDataModule, algorithm: FedAlgorithm, federation: FederationConfig,
+                 families: list[str], trainer: Mapping[str, Any] | None = None, profile_steps: bool = False) -> None:
+        self.data, self.algorithm, self.fed, self.families = data, algorithm, federation, families
+        self.trainer_kwargs = {"accelerator": "auto", "devices": 1, **dict(trainer or {}), **QUIET_TRAINER,
+                               "max_epochs": federation.local_epochs}
+        devices = self.trainer_kwargs["devices"]
+        if not (devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1)):
+            raise ValueError(f"trainer.devices={devices!r}: clients train one after another on one device each; "
+                             "set trainer.devices to 1 (or [gpu_id]), or run clients in parallel with the Flower "
+                             "runtime (one SuperNode per device, docs/methods/fedfree.md)")
+        accel = str(self.trainer_kwargs["accelerator"])
+        self.device = torch.device("cuda" if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
+        self.profile_steps = profile_steps
+        self._shells: dict[str, nn.Module] = {}
+
+    def info(self, i: int, round: int = 0) -> ClientInfo:
+        f = self.fed
+        return ClientInfo(i, self.families[i], self.data.num_classes, len(self.data.client_train[i]), round,
+                          mix_seed(f.seed, CLIENT_INIT_KEY, i), f.lr, f.momentum, f.weight_decay, f.feature_dim,
+                          f.stem)
+
+    def init_client(self, i: int, payload: Payload | None = None) -> dict[str, Any]:
+        """Client ``i`` before round 1: seeded initialisation, then the server's initial download ``payload``
+        (:meth:`~.algorithm.FedAlgorithm.initial_download`), if any."""
+        if not self.data.client_train:
+            self.data.setup()
+        info = self.info(i)
+        net = build_net(info.family, info, info.seed, self.fed.feature_dim, self.fed.stem)
+        self.algorithm.validate_client(net, info)
+        extra = self.algorithm.init_client(net, info)
+        if payload is not None:
+            self.algorithm.apply_download(net, extra, payload, info)
+        return {"weights": cpu_state(net), "extra": extra, "optimizer": None}
+
+    def net(self, i: int, client: Mapping[str, Any]) -> nn.Module:
+        """Client ``i``'s network: the shared network of its family with the client's weights loaded."""
+        family = self.families[i]
+        if family not in self._shells:
+            self._shells[family] = build_net(family, self.info(i), 0, self.fed.feature_dim, self.fed.stem)
+        shell = self._shells[family].to(self.device)
+        shell.load_state_dict(client["weights"])
+        return shell
+
+    def fit(self, i: int, client: dict[str, Any], round: int) -> tuple[Payload, dict[str, float]]:
+        """Local update of client ``i`` in ``round`` (``client`` is updated in place); returns the upload and timings
+        (``train``: the whole client-round, ``steps``: inside training steps)."""
+        t0 = time.perf_counter()
+        info = self.info(i, round)
+        net = self.net(i, client)
+        module = self.algorithm.make_module(net, client["extra"], info)
+        if self.fed.keep_optimizer_state and client["optimizer"] is not None:
+            module.initial_optimizer_state = client["optimizer"]
+        self.data.set_client(i, round)
+        timer = StepTimer(sync=self.profile_steps)
+        with quiet_lightning():
+            trainer = Trainer(**self.trainer_kwargs, callbacks=[timer])
+            torch.manual_seed(mix_seed(self.fed.seed, DROPOUT_KEY, round, i))
+            trainer.fit(module, datamodule=self.data)
+        net.to(self.device)
+        data = ClientData(lambda: self.data.client_loader(i, "train"), self.data.normalize_batch, self.device)
+        self.algorithm.after_fit(module, client["extra"], info, data)
+        upload = self.algorithm.upload(client["weights"], net, client["extra"], info)
+        client["weights"] = cpu_state(net)
+        if self.fed.keep_optimizer_state:
+            client["optimizer"] = module.optimizer_state()
+        return upload, {"train": time.perf_counter() - t0, "steps": timer.total}
+
+    def receive(self, i: int, client: dict[str, Any], payload: Payload, round: int = 0) -> None:
+        """Apply a server message to client ``i`` (``client`` is updated in place)."""
+        net = self.net(i, client)
+        self.algorithm.apply_download(net, client["extra"], payload, self.info(i, round))
+        client["weights"] = cpu_state(net)
+
+    def evaluate(self, i: int, client: Mapping[str, Any]) -> tuple[int, int]:
+        """``(correct, total)`` of client ``i`` on its local test set."""
+        net = self.net(i, client)
+        net.eval()
+        try:
+            return evaluate_client(self.algorithm.predictor(net, client["extra"]), self.data.client_loader(i, "test"),
+                                   self.data.normalize_batch, self.device)
+        finally:
+            net.train()

@@ -1,0 +1,122 @@
+"""Shared pieces of the FedFree tests: tiny federations, and an in-process Flower ``Grid`` that delivers the
+``ServerApp``'s messages to ``ClientApp`` callables in the same process (Flower's own Message objects, no Ray)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TINY_TRAINER = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "limit_train_batches": 2}
+
+
+def tiny_config(tmp_path: Path, algorithm: dict[str, Any] | None = None, **overrides: Any) -> Path:
+    """A small ``lightning-methods-fed`` config on the bundled digits: 3 clients, 2 small families."""
+    cfg: dict[str, Any] = {
+        "run_dir": str(tmp_path / "run"),
+        "progress": False,
+        "data": {"dataset": "digits", "num_clients": 3, "partition": "pathological", "classes_per_client": 2,
+                 "batch_size": 16, "eval_batch_size": 128},
+        "federation": {"rounds": 1, "local_epochs": 1, "families": ["fedavg_cnn", "fed_resnet8"]},
+        "algorithm": algorithm or {"class_path": "lightning_methods.federated.FedFree",
+                                   "init_args": {"k": 2, "pseudo_batch_size": 16}},
+        "trainer": dict(TINY_TRAINER),
+    }
+    for key, value in overrides.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            cfg[section][leaf] = value
+        else:
+            cfg[section] = value
+    path = tmp_path / "fed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class InProcessGrid:
+    """A Flower ``Grid`` for tests: ``send_and_receive`` calls the ClientApp of each destination node directly.
+
+    Node ``i`` gets ``node_config = {"partition-id": i, "num-partitions": n}`` and a persistent ``Context``.
+    """
+
+    def __new__(cls, client_app: Any, num_nodes: int) -> Any:
+        from flwr.app import Context, RecordDict
+        from flwr.serverapp import Grid
+        from flwr.supercore.task_identity import TaskIdentity
+
+        class _Grid(Grid):
+            def __init__(self) -> None:
+                TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+                self.node_ids = [1000 + i for i in range(num_nodes)]
+                self.contexts = {n: Context(1, n, {"partition-id": i, "num-partitions": num_nodes}, RecordDict(), {})
+                                 for i, n in enumerate(self.node_ids)}
+                self.sent: list[Any] = []
+
+            def set_run(self, run: Any) -> None:
+                pass
+
+            @property
+            def run(self) -> Any:
+                return None
+
+            def create_message(self, *args: Any, **kwargs: Any) -> Any:
+                raise NotImplementedError
+
+            def get_node_ids(self) -> Iterable[int]:
+                return list(self.node_ids)
+
+            def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
+                raise NotImplementedError
+
+            def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:
+                raise NotImplementedError
+
+            def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
+                replies = []
+                for msg in messages:
+                    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # the SuperLink's job
+                    self.sent.append(msg)
+                    replies.append(client_app(msg, self.contexts[msg.metadata.dst_node_id]))
+                return replies
+
+        return _Grid()
+
+
+def make_runner(tmp_path: Path, algorithm: Any, families: list[str] | None = None, rounds: int = 1,
+                num_clients: int = 3, logger: dict | None = None, fingerprint: dict | None = None,
+                **federation: Any) -> Any:
+    """A FederatedRunner on the bundled digits with tiny clients (2 training batches per client-round)."""
+    from lightning_methods.datamodules import FederatedDataModule
+    from lightning_methods.federated.config import FederationConfig
+    from lightning_methods.federated.runner import FederatedRunner
+
+    data = FederatedDataModule("digits", num_clients=num_clients, partition="pathological", classes_per_client=2,
+                               batch_size=16, eval_batch_size=128, seed=0)
+    fed = FederationConfig(rounds=rounds, local_epochs=1, families=families or ["fedavg_cnn", "fed_resnet8"],
+                           **federation)
+    return FederatedRunner(data, algorithm, fed, tmp_path / "run", TINY_TRAINER, logger,
+                           fingerprint if fingerprint is not None else {"federation": dict(federation)},
+                           progress=False)
+
+
+def wandb_history_keys(root: Path, expect: set[str], timeout: float = 30.0) -> set[str]:
+    """Keys logged to the history of the offline W&B run under ``root``, re-read until ``expect`` is there (the
+    W&B service may flush the file a moment after ``finish()`` on a busy machine)."""
+    import time
+
+    from helpers import read_wandb_records
+
+    deadline = time.monotonic() + timeout
+    while True:
+        files = list(root.rglob("run-*.wandb"))
+        keys: set[str] = set()
+        for f in files:
+            for r in read_wandb_records(f):
+                if r.WhichOneof("record_type") == "history":
+                    keys |= {i.key or "/".join(i.nested_key) for i in r.history.item}
+        if expect <= keys or time.monotonic() > deadline:
+            return keys
+        time.sleep(0.5)

@@ -1,0 +1,82 @@
+"""Every configs/fedfree/*.yaml parses (all classes instantiate) and its first round runs on fake data.
+
+The first-round run keeps each config's algorithm, partition scheme and settings and shrinks the federation to two
+clients with small families (``fedavg_cnn``, ``fed_resnet8``; FedKD's mentee ``fed_resnet8``; the heterogeneous
+HtFE-img-8 families themselves are checked by the parse test and tests/federated/test_fedfree_models.py), one local
+epoch of one batch, no W&B."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_methods.federated import FedAlgorithm
+from lightning_methods.federated.cli import build_parser, main, run
+from lightning_methods.federated.config import FederationConfig
+from lightning_methods.models.fed_clients import HTFE_IMG8
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "fedfree"
+CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_there_is_a_config_per_setting():
+    for dataset in ("cifar10", "cifar100"):
+        for clients in (10, 20, 100):
+            assert f"{dataset}_htfe8_{clients}clients.yaml" in CONFIGS
+    for name in ("local", "fedproto", "fedgh", "fedkd", "dirichlet", "iid"):
+        assert f"cifar100_htfe8_20clients_{name}.yaml" in CONFIGS
+    for name in ("fedavg", "fedprox"):
+        assert f"cifar100_hmfl_cnn_20clients_{name}.yaml" in CONFIGS
+    assert "digits_demo.yaml" in CONFIGS and "cifar100_hmfl_cnn_20clients.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_parses(name):
+    path = CONFIG_DIR / name
+    assert "OpenReview G10Y4vrhGF" in path.read_text() and path.read_text().startswith("#")
+    parser = build_parser()
+    cfg = parser.parse_args(["--config", str(path)])
+    init = parser.instantiate_classes(cfg)
+    assert isinstance(init.algorithm, FedAlgorithm) and isinstance(init.federation, FederationConfig)
+    raw = yaml.safe_load(path.read_text())
+    if "htfe8" in name:
+        assert init.federation.families == list(HTFE_IMG8) and init.federation.rounds == 200
+        assert cfg.data.classes_per_client == (1 if name.startswith("cifar10_") else 10)
+        assert raw["logger"]["class_path"].endswith("WandbLogger")
+    if "hmfl" in name:
+        assert init.federation.families == ["fed_cnn"]
+
+
+@pytest.mark.filterwarnings("ignore:.*cover only")  # two clients cannot cover every class of the fake data
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_first_round_on_fake_data(name, fake_cifar_root, tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    path = CONFIG_DIR / name
+    raw = yaml.safe_load(path.read_text())
+    args = ["--config", str(path), "--run_dir", str(tmp_path / "run"), "--progress", "false", "--logger", "null",
+            "--data.data_dir", str(fake_cifar_root[0]), "--data.download", "false", "--data.num_clients", "2",
+            "--federation.rounds", "1", "--federation.local_epochs", "1",
+            "--trainer", json.dumps({"accelerator": "cpu", "devices": 1, "precision": "32-true",
+                                     "limit_train_batches": 1})]
+    if len(raw["federation"]["families"]) > 1:
+        args += ["--federation.families", "[fedavg_cnn, fed_resnet8]"]
+    if "mentee_family" in (raw["algorithm"].get("init_args") or {}):
+        args += ["--algorithm.init_args.mentee_family", "fed_resnet8"]  # a small shared mentee (SVD of small tensors)
+    summaries = run(args)
+    assert len(summaries) == 1 + len(raw.get("compare_with") or [])
+    assert all(s["rounds"] == 1 and 0 <= s["final_mean"] <= 1 for s in summaries)
+    assert (tmp_path / "run" / "comparison.md").is_file()
+    table = run(["table", str(tmp_path / "run")])
+    assert all(f"| {s['algorithm']} | 1 | {100 * s['final_mean']:.2f} +- " in table for s in summaries)
+    assert main(["table", str(tmp_path / "run")]) is None  # a console entry returns nothing (it would be the exit code)
+
+
+def test_help_and_table_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "lightning-methods-fed table" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        main(["table", str(tmp_path)])

@@ -1,0 +1,125 @@
+"""Reverse layer-wise knowledge transfer on Gaussian pseudo-data (Eqs. 3-5): convergence, fixed points, the
+crop / zero-pad rules and the 2-alpha rate of the ``sum_units`` reduction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_methods.federated.distill import (
+    center_crop_pair,
+    distill_layer,
+    distillation_loss,
+    pseudo_input,
+    teacher_output,
+)
+from lightning_methods.federated.layers import LayerSpec
+
+LIN = LayerSpec("fc", "linear", 0, 1, 8, 4)
+CONV = LayerSpec("c", "conv", 0, 1, 3, 6, (5, 5), input_size=(12, 12))
+
+
+def _params(spec: LayerSpec, seed: int, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (spec.out_features, spec.in_features // spec.groups, *spec.kernel) if spec.kind == "conv" else (
+        spec.out_features, spec.in_features)
+    return {"weight": torch.randn(*shape, generator=g, dtype=dtype), "bias": torch.randn(spec.out_features,
+                                                                                     generator=g, dtype=dtype)}
+
+
+def test_linear_layer_converges_to_the_client_layer():
+    g, t = _params(LIN, 0), _params(LIN, 1)
+    new, losses = distill_layer(g, LIN, [(t, LIN)], steps=200, lr=0.1, batch_size=64,
+                                generator=torch.Generator().manual_seed(0))
+    assert (new["weight"] - t["weight"]).norm() < 1e-8 and (new["bias"] - t["bias"]).norm() < 1e-8
+    assert losses[0] > 10 and losses[-1] < 1e-12
+
+
+def test_two_client_layers_pull_to_their_mean():
+    g, t1, t2 = _params(LIN, 0), _params(LIN, 1), _params(LIN, 2)
+    new, _ = distill_layer(g, LIN, [(t1, LIN), (t2, LIN)], steps=300, lr=0.1, batch_size=64)
+    assert torch.allclose(new["weight"], (t1["weight"] + t2["weight"]) / 2, atol=1e-8)
+
+
+def test_identical_layers_give_zero_loss_and_no_change():
+    g = _params(CONV, 0, torch.float32)
+    new, losses = distill_layer(g, CONV, [(g, CONV)], steps=3, lr=0.5, batch_size=8)
+    assert losses == [0.0, 0.0, 0.0]
+    assert torch.equal(new["weight"], g["weight"]) and torch.equal(new["bias"], g["bias"])
+
+
+def test_one_step_moves_two_alpha_of_the_way_in_expectation():
+    """With X ~ N(0, I): grad = 2 (W_g - W_t) E[x x^T] -> a step of lr alpha shrinks the gap by ~(1 - 2 alpha)."""
+    g, t = _params(LIN, 0), _params(LIN, 1)
+    new, _ = distill_layer(g, LIN, [(t, LIN)], steps=1, lr=0.05, batch_size=20_000)
+    ratio = (new["weight"] - t["weight"]).norm() / (g["weight"] - t["weight"]).norm()
+    assert ratio == pytest.approx(0.9, abs=0.01)
+    x = pseudo_input(LIN, 16, torch.Generator().manual_seed(0), dtype=torch.float64)
+    mean_loss = distillation_loss(g, LIN, [(t, LIN)], x, "mean")
+    assert distillation_loss(g, LIN, [(t, LIN)], x) == pytest.approx(4 * float(mean_loss))  # 4 output units
+
+
+def test_wider_client_input_equals_zero_padded_pseudo_data():
+    wide = LayerSpec("w", "linear", 0, 1, 12, 6)
+    t = _params(wide, 3)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    explicit = F.linear(F.pad(x, (0, 4)), t["weight"], t["bias"])[:, :4]
+    assert torch.allclose(teacher_output(t, wide, x, 4), explicit)
+    narrow = LayerSpec("n", "linear", 0, 1, 5, 3)
+    tn = _params(narrow, 4)
+    assert torch.allclose(teacher_output(tn, narrow, x, 3), F.linear(x[:, :5], tn["weight"], tn["bias"]))
+
+
+def test_conv_teacher_crop_pad_and_grouped_layers():
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    wide = LayerSpec("w", "conv", 0, 1, 8, 10, (3, 3), padding=(1, 1))
+    t = _params(wide, 5)
+    explicit = F.conv2d(F.pad(x, (0, 0, 0, 0, 0, 5)), t["weight"], t["bias"], padding=1)[:, :6]
+    assert torch.allclose(teacher_output(t, wide, x, 6), explicit)
+    dw = LayerSpec("dw", "conv", 0, 1, 5, 5, (3, 3), padding=(1, 1), groups=5)
+    td = _params(dw, 6)
+    explicit = F.conv2d(F.pad(x, (0, 0, 0, 0, 0, 2)), td["weight"], td["bias"], padding=1, groups=5)[:, :4]
+    assert torch.allclose(teacher_output(td, dw, x, 4), explicit)
+
+
+def test_center_crop_aligns_unpadded_and_padded_convs():
+    """A 5x5 valid conv and a 5x5 'same' conv with the same weights agree on the centred common window."""
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    p = _params(CONV, 0)
+    valid = F.conv2d(x, p["weight"], p["bias"])
+    same = F.conv2d(x, p["weight"], p["bias"], padding=2)
+    a, b = center_crop_pair(valid, same)
+    assert a.shape == b.shape == (2, 6, 8, 8) and torch.allclose(a, b)
+    same_spec = LayerSpec("s", "conv", 0, 1, 3, 6, (5, 5), padding=(2, 2))
+    assert float(distillation_loss(p, CONV, [(p, same_spec)], x)) == pytest.approx(0.0, abs=1e-20)
+
+
+def test_pseudo_input_shapes_and_errors():
+    gen = torch.Generator().manual_seed(0)
+    assert pseudo_input(CONV, 4, gen).shape == (4, 3, 12, 12)
+    assert pseudo_input(CONV, 4, gen, spatial=8).shape == (4, 3, 8, 8)
+    with pytest.raises(ValueError, match="no traced input size"):
+        pseudo_input(LayerSpec("c", "conv", 0, 1, 3, 4), 2, gen)
+    with pytest.raises(ValueError, match="cannot distil"):
+        distillation_loss(_params(LIN, 0), LIN, [(_params(CONV, 0), CONV)], torch.randn(2, 8, dtype=torch.float64))
+
+
+def test_merging_client_layers_keeps_the_exact_update():
+    """Grouped client layers (same geometry and compared widths) give the same step as the unmerged Eq. 3."""
+    from lightning_methods.federated.distill import merge_teachers
+
+    glob = LayerSpec("g", "conv", 0, 2, 8, 6, (3, 3), padding=(1, 1), input_size=(6, 6))
+    same = LayerSpec("a", "conv", 3, 9, 16, 10, (3, 3), padding=(1, 1))  # two of these merge
+    other = LayerSpec("b", "conv", 1, 4, 4, 6, (3, 3), padding=(1, 1), bias=False)
+    dw = LayerSpec("d", "conv", 2, 5, 8, 8, (3, 3), padding=(1, 1), groups=8)
+    teachers = [(_params(same, 1), same), (_params(same, 2), same), ({"weight": _params(other, 3)["weight"]}, other),
+                (_params(dw, 4), dw)]
+    assert sorted(n for _, _, n in merge_teachers(teachers, glob)) == [1, 1, 2]
+    g = _params(glob, 0)
+    new, _ = distill_layer(g, glob, teachers, steps=1, lr=0.1, batch_size=4, generator=torch.Generator().manual_seed(7))
+    x = pseudo_input(glob, 4, torch.Generator().manual_seed(7), dtype=torch.float64)
+    p = {k: v.clone().requires_grad_(True) for k, v in g.items()}
+    grads = torch.autograd.grad(distillation_loss(p, glob, teachers, x), list(p.values()))
+    for (k, v), grad in zip(g.items(), grads):
+        torch.testing.assert_close(new[k], v - 0.1 * grad, rtol=1e-12, atol=1e-12)

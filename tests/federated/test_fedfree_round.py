@@ -1,0 +1,132 @@
+"""The in-process runtime: one full FedFree round and its invariants, metrics and files, kill-and-resume equal to an
+uninterrupted run, refusal of a run directory written with other settings, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fedfree_testing import make_runner, wandb_history_keys
+
+from lightning_methods.federated import FedFree
+from lightning_methods.federated.algorithm import cpu_state
+from lightning_methods.federated.local import ClientRuntime
+from lightning_methods.runs import ConfigMismatchError
+
+
+class RecordingFedFree(FedFree):
+    """FedFree that records what clients upload, their weights after training, and drops client 0's download
+    (as if no KGE were positive for it)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.uploads, self.trained = {}, {}
+
+    def upload(self, before, net, extra, info):
+        payload = super().upload(before, net, extra, info)
+        self.uploads[info.client_id], self.trained[info.client_id] = payload, cpu_state(net)
+        return payload
+
+    def aggregate(self, round, uploads):
+        metrics = super().aggregate(round, uploads)
+        self.pending.pop(0, None)
+        self.sent = {c: p.meta["local_name"] for c, p in self.pending.items()}
+        return metrics
+
+
+def test_one_round_invariants_metrics_and_files(tmp_path, one_thread):
+    algo = RecordingFedFree(k=2)
+    logger = {"class_path": "lightning.pytorch.loggers.WandbLogger",
+              "init_args": {"project": "fedfree-test", "name": "tiny", "save_dir": str(tmp_path / "wandb")}}
+    runner = make_runner(tmp_path, algo, logger=logger)
+    summary = runner.run()
+    shapes = {f: {k: v.shape for k, v in runner.runtime.net(i, c).state_dict().items()}
+              for i, (f, c) in enumerate(zip(runner.families, runner.clients))}
+    for i, client in enumerate(runner.clients):
+        payload = algo.uploads[i]
+        assert len(payload.meta["specs"]) == 2  # exactly k layers uploaded
+        assert {k.rsplit(".", 1)[0] for k in payload.arrays} == {s["name"] for s in payload.meta["specs"]}
+        after, trained = client["weights"], algo.trained[i]
+        assert {k: v.shape for k, v in after.items()} == shapes[runner.families[i]]  # architecture unchanged
+        changed = {k.rsplit(".", 1)[0] for k in after if not torch.equal(after[k], trained[k])}
+        if i in algo.sent:
+            assert changed <= {algo.sent[i]}  # only the aligned layer moved
+        else:
+            assert changed == set()  # no positive KGE (client 0 here): bit-identical after alignment
+    record = runner.history[-1]
+    assert record["server/clients_aligned"] == len(algo.sent) + (1 if "0" in json.dumps(record["aligned"]) else 0)
+    assert 0 <= record["acc/min"] <= record["acc/mean"] <= record["acc/max"] <= 1
+    assert summary["final_mean"] == pytest.approx(record["acc/mean"]) and summary["rounds"] == 1
+    run_dir = tmp_path / "run"
+    for name in ("history.csv", "clients.csv", "results.json", "partition.json", "accuracy.png", "config.yaml"):
+        assert (run_dir / name).is_file() or name == "config.yaml"
+    clients = json.loads((run_dir / "results.json").read_text())["clients"]
+    assert [c["family"] for c in clients] == runner.families and all(c["final_acc"] is not None for c in clients)
+    expect = {"acc/mean", "acc/min", "acc/max", "server/distill_loss", "server/clients_aligned", "server/aligned",
+              "time/server", "local_epochs"}
+    assert expect <= wandb_history_keys(tmp_path / "wandb", expect)
+
+
+class Killed(Exception):
+    """Stands for a kill (SIGKILL, power loss) in the middle of a round."""
+
+
+def _state(runner):
+    return runner.clients, runner.algorithm.server_state_dict(), runner.history
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, one_thread, monkeypatch):
+    settings = dict(momentum=0.9, keep_optimizer_state=True)
+    full = make_runner(tmp_path / "a", FedFree(k=2, pseudo_batch_size=16), rounds=3, num_clients=2, **settings)
+    full.run()
+
+    calls, alive = [], [False]
+    fit = ClientRuntime.fit
+
+    def dying_fit(self, i, client, round):
+        calls.append((round, i))
+        if round == 3 and i == 1 and not alive[0]:
+            raise Killed("killed in round 3, client 1")
+        return fit(self, i, client, round)
+
+    monkeypatch.setattr(ClientRuntime, "fit", dying_fit)
+    with pytest.raises(Killed):
+        make_runner(tmp_path / "b", FedFree(k=2, pseudo_batch_size=16), rounds=3, num_clients=2, **settings).run()
+    calls.clear()
+    alive[0] = True
+    resumed = make_runner(tmp_path / "b", FedFree(k=2, pseudo_batch_size=16), rounds=3, num_clients=2, **settings)
+    resumed.run()
+    assert calls == [(3, 0), (3, 1)]  # finished rounds are not redone
+    (ca, sa, ha), (cb, sb, hb) = _state(full), _state(resumed)
+    for a, b in zip(ca, cb):
+        assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+        for k, st in a["optimizer"]["state"].items():
+            assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert all(torch.equal(sa["global_state"][k], sb["global_state"][k]) for k in sa["global_state"])
+    assert [h["client_acc"] for h in ha] == [h["client_acc"] for h in hb]
+    assert json.dumps([h["aligned"] for h in ha]) == json.dumps([h["aligned"] for h in hb])
+
+
+def test_run_dir_of_other_settings_is_refused(tmp_path, one_thread):
+    def runner(lr: float):
+        return make_runner(tmp_path, FedFree(k=2, pseudo_batch_size=16), num_clients=2,
+                           fingerprint={"federation": {"lr": lr}})
+
+    runner(0.01).run()
+    with pytest.raises(ConfigMismatchError, match="federation.lr"):
+        runner(0.05).run()
+
+
+def test_bad_input_stops_before_training(tmp_path, one_thread):
+    with pytest.raises(ValueError, match="k=40 critical layers requested but client family fedavg_cnn has only 4"):
+        make_runner(tmp_path / "k", FedFree(k=40)).run()
+    with pytest.raises(ValueError, match="unknown client family 'resnet9000'"):
+        make_runner(tmp_path / "f", FedFree(), families=["resnet9000"])
+    with pytest.raises(ValueError, match="k \\(critical layers per client\\) must be >= 1"):
+        FedFree(k=0)
+    runner = make_runner(tmp_path / "d", FedFree())
+    runner.trainer["devices"] = 2
+    with pytest.raises(ValueError, match="trainer.devices=2: clients train one after another"):
+        runner.run()
