@@ -22,3 +22,7 @@ __all__ += ["KOALAMonitor"]
 from .checkpoint import LatestCheckpoint  # noqa: E402
 
 __all__ += ["LatestCheckpoint"]
+
+from .bitwise_coreset import BitwiseCoresetCallback  # noqa: E402
+
+__all__ += ["BitwiseCoresetCallback"]

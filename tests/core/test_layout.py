@@ -269,6 +269,7 @@ CLASSIFIER_ARGS = {
 #: Arguments a subclass needs besides the base ones (keyed by class name), for the forwarding test.
 SUBCLASS_EXTRAS = {
     "DistillationClassifier": lambda: {"teacher": TinyNet(7), "log_teacher_accuracy": False},
+    "MultiBitClassifier": lambda: {"keep_first": False},  # TinyNet's only conv is its first layer
 }
 
 

@@ -1,0 +1,53 @@
+"""Multi-bit quantization: Any-Precision DNNs and EMQ.
+
+- EMQ: Kim, An, Jeon, Ko. *Efficient Multi-bit Quantization Network Training via Weight Bias Correction and Bit-wise
+  Coreset Sampling*. NeurIPS 2025, arXiv 2510.20673 (weight bias correction + shared BN, bit-wise coresets).
+- Baseline: Yu, Li, Shi, Huang, Hua. *Any-Precision Deep Neural Networks*. arXiv 1911.07346 (official code
+  SHI-Labs/Any-Precision-DNNs; switchable BN, recursive supervision).
+
+Public parts: :class:`MultiBitClassifier` (the LightningModule), :func:`quantize_model` (float network -> multi-bit
+network), :func:`recalibrate_bn` / :func:`bn_stats` / :func:`load_bn_stats` (BatchNorm statistics per bit-width),
+the coreset functions (:func:`el2n_scores`, :func:`grand_last_layer_scores`, :func:`select_coreset`,
+:func:`bitwise_epoch_order`, :func:`coreset_size`, :func:`refresh_due`) and :class:`TrainingCost`. Quantized layers,
+quantizers and ``set_bits`` live in ``lightning_methods.layers`` (``layers/quantized.py``); the backbone
+``resnet20x5`` in ``lightning_methods/models/preact_resnet.py``.
+
+Family files: callback ``lightning_methods.callbacks.BitwiseCoresetCallback`` (callbacks/bitwise_coreset.py),
+DataModules: the package's CIFAR / digits DataModules; configs ``configs/multibit/``; doc ``docs/methods/multibit.md``;
+tests ``tests/quantization/``; benchmark section ``benchmarks/multibit_cases.py``.
+"""
+
+from .bn import batchnorms, bn_stats, load_bn_stats, recalibrate_bn
+from .convert import DEFAULT_FLOAT_WEIGHT_LAYERS, DEFAULT_PLAIN_BN_LAYERS, classifier_layer, quantize_model
+from .coreset import (
+    bitwise_epoch_order,
+    coreset_size,
+    el2n_scores,
+    grand_last_layer_scores,
+    refresh_due,
+    select_coreset,
+    union_fraction,
+)
+from .cost import TrainingCost
+from .module import CALIBRATED_BITS, MultiBitClassifier
+
+__all__ = [
+    "CALIBRATED_BITS",
+    "DEFAULT_FLOAT_WEIGHT_LAYERS",
+    "DEFAULT_PLAIN_BN_LAYERS",
+    "MultiBitClassifier",
+    "TrainingCost",
+    "batchnorms",
+    "bitwise_epoch_order",
+    "bn_stats",
+    "classifier_layer",
+    "coreset_size",
+    "el2n_scores",
+    "grand_last_layer_scores",
+    "load_bn_stats",
+    "quantize_model",
+    "recalibrate_bn",
+    "refresh_due",
+    "select_coreset",
+    "union_fraction",
+]

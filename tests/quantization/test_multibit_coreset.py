@@ -1,0 +1,103 @@
+"""Bit-wise coreset functions: scores against autograd, subset size and choice, schedule, per-step batch layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_methods.quantization import (
+    bitwise_epoch_order,
+    coreset_size,
+    el2n_scores,
+    grand_last_layer_scores,
+    refresh_due,
+    select_coreset,
+    union_fraction,
+)
+
+
+def test_el2n_is_the_norm_of_the_logit_gradient():
+    logits = torch.randn(6, 5, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    grads = torch.stack([torch.autograd.grad(F.cross_entropy(logits[i : i + 1], y[i : i + 1]), logits)[0][i]
+                         for i in range(6)])
+    torch.testing.assert_close(el2n_scores(logits.detach(), y), grads.norm(dim=1))
+
+
+def test_grand_is_the_norm_of_the_classifier_gradient():
+    torch.manual_seed(0)
+    fc, h, y = torch.nn.Linear(7, 4), torch.randn(5, 7), torch.tensor([0, 1, 2, 3, 1])
+    expected = []
+    for i in range(5):
+        gw, gb = torch.autograd.grad(F.cross_entropy(fc(h[i : i + 1]), y[i : i + 1]), [fc.weight, fc.bias])
+        expected.append(torch.cat([gw.flatten(), gb]).norm())
+    torch.testing.assert_close(grand_last_layer_scores(fc(h).detach(), y, h), torch.stack(expected))
+
+
+def test_size_and_bad_prune_rates():
+    assert coreset_size(1000, 0.8) == 200 and coreset_size(1000, 0.6) == 400 and coreset_size(1000, 0.0) == 1000
+    assert coreset_size(3, 0.99) == 1
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="prune_rate must be in \\[0, 1\\)"):
+            coreset_size(100, bad)
+
+
+def test_top_scores_with_index_tie_break():
+    scores = torch.tensor([0.5, 0.9, 0.5, 0.1, 0.9, 0.5])
+    index = torch.tensor([50, 40, 30, 20, 10, 0])  # dataset indices, not positions
+    # 0.9 at positions 1 and 4, then 0.5 by smaller index: position 5 (index 0), position 2 (index 30)
+    assert select_coreset(scores, index, 3).tolist() == [1, 4, 5]
+    assert select_coreset(scores, index, 4).tolist() == [1, 2, 4, 5]
+    with pytest.raises(ValueError, match="coreset size"):
+        select_coreset(scores, index, 7)
+
+
+def test_stratified_and_random_fraction():
+    scores = torch.arange(10.0)
+    index, targets = torch.arange(10), torch.tensor([0] * 5 + [1] * 5)
+    assert select_coreset(scores, index, 4).tolist() == [6, 7, 8, 9]
+    assert select_coreset(scores, index, 4, targets, stratified=True).tolist() == [3, 4, 8, 9]
+    g = torch.Generator().manual_seed(0)
+    mixed = select_coreset(scores, index, 4, random_fraction=0.5, generator=g)
+    assert len(mixed) == 4 and {8, 9} <= set(mixed.tolist())
+    again = select_coreset(scores, index, 4, random_fraction=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, again)  # deterministic under a seed
+
+
+def test_refresh_schedule():
+    due = [e for e in range(25) if refresh_due(e, warmup_full=2, refresh_every=10)]
+    assert due == [2, 12, 22]
+    assert [e for e in range(4) if refresh_due(e, 0, 1)] == [0, 1, 2, 3]
+
+
+def test_bitwise_order_visits_each_subset_once_per_epoch():
+    n, subsets = 50, [torch.arange(0, 20), torch.arange(10, 30), torch.arange(0, 40, 2)]
+    order = bitwise_epoch_order(subsets, n, batch_size=6, seed=0, epoch=3)
+    assert order.numel() == 3 * 20
+    steps = [order[i : i + 18] for i in range(0, 54, 18)] + [order[54:]]  # 3 full steps of 3 x 6, then 3 x 2
+    for step in steps:
+        chunks = step.view(3, -1)
+        for chunk, subset in zip(chunks, subsets):
+            assert torch.isin(chunk, subset).all()
+    per_bit = [torch.cat([s.view(3, -1)[b] for s in steps]) for b in range(3)]
+    assert all(torch.equal(p.sort().values, s) for p, s in zip(per_bit, subsets))
+    same = bitwise_epoch_order([torch.arange(12)] * 2, 12, 4, 0, 0)
+    assert torch.equal(same.view(-1, 2, 4)[:, 0], same.view(-1, 2, 4)[:, 1])  # equal subsets -> equal batches
+    assert not torch.equal(order, bitwise_epoch_order(subsets, n, 6, 0, 4))  # a new order every epoch
+    assert bitwise_epoch_order(subsets, n, 6, 0, 3, drop_last=True).numel() == 3 * 18
+    with pytest.raises(ValueError, match="one size"):
+        bitwise_epoch_order([torch.arange(3), torch.arange(4)], 5, 2, 0, 0)
+
+
+def test_bitwise_order_shards_one_global_order_over_ranks():
+    subsets = [torch.arange(0, 40), torch.arange(20, 60)]
+    single = bitwise_epoch_order(subsets, 64, batch_size=8, seed=1, epoch=0)
+    ranks = [bitwise_epoch_order(subsets, 64, batch_size=4, seed=1, epoch=0, rank=r, world_size=2) for r in (0, 1)]
+    for b in range(2):
+        global_bit = single.view(-1, 2, 8)[:, b].flatten()
+        rank_bits = [r.view(-1, 2, 4)[:, b].flatten() for r in ranks]
+        assert not set(rank_bits[0].tolist()) & set(rank_bits[1].tolist())  # disjoint shards of one subset
+        interleaved = torch.stack(rank_bits, dim=1).flatten()  # rank r takes entries r, r + 2, ... of the global one
+        assert torch.equal(interleaved, global_bit)
+    assert union_fraction(subsets, 64) == 60 / 64

@@ -1,0 +1,195 @@
+"""MultiBitClassifier + BitwiseCoresetCallback in the Trainer: one optimizer step per batch, detached soft targets,
+per-bit batches from the subsets, refresh schedule, cost counters, per-bit metrics, resume, bad input."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
+from multibit_helpers import BITS, TinyImages, tiny_model
+from torch.utils.data import DataLoader
+
+from lightning_methods.callbacks import BitwiseCoresetCallback
+from lightning_methods.layers import set_bits
+from lightning_methods.optim import SAM
+from lightning_methods.quantization import MultiBitClassifier
+
+from helpers import quiet_trainer
+
+
+class Recorder(Callback):
+    """Records, per training batch, the dataset indices of every bit-width's chunk and the optimizer step count."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[int, bool, list[torch.Tensor]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        chunks = pl_module.chunks(batch)
+        self.chunks.append((trainer.current_epoch, pl_module.bitwise_batches, [c["index"].clone() for c in chunks]))
+
+
+class CountingAdam(torch.optim.Adam):
+    steps = 0
+
+    def step(self, closure=None):
+        CountingAdam.steps += 1
+        return super().step(closure)
+
+
+def fit(model, callbacks=(), epochs=3, **trainer_kw):
+    args = dict(max_epochs=epochs, reload_dataloaders_every_n_epochs=1, callbacks=list(callbacks))
+    args.update(trainer_kw)
+    trainer = quiet_trainer(**args)
+    trainer.fit(model, TinyImages())
+    return trainer
+
+
+def test_one_optimizer_step_per_batch_and_subsets_per_bit(one_thread):
+    CountingAdam.steps = 0
+    model = tiny_model(optimizer=partial(CountingAdam, lr=1e-2))
+    coreset, rec = BitwiseCoresetCallback(prune_rate=0.5, refresh_every=1, warmup_full=1), Recorder()
+    trainer = fit(model, [coreset, rec], epochs=2)
+    assert CountingAdam.steps == trainer.global_step == len(rec.chunks) == 6 + 3  # 48 / 8, then 24 / 8
+    warm = [c for c in rec.chunks if c[0] == 0]
+    assert all(not bitwise and all(torch.equal(i[0], j) for j in i) for _, bitwise, i in warm)  # one shared batch
+    bitwise_steps = [c for c in rec.chunks if c[0] == 1]
+    assert all(b for _, b, _ in bitwise_steps)
+    positions = trainer.datamodule.train_set.indices  # index == position here
+    for k, bits in enumerate(model.train_order):
+        seen = torch.cat([chunks[k] for _, _, chunks in bitwise_steps]).sort().values
+        assert torch.equal(seen, positions[coreset.subsets[bits]])  # each child visits its subset once
+    cost = model.cost.history
+    assert cost[0]["samples_by_kind"]["train"] == {str(b): 48 for b in model.train_order}
+    assert cost[1]["samples_by_kind"]["train"] == {str(b): 24 for b in model.train_order}
+    assert cost[1]["samples_by_kind"]["score"] == {str(b): 48 for b in model.train_order}
+    assert cost[1]["samples"] == 5 * 24 + 5 * 48 and model.cost.total_samples[1] == 48 + 24 + 48
+    assert trainer.callback_metrics["coreset/subset_fraction"] == 0.5
+
+
+def test_refresh_only_on_schedule(one_thread, monkeypatch):
+    coreset = BitwiseCoresetCallback(prune_rate=0.75, refresh_every=2, warmup_full=1, score="random")
+    refreshed = []
+    original = coreset.refresh
+    monkeypatch.setattr(coreset, "refresh", lambda t, m, e: (refreshed.append(e), original(t, m, e)))
+    fit(tiny_model(), [coreset], epochs=5, limit_val_batches=0)
+    assert refreshed == [1, 3]
+
+
+def test_soft_targets_carry_no_gradient(one_thread):
+    """The gradient of one step equals the sum of per-bit gradients with the teacher's softmax as a constant."""
+    torch.manual_seed(0)
+    model = tiny_model(supervision="recursive").double()
+    grads = {}
+
+    class Grab(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    reference = tiny_model(supervision="recursive").double()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.arange(8) % 4
+    batch = {"image": x, "target": y, "index": torch.arange(8)}
+    quiet_trainer(max_steps=1, callbacks=[Grab()], precision="64-true").fit(model, DataLoader([batch], batch_size=None))
+    reference.train()
+    teacher, total = None, 0
+    for bits in reference.train_order:
+        set_bits(reference.backbone, bits)
+        logits = reference(x)
+        if teacher is None:
+            loss = F.cross_entropy(logits, y)
+        else:
+            loss = -(torch.softmax(teacher, -1) * F.log_softmax(logits, -1)).sum(-1).mean()
+        teacher = logits.detach()
+        total = total + loss
+    total.backward()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_per_bit_metrics_and_test_eval_bits(one_thread, tmp_path):
+    model = tiny_model(eval_bits=[1, 3, 32], bn_recalibration="untrained")
+    trainer = fit(model, epochs=1, limit_val_batches=2)
+    for bits in (1, 3, 32):
+        assert f"val/acc_bit{bits}" in trainer.callback_metrics
+    mean = (trainer.callback_metrics["val/acc_bit1"] + trainer.callback_metrics["val/acc_bit32"]) / 2
+    assert trainer.callback_metrics["val/acc"] == pytest.approx(float(mean))  # mean over the trained bits
+    model.eval_bits = [2, 5]  # untrained ones: recalibrated, training statistics restored afterwards
+    before = [b.clone() for b in model.backbone.layers[0].bn0.running_mean]
+    metrics = trainer.test(model, TinyImages(), verbose=False)[0]
+    assert {"test/acc_bit2", "test/acc_bit5"} <= set(metrics)
+    assert torch.equal(torch.stack(before), model.backbone.layers[0].bn0.running_mean)
+
+
+def _run(tmp_path, epochs, ckpt=None):
+    torch.manual_seed(0)
+    model = tiny_model()
+    coreset = BitwiseCoresetCallback(prune_rate=0.5, refresh_every=2, warmup_full=1)
+    calls = []
+    original = coreset.refresh
+    coreset.refresh = lambda t, m, e: (calls.append(e), original(t, m, e))
+    trainer = quiet_trainer(max_epochs=epochs, reload_dataloaders_every_n_epochs=1, default_root_dir=tmp_path,
+                            callbacks=[coreset, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+                            enable_checkpointing=True, limit_val_batches=1)
+    trainer.fit(model, TinyImages(), ckpt_path=ckpt)
+    return model, coreset, calls
+
+
+def test_resume_gives_the_same_next_steps(one_thread, tmp_path):
+    full, full_cb, full_calls = _run(tmp_path / "a", 4)
+    _run(tmp_path / "b", 2)
+    resumed, resumed_cb, resumed_calls = _run(tmp_path / "b", 4, ckpt=str(tmp_path / "b" / "last.ckpt"))
+    assert full_calls == [1, 3] and resumed_calls == [3]  # the finished refresh of epoch 1 is not redone
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    for bits in full.bits:
+        assert torch.equal(full_cb.subsets[bits], resumed_cb.subsets[bits])
+        assert torch.equal(full_cb.scores[bits], resumed_cb.scores[bits])
+    assert full.cost.total_samples == resumed.cost.total_samples
+
+
+def test_bad_input_is_refused(one_thread):
+    with pytest.raises(ValueError, match="eval_bits is empty"):
+        tiny_model(eval_bits=[])
+    with pytest.raises(ValueError, match="1..32"):
+        tiny_model(bits=[0, 32])
+    with pytest.raises(ValueError, match="1..32"):
+        tiny_model(eval_bits=[64])
+    for bad in (1.0, -0.2):
+        with pytest.raises(ValueError, match="prune_rate must be in"):
+            BitwiseCoresetCallback(prune_rate=bad)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs: 1"):
+        quiet_trainer(max_epochs=1, callbacks=[BitwiseCoresetCallback()]).fit(tiny_model(), TinyImages())
+    with pytest.raises(ValueError, match="no layer left to quantize"):
+        MultiBitClassifier(backbone="resnet8", num_classes=4, float_layers=["*conv*", "*downsample*"])
+    sam = partial(SAM, base_optimizer=partial(torch.optim.SGD, lr=0.1), rho=0.05)
+    trainer = quiet_trainer(max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu")])
+    with pytest.raises(ValueError, match="cannot run under precision='16-mixed'"):
+        trainer.fit(tiny_model(optimizer=sam), TinyImages())
+
+
+def test_all_bits_train_through_the_closure_with_sam(one_thread):
+    """A two-pass optimizer re-runs every bit-width; BN statistics move once per batch."""
+    sam = partial(SAM, base_optimizer=partial(torch.optim.SGD, lr=0.05), rho=0.05)
+    model = tiny_model(optimizer=sam, shared_bn=True)
+    trainer = fit(model, epochs=1, limit_val_batches=0, limit_train_batches=2)
+    assert trainer.global_step == 2
+    assert int(model.backbone.layers[0].bn0.num_batches_tracked) == 2 * len(BITS)
+
+
+def test_gpu_resident_loader_and_grand_scores(one_thread):
+    """The device-resident loader is sliced by the same per-bit order; GraNd reads the classifier's input."""
+    model, rec = tiny_model(), Recorder()
+    coreset = BitwiseCoresetCallback(prune_rate=0.75, refresh_every=1, warmup_full=0, score="grand")
+    trainer = quiet_trainer(max_epochs=1, reload_dataloaders_every_n_epochs=1, callbacks=[coreset, rec],
+                            limit_val_batches=0)
+    trainer.fit(model, TinyImages(gpu_resident=True))
+    # 12 samples per bit-width, batch 8, the loader's drop_last: one step
+    assert len(rec.chunks) == 1 and all(bitwise for _, bitwise, _ in rec.chunks)
+    for k, bits in enumerate(model.train_order):
+        seen = torch.cat([chunks[k] for _, _, chunks in rec.chunks])
+        assert torch.isin(seen, coreset.subsets[bits]).all() and len(seen) == 8
+        assert len(coreset.scores[bits]) == 48 and (coreset.scores[bits] > 0).all()
