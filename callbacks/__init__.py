@@ -26,3 +26,16 @@ __all__ += ["LatestCheckpoint"]
 from .bitwise_coreset import BitwiseCoresetCallback  # noqa: E402
 
 __all__ += ["BitwiseCoresetCallback"]
+
+from .attention_locality import AttentionLocality  # noqa: E402
+
+__all__ += ["AttentionLocality"]
+
+from .gather_predictions import GatherPredictions  # noqa: E402
+from .warmup_ema import WarmupEMA  # noqa: E402
+
+__all__ += ["GatherPredictions", "WarmupEMA"]
+
+from .tunnel_probe import TunnelProbe  # noqa: E402
+
+__all__ += ["TunnelProbe"]

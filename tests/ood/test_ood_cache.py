@@ -1,0 +1,109 @@
+"""The embedding cache: reuse, invalidation by encoder / preprocessing / images, policies, never reused for the wrong
+inputs; and the encoders: timm (random init, local weights file, missing weights offline), package checkpoints,
+package backbones, unknown names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from lightning_methods import ImageClassifier
+from lightning_methods.datamodules import DigitsDataModule, load_digits_uint8
+from lightning_methods.ood.cache import EmbeddingCache, StaleCacheError, content_hash
+from lightning_methods.ood.encoders import EncoderSpec, build_encoder, weights_fingerprint
+from lightning_methods.ood.features import FeatureSet
+
+from helpers import quiet_trainer
+
+IMAGES = load_digits_uint8()[0][:8]
+
+
+def _fp(spec: EncoderSpec, images=IMAGES):
+    encoder, fp = build_encoder(spec, 10)
+    return encoder, {"encoder": fp, "images": {"content_sha256": content_hash(images)}}
+
+
+def test_cache_reuse_and_invalidation(tmp_path, one_thread):
+    cache = EmbeddingCache(tmp_path)
+    encoder, fp = _fp(EncoderSpec("e", backbone="resnet8", seed=0))
+    with torch.no_grad():
+        feats = FeatureSet(encoder(IMAGES)[0], torch.arange(8), torch.zeros(8, dtype=torch.long))
+    assert cache.lookup("e", "set", fp) == (None, "not cached")
+    cache.store("e", "set", feats, fp)
+    found, reason = cache.lookup("e", "set", fp)
+    assert reason == "" and torch.equal(found.features, feats.features)
+    meta = json.loads((tmp_path / "e" / "set.json").read_text())
+    assert meta["fingerprint"]["encoder"]["preprocess"]["input_size"] == 32 and meta["samples"] == 8
+    changes = {"weights_sha256": _fp(EncoderSpec("e", backbone="resnet8", seed=1))[1],
+               "preprocess.input_size": _fp(EncoderSpec("e", backbone="resnet8", seed=0, input_size=40))[1],
+               "content_sha256": _fp(EncoderSpec("e", backbone="resnet8", seed=0), IMAGES.flip(0))[1]}
+    for field, other in changes.items():
+        found, reason = cache.lookup("e", "set", other)
+        assert found is None and field in reason
+    with pytest.raises(StaleCacheError, match="weights_sha256"):
+        EmbeddingCache(tmp_path, "require").lookup("e", "set", changes["weights_sha256"])
+    with pytest.raises(FileNotFoundError, match="require"):
+        EmbeddingCache(tmp_path, "require").lookup("e", "other_set", fp)
+    assert EmbeddingCache(tmp_path, "refresh").lookup("e", "set", fp)[0] is None
+    # a feature file copied over from another encoder is never used for this one
+    cache.store("f", "set", feats, changes["weights_sha256"])
+    (tmp_path / "e" / "set.pt").write_bytes((tmp_path / "f" / "set.pt").read_bytes())
+    with pytest.raises(StaleCacheError, match="never reused"):
+        cache.load("e", "set", fp)
+    (tmp_path / "e" / "set.pt").write_bytes(b"truncated")
+    found, reason = cache.lookup("e", "set", fp)
+    assert found is None and "truncated" in reason
+    with pytest.raises(ValueError, match="policy"):
+        EmbeddingCache(tmp_path, "sometimes")
+
+
+def test_timm_encoder_random_init_and_local_weights_file(tmp_path, one_thread):
+    encoder, fp = build_encoder(EncoderSpec("t", timm="resnet10t", pretrained=False, input_size=48, seed=3), 10)
+    again, fp2 = build_encoder(EncoderSpec("t", timm="resnet10t", pretrained=False, input_size=48, seed=3), 10)
+    assert fp == fp2 and fp["preprocess"]["mean"] == [0.485, 0.456, 0.406]  # timm's pretrained config
+    with torch.no_grad():
+        feats, logits = encoder(IMAGES)
+    assert feats.shape == (8, 512) and logits is None
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(encoder.net.state_dict(), weights)
+    loaded, fp3 = build_encoder(EncoderSpec("t", timm="resnet10t", weights=str(weights), input_size=48), 10)
+    assert weights_fingerprint(loaded.net) == fp["weights_sha256"] == fp3["weights_sha256"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IMAGES)[0], feats)
+
+
+def test_package_checkpoint_encoder(tmp_path, one_thread):
+    dm = DigitsDataModule(batch_size=32)
+    module = ImageClassifier(backbone="resnet8", num_classes=10)
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(module, datamodule=dm)
+    path = tmp_path / "cls.ckpt"
+    trainer.save_checkpoint(path)
+    encoder, fp = build_encoder(EncoderSpec("c", checkpoint=str(path), mean=[0.0] * 3, std=[1.0] * 3), 10)
+    module.eval()
+    with torch.no_grad():
+        feats, logits = encoder(IMAGES)
+        x = IMAGES.float() / 255
+        torch.testing.assert_close(feats, module.backbone.forward_features(x))
+        torch.testing.assert_close(logits, module(x))
+    assert fp["kind"] == "checkpoint" and fp["backbone"] == "resnet8" and len(fp["weights_sha256"]) == 64
+
+
+def test_bad_encoders_are_named(tmp_path):
+    with pytest.raises(ValueError, match="not a timm model"):
+        build_encoder(EncoderSpec("x", timm="no_such_model_v9"), 10)
+    with pytest.raises(ValueError, match="unknown package backbone"):
+        build_encoder(EncoderSpec("x", backbone="resnet9999"), 10)
+    with pytest.raises(ValueError, match="exactly one"):
+        EncoderSpec("x", timm="resnet10t", backbone="resnet8")
+    cached = [n for n in ("resnet10t", "vit_small_patch14_dinov2.lvd142m") if timm.is_model(n)]
+    with pytest.raises(FileNotFoundError, match="weights: /path"):  # offline, not in the cache: fails at once
+        build_encoder(EncoderSpec("x", timm=cached[-1], allow_download=False), 10)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_encoder(EncoderSpec("x", timm="resnet10t", weights=str(tmp_path / "missing.pth")), 10)
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a package ImageClassifier checkpoint"):
+        build_encoder(EncoderSpec("x", checkpoint=str(tmp_path / "other.ckpt")), 10)

@@ -1,0 +1,81 @@
+"""The tunnel probe under DDP (2 CPU processes, gloo): shards padded by the DistributedSampler are gathered by sample
+index without duplicates, each layer is probed on one rank, and every rank ends with the table of one process, both
+for the prober in a plain process group and for the TunnelProbe callback under ``Trainer(strategy="ddp")``."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lightning_methods.datamodules import IndexedTensorDataset
+from lightning_methods.models import create_backbone
+from lightning_methods.tunnel import ProbeData, ProbeSettings, TunnelProber, class_subset
+from lightning_methods.tunnel.data import image_preparer
+
+from helpers import run_ddp
+
+
+def synthetic(n: int, classes: int, seed: int) -> IndexedTensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = (torch.rand(n, 3, 32, 32, generator=g) * 80 + y[:, None, None, None] * 15).to(torch.uint8)
+    return IndexedTensorDataset(x, y)
+
+
+def probe_once() -> dict:
+    torch.manual_seed(0)
+    model = create_backbone("mlp", 5, depth=5, width=24)
+    data = ProbeData("toy", synthetic(61, 5, 0), synthetic(33, 5, 1), 5)  # odd sizes: the sampler pads shards
+    ood = class_subset(ProbeData("toy8", synthetic(45, 8, 2), synthetic(27, 8, 3), 8), 4, seed=1)
+    settings = ProbeSettings(max_train_samples=57, probe_epochs=4, probe_batch_size=16, extract_batch_size=8,
+                             feature_dtype="float16", ood_classes=4)
+    prepare = image_preparer((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    return TunnelProber(settings).run(model, data, prepare, ood).to_dict()
+
+
+def fit_with_probe(devices: int) -> dict:
+    import lightning as L
+
+    from lightning_methods import ImageClassifier
+    from lightning_methods.callbacks import TunnelProbe
+    from lightning_methods.datamodules import DigitsDataModule
+
+    torch.manual_seed(0)
+    model = ImageClassifier("mlp", 10, backbone_kwargs={"depth": 4, "width": 16},
+                            optimizer=lambda p: torch.optim.SGD(p, lr=0.0))  # same weights with 1 or 2 processes
+    probe = TunnelProbe(max_train_samples=301, max_test_samples=99, probe_epochs=3, extract_batch_size=32,
+                        ood_data=DigitsDataModule(), ood_classes=3, log_wandb=False)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[probe])
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    return probe.history[-1]["report"]
+
+
+def _worker(rank: int, world_size: int) -> tuple[dict, dict]:
+    dist.init_process_group("gloo")
+    try:
+        direct = probe_once()
+    finally:
+        dist.destroy_process_group()
+    return direct, fit_with_probe(world_size)  # the callback under Trainer(strategy="ddp") joins its own group
+
+
+def test_ddp_table_equals_one_process(tmp_path, monkeypatch, one_thread):
+    """One spawn for both checks: the prober in a plain process group, and the callback under the ddp strategy."""
+    monkeypatch.chdir(tmp_path)
+    (r0, fit0), (r1, fit1) = run_ddp(_worker, world_size=2)
+    single = probe_once()
+    assert r0 == r1  # identical on every rank (broadcast from rank 0)
+    assert r0["summary"]["world_size"] == 2
+    assert r0["summary"]["samples"] == single["summary"]["samples"] == {
+        "id_train": 57, "id_test": 33, "ood_train": single["summary"]["samples"]["ood_train"],
+        "ood_test": single["summary"]["samples"]["ood_test"]}
+    keys = ("layer", "name", "dim", "rank", "acc_id", "train_acc_id", "acc_ood", "train_acc_ood", "in_tunnel")
+    for a, b in zip(r0["rows"], single["rows"]):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    for key in ("tunnel_start_layer", "elbow_layer", "ood_peak_layer", "ood_retained_pct"):
+        assert r0["summary"][key] == single["summary"][key]
+    fit_single = fit_with_probe(1)
+    assert fit0["rows"] == fit1["rows"] == fit_single["rows"]
+    assert fit0["summary"]["samples"] == fit_single["summary"]["samples"] and fit0["summary"]["world_size"] == 2
