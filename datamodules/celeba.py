@@ -36,7 +36,8 @@ class CelebADataModule(OODImageDataModule):
     def __init__(self, data_dir: str = "data", download: bool = True, image_size: int = 32,
                  max_samples: int | None = None, train_split: str = "train", test_split: str = "test",
                  **kwargs) -> None:
-        super().__init__(data_dir, download, image_size, train_split, test_split, **kwargs)
+        super().__init__(data_dir=data_dir, download=download, image_size=image_size, train_split=train_split,
+                         test_split=test_split, **kwargs)
         self.max_samples = max_samples
 
     @property

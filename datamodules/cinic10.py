@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lightning_methods.utils import atomic_torch_save, safe_torch_load
 
-from .base import Augment, ImageDataModule
+from .base import ImageDataModule
 
 CINIC10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CINIC10_URL = "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz"
@@ -84,19 +85,9 @@ class CINIC10DataModule(ImageDataModule):
         download: bool = True,
         train_splits: Sequence[str] = ("train",),
         cache: bool = True,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        val_split: float = 0.0,
-        augment: Augment = "standard",
-        gpu_resident: bool = False,
-        cutmix_alpha: float = 0.0,
-        mixup_alpha: float = 0.0,
-        seed: int = 0,
-        pin_memory: bool | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, val_split, augment, gpu_resident, cutmix_alpha,
-                         mixup_alpha, seed, pin_memory)
+        super().__init__(**kwargs)
         bad = [s for s in train_splits if s not in ("train", "valid")]
         if bad or not train_splits:
             raise ValueError(f"train_splits must be a non-empty subset of ('train', 'valid'), got {list(train_splits)}")

@@ -57,8 +57,8 @@ class CorruptedDataModule(ImageDataModule):
             raise ValueError(f"unknown corruption {corruption!r}; choose one of {CORRUPTIONS}")
         if not 1 <= severity <= 5:
             raise ValueError(f"severity must be in 1..5, got {severity}")
-        super().__init__(batch_size or base.batch_size, base.eval_batch_size, base.num_workers, 0.0, "none", False,
-                         0.0, 0.0, seed)
+        super().__init__(batch_size=batch_size or base.batch_size, eval_batch_size=base.eval_batch_size,
+                         num_workers=base.num_workers, augment="none", seed=seed, pin_memory=base.pin_memory)
         self.base, self.corruption, self.severity, self.corrupt_train = base, name, severity, corrupt_train
         self.num_classes, self.mean, self.std = base.num_classes, base.mean, base.std
 
@@ -104,7 +104,8 @@ class CIFARCDataModule(OODImageDataModule):
             raise ValueError(f"release must be one of {tuple(CIFAR_C_URLS)}, got {release!r}")
         if not 1 <= severity <= 5:
             raise ValueError(f"severity must be in 1..5, got {severity}")
-        super().__init__(data_dir, download, 32, "test", "test", **kwargs)
+        super().__init__(data_dir=data_dir, download=download, image_size=32, train_split="test", test_split="test",
+                         **kwargs)
         self.release, self.corruption, self.severity = release, corruption, severity
         self.num_classes = 10 if release == "CIFAR-10-C" else 100
         self.url = CIFAR_C_URLS[release]

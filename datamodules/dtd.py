@@ -33,7 +33,8 @@ class DTDDataModule(OODImageDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = True, image_size: int = 32, partition: int = 1,
                  train_split: str = "train", test_split: str = "all", **kwargs) -> None:
-        super().__init__(data_dir, download, image_size, train_split, test_split, **kwargs)
+        super().__init__(data_dir=data_dir, download=download, image_size=image_size, train_split=train_split,
+                         test_split=test_split, **kwargs)
         if not 1 <= partition <= 10:
             raise ValueError(f"DTD partitions are numbered 1..10, got {partition}")
         self.partition = partition

@@ -75,7 +75,8 @@ class FederatedDataModule(ImageDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, 0.0, augment, False, 0.0, 0.0, seed, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         augment=augment, seed=seed, pin_memory=pin_memory)
         if dataset not in ("cifar10", "cifar100", "digits"):
             raise ValueError(f"dataset must be 'cifar10', 'cifar100' or 'digits', got {dataset!r}")
         if augment == "autoaugment":

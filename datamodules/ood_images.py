@@ -99,7 +99,8 @@ class OODImageDataModule(ImageDataModule):
                  train_split: str = "train", test_split: str = "test", batch_size: int = 128,
                  eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
                  pin_memory: bool | None = None) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, 0.0, "none", False, 0.0, 0.0, seed, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         augment="none", seed=seed, pin_memory=pin_memory)  # OOD sets are embedded, never trained on
         for split in (train_split, test_split):
             self._check_split(split)
         self.data_dir = Path(data_dir).expanduser()

@@ -43,7 +43,8 @@ class Places365DataModule(OODImageDataModule):
                  image_list: str | None = None, image_root: str | None = None, max_samples: int | None = None,
                  train_split: str = "val", test_split: str | None = None, **kwargs) -> None:
         test = test_split or ("list" if image_list else "val")
-        super().__init__(data_dir, download, image_size, train_split, test, **kwargs)
+        super().__init__(data_dir=data_dir, download=download, image_size=image_size, train_split=train_split,
+                         test_split=test, **kwargs)
         if "list" in (train_split, test) and not image_list:
             raise ValueError("Places365 split 'list' needs image_list (an OpenOOD benchmark list)")
         self.image_list = Path(image_list).expanduser() if image_list else None

@@ -45,7 +45,7 @@ class SamplePatchesDataModule(OODImageDataModule):
 
     def __init__(self, num_samples: int = 500, crop: int = 96, image_size: int = 32, seed: int = 0,
                  batch_size: int = 128) -> None:
-        ImageDataModule.__init__(self, batch_size, None, 0, 0.0, "none", False, 0.0, 0.0, seed)
+        ImageDataModule.__init__(self, batch_size=batch_size, num_workers=0, augment="none", seed=seed)
         self.num_samples, self.crop, self.image_size = num_samples, crop, image_size
         self.train_split, self.test_split, self.download = "train", "test", False
 

@@ -76,7 +76,11 @@ class FedKDClientModule(FedClientModule):
 
     def __init__(self, backbone: nn.Module, mentee: nn.Module, w_h: nn.Linear, mentee_lr: float = 0.01,
                  clip: float = 10.0, lr: float = 0.01, **kwargs: Any) -> None:
-        super().__init__(backbone, lr=lr, **kwargs)
+        for name in ("optimizer", "lr_scheduler"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"FedKD clients build their own SGD optimizers (lr, mentee_lr, as HtFLlib does); "
+                                 f"{name} is not used: remove it")
+        super().__init__(backbone=backbone, lr=lr, **kwargs)
         self.mentee, self.w_h = mentee, w_h
         self.lr, self.mentee_lr, self.clip = lr, mentee_lr, clip
         self.sgd = {"momentum": kwargs.get("momentum", 0.0), "weight_decay": kwargs.get("weight_decay", 0.0)}

@@ -7,6 +7,7 @@ keep one entry per index).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -21,8 +22,19 @@ def is_distributed() -> bool:
 
 
 def get_rank() -> int:
-    """This process's rank (0 without a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's global rank: the process group's, or, before it exists, the one a launcher put in the
+    environment (``RANK``, then ``LOCAL_RANK`` with ``NODE_RANK`` / ``LOCAL_WORLD_SIZE``, then ``SLURM_PROCID``), so
+    code that runs before ``Trainer.fit`` (run directories, locks) already knows whether it is rank zero in a process
+    started by Lightning's DDP launcher or torchrun; 0 otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if "LOCAL_RANK" in env:
+        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1)))
+        return int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))) * local_world + int(env["LOCAL_RANK"])
+    return int(env.get("SLURM_PROCID", 0))
 
 
 def get_world_size() -> int:

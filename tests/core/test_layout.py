@@ -270,7 +270,17 @@ CLASSIFIER_ARGS = {
 SUBCLASS_EXTRAS = {
     "DistillationClassifier": lambda: {"teacher": TinyNet(7), "log_teacher_accuracy": False},
     "MultiBitClassifier": lambda: {"keep_first": False},  # TinyNet's only conv is its first layer
+    **{name: lambda: {"backbone": _fed_client()} for name in ("FedClientModule", "FedProxClientModule",
+                                                              "FedProtoClientModule")},
+    "FedKDClientModule": lambda: {"backbone": _fed_client(), "mentee": _fed_client(),
+                                  "w_h": torch.nn.Linear(512, 512, bias=False)},
 }
+
+
+def _fed_client():
+    from lightning_methods.models import create_backbone
+
+    return create_backbone("fed_cnn", 7)
 
 
 def test_the_forwarding_table_covers_every_base_argument():
@@ -278,23 +288,48 @@ def test_the_forwarding_table_covers_every_base_argument():
     assert params == set(CLASSIFIER_ARGS)
 
 
+def _refused(err: Exception, arg: str) -> bool:
+    text = str(err)
+    return arg in text or arg.replace("_", " ") in text
+
+
 @pytest.mark.parametrize("cls", subclasses(ImageClassifier), ids=lambda c: c.__name__)
-def test_classifier_subclasses_forward_every_base_argument(cls, monkeypatch):
+@pytest.mark.parametrize("arg", sorted(CLASSIFIER_ARGS))
+def test_classifier_subclasses_forward_or_refuse_every_base_argument(cls, arg, monkeypatch):
+    """Each base argument either arrives (attribute and hyperparameter) or is refused with an error naming it."""
     from lightning_methods.models import registry
 
     monkeypatch.setitem(registry._REGISTRY, "tiny_for_forwarding", lambda num_classes, width=8: TinyNet(num_classes,
                                                                                                          width))
-    extras = SUBCLASS_EXTRAS.get(cls.__name__, dict)()
-    values = {k: v for k, (v, _) in CLASSIFIER_ARGS.items()}
-    model = cls(backbone="tiny_for_forwarding", **values, **extras)
-    for name, (value, read) in CLASSIFIER_ARGS.items():
-        got = read(model)
-        assert got is True or got == value, f"{cls.__name__} dropped {name}: {got!r} != {value!r}"
-        assert model.hparams[name] == value or callable(value), name
+    value, read = CLASSIFIER_ARGS[arg]
+    kwargs = {"backbone": "tiny_for_forwarding", **SUBCLASS_EXTRAS.get(cls.__name__, dict)(), arg: value}
+    try:
+        model = cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        assert _refused(err, arg), f"{cls.__name__}({arg}=...) failed without naming {arg}: {err}"
+        return
+    got = read(model)
+    assert got is True or got == value, f"{cls.__name__} dropped {arg}: {got!r} != {value!r}"
+    if not callable(value):
+        assert model.hparams[arg] == value, arg
 
 
 DATAMODULE_ARGS = {"batch_size": 3, "eval_batch_size": 5, "num_workers": 0, "val_split": 0.2, "augment": "crop",
                    "gpu_resident": True, "cutmix_alpha": 0.5, "mixup_alpha": 0.25, "seed": 7, "pin_memory": False}
+
+
+#: Arguments a DataModule needs besides the base ones (keyed by class name), for the forwarding test.
+DATAMODULE_EXTRAS = {
+    "CorruptedDataModule": lambda: {"base": _cifar10()},
+    "ArrayDataModule": lambda: {"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "targets": torch.zeros(2),
+                                "num_classes": 2, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
+}
+
+
+def _cifar10():
+    from lightning_methods.datamodules import CIFAR10DataModule
+
+    return CIFAR10DataModule(num_workers=0)
 
 
 def test_the_datamodule_table_covers_every_base_argument():
@@ -308,9 +343,9 @@ def test_datamodule_subclasses_forward_or_refuse_every_base_argument(cls, arg):
     """Each base argument either arrives (attribute and hyperparameter) or is refused with an error naming it."""
     value = DATAMODULE_ARGS[arg]
     try:
-        dm = cls(**{arg: value})
+        dm = cls(**DATAMODULE_EXTRAS.get(cls.__name__, dict)(), **{arg: value})
     except (ValueError, TypeError) as err:
-        assert arg in str(err), f"{cls.__name__}({arg}=...) failed without naming {arg}: {err}"
+        assert _refused(err, arg), f"{cls.__name__}({arg}=...) failed without naming {arg}: {err}"
         return
     assert getattr(dm, arg) == value, f"{cls.__name__} dropped {arg}"
     assert dm.hparams[arg] == value
