@@ -54,11 +54,12 @@ def distillation_cases(s: Settings) -> list[Case]:
     student, teacher = ("resnet8", "resnet14") if s.device == "cpu" else ("resnet8x4", "resnet32x4")
     opt = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
-    def kd(method: str, deepkd: bool = False) -> Callable[[], float]:
+    def kd(method: str, deepkd: bool = False, streams: str = "batched") -> Callable[[], float]:
         def run() -> float:
             model = DistillationClassifier(
                 backbone=student, teacher=create_backbone(teacher, 100), method=method, deepkd=deepkd,
-                optimizer=partial(DeepKD, lr=0.05) if deepkd else opt, log_teacher_accuracy=False)
+                optimizer=partial(DeepKD, lr=0.05) if deepkd else opt, log_teacher_accuracy=False,
+                deepkd_streams=streams)
             return time_trainer(s, model, data(s, gpu_resident=True))
         return run
 
@@ -67,6 +68,8 @@ def distillation_cases(s: Settings) -> list[Case]:
          lambda: time_trainer(s, classifier(student, optimizer=opt), data(s, gpu_resident=True))),
         (f"KD ({teacher} teacher)", kd("kd")),
         ("DKD", kd("dkd")),
-        ("KD + DeepKD (3 gradient streams)", kd("kd", deepkd=True)),
-        ("DKD + DeepKD", kd("dkd", deepkd=True)),
+        ("KD + DeepKD (3 streams, one batched backward)", kd("kd", deepkd=True)),
+        ("KD + DeepKD (3 sequential backward passes)", kd("kd", deepkd=True, streams="sequential")),
+        ("DKD + DeepKD (batched)", kd("dkd", deepkd=True)),
+        ("DKD + DeepKD (sequential)", kd("dkd", deepkd=True, streams="sequential")),
     ]

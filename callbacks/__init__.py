@@ -23,10 +23,6 @@ from .checkpoint import LatestCheckpoint  # noqa: E402
 
 __all__ += ["LatestCheckpoint"]
 
-from .bitwise_coreset import BitwiseCoresetCallback  # noqa: E402
-
-__all__ += ["BitwiseCoresetCallback"]
-
 from .attention_locality import AttentionLocality  # noqa: E402
 
 __all__ += ["AttentionLocality"]
@@ -36,6 +32,19 @@ from .warmup_ema import WarmupEMA  # noqa: E402
 
 __all__ += ["GatherPredictions", "WarmupEMA"]
 
+from .bitwise_coreset import BitwiseCoresetCallback  # noqa: E402
+
+__all__ += ["BitwiseCoresetCallback"]
+
 from .tunnel_probe import TunnelProbe  # noqa: E402
 
 __all__ += ["TunnelProbe"]
+
+from .prediction_writer import PredictionWriter  # noqa: E402
+from .results_writer import ResultsWriter  # noqa: E402
+
+__all__ += ["PredictionWriter", "ResultsWriter"]
+
+from .nonfinite_guard import NonFiniteGuard, NonFiniteTrainingError  # noqa: E402
+
+__all__ += ["NonFiniteGuard", "NonFiniteTrainingError"]

@@ -5,6 +5,11 @@ saved in the same step, i.e. when the monitored metric improves: after a run who
 holds that early epoch, a resume redoes the later epochs (and logs them twice), and the final weights are never
 saved. This subclass also writes ``last.ckpt`` at the end of every epoch in which nothing else was saved, and at the
 end of fit, so ``--ckpt_path last`` always continues from where the run stopped.
+
+With ``safe_io=True`` (default) it also makes every checkpoint of the Trainer crash-safe and verified: in ``setup`` it
+replaces the strategy's default ``TorchCheckpointIO`` with :class:`lightning_methods.checkpoint_io.SafeCheckpointIO`
+(atomic writes, a recorded SHA-256 checked on load, the previous ``last.ckpt`` kept as ``previous-last.ckpt``, NaN/inf
+weights never written or loaded).
 """
 
 from __future__ import annotations
@@ -12,18 +17,30 @@ from __future__ import annotations
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_methods.checkpoint_io import install_safe_io
+
 
 class LatestCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` is the state at the end of every epoch and of fit (see the module
-    docstring); every argument is ``ModelCheckpoint``'s (``save_last`` defaults to ``True`` here).
+    docstring); every argument is ``ModelCheckpoint``'s (``save_last`` defaults to ``True`` here), plus:
+
+    Args:
+        safe_io: install :class:`~lightning_methods.checkpoint_io.SafeCheckpointIO` when the Trainer uses Lightning's
+            default ``TorchCheckpointIO`` (a custom CheckpointIO plugin is left alone).
 
     Example::
 
         LatestCheckpoint(monitor="val/acc", mode="max", filename="best-{epoch:03d}")  # best-NNN.ckpt + last.ckpt
     """
 
-    def __init__(self, *args, save_last: bool | str | None = True, **kwargs) -> None:
+    def __init__(self, *args, save_last: bool | str | None = True, safe_io: bool = True, **kwargs) -> None:
         super().__init__(*args, save_last=save_last, **kwargs)
+        self.safe_io = safe_io
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.safe_io:
+            install_safe_io(trainer)
 
     def _save_latest(self, trainer: Trainer) -> None:
         if not self.save_last or self._should_skip_saving_checkpoint(trainer):

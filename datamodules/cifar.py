@@ -2,7 +2,9 @@
 
 ``prepare_data`` downloads and verifies the archive with torchvision when ``download=True`` and the extracted folder
 is missing; ``setup`` reads the pickle files themselves (so any copy in the official on-disk format works, including
-one placed by hand on an offline machine).
+one placed by hand on an offline machine). Every file is validated (rows of 3x32x32 bytes, one integer label per
+image, labels in range) and read by an unpickler that accepts only numpy arrays, so a damaged file stops with an error
+that names it and a crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -16,13 +18,71 @@ import torch
 
 from .base import ImageDataModule
 
+#: The only globals a CIFAR pickle references (numpy arrays and, for files written by Python 3 with protocol 2,
+#: byte strings); anything else is refused, so a crafted file cannot run code while it loads.
+_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+_ROW = 3 * 32 * 32
 
-def read_cifar_batch(path: str | Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One pickle file of the python release -> (uint8 images N x 3 x 32 x 32, int64 labels)."""
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
-    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(entry[label_key], dtype=np.int64)
+
+class _CIFARUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which a CIFAR pickle never holds (a crafted "
+                                         "pickle can run code while it loads; refused)")
+        return super().find_class(module, name)
+
+
+def _load_cifar_pickle(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return _CIFARUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        reason = "truncated" if isinstance(err, EOFError) or "truncated" in str(err) else "not a CIFAR pickle"
+        raise ValueError(f"CIFAR file {path} is {reason} ({type(err).__name__}: {err}); replace it with the file from "
+                         "the official release (delete the folder and download again)") from err
+
+
+def read_cifar_batch(path: str | Path, label_key: str, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One pickle file of the python release -> (uint8 images N x 3 x 32 x 32, int64 labels).
+
+    The file is validated: a dict with ``data`` (N rows of 3072 bytes, or N x 3 x 32 x 32) and ``label_key`` (N
+    integers, in ``[0, num_classes)`` when given). Every error names the file.
+
+    Raises:
+        ValueError: the file is truncated, is not a CIFAR pickle, references objects other than numpy arrays, or its
+            images / labels have the wrong shape, count, type or range.
+    """
+    path = Path(path)
+    entry = _load_cifar_pickle(path)
+    if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+        keys = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise ValueError(f"CIFAR file {path} holds {keys}, expected a dict with 'data' and {label_key!r} (wrong file, "
+                         "or CIFAR-10 and CIFAR-100 mixed up?)")
+    data = np.asarray(entry["data"])
+    if data.ndim == 4 and data.shape[1:] == (3, 32, 32):
+        data = data.reshape(len(data), _ROW)
+    if data.ndim != 2 or data.shape[1] != _ROW:
+        raise ValueError(f"CIFAR file {path}: 'data' has shape {data.shape}, expected (N, {_ROW}) rows of 3x32x32 "
+                         "bytes; the file is damaged or not from the CIFAR python release")
+    if data.dtype != np.uint8:
+        if not np.issubdtype(data.dtype, np.integer) or (data.size and (data.min() < 0 or data.max() > 255)):
+            raise ValueError(f"CIFAR file {path}: 'data' has dtype {data.dtype}, expected uint8 pixel values")
+        data = data.astype(np.uint8)
+    labels = np.asarray(entry[label_key])
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+        raise ValueError(f"CIFAR file {path}: {label_key!r} must be a list of integers, got an array of shape "
+                         f"{labels.shape} and dtype {labels.dtype}")
+    if len(labels) != len(data):
+        raise ValueError(f"CIFAR file {path}: {len(data)} images but {len(labels)} labels in {label_key!r}; the file "
+                         "is damaged, replace it with the file from the official release")
+    if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"CIFAR file {path}: labels in {label_key!r} span [{labels.min()}, {labels.max()}], outside "
+                         f"[0, {num_classes}) - wrong dataset folder?")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 class CIFARDataModule(ImageDataModule):
@@ -81,11 +141,12 @@ class CIFARDataModule(ImageDataModule):
             raise FileNotFoundError(self._not_found_message(f"missing {', '.join(missing)}"))
         out = {}
         for split, files in (("train", self.train_files), ("test", self.test_files)):
-            parts = [read_cifar_batch(self.release_dir / f, self.label_key) for f in files]
+            parts = [read_cifar_batch(self.release_dir / f, self.label_key, self.num_classes) for f in files]
             images = np.concatenate([p[0] for p in parts])
             labels = np.concatenate([p[1] for p in parts])
-            if labels.min() < 0 or labels.max() >= self.num_classes:
-                raise ValueError(f"{self.release_dir}: labels outside [0, {self.num_classes}) - wrong dataset folder?")
+            if len(labels) == 0:
+                raise ValueError(f"{self.display_name} {split} files {', '.join(files)} in {self.release_dir} hold no "
+                                 "images; replace them with the files from the official release")
             out[split] = (torch.from_numpy(images), torch.from_numpy(labels))
         return out
 

@@ -161,7 +161,7 @@ def read_cifarn_labels(path: str | Path, key: str, clean_labels: np.ndarray | No
 
     If the file holds ``clean_label`` and ``clean_labels`` is given, they must agree (same dataset, same order).
     """
-    import torch
+    from lightning_methods.utils.io import safe_torch_load
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -171,7 +171,7 @@ def read_cifarn_labels(path: str | Path, key: str, clean_labels: np.ndarray | No
         )
     if not _trusted_numpy_pickle(path):
         raise ValueError(f"{path} references Python objects other than numpy arrays; not a CIFAR-N label file")
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    data = safe_torch_load(path, what="CIFAR-N label file", allow_numpy=True)  # numpy arrays only, never code
     if not isinstance(data, dict) or key not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise KeyError(f"{path} has no label set {key!r}; it holds {keys}. Set data.init_args.cifarn_key.")

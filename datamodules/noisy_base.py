@@ -22,6 +22,8 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_methods.utils.io import safe_torch_load
+
 from .base import IndexedTensorDataset
 from .label_noise import NoiseType, make_noisy_labels
 
@@ -36,7 +38,7 @@ def load_index_file(path: str | Path) -> torch.Tensor:
     if path.suffix == ".npy":
         values: Any = np.load(path)
     elif path.suffix == ".pt":
-        values = torch.load(path, map_location="cpu", weights_only=True)
+        values = safe_torch_load(path, what="train_subset file")
     elif path.suffix == ".json":
         values = json.loads(path.read_text())
     else:
@@ -114,7 +116,7 @@ class NoisyLabelsMixin:
         meta = self._noise_meta(len(targets))
         path = Path(self.label_file).expanduser() if self.label_file else None
         if path is not None and path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = safe_torch_load(path, what="noisy label file")
             if saved.get("meta") != meta or not torch.equal(saved["clean"], targets):
                 raise ValueError(
                     f"label file {path} was generated for another setup ({saved.get('meta')}) than this one ({meta}); "

@@ -3,9 +3,12 @@
 - model and data are chosen in subclass mode (``model.class_path``, ``data.class_path``); short class names of
   this package resolve because its modules are imported here;
 - ``data.num_classes`` is linked to ``model.init_args.num_classes``;
-- the resolved config is saved next to the logs (overwriting) and, when a ``WandbLogger`` is used, written into the
-  W&B run config;
-- ``--checkpoint.*`` configures the always-present ModelCheckpoint (best ``val/acc`` plus ``last.ckpt``);
+- the resolved config of a fit is saved in its own run directory (``<run dir>/config.yaml``) and, when a
+  ``WandbLogger`` is used, written into the W&B run config; every fit prints its run id and resume command, and
+  ``--ckpt_path last`` finds the run of the same config (``lightning_methods.cli_runs``);
+- ``--checkpoint.*`` configures the always-present ModelCheckpoint (best ``val/acc`` plus ``last.ckpt``, crash-safe
+  and checksummed: ``lightning_methods.checkpoint_io``); ``--nonfinite_guard.*`` stops diverged runs;
+- checkpoints load with ``--weights_only true`` by default;
 - ``--test_after_fit best|last`` runs the test set after ``fit`` on the best checkpoint or the final weights;
 - ``trainer.precision`` defaults to ``bf16-mixed`` on a GPU that supports it and ``32-true`` otherwise.
 """
@@ -18,13 +21,16 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lightning_methods  # noqa: F401  (registers the package's classes for short class_path names)
 import lightning_methods.callbacks  # noqa: F401
 import lightning_methods.datamodules  # noqa: F401
 
+from . import cli_runs
 from .callbacks.checkpoint import LatestCheckpoint
+from .callbacks.nonfinite_guard import NonFiniteGuard
+from .results.cli_hooks import add_result_arguments, attach_run_config
 from .utils.wandb import finish_open_run, finish_runs, log_config, plain
 
 
@@ -33,8 +39,9 @@ def default_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
-class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Saves the resolved config to the log dir and also into the W&B run config (rank zero only)."""
+class LoggerSaveConfigCallback(cli_runs.RunConfigCallback):
+    """Saves the resolved config into the run's own directory (fit only, see ``cli_runs``) and into the W&B run config
+    (rank zero only)."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         config = plain(self.config)
@@ -65,6 +72,8 @@ class LightningMethodsCLI(LightningCLI):
             default="off",
             help="After fit, evaluate the test set on the best checkpoint ('best') or the final weights ('last').",
         )
+        add_result_arguments(parser)  # --results.* (results.json, metrics.csv), --predictions.* (predictions.csv)
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite_guard")  # stops diverged runs (issue 18)
 
     def before_instantiate_classes(self) -> None:
         # W&B's service process outlives a run and keeps the working directory it started in: a relative save_dir
@@ -76,13 +85,23 @@ class LightningMethodsCLI(LightningCLI):
             if str(getattr(logger, "class_path", "")).endswith("WandbLogger") and init_args is not None:
                 save_dir = init_args.get("save_dir") or "."
                 init_args["save_dir"] = str(Path(save_dir).expanduser().resolve())
+        cli_runs.apply_cli_defaults(self)  # weights_only=True by default; --ckpt_path last finds the run (cli_runs)
+
+    def _parse_ckpt_path(self) -> None:
+        cli_runs.parse_ckpt_path_safely(self, super()._parse_ckpt_path)  # a corrupt checkpoint stops with a clear error
+
+    def before_fit(self) -> None:
+        cli_runs.check_trainer_settings(self.trainer, self.model)  # gradient_clip_val, accumulate_grad_batches
+
+    def after_instantiate_classes(self) -> None:
+        attach_run_config(self)  # the resolved config goes into results.json
 
     def after_fit(self) -> None:
         mode = self.config.get(self.subcommand, {}).get("test_after_fit", "off")
         if mode == "off" or self.trainer.interrupted:
             return
         ckpt = "best" if mode == "best" and self.trainer.checkpoint_callback.best_model_path else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMethodsCLI:
@@ -104,7 +123,7 @@ def _make_cli(args: list[str] | None, run: bool) -> LightningMethodsCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=LoggerSaveConfigCallback,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # config.yaml goes into the run dir
         seed_everything_default=0,
         trainer_defaults={"precision": default_precision()},
         auto_configure_optimizers=False,
@@ -147,8 +166,11 @@ def _command_help() -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-methods`` console script: LightningCLI's subcommands, or one of
-    :data:`COMMANDS` (``lightning-methods list``, ``lightning-methods select --config ...``)."""
-    argv = sys.argv[1:] if args is None else list(args)
+    :data:`COMMANDS` (``lightning-methods list``, ``lightning-methods select --config ...``). From the console
+    (``args=None``) an error of the package ends with its own message, framed, as the last lines (exit code 1)."""
+    if args is None:
+        return cli_runs.run_console(main, sys.argv[1:])
+    argv = list(args)
     if argv and argv[0] in COMMANDS:
         run_command(argv[0], argv[1:])
         return
@@ -163,7 +185,9 @@ def main(args: list[str] | None = None) -> None:
 
 def _script(name: str) -> Any:
     def entry(args: list[str] | None = None) -> Any:
-        return run_command(name, sys.argv[1:] if args is None else args)
+        if args is None:  # the console script: the package's own error message last (see main)
+            return cli_runs.run_console(run_command, name, sys.argv[1:])
+        return run_command(name, args)
 
     entry.__name__ = entry.__qualname__ = f"{name}_main"
     entry.__doc__ = f"Entry point of the ``lightning-methods-{name}`` console script: {COMMANDS[name][1]}."

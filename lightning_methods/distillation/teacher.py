@@ -17,7 +17,6 @@ zoo equal mdistiller's. Any mismatch stops with a message naming the expected la
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from ..models import create_backbone
+from ..utils.io import safe_torch_load
 
 TEACHER_FILE = "ckpt_epoch_240.pth"
 #: teachers of the CIFAR-100 zoo with a training config under configs/distillation/teachers/
@@ -59,13 +59,17 @@ def resolve_teacher_path(path: str | Path, name: str) -> Path:
     raise FileNotFoundError(f"teacher checkpoint {p} does not exist. {_how_to_get(name)}")
 
 
-def _read(path: Path) -> object:
+def _read(path: Path, allow_pickle: bool = False) -> object:
+    """Load a teacher file with ``weights_only=True`` (a crafted file can never run code while it loads); numpy
+    scalars and arrays (e.g. a recorded accuracy) are accepted. ``allow_pickle`` is the explicit, warned opt-in to
+    unpickle arbitrary objects, for files you created yourself."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints carry hyperparameters that are not plain tensors or containers; the user named this
-        # file explicitly, so it is trusted like any checkpoint they resume from.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return safe_torch_load(path, allow_pickle=allow_pickle, what="teacher checkpoint", allow_numpy=True)
+    except ValueError as err:
+        if "weights-only load refuses" not in str(err):
+            raise
+        raise ValueError(f"{err} For a distillation teacher: set model.init_args.teacher_allow_pickle true only if "
+                         "you trust the file.") from err
 
 
 def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -90,18 +94,23 @@ def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, tor
     return sd
 
 
-def load_teacher(name: str, path: str | Path, num_classes: int, **backbone_kwargs) -> tuple[nn.Module, Path]:
+def load_teacher(name: str, path: str | Path, num_classes: int, allow_pickle: bool = False,
+                 **backbone_kwargs) -> tuple[nn.Module, Path]:
     """Build ``create_backbone(name, num_classes)`` and load the teacher weights strictly.
+
+    The file is read with ``weights_only=True``: a file that needs unpickling of other objects is refused unless
+    ``allow_pickle=True`` (warns; unpickling can run code, use it only for files you trust).
 
     Returns:
         ``(model, resolved_file)``; the model is frozen (``requires_grad=False``) and in eval mode.
 
     Raises:
         FileNotFoundError: the file or folder does not exist / holds no teacher for ``name``.
-        ValueError: the weights do not fit the architecture (wrong teacher, wrong number of classes).
+        ValueError: the weights do not fit the architecture (wrong teacher, wrong number of classes), the file is
+            truncated, or it holds objects a weights-only load refuses (and ``allow_pickle`` is off).
     """
     file = resolve_teacher_path(path, name)
-    sd = extract_state_dict(_read(file), str(file))
+    sd = extract_state_dict(_read(file, allow_pickle), str(file))
     model = create_backbone(name, num_classes, **backbone_kwargs)
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
@@ -117,6 +126,11 @@ def load_teacher(name: str, path: str | Path, num_classes: int, **backbone_kwarg
             f"teacher checkpoint {file} does not match the architecture {name!r} with {num_classes} classes: "
             f"{details}. Check model.teacher (and num_classes). {_how_to_get(name)}"
         )
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"teacher checkpoint {file} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
+                         f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. The file is corrupt or comes from a "
+                         "diverged run; use another teacher checkpoint.")
     model.load_state_dict(sd, strict=True)
     model.requires_grad_(False)
     model.eval()

@@ -25,9 +25,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ..callbacks.checkpoint import LatestCheckpoint
 from ..callbacks.prediction_history import PredictionHistoryCallback
 from ..callbacks.test_accuracy_tracker import TestAccuracyTracker
+from ..checkpoint_io import read_checkpoint
 from ..runs import StagedRun, config_fingerprint
 from ..utils.distributed import broadcast_object, get_rank
-from ..utils.io import safe_torch_load
 from ..utils.wandb import finish_runs, log_config, plain
 from .config import SelectionConfig
 from .cut import compute_early_cut
@@ -109,7 +109,7 @@ class EarlyCuttingRunner:
         Returns False when the fit was interrupted."""
         last = Path(ckpt.dirpath) / "last.ckpt"
         if last.is_file() and history is not None:
-            saved = safe_torch_load(last, what="round checkpoint")
+            saved = read_checkpoint(last)  # checksum verified, weights-only, finite
             if saved["callbacks"].get(history.state_key, {}).get("stop_epoch") is not None:
                 rank_zero_info(f"{last}: the round had already stopped; restoring its selection")
                 history.load_state_dict(saved["callbacks"][history.state_key])
@@ -117,7 +117,7 @@ class EarlyCuttingRunner:
                 ckpt.load_state_dict(saved["callbacks"].get(ckpt.state_key, {}))
                 dm.setup("fit")
                 return True
-        trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
+        trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
         # a round cut short (interrupted, max_steps / max_time / limits) is not finished: it resumes next time
         complete = trainer.current_epoch >= (trainer.max_epochs or 0) or trainer.should_stop
         return not trainer.interrupted and complete
@@ -192,7 +192,7 @@ class EarlyCuttingRunner:
         if r == 0 and sel.early_cutting:
             best = ckpt.best_model_path
             if get_rank() == 0:
-                model.load_state_dict(safe_torch_load(best, what="best checkpoint of round 0")["state_dict"])
+                model.load_state_dict(read_checkpoint(best)["state_dict"])  # checksum verified, weights-only
                 cut, scores = compute_early_cut(model, dm, fkl, sel, trainer.strategy.root_device)
                 self.staged.save_torch(f"{tag}/cut_scores.pt", scores)
             else:

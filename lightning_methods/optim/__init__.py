@@ -13,12 +13,12 @@ from .koala_base import KOALABase, global_loss_moments  # noqa: E402
 __all__ += ["KOALABase", "KOALAM", "KOALAPlusPlus", "KOALAV", "global_loss_moments"]
 
 from .sam import SAM, sam_closure  # noqa: E402
-from .sam_masks import death_rate, drop_and_grow, fisher_scores, global_topk_mask  # noqa: E402
+from .sam_masks import death_rate, drop_and_grow, drop_grow_counts, fisher_scores, global_topk_mask  # noqa: E402
 from .sam_sparse import SSAM  # noqa: E402
 from .sam_variants import ASAM, ASAMON, SAMON  # noqa: E402
 
-__all__ += ["SAM", "ASAM", "SAMON", "ASAMON", "SSAM", "sam_closure", "death_rate", "drop_and_grow", "fisher_scores",
-            "global_topk_mask"]
+__all__ += ["SAM", "ASAM", "SAMON", "ASAMON", "SSAM", "sam_closure", "death_rate", "drop_and_grow", "drop_grow_counts",
+            "fisher_scores", "global_topk_mask"]
 
 from .deepkd import DeepKD  # noqa: E402
 

@@ -39,6 +39,11 @@ Perturb = Literal["all", "only_norm", "no_norm"]
 Adaptive = Literal["elementwise", "layerwise"]
 
 
+def _math(g: torch.Tensor) -> torch.Tensor:
+    """``g`` in the dtype of the perturbation math: at least fp32, fp64 for fp64 parameters."""
+    return g.to(torch.promote_types(g.dtype, torch.float32))
+
+
 def _parse_p(p: float | str) -> float:
     if isinstance(p, str) and p.lower() in ("inf", "infinity"):
         return math.inf
@@ -200,7 +205,8 @@ class SAM(Optimizer):
                 e = e.mul_(t) if t is not None else e
                 out.append(e.mul_(m) if m is not None else e)
             return out
-        us = [q.grad.float() * t if t is not None else q.grad.float() for (_, q), t in zip(items, ts)]
+        # math in fp32 for low-precision parameters, in the parameter dtype otherwise (fp64 stays fp64), as KOALA does
+        us = [_math(q.grad) * t if t is not None else _math(q.grad) for (_, q), t in zip(items, ts)]
         norm_terms = [u * m if (m is not None and self._mask_in_norm()) else u for u, m in zip(us, masks)]
         device = us[0].device
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u).to(device) for u in norm_terms]))
@@ -220,14 +226,14 @@ class SAM(Optimizer):
         return False
 
     def _on_pass1_gradients(self) -> None:
-        """Hook with the pass-1 gradients at ``w`` and the weights at ``w`` (SSAM-D mask updates)."""
+        """Hook with the pass-1 gradients at ``w`` (SSAM-D mask updates); in a SAM step it runs after the ascent, so
+        the weights are at ``w + eps`` (the official SSAM-D scores ``|w + eps|``), in a plain step at ``w``."""
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Ascent: save ``w`` of the perturbed set and move it to ``w + eps`` (uses the current gradients)."""
         items = [(g, q) for g in self.param_groups for q in g["params"] if q.grad is not None and self.is_perturbed(q)]
         eps = self._perturbation(items) if items else []
-        self._on_pass1_gradients()
         for (_, q), e in zip(items, eps):
             old = self._old.get(q)
             if old is None or old.shape != q.shape:
@@ -236,6 +242,7 @@ class SAM(Optimizer):
                 old.copy_(q.detach())
             q.add_(e)
         self._perturbed = [q for _, q in items]
+        self._on_pass1_gradients()  # after the ascent: weights at w + eps, gradients still those at w (official order)
         if zero_grad:
             self.zero_grad()
 

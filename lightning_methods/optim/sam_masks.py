@@ -48,6 +48,14 @@ def death_rate(epoch: float, drop_rate: float, t_end: float, t_start: float = 0.
     return drop_rate * (1.0 + math.cos(math.pi * (epoch - t_start) / (t_end - t_start))) / 2.0
 
 
+def drop_grow_counts(d: int, sparsity: float, rate: float) -> tuple[int, int]:
+    """SSAM-D ``(survivors, grown)`` for ``d`` entries: ``int((d - d s) (1 - rate))`` and ``int(min((d - d s) rate,
+    d s))``, evaluated in exactly this order as in the official code (``int((1 - s) d (1 - rate))`` rounds differently:
+    99 instead of 100 survivors at ``d = 1000, s = 0.9, rate = 0``)."""
+    live = d - d * sparsity
+    return int(live * (1.0 - rate)), int(min(live * rate, d * sparsity))
+
+
 def drop_and_grow(
     masks: Sequence[torch.Tensor],
     drop_scores: Sequence[torch.Tensor],
@@ -55,16 +63,17 @@ def drop_and_grow(
     sparsity: float,
     rate: float,
 ) -> list[torch.Tensor]:
-    """One SSAM-D update: keep the top ``int((1 - s) d (1 - rate))`` live entries by ``drop_scores`` and grow the top
-    ``int(min((1 - s) d rate, s d))`` dead entries by ``grow_scores``; the density stays about ``1 - s``.
+    """One SSAM-D update: keep the top :func:`drop_grow_counts` ``[0]`` live entries by ``drop_scores`` and grow the
+    top ``[1]`` dead entries by ``grow_scores``; the density stays about ``1 - s``.
 
     Survivors are a subset of the old mask and grown entries are disjoint from it.
     """
     d = sum(m.numel() for m in masks)
     live = [(s.float() + SCORE_OFFSET) * m for s, m in zip(drop_scores, masks)]
     dead = [(s.float() + SCORE_OFFSET) * ~m for s, m in zip(grow_scores, masks)]
-    survivors = global_topk_mask(live, int((1.0 - sparsity) * d * (1.0 - rate)))
-    grown = global_topk_mask(dead, int(min((1.0 - sparsity) * d * rate, sparsity * d)))
+    keep, grow = drop_grow_counts(d, sparsity, rate)
+    survivors = global_topk_mask(live, keep)
+    grown = global_topk_mask(dead, grow)
     return [(a & m) | (b & ~m) for a, b, m in zip(survivors, grown, masks)]
 
 

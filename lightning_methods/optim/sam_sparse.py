@@ -155,7 +155,8 @@ class SSAM(SAM):
 
     def dynamic_update(self, rate: float, drop_score: Score = "gradient", grow_score: Score = "random",
                        seed: int = 0) -> None:
-        """Drop/grow now. ``"gradient"`` scores read ``p.grad`` (pass-1 gradients), ``"weight"`` scores ``|w|``,
+        """Drop/grow now. ``"gradient"`` scores read ``p.grad`` (pass-1 gradients), ``"weight"`` scores ``|p|`` as it is
+        now (inside a scheduled update of a SAM step: ``|w + eps|`` after the ascent, as in the official code),
         ``"random"`` scores come from a CPU generator seeded with ``seed`` (identical on every rank)."""
         params = self.mask_parameters()
         gen = torch.Generator().manual_seed(int(seed))

@@ -81,7 +81,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def safe_torch_load(path: str | Path, map_location: Any = "cpu", allow_pickle: bool = False, what: str = "file") -> Any:
+def numpy_safe_globals() -> list[Any]:
+    """The numpy reconstructors a weights-only load may accept for files holding numpy arrays and scalars (e.g. the
+    CIFAR-N label files): they rebuild arrays from raw bytes and run no other code. Names written by numpy 1
+    (``numpy.core``) and numpy 2 (``numpy._core``) are both listed."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    reconstruct, scalar = core.multiarray._reconstruct, core.multiarray.scalar
+    out: list[Any] = [np.ndarray, np.dtype, reconstruct, scalar,
+                      (reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar"),
+                      (reconstruct, "numpy._core.multiarray._reconstruct"), (scalar, "numpy._core.multiarray.scalar")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return out
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", allow_pickle: bool = False, what: str = "file",
+                    allow_numpy: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True``; errors name the file and say what to do.
 
     Args:
@@ -90,6 +108,7 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", allow_pickle: b
         allow_pickle: explicit opt-in to unpickle arbitrary objects (``weights_only=False``). Only for files you
             created yourself or fully trust: unpickling can run arbitrary code. Warns when used.
         what: a short description of the file for error messages ("teacher checkpoint", "feature cache", ...).
+        allow_numpy: also accept numpy arrays and scalars (:func:`numpy_safe_globals`), still without running code.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -102,6 +121,9 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", allow_pickle: b
         warnings.warn(f"loading {what} {path} with weights_only=False (allow_pickle=True): unpickling can run "
                       "arbitrary code; use this only for files you created or fully trust", stacklevel=2)
     try:
+        if allow_numpy and not allow_pickle:
+            with torch.serialization.safe_globals(numpy_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
         return torch.load(path, map_location=map_location, weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
         if allow_pickle:

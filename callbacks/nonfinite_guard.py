@@ -1,0 +1,185 @@
+"""``NonFiniteGuard``: stop a diverged run within a step or two, without a per-step host sync, and keep its last good
+checkpoint.
+
+A run with a far too large learning rate (or KOALA++ with extreme ``sigma`` / ``q``) used to finish with exit code 0
+and NaN losses for the whole run, and overwrite its checkpoints with NaN weights. This callback:
+
+- after every training step folds ``~isfinite(loss)`` into a flag **on the device** (and, every
+  ``param_check_every_n_steps`` steps, ``~isfinite`` of every parameter and floating-point buffer: with BatchNorm a
+  diverging run can keep a finite loss while ``running_var`` overflows); under DDP the flag is all-reduced on the
+  device, so every rank decides at the same step;
+- looks at the flag on the host without stalling the device: on CUDA the flag is copied into pinned memory with a
+  non-blocking copy and read ``lag_steps`` steps later (after waiting on that copy's event only, which the device
+  finished long ago), so a fault is seen at most ``lag_steps`` steps after it happened; on the CPU it is read at once;
+- checks the loss flag, every parameter and every buffer synchronously right before any checkpoint is written
+  (``on_save_checkpoint``) and at the end of training, so NaN weights never reach a checkpoint file;
+- stops with :class:`NonFiniteTrainingError` (the command exits non-zero) naming the step, the likely cause (the
+  optimizer's learning rate and other unstable settings, fp16 overflow) and the last good checkpoint, which is left
+  intact (``lightning_methods.checkpoint_io.SafeCheckpointIO`` would refuse to overwrite it with NaN weights too).
+
+The CLI adds it to every run (``--nonfinite_guard.*``; ``--nonfinite_guard.enabled false`` turns it off).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lightning_methods.utils.distributed import is_distributed
+
+#: optimizer hyperparameters worth naming when a run diverges (lr always; the KOALA family's sigma / q; SAM's rho)
+SUSPECTS = ("lr", "rho", "sigma", "sigma_x", "sigma_v", "q", "q_x", "q_v", "momentum", "weight_decay")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The training loss or a parameter became NaN or inf."""
+
+
+class NonFiniteGuard(Callback):
+    """Stop training when the training loss or a parameter becomes NaN/inf (see the module docstring).
+
+    Args:
+        enabled: turn the guard on or off.
+        lag_steps: on CUDA, how many steps after a step its flag is read on the host (>= 1; a fault is reported at
+            most this many steps late). On the CPU the flag is read after every step.
+        param_check_every_n_steps: also check every parameter every this many steps (0: only before checkpoints and
+            at the end of training; a non-finite parameter usually makes the next loss non-finite anyway).
+    """
+
+    def __init__(self, enabled: bool = True, lag_steps: int = 2, param_check_every_n_steps: int = 10) -> None:
+        if lag_steps < 1:
+            raise ValueError(f"lag_steps must be >= 1, got {lag_steps}")
+        if param_check_every_n_steps < 0:
+            raise ValueError(f"param_check_every_n_steps must be >= 0, got {param_check_every_n_steps}")
+        self.enabled, self.lag_steps, self.param_check_every_n_steps = enabled, lag_steps, param_check_every_n_steps
+        self._flag: torch.Tensor | None = None  # device uint8: 1 bit = loss non-finite, 2 = a parameter
+        self._ring: list[tuple[torch.Tensor, Any, int]] = []  # (pinned host copy, cuda event, step) per slot
+        self._steps = 0
+        self._lag_on_cpu = False  # tests: exercise the lagged (CUDA) path on the CPU
+
+    # --------------------------------------------------------------------------------------------- device side
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flag = torch.zeros((), dtype=torch.uint8, device=pl_module.device)
+        self._ring, self._steps = [], 0
+
+    @staticmethod
+    def _loss_of(outputs: Any) -> torch.Tensor | None:
+        if isinstance(outputs, dict):
+            outputs = outputs.get("loss")
+        return outputs if isinstance(outputs, torch.Tensor) else None
+
+    @staticmethod
+    def _state(pl_module: LightningModule) -> list[tuple[str, torch.Tensor]]:
+        """Floating-point parameters and buffers (BatchNorm statistics overflow while the loss is still finite)."""
+        named = [*pl_module.named_parameters(), *pl_module.named_buffers()]
+        return [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+
+    def _params_bad(self, pl_module: LightningModule) -> torch.Tensor:
+        flags = [torch.isfinite(t.detach()).all() for _, t in self._state(pl_module)]
+        if not flags:
+            return torch.zeros((), dtype=torch.bool, device=pl_module.device)
+        return ~torch.stack([f.to(pl_module.device) for f in flags]).all()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.enabled or self._flag is None:
+            return
+        self._steps += 1
+        loss = self._loss_of(outputs)
+        if loss is not None:
+            self._flag |= (~torch.isfinite(loss.detach()).all()).to(torch.uint8)
+        n = self.param_check_every_n_steps
+        if n and self._steps % n == 0:
+            self._flag |= self._params_bad(pl_module).to(torch.uint8) * 2
+        flag = self._flag
+        if is_distributed():
+            flag = flag.clone()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # enqueued on the device
+        if flag.device.type != "cuda" and not self._lag_on_cpu:
+            value = int(flag)  # CPU: no device to wait for
+            if value:
+                self._stop(trainer, pl_module, value, self._steps)
+            return
+        self._poll_lagged(trainer, pl_module, flag)
+
+    def _poll_lagged(self, trainer: Trainer, pl_module: LightningModule, flag: torch.Tensor) -> None:
+        """Copy this step's flag to the host without waiting; read the copy made ``lag_steps`` steps ago."""
+        cuda = flag.device.type == "cuda"
+        slots = self.lag_steps + 1
+        if not self._ring:
+            self._ring = [(torch.zeros((), dtype=torch.uint8, pin_memory=cuda), torch.cuda.Event() if cuda else None, 0)
+                          for _ in range(slots)]
+        slot = self._steps % slots
+        host, event, _ = self._ring[slot]
+        host.copy_(flag, non_blocking=cuda)
+        if event is not None:
+            event.record()
+        self._ring[slot] = (host, event, self._steps)
+        if self._steps <= self.lag_steps:
+            return
+        old_host, old_event, old_step = self._ring[(self._steps - self.lag_steps) % slots]
+        if old_event is not None:
+            old_event.synchronize()  # waits for that copy only: the device finished it lag_steps steps ago
+        if int(old_host):
+            self._stop(trainer, pl_module, int(old_host), old_step)
+
+    # --------------------------------------------------------------------------------------------- synchronous checks
+    def _check_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled or self._flag is None:
+            return
+        value = self._flag | self._params_bad(pl_module).to(torch.uint8) * 2
+        if is_distributed():
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        if int(value):
+            self._stop(trainer, pl_module, int(value), self._steps)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.training:
+            self._check_now(trainer, pl_module)  # before the file is written: NaN weights never reach a checkpoint
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_now(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_now(trainer, pl_module)
+
+    # --------------------------------------------------------------------------------------------- the report
+    def _stop(self, trainer: Trainer, pl_module: LightningModule, value: int, step: int) -> None:
+        what = " and ".join(w for bit, w in ((1, "the training loss"), (2, "a parameter or buffer")) if value & bit)
+        bad = [n for n, t in self._state(pl_module) if not torch.isfinite(t).all()]
+        now = f" (non-finite now: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else ""
+        raise NonFiniteTrainingError(
+            f"training stopped: {what} became NaN or inf at or before global step {trainer.global_step} (epoch "
+            f"{trainer.current_epoch}; guard step {step}){now}. Likely cause: {likely_cause(trainer)}. "
+            f"{last_good_checkpoint(trainer)}"
+        )
+
+
+def likely_cause(trainer: Trainer) -> str:
+    """A sentence naming the settings that most often make a run diverge, with their values in this run."""
+    parts = []
+    for opt in trainer.optimizers:
+        inner = getattr(opt, "optimizer", opt)
+        group = inner.param_groups[0] if inner.param_groups else {}
+        values = ", ".join(f"{k}={group[k]:g}" for k in SUSPECTS if isinstance(group.get(k), (int, float)))
+        parts.append(f"{type(inner).__name__}({values})")
+    text = f"the optimizer settings {'; '.join(parts)}" if parts else "the optimizer settings"
+    text += " - most often a learning rate that is too high"
+    if any("KOALA" in p for p in parts):
+        text += ", or KOALA's sigma / q (initial covariance and process noise) far from their defaults"
+    if str(trainer.precision).startswith("16"):
+        text += "; or fp16 overflow (precision 16-mixed: use bf16-mixed or 32-true)"
+    return text + ". Lower it, or clip gradients with --model.init_args.grad_clip_norm 1.0"
+
+
+def last_good_checkpoint(trainer: Trainer) -> str:
+    """Where the last checkpoint written before the fault is (it was not overwritten), or that there is none."""
+    for cb in trainer.checkpoint_callbacks:
+        path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+        if path and Path(path).is_file():
+            return (f"The last good checkpoint {path} was written before the fault and left intact; resume from it "
+                    f"with --ckpt_path {path} after fixing the setting.")
+    return "No checkpoint had been written yet; start the run again after fixing the setting."

@@ -1,0 +1,68 @@
+"""`lightning-methods list`: every shipped config and every registered backbone, methods from the README table,
+DataModules; `lightning-methods --help` points to it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lightning_methods import available_backbones
+from lightning_methods import datamodules as dm
+from lightning_methods.cli import main as cli_main
+from lightning_methods.results import catalog
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_list_names_every_config_backbone_and_datamodule(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cli_main(["list"])
+    out = capsys.readouterr().out
+    configs = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
+    assert configs and [c for c in configs if f"    {c}" not in out] == []
+    names = available_backbones()
+    listed = set(re.findall(r"^  (\S+)\s+[\d.]+[MK]$", out, flags=re.MULTILINE))
+    assert set(names) <= listed
+    modules = [n for n in dm.__all__ if isinstance(getattr(dm, n), type) and n.endswith("DataModule")]
+    assert all(re.search(rf"^  {n}\s", out, flags=re.MULTILINE) for n in modules)
+    # methods come from the README's method table, with their status; folders it does not name are listed too
+    assert "SAM, ASAM, SAM-ON, ASAM-ON, SSAM-F/D [ready]" in out and "arXiv 2306.04226" in out
+    folders = {p.parent.relative_to(REPO / "configs").parts[0] for p in (REPO / "configs").rglob("*/*.yaml")}
+    methods = catalog.catalog(REPO, ["methods"])["methods"]
+    assert folders - {"base"} <= {f for m in methods for f in m["folders"]}
+
+
+def test_parameter_counts_and_json_output(capsys):
+    from lightning_methods.models import create_backbone
+
+    for row in catalog.backbone_table(10, ["resnet8", "wrn_16_1", "vgg8"]):
+        assert row["params"] == sum(p.numel() for p in create_backbone(row["name"], 10).parameters())
+    data = catalog.main(["--section", "datamodules", "--format", "json"])
+    assert json.loads(capsys.readouterr().out) == data
+    assert {"name": "DigitsDataModule", "num_classes": 10} in [{k: d[k] for k in ("name", "num_classes")}
+                                                               for d in data["datamodules"]]
+
+
+def test_paper_lines_and_readme_table_parsing(tmp_path):
+    (tmp_path / "configs/mine").mkdir(parents=True)
+    cfg = tmp_path / "configs/mine/a.yaml"
+    cfg.write_text("# My method on CIFAR-100 (arXiv 2401.00001).\n# paper: top1=84.2, test/acc_top5=97.1 (Table 2, "
+                   "200 epochs)\n# paper: best/val/acc=85\nseed_everything: 0\n# paper: test/acc=1\n")
+    (tmp_path / "README.md").write_text("# x\n\n## Methods\n\n| Method | Paper | Status | Entry point |\n|---|---|---|"
+                                        "---|\n| Mine | Me, *A* (arXiv 2401.00001) | ready | `configs/mine/`, "
+                                        "[docs](docs/m.md) |\n\nafter\n")
+    data = catalog.catalog(tmp_path, ["methods", "configs"])
+    assert data["methods"] == [{"method": "Mine", "paper": "Me, A (arXiv 2401.00001)", "status": "ready",
+                                "entry_point": "configs/mine/, docs: docs/m.md", "folders": ["mine"]}]
+    assert data["configs"]["mine"] == [{"path": "configs/mine/a.yaml", "summary": "My method on CIFAR-100 (arXiv "
+                                        "2401.00001).", "paper": {"test/acc": 84.2, "test/acc_top5": 97.1,
+                                                                  "best/val/acc": 85.0}}]
+
+
+def test_top_level_help_points_to_list(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    assert re.search(r"^  list\s+methods, configs, backbones and DataModules", capsys.readouterr().out, re.MULTILINE)

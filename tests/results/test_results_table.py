@@ -1,0 +1,125 @@
+"""`lightning-methods table`: grouping by configuration, mean and std equal to numpy's, the paper's numbers beside
+ours, unfinished and foreign results left out, W&B projects as input (API faked: tests are offline)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from lightning_methods.results import aggregate
+from lightning_methods.results.record import FORMAT, metrics_csv_text
+from lightning_methods.results.table import main as table_main
+
+RHO_ACC = {0.5: [0.7712, 0.7691, 0.7745], 1.0: [0.7803, 0.7788, 0.7831, 0.7769]}
+
+
+def write_run(root: Path, name: str, config_file: Path, rho: float, seed: int, acc: float, status="finished") -> None:
+    run = root / name
+    run.mkdir(parents=True)
+    config = {"seed_everything": seed, "trainer": {"max_epochs": 2, "logger": {"init_args": {"name": name}}},
+              "model": {"init_args": {"optimizer": {"init_args": {"rho": rho, "lr": 0.1}}}},
+              "data": {"init_args": {"seed": seed, "data_dir": f"/data/{seed}"}}}
+    history = [{"epoch": 0, "val/acc": acc - 0.1, "step": 10}, {"epoch": 1, "val/acc": acc, "step": 20}]
+    record = {"format": FORMAT, "command": "fit", "status": status, "config": config, "seed": seed,
+              "config_path": str(config_file), "run_dir": str(run),
+              "metrics": {"test/acc": acc, "best/val/acc": acc + 0.01, "test/loss": 1.0 - acc}}
+    (run / "results.json").write_text(json.dumps(record))
+    (run / "metrics.csv").write_text(metrics_csv_text(history))
+
+
+def test_table_mean_and_std_equal_numpy_per_configuration(tmp_path, capsys):
+    cfg = tmp_path / "cifar100_wrn28_10_samon.yaml"
+    cfg.write_text("# SAM-ON\n# paper: top1=84.2 (teaser figure)\nseed_everything: 0\n")
+    runs = tmp_path / "runs"
+    for rho, accs in RHO_ACC.items():
+        for seed, acc in enumerate(accs):
+            write_run(runs, f"rho{rho}-s{seed}", cfg, rho, seed, acc)
+    write_run(runs, "crashed", cfg, 0.5, 9, 0.01, status="failed")
+    (runs / "federated").mkdir()
+    (runs / "federated/results.json").write_text(json.dumps({"summary": {"acc": 1.0}}))  # another tool's format
+
+    table = table_main([str(runs), "--metrics", "test/acc", "test/loss", "--output", str(tmp_path / "out")])
+    rows = {row.setting: row for row in table.rows}
+    assert set(rows) == {"rho=0.5", "rho=1.0"}
+    for rho, accs in RHO_ACC.items():
+        row, values = rows[f"rho={rho}"], np.array(accs)
+        assert row.n == len(accs) and row.label == "cifar100_wrn28_10_samon" and sorted(row.seeds) == list(
+            range(len(accs)))
+        assert row.stats["test/acc"] == pytest.approx((100 * values.mean(), 100 * values.std(ddof=1)), rel=1e-12)
+        assert row.stats["test/loss"] == pytest.approx(((1 - values).mean(), (1 - values).std(ddof=1)), rel=1e-12)
+        assert row.paper == {"test/acc": 84.2}
+    out = capsys.readouterr()
+    assert "left out 1 runs" in out.err
+    assert "| Config | n | test/acc | test/loss | Paper: test/acc |" in out.out
+    line = next(x for x in out.out.splitlines() if "rho=1.0" in x)
+    mean, std = 100 * np.mean(RHO_ACC[1.0]), 100 * np.std(RHO_ACC[1.0], ddof=1)
+    assert f"| {mean:.2f} ± {std:.2f} |" in line and line.endswith("| 84.2 |")
+    with open(tmp_path / "out/table.csv") as f:
+        saved = {r["setting"]: r for r in csv.DictReader(f)}
+    assert float(saved["rho=0.5"]["test/acc mean"]) == pytest.approx(100 * np.mean(RHO_ACC[0.5]), rel=1e-5)
+    assert (tmp_path / "out/curves.png").stat().st_size > 1000
+
+    # population std on request; a failed run only with --include_unfinished
+    table = table_main([str(runs), "--metrics", "test/acc", "--ddof", "0", "--include_unfinished", "--no_plot",
+                        "--output", str(tmp_path / "out2")])
+    row = next(r for r in table.rows if r.setting == "rho=0.5")
+    values = np.array([*RHO_ACC[0.5], 0.01])
+    assert row.n == 4 and row.stats["test/acc"] == pytest.approx((100 * values.mean(), 100 * values.std()))
+
+
+def test_curves_average_the_seeds_per_epoch(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed_everything: 0\n")
+    for seed, acc in enumerate(RHO_ACC[1.0]):
+        write_run(tmp_path, f"s{seed}", cfg, 1.0, seed, acc)
+    (row,) = aggregate.group_runs([json.loads(p.read_text()) for p in sorted(tmp_path.glob("s*/results.json"))])
+    epochs, mean, std = aggregate.curves(row, "val/acc")
+    accs = np.array(RHO_ACC[1.0])
+    assert list(epochs) == [0, 1] and mean == pytest.approx([100 * (accs - 0.1).mean(), 100 * accs.mean()])
+    assert std == pytest.approx([100 * (accs - 0.1).std(ddof=1), 100 * accs.std(ddof=1)])
+
+
+def test_paper_numbers_are_read_from_the_config_header_only(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("# Title (arXiv 2306.04226)\n# paper: top1=84.2, top5=97.0 (Table 1, 200 epochs, rho 1.0)\n#\n"
+                   "#   paper: best/val/acc=85.1\n\nmodel: {}\n# paper: test/acc=1.0\n")
+    assert aggregate.paper_numbers(cfg) == {"test/acc": 84.2, "test/acc_top5": 97.0, "best/val/acc": 85.1}
+    assert aggregate.paper_numbers(tmp_path / "missing.yaml") == {}
+
+
+def test_wandb_project_as_input(tmp_path, monkeypatch):
+    import wandb
+
+    def fake_run(i: int, rho: float, acc: float, state: str = "finished") -> SimpleNamespace:
+        config = {"config": [str(tmp_path / "samon.yaml")], "seed_everything": i,
+                  "model": {"init_args": {"optimizer": {"init_args": {"rho": rho}}}},
+                  "results": {"info": {"name": "samon", "combination": {"model.init_args.optimizer.init_args.rho":
+                                                                          str(rho)}, "seed": i}}}
+        history = [{"epoch": 0, "val/acc": acc / 2, "_step": 0}, {"epoch": 1, "val/acc": acc, "_step": 1}]
+        return SimpleNamespace(id=f"r{i}", name=f"r{i}", group="g", state=state, config=config,
+                               summary={"test/acc": acc, "best/val/acc": acc, "_runtime": 3, "val/acc": {"max": acc}},
+                               scan_history=lambda h=history: iter(h))
+
+    runs = [fake_run(0, 1.0, 0.70), fake_run(1, 1.0, 0.74), fake_run(2, 1.0, 0.75), fake_run(3, 1.0, 0.1, "crashed")]
+    calls = []
+
+    class FakeApi:
+        def runs(self, path, filters=None):
+            calls.append((path, filters))
+            return runs
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    (tmp_path / "samon.yaml").write_text("# paper: test/acc=84.2\n")
+    table = table_main(["wandb:me/lightning-methods", "--filter", "group=g", "--filter", "seed_everything=1",
+                        "--metrics", "test/acc", "--output", str(tmp_path)])
+    assert calls == [("me/lightning-methods", {"group": "g", "config.seed_everything": "1"})]
+    (row,) = table.rows
+    accs = np.array([0.70, 0.74, 0.75])
+    assert row.name == "samon" and row.n == 3 and row.paper == {"test/acc": 84.2}
+    assert row.stats["test/acc"] == pytest.approx((100 * accs.mean(), 100 * accs.std(ddof=1)))
+    assert aggregate.curves(row, "val/acc")[1] == pytest.approx([50 * accs.mean(), 100 * accs.mean()])
