@@ -177,21 +177,31 @@ class ImageClassifier(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         batch = as_dict_batch(batch)
+        closure = self.step_with_closure(batch)
+        self.log_training_step(batch, closure)
+        return closure.first_loss
+
+    def step_with_closure(self, batch: Mapping[str, torch.Tensor]) -> Any:
+        """One optimizer step on ``batch`` under the closure contract (and a per-step scheduler step); returns the
+        evaluated closure (``first_loss`` and whatever :meth:`make_closure` recorded)."""
         opt = self.optimizers()
         closure = self.make_closure(batch, opt)
         opt.step(closure=closure)
         if closure.calls == 0:
             raise RuntimeError(
                 f"{type(opt.optimizer).__name__}.step(closure) did not evaluate the closure; optimizers used with "
-                "ImageClassifier must call it (see the closure contract in ARCHITECTURE.md)"
+                f"{type(self).__name__} must call it (see the closure contract in ARCHITECTURE.md)"
             )
         self.closure_call = 0
         if self.scheduler_interval == "step":
             self._step_schedulers()
+        return closure
+
+    def log_training_step(self, batch: Mapping[str, torch.Tensor], closure: Any) -> None:
+        """Log the pass-1 loss and the training metrics of one step (methods add their own terms)."""
         n = batch["target"].shape[0]
         self.log("train/loss", closure.first_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
-        return closure.first_loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning runs this after every closure call (after GradScaler unscaling), i.e. after each backward.

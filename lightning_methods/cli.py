@@ -143,6 +143,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fed": ("lightning_methods.federated.cli", "federated rounds (FedFree and the HtFL/HmFL baselines)"),
     "ood": ("lightning_methods.ood.cli", "EncMin2L OOD pipeline: embed, fit RDMs, score, calibrate, report"),
     "prototypes": ("lightning_methods.hpn.cli", "hyperspherical prototypes for HPN (.npy)"),
+    "hpn-sweep": ("lightning_methods.hpn.sweep", "HPN multi-task sweep over the task weight t (accuracy, MAE)"),
     "locality": ("lightning_methods.vit_locality.cli", "attention-locality table from ViT checkpoints"),
     "probe": ("lightning_methods.tunnel.cli", "Tunnel Effect: layer-wise linear probes and rank of a checkpoint"),
 }
@@ -189,7 +190,7 @@ def _script(name: str) -> Any:
             return cli_runs.run_console(run_command, name, sys.argv[1:])
         return run_command(name, args)
 
-    entry.__name__ = entry.__qualname__ = f"{name}_main"
+    entry.__name__ = entry.__qualname__ = f"{name.replace('-', '_')}_main"
     entry.__doc__ = f"Entry point of the ``lightning-methods-{name}`` console script: {COMMANDS[name][1]}."
     return entry
 
@@ -201,6 +202,7 @@ select_main = _script("select")
 fed_main = _script("fed")
 ood_main = _script("ood")
 prototypes_main = _script("prototypes")
+hpn_sweep_main = _script("hpn-sweep")
 locality_main = _script("locality")
 probe_main = _script("probe")
 

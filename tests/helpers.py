@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def write_fake_cifar(root: str | Path, kind: str = "cifar100", n_train: int = 200, n_test: int = 100,
@@ -85,6 +86,36 @@ def quiet_trainer(**overrides: Any) -> L.Trainer:
                                 limit_val_batches=0)
     args.update(overrides)
     return L.Trainer(**args)
+
+
+class LinearModule(L.LightningModule):
+    """The smallest LightningModule: a 4 -> 2 linear layer trained with cross-entropy and SGD (lr 0.1) on the
+    ``(x, y)`` batches of :func:`tiny_loader`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Worsening(LinearModule):
+    """A :class:`LinearModule` whose logged ``val/acc`` falls every epoch: the best checkpoint is the first."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", 1.0 / (self.current_epoch + 1))
+
+
+def tiny_loader() -> DataLoader:
+    """16 seeded samples of 4 features and 2 classes, in batches of 4."""
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)),
+                      batch_size=4)
 
 
 def write_teacher_file(directory: str | Path, arch: str, num_classes: int, seed: int = 0) -> Path:

@@ -24,6 +24,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ..datamodules.federated import FederatedDataModule
+from ..results.multistage import command_source
 from ..runs import config_fingerprint
 from ..utils import atomic_write_text
 from .algorithm import FedAlgorithm
@@ -78,7 +79,8 @@ def run_config(cfg: Namespace, parser: ArgumentParser) -> list[dict[str, Any]]:
         data = FederatedDataModule(**cfg.data.as_dict())  # a fresh DataModule per algorithm (same partition)
         runner = FederatedRunner(data, algorithm, init.federation, Path(cfg.run_dir) / algorithm.name, cfg.trainer,
                                  cfg.logger, _fingerprint(cfg, algo_cfg), cfg.resume, parser.dump(cfg),
-                                 cfg.progress, cfg.profile_steps)
+                                 cfg.progress, cfg.profile_steps, {**command_source(cfg, cfg.data.seed),
+                                                                  "algorithm": init.algorithm.name})
         summaries.append(runner.run())
     table = comparison_table(summaries)
     atomic_write_text(Path(cfg.run_dir) / "comparison.md", table + "\n")

@@ -53,13 +53,17 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_run_results(out_dir: str | Path, name: str, history: Sequence[Mapping[str, Any]],
-                      clients: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Write ``history.csv``, ``clients.csv``, ``results.json`` and ``accuracy.png`` into ``out_dir``."""
+                      clients: Sequence[Mapping[str, Any]], source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``history.csv``, ``clients.csv``, ``results.json`` and ``accuracy.png`` into ``out_dir``.
+
+    ``source`` (the config files and seed of the command) is kept in ``results.json`` so that ``lightning-methods
+    table`` groups the runs over seeds and prints the paper's numbers named in the config."""
     out_dir = Path(out_dir)
     summary = {"algorithm": name, **summarize(history)}
     atomic_write_text(out_dir / "history.csv", to_csv(history))
     atomic_write_text(out_dir / "clients.csv", to_csv(clients))
-    atomic_write_json(out_dir / "results.json", {"summary": summary, "clients": list(clients)})
+    atomic_write_json(out_dir / "results.json", {"summary": summary, "clients": list(clients),
+                                                 "source": dict(source or {})})
     plot_history(out_dir / "accuracy.png", name, history)
     return summary
 

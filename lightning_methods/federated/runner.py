@@ -68,19 +68,21 @@ class FederatedRunner:
         config_text: the resolved config (written to ``run_dir/config.yaml``).
         progress: show a progress bar over rounds.
         profile_steps: time the training steps (synchronising the GPU after each) to split off the overhead.
+        source: ``{"config": [config files], "seed": seed}`` of the command, kept in ``results.json``.
     """
 
     def __init__(self, data: FederatedDataModule, algorithm: FedAlgorithm, federation: FederationConfig,
                  run_dir: str | Path, trainer: Mapping[str, Any] | None = None,
                  logger: Mapping[str, Any] | None = None, fingerprint: Mapping[str, Any] | None = None,
                  resume: bool = True, config_text: str | None = None, progress: bool = True,
-                 profile_steps: bool = False) -> None:
+                 profile_steps: bool = False, source: Mapping[str, Any] | None = None) -> None:
         self.data, self.algorithm, self.fed = data, algorithm, federation
         self.run_dir = Path(run_dir).expanduser()
         self.trainer = dict(trainer or {})
         self.logger_config, self.resume, self.config_text = logger, resume, config_text
         self.fingerprint = dict(fingerprint) if fingerprint is not None else {}
         self.progress, self.profile_steps = progress, profile_steps
+        self.source = dict(source or {})
         self.clients: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
 
@@ -187,7 +189,7 @@ class FederatedRunner:
                     if "acc/mean" in record:
                         bar.set_postfix(acc=f"{record['acc/mean']:.4f}", server=f"{record['time/server']:.2f}s")
                 clients = self.client_table()
-                summary = write_run_results(self.run_dir, self.algorithm.name, self.history, clients)
+                summary = write_run_results(self.run_dir, self.algorithm.name, self.history, clients, self.source)
                 for lg in wandb_loggers([logger] if logger is not None else []):
                     lg.log_table(key="clients", columns=list(clients[0]), data=[list(r.values()) for r in clients])
                     lg.log_metrics({f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -16,7 +16,7 @@ Public classes and functions:
   hpn_resnet``.
 
 Family files: command ``lightning-methods prototypes`` (``lightning_methods.hpn.cli``, not imported here); t-sweep
-runner ``python -m lightning_methods.hpn.sweep``; DataModule ``lightning_methods.datamodules.
+runner ``lightning-methods hpn-sweep``; DataModule ``lightning_methods.datamodules.
 DigitsRegressionDataModule`` (digits with a real-valued per-image target); configs ``configs/hpn/``; doc
 ``docs/methods/hpn.md``; tests ``tests/hpn/``; benchmark section ``benchmarks/hpn_cases.py``.
 """

@@ -3,7 +3,7 @@
 Mettes, van der Pol, Snoek. *Hyperspherical Prototype Networks*. NeurIPS 2019, arXiv 1901.10514; the t-sweep of
 ``L_m = t L_c + (1 - t) L_r`` is Table A of the authors' response (OmniArt; robust to t, best at t = 0.25).
 
-    python -m lightning_methods.hpn.sweep --config configs/hpn/digits_multitask.yaml \
+    lightning-methods hpn-sweep --config configs/hpn/digits_multitask.yaml \
         [--task_weights 0.01 0.1 0.25 0.5 0.9] [--out runs/hpn_tsweep] [--threads 1] [any fit override ...]
 
 Each t is one stage of a :class:`lightning_methods.runs.StagedRun` in ``OUT`` (fingerprint of the config file and
@@ -140,7 +140,7 @@ def plot(out: Path, results: dict[str, dict[str, float]]) -> Path:
 
 def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Run the sweep; returns ``{str(t): test metrics}``."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_methods.hpn.sweep", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lightning-methods hpn-sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="an HPNMultiTask fit config")
     parser.add_argument("--task_weights", type=float, nargs="+", default=[0.01, 0.1, 0.25, 0.5, 0.9])
     parser.add_argument("--out", type=Path, default=Path("runs/hpn_tsweep"), help="results directory")

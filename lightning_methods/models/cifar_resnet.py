@@ -38,7 +38,20 @@ class BasicBlock(nn.Module):
         return torch.relu(out + shortcut)
 
 
-class CifarResNet(nn.Module):
+class ThreeStageResNet(nn.Module):
+    """The forward pass shared by the 6n + 2 CIFAR ResNets: stem (``conv1``, ``bn1``, ``relu``), ``layer1..3``,
+    ``avgpool`` and the linear head ``fc``, which subclasses build (also :class:`~.hpn_resnet.HPNResNet`)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+class CifarResNet(ThreeStageResNet):
     """ResNet with depth = 6n + 2 basic blocks for 32x32 inputs.
 
     Args:
@@ -74,14 +87,6 @@ class CifarResNet(nn.Module):
         self.inplanes = planes
         layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(self.avgpool(x), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .cifar_resnet import ThreeStageResNet
 from .registry import register_backbone
 
 Shortcut = Literal["conv3x3", "conv1x1"]
@@ -47,7 +48,7 @@ class HPNBasicBlock(nn.Module):
         return self.relu(out + residual)
 
 
-class HPNResNet(nn.Module):
+class HPNResNet(ThreeStageResNet):
     """The official HPN CIFAR ResNet.
 
     Args:
@@ -102,14 +103,6 @@ class HPNResNet(nn.Module):
         self.inplanes = planes
         layers += [HPNBasicBlock(planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(self.avgpool(x), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):

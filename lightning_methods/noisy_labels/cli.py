@@ -24,6 +24,7 @@ import lightning_methods  # noqa: F401  (registers the package's classes for sho
 import lightning_methods.callbacks  # noqa: F401
 import lightning_methods.datamodules  # noqa: F401
 
+from ..callbacks.nonfinite_guard import NonFiniteGuard
 from ..cli import default_precision
 from ..utils.wandb import finish_open_run
 from .config import SelectionConfig
@@ -46,6 +47,7 @@ def build_parser() -> LightningArgumentParser:
     parser.add_lightning_class_args(LightningModule, "model", subclass_mode=True)
     parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True)
     parser.add_class_arguments(SelectionConfig, "selection")
+    parser.add_lightning_class_args(NonFiniteGuard, "nonfinite_guard")  # stops a diverged round (issue 18)
     parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
     parser.set_defaults({"trainer.precision": default_precision()})
     return parser

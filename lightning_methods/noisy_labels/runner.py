@@ -26,6 +26,7 @@ from ..callbacks.checkpoint import LatestCheckpoint
 from ..callbacks.prediction_history import PredictionHistoryCallback
 from ..callbacks.test_accuracy_tracker import TestAccuracyTracker
 from ..checkpoint_io import read_checkpoint
+from ..results.multistage import command_source
 from ..runs import StagedRun, config_fingerprint
 from ..utils.distributed import broadcast_object, get_rank
 from ..utils.wandb import finish_runs, log_config, plain
@@ -88,7 +89,8 @@ class EarlyCuttingRunner:
         if train_indices is not None:  # round 0 keeps the DataModule's own train_subset (default: all)
             dm.set_train_subset(train_indices.tolist())
         trainer_args = dict(init.trainer)
-        trainer_args["callbacks"] = [*(trainer_args.get("callbacks") or []), *callbacks]
+        guard = [init.nonfinite_guard] if init.get("nonfinite_guard") is not None else []  # stops a diverged round
+        trainer_args["callbacks"] = [*(trainer_args.get("callbacks") or []), *callbacks, *guard]
         trainer_args["default_root_dir"] = str(self.run_dir / tag)
         trainer_args["enable_checkpointing"] = True
         trainer = Trainer(**trainer_args)
@@ -281,7 +283,8 @@ class EarlyCuttingRunner:
         summary = {"status": "threshold_not_reached" if ended else "done", "rounds": rounds, "final": final,
                    "test_acc_last": (final or {}).get("test_acc_last"),
                    "test_acc_at_best_val": (final or {}).get("test_acc_at_best_val"),
-                   "test_acc_max_over_all_epochs_and_rounds": max(accs) if accs else None}
+                   "test_acc_max_over_all_epochs_and_rounds": max(accs) if accs else None,
+                   "source": command_source(self.config, self.config.get("seed_everything"))}
         self.staged.write_json("summary.json", summary)
         rank_zero_info(f"Early Cutting finished: last-epoch test acc {summary['test_acc_last']}, at best noisy-val "
                        f"epoch {summary['test_acc_at_best_val']} (summary in {self.run_dir / 'summary.json'})")

@@ -15,6 +15,7 @@ and returns the top bit-width's per-sample loss; the optimizer steps once per ba
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..classifier import ImageClassifier, as_dict_batch, soft_cross_entropy
+from ..classifier import ImageClassifier, soft_cross_entropy
 from ..layers.quantized import ActQuant, SwitchableBatchNorm, check_bits, set_bits
 from ..parameters import frozen_bn_stats
 from ..utils import all_reduce_flat, is_distributed
@@ -222,23 +223,11 @@ class MultiBitClassifier(PerBitEvaluation, ImageClassifier):
         closure.first_batch = chunks[0]
         return closure
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        batch = as_dict_batch(batch)
-        opt = self.optimizers()
-        closure = self.make_closure(batch, opt)
-        opt.step(closure=closure)
-        if closure.calls == 0:
-            raise RuntimeError(f"{type(opt.optimizer).__name__}.step(closure) did not evaluate the closure; optimizers "
-                               "used with MultiBitClassifier must call it (closure contract, ARCHITECTURE.md)")
-        self.closure_call = 0
-        if self.scheduler_interval == "step":
-            self._step_schedulers()
+    def log_training_step(self, batch: Mapping[str, torch.Tensor], closure: Any) -> None:
+        super().log_training_step(closure.first_batch, closure)  # one child's chunk: its size is the batch size
         n = closure.first_batch["target"].shape[0]
-        self.log("train/loss", closure.first_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         for bits, loss in closure.bit_losses.items():
             self.log(f"train/loss_bit{bits}", loss, on_step=False, on_epoch=True, batch_size=n)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
-        return closure.first_loss
 
     # ----------------------------------------------------------------------------------------------- cost
     def on_train_epoch_start(self) -> None:

@@ -59,8 +59,11 @@ def paper_numbers(config_file: str | Path | None) -> dict[str, float]:
 
 
 def is_percent(metric: str) -> bool:
-    """Accuracy-like metrics are shown in percent."""
-    return "acc" in metric.split("/")[-1]
+    """Accuracy-like metrics are shown in percent (also the federated summaries: mean / std of client accuracy)."""
+    from .multistage import FEDERATED_METRICS
+
+    name = metric.split("/")[-1]
+    return "acc" in name or name in FEDERATED_METRICS
 
 
 def display_value(metric: str, value: float) -> float:
@@ -107,7 +110,10 @@ def run_label(record: Mapping[str, Any]) -> str:
 def source_config(record: Mapping[str, Any]) -> str | None:
     """The config file the run came from (the grid's source config, not its generated ``run.yaml``)."""
     info = record.get("info") or {}
-    return info.get("config") or record.get("config_path")
+    path = info["config"] if "config" in info else record.get("config_path")  # info may say "none" on purpose
+    if isinstance(path, (list, tuple)):  # several --config files: the last one names the setup
+        path = path[-1] if path else None
+    return path
 
 
 def configuration(record: Mapping[str, Any], seed_keys: Sequence[str], neutral: Iterable[str]) -> dict[str, Any]:

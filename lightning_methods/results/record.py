@@ -219,7 +219,8 @@ def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
 
 
 def read_record(path: str | Path) -> dict[str, Any] | None:
-    """A ``results.json`` of this package (``None`` for JSON files of another format, e.g. other tools' results).
+    """A ``results.json`` of this package, or the results of ``lightning-methods fed`` / ``select`` as a record
+    (:mod:`.multistage`); ``None`` for JSON files of another format (e.g. other tools' results).
 
     Raises:
         ValueError: the file is not valid JSON.
@@ -231,7 +232,9 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
         raise ValueError(f"{path} is not valid JSON ({err}); the run that wrote it was probably killed while "
                          "writing: rerun it, or delete the file") from err
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        return None
+        from .multistage import adapt
+
+        return adapt(path, data)  # lightning-methods fed / select results, or None
     data.setdefault("run_dir", str(path.parent))
     data["path"] = str(path)
     return data
@@ -249,7 +252,7 @@ def find_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         if not entry.exists():
             raise FileNotFoundError(f"{entry} does not exist (give run directories, a grid directory or results.json "
                                     "files)")
-        files = [entry] if entry.is_file() else sorted(entry.rglob("results*.json"))
+        files = [entry] if entry.is_file() else sorted([*entry.rglob("results*.json"), *entry.rglob("summary.json")])
         for file in files:
             key = file.resolve()
             if key in seen:

@@ -85,7 +85,8 @@ def plot_curves(rows: Sequence[Row], metric: str, path: Path) -> Path | None:
     try:
         import matplotlib
     except ImportError as err:
-        raise ImportError("learning-curve plots need matplotlib: pip install 'lightning-methods[results]' "
+        raise ImportError("learning-curve plots need matplotlib (a dependency of lightning-methods): pip install "
+                          "matplotlib "
                           "(or pass --no_plot)") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,6 +1,6 @@
 """Plots of the Tunnel Effect (Masarczyk et al., NeurIPS 2023, arXiv 2305.19753): probe accuracy and numerical rank
 against the layer with the tunnel shaded (the paper's Fig. 1), and the layer x epoch picture of how the tunnel forms
-(its Fig. 5/6). matplotlib (Agg backend, no display) is imported only here; install it with the ``tunnel`` extra.
+(its Fig. 5/6). matplotlib (Agg backend, no display) is imported only here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the tunnel plots need matplotlib: pip install 'lightning-methods[tunnel]'") from err
+        raise ImportError("the tunnel plots need matplotlib (a dependency of lightning-methods): pip install "
+                          "matplotlib") from err
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 

@@ -128,11 +128,15 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", allow_pickle: b
     except pickle.UnpicklingError as err:
         if allow_pickle:
             raise ValueError(f"{what} {path} could not be read: {err}") from err
+        if "Unsupported operand" in str(err):  # bytes that are not a pickle at all, not a refused object
+            raise ValueError(f"{what} {path} is truncated or not a torch file ({str(err).splitlines()[0]} ... "
+                             "Unsupported operand); re-create or re-download it") from err
         raise ValueError(
             f"{what} {path} holds objects that a weights-only load refuses ({str(err).splitlines()[0]}). A file that "
             "needs unpickling can run code while it loads; re-save it as plain tensors/containers, or opt in "
             "explicitly (allow_pickle=True) if you created it yourself."
         ) from err
-    except (EOFError, RuntimeError, OSError) as err:
+    except (EOFError, RuntimeError, OSError, IndexError, KeyError, TypeError, ValueError, AttributeError) as err:
+        # garbage bytes surface as any of these from the zip reader or the legacy unpickler
         raise ValueError(f"{what} {path} is truncated or not a torch file ({type(err).__name__}: {err}); "
                          "re-create or re-download it") from err

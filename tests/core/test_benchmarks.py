@@ -31,6 +31,6 @@ def test_small_mode_measures_every_case(tmp_path, monkeypatch):
     assert all(math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0 for r in rows)
     names = {r["case"] for r in rows}
     assert {"ImageClassifier + Trainer", "gpu_resident", "bf16-mixed", "SAM-ON + ascent-pass saving", "KOALA++",
-            "DKD + DeepKD"} <= names
+            "DKD + DeepKD (batched)", "DKD + DeepKD (sequential)"} <= names
     table = throughput.markdown(rows, "small")
     assert "| ratio |" in table and "Machine:" in table

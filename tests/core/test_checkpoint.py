@@ -5,43 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_methods.callbacks import LatestCheckpoint
 
-from helpers import quiet_trainer
-
-
-class Worsening(LightningModule):
-    """A linear model whose logged ``val/acc`` falls every epoch: the best epoch is the first."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 2)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.layer(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val/acc", 1.0 / (self.current_epoch + 1))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)),
-                      batch_size=4)
+from helpers import Worsening, quiet_trainer, tiny_loader
 
 
 def fit(tmp_path, ckpt: ModelCheckpoint, epochs: int = 4, callbacks=()) -> None:
     trainer = quiet_trainer(max_epochs=epochs, enable_checkpointing=True, limit_val_batches=1,
                             callbacks=[ckpt, *callbacks], default_root_dir=tmp_path)
-    trainer.fit(Worsening(), loader(), loader())
+    trainer.fit(Worsening(), tiny_loader(), tiny_loader())
 
 
 def test_lightning_modelcheckpoint_keeps_an_early_last_ckpt(tmp_path):

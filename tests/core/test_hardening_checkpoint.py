@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_methods.callbacks import LatestCheckpoint
@@ -22,31 +21,7 @@ from lightning_methods.checkpoint_io import (
 )
 from lightning_methods.utils.io import sha256_file
 
-from helpers import quiet_trainer
-
-
-class Worsening(LightningModule):
-    """A linear model whose logged ``val/acc`` falls every epoch: the best checkpoint is the first."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 2)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.layer(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val/acc", 1.0 / (self.current_epoch + 1))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)),
-                      batch_size=4)
+from helpers import Worsening, quiet_trainer, tiny_loader
 
 
 def state(value: float, epoch: int | None = None) -> dict:
@@ -176,7 +151,7 @@ def test_latest_checkpoint_installs_the_plugin_and_resume_refuses_a_corrupt_last
     trainer = quiet_trainer(max_epochs=3, enable_checkpointing=True, limit_val_batches=1, callbacks=[ckpt],
                             default_root_dir=tmp_path)
     assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO
-    trainer.fit(Worsening(), loader(), loader())
+    trainer.fit(Worsening(), tiny_loader(), tiny_loader())
     assert isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
     last = tmp_path / "last.ckpt"
     assert recorded_hashes(last) == [sha256_file(last)] and read_checkpoint(last)["epoch"] == 2
@@ -186,7 +161,7 @@ def test_latest_checkpoint_installs_the_plugin_and_resume_refuses_a_corrupt_last
     resume = quiet_trainer(max_epochs=4, enable_checkpointing=True, limit_val_batches=1,
                            callbacks=[LatestCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")])
     with pytest.raises(CorruptCheckpointError, match="previous-last.ckpt"):
-        resume.fit(Worsening(), loader(), loader(), ckpt_path=str(last))
+        resume.fit(Worsening(), tiny_loader(), tiny_loader(), ckpt_path=str(last))
 
 
 def test_removed_top_k_checkpoints_take_their_checksum_with_them(tmp_path, one_thread):

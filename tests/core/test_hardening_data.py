@@ -87,3 +87,44 @@ def test_datamodule_names_the_damaged_file(tmp_path):
     with pytest.raises(ValueError, match="shape") as info:
         dm.setup("fit")
     assert str(test_file) in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file\n", bytes(range(256)) * 4, b"PK\x03\x04" + b"\x00" * 64,
+                                     b"\x80\x02]q\x00(K\x01"])
+def test_torch_files_of_garbage_bytes_are_one_clear_error(tmp_path, content):
+    """Whatever a broken download holds (empty, text, random bytes, a cut zip header, a cut legacy pickle), loading it
+    is a ValueError that names the file, never an IndexError or KeyError from torch's readers."""
+    from lightning_methods.utils.io import safe_torch_load
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="truncated or not a torch file") as info:
+        safe_torch_load(path, what="teacher checkpoint")
+    assert str(path) in str(info.value) and "teacher checkpoint" in str(info.value)
+
+
+def test_a_truncated_real_torch_file_is_one_clear_error(tmp_path):
+    import torch
+
+    from lightning_methods.utils.io import safe_torch_load
+
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.arange(1000.0)}, path)
+    assert torch.equal(safe_torch_load(path)["w"], torch.arange(1000.0))
+    for cut in (10, len(path.read_bytes()) // 2, len(path.read_bytes()) - 30):
+        full = path.read_bytes()
+        (tmp_path / "cut.pt").write_bytes(full[:cut])
+        with pytest.raises(ValueError, match=r"cut\.pt"):
+            safe_torch_load(tmp_path / "cut.pt")
+
+
+def test_a_torch_file_carrying_code_is_refused_not_called_garbage(tmp_path):
+    import torch
+
+    from lightning_methods.utils.io import safe_torch_load
+
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.ones(2), "x": RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="refuses") as info:
+        safe_torch_load(tmp_path / "evil.pt")
+    assert "not a torch file" not in str(info.value) and not marker.exists()

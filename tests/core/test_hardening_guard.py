@@ -7,7 +7,7 @@ from functools import partial
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_methods import ImageClassifier
@@ -15,7 +15,7 @@ from lightning_methods.callbacks import LatestCheckpoint, NonFiniteGuard, NonFin
 from lightning_methods.checkpoint_io import read_checkpoint
 from lightning_methods.datamodules import DigitsDataModule
 
-from helpers import TinyNet, quiet_trainer
+from helpers import LinearModule, TinyNet, quiet_trainer
 
 
 class LossRecorder(Callback):
@@ -133,17 +133,6 @@ def test_disabled_guard_lets_the_checkpoint_io_refuse_nan_weights(tmp_path, one_
     assert read_checkpoint(tmp_path / "last.ckpt")["epoch"] == 0
 
 
-class _Linear(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 2)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.layer(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 class _NanReportOnRank1(Callback):
@@ -164,7 +153,7 @@ def _ddp_guard(rank: int, world_size: int) -> dict:
     trainer = quiet_trainer(devices=world_size, strategy=DDPStrategy(timeout=timedelta(seconds=15)), max_epochs=1,
                             callbacks=[_NanReportOnRank1(), NonFiniteGuard()])
     try:
-        trainer.fit(_Linear(), data)
+        trainer.fit(LinearModule(), data)
     except NonFiniteTrainingError as err:
         return {"step": trainer.global_step, "message": str(err)}
     return {"step": None, "message": ""}

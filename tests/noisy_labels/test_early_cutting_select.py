@@ -24,6 +24,7 @@ from lightning_methods.noisy_labels import runner as selection_runner
 from lightning_methods.noisy_labels.cli import build_parser, main, run_select
 from lightning_methods.noisy_labels.runner import EarlyCuttingRunner
 from lightning_methods.noisy_labels.selection import simulate_selection_round
+from lightning_methods.results.record import find_records
 
 from helpers import write_fake_cifar
 
@@ -132,6 +133,9 @@ def test_select_command_runs_end_to_end(tmp_path, monkeypatch):
         "--selection.keep_rate=0.2", f"--run_dir={run}",
     ])
     assert summary["status"] == "done" and summary["final"]["status"] == "done"
+    (record,) = find_records([run])  # what `lightning-methods table` reads: the config named, its seed, the metrics
+    assert record["config_path"][-1].endswith("configs/early_cutting/cifar10_sym40.yaml") and record["seed"] == 1
+    assert record["metrics"]["test_acc_last"] == summary["test_acc_last"]
     stats = json.loads((run / "round0" / "stats.json").read_text())
     fkl, removed, selected = (np.load(run / "round0" / f"{n}.npy") for n in ("fkl", "removed", "selected"))
     assert stats["stop_epoch"] is not None and len(fkl) >= stats["threshold"]
@@ -268,3 +272,16 @@ def test_a_second_command_on_a_busy_run_directory_stops(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="is in use by process"):
         run_select(_digits_args(run, "--selection.rounds=1"))
     assert not (run / "state.json").exists()
+
+
+def test_a_diverging_round_is_stopped_by_the_guard(tmp_path, monkeypatch):
+    """The runner's Trainers carry the NonFiniteGuard of ``lightning-methods fit``: a round whose loss goes
+    non-finite stops within a few steps with the guard's error instead of training on NaNs for the whole round."""
+    from lightning_methods.callbacks import NonFiniteTrainingError
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(DIGITS), SMALL, "--trainer.max_epochs=2", "--trainer.logger=false",
+            "--model.init_args.optimizer.init_args.lr=1e30", "--selection.rounds=1", f"--run_dir={tmp_path / 'run'}"]
+    with pytest.raises(NonFiniteTrainingError):
+        run_select(args)
+    assert "nonfinite_guard:" in build_parser().dump(build_parser().parse_args(["--config", str(DIGITS)]))

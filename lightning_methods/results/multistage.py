@@ -1,0 +1,83 @@
+"""Records of the multi-stage commands, read by ``lightning-methods table`` like the records of ``fit``.
+
+``lightning-methods fed`` writes ``<run_dir>/<algorithm>/results.json`` (``{"summary", "clients", "source"}``) and
+``lightning-methods select`` writes ``<run_dir>/summary.json``; both keep ``source`` (:func:`command_source`: the
+config files and the seed of the command) so that their runs group over seeds and show the paper's numbers named on
+the config's ``# paper:`` lines (``final_mean``, ``test_acc_max_over_all_epochs_and_rounds``, ...).
+:func:`adapt` turns either file into a record of :data:`~lightning_methods.results.record.FORMAT`; the resolved
+config comes from ``config.yaml`` beside the file (written by :class:`~lightning_methods.runs.StagedRun`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Summary values of a federated run (fractions of 1, shown in percent by the table).
+FEDERATED_METRICS = ("final_mean", "final_std", "final_weighted", "best_mean", "best_std", "best_weighted")
+#: Summary values of an Early Cutting run (fractions of 1).
+SELECTION_METRICS = ("test_acc_last", "test_acc_at_best_val", "test_acc_max_over_all_epochs_and_rounds")
+#: Config keys that hold a seed or only say where and how a multi-stage run is kept (dropped when grouping runs).
+SEED_AND_RUN_KEYS = (("seed_everything",), ("data", "seed"), ("federation", "seed"), ("data", "init_args", "seed"),
+                     ("run_dir",), ("resume",), ("progress",), ("profile_steps",), ("stop_after_round",),
+                     ("compare_with",), ("logger",), ("config",))
+
+
+def command_source(config: Any, seed: Any) -> dict[str, Any]:
+    """``{"config": [absolute paths of the --config files], "seed": seed}`` of a parsed jsonargparse config."""
+    files = config.get("config") if hasattr(config, "get") else None
+    paths = [os.fspath(getattr(f, "absolute", f)) for f in (files or []) if f is not None]
+    return {"config": paths, "seed": seed}
+
+
+def _resolved_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        config = None
+    config = config if isinstance(config, dict) else {}
+    for keys in SEED_AND_RUN_KEYS:
+        parent = config
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(keys[-1], None)
+    return config
+
+
+def _record(path: Path, source: Mapping[str, Any], name: str, status: str, metrics: Mapping[str, Any],
+            config: dict[str, Any], paper_config: bool) -> dict[str, Any]:
+    from .record import FORMAT
+
+    files = list(source.get("config") or [])
+    return {"format": FORMAT, "command": "fit", "status": status, "run_dir": str(path.parent), "path": str(path),
+            "config_path": files, "config": config, "seed": source.get("seed"),
+            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            "info": {"name": name, "seed": source.get("seed"), "config": files[-1] if files and paper_config else None}}
+
+
+def adapt(path: str | Path, data: Any) -> dict[str, Any] | None:
+    """A record from a federated ``results.json`` or an Early Cutting ``summary.json`` (``None`` for other files)."""
+    path = Path(path)
+    if not isinstance(data, dict):
+        return None
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    stem = Path(source["config"][-1]).stem if source.get("config") else path.parent.name
+    summary = data.get("summary")
+    if isinstance(summary, dict) and "algorithm" in summary and isinstance(data.get("clients"), list):
+        config = _resolved_config(path.parent)
+        algorithm = str(summary["algorithm"])
+        config["algorithm"] = algorithm  # one results.json per algorithm: compare_with runs share the config file
+        primary = source.get("algorithm", algorithm) == algorithm  # the config's paper numbers are its algorithm's
+        metrics = {k: summary.get(k) for k in FEDERATED_METRICS}
+        return _record(path, source, f"{stem}:{algorithm}", "finished", metrics, config, primary)
+    if path.name == "summary.json" and any(k in data for k in SELECTION_METRICS) and "rounds" in data:
+        status = "finished" if data.get("status") == "done" else str(data.get("status"))
+        metrics = {k: data.get(k) for k in SELECTION_METRICS}
+        return _record(path, source, stem, status, metrics, _resolved_config(path.parent), True)
+    return None
