@@ -9,7 +9,8 @@ Not a paper's method: the tooling that turns runs into numbers a researcher can 
 - ``lightning-methods grid`` (:mod:`.grid`, pure parts in :mod:`.gridspec`): seeds x ``--set`` combinations, resumable,
   or a W&B sweep / scheduler commands.
 - ``lightning-methods table`` (:mod:`.table`, pure parts in :mod:`.aggregate`; W&B input in :mod:`.wandb_source`):
-  mean +- std per configuration beside the paper's numbers (``# paper:`` config header lines), learning curves.
+  mean +- std per configuration beside the paper's numbers (``# paper:`` config header lines), learning curves;
+  it also reads the results of ``lightning-methods fed`` and ``select`` (:mod:`.multistage`).
 - ``lightning-methods list`` (:mod:`.catalog`): methods, configs, backbones with parameter counts, DataModules.
 
 Docs: ``docs/results.md`` and the README section "Reproducing a paper table". Tests: ``tests/results/``.

@@ -1,9 +1,8 @@
 """The Flower runtime (``ServerApp`` strategy + ``ClientApp`` on Flower's Message API) against the in-process one.
 
-The fast test delivers Flower's own ``Message`` objects to the ``ClientApp`` in this process (tests'
-``InProcessGrid``); the slow one runs Flower's Simulation Runtime. That one is marked slow because it cannot start
-inside the family's test budget: Ray starts in ~10-25 s on a 2-core CPU and every Ray worker imports torch, Lightning
-and this package again (~5-10 s each), which is most of the ~75 s the FedFree tests may take.
+One test delivers Flower's own ``Message`` objects to the ``ClientApp`` in this process (tests' ``InProcessGrid``,
+fast, exact); the other runs Flower's real Simulation Runtime (Ray, 3 supernodes in their own processes; about 18 s
+on a 2-core CPU, most of it Ray starting and its workers importing torch and this package).
 """
 
 from __future__ import annotations
@@ -77,7 +76,6 @@ def test_flower_round_equals_the_in_process_round(tmp_path, one_thread):
     assert "local_name" in json.dumps(meta) and len(evaluates[0].content["payload_arrays"]) >= 1
 
 
-@pytest.mark.slow
 def test_flower_simulation_runtime_equals_the_in_process_round(tmp_path):
     from flwr.simulation import run_simulation
 
