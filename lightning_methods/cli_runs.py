@@ -182,7 +182,7 @@ def apply_cli_defaults(cli: Any) -> None:
     if "weights_only" in config and config["weights_only"] is None:
         config["weights_only"] = True
     if _get(config, "ckpt_path") == "last":
-        dumped = yaml.safe_load(cli._parser(sub).dump(config, skip_none=False))
+        dumped = yaml.safe_load(cli._parser(sub).dump(config, skip_unset=False))
         line = resolve_last_checkpoint(config, dumped)
         if line:
             print(line, flush=True)
@@ -250,7 +250,7 @@ class RunConfigCallback(SaveConfigCallback):
         config["ckpt_path"] = None
         if run_id is not None:
             config_set_run_id(config, run_id)
-        atomic_write_text(run_dir / CONFIG_NAME, self.parser.dump(config, skip_none=False))
+        atomic_write_text(run_dir / CONFIG_NAME, self.parser.dump(config, skip_unset=False))
         ckpt = trainer.checkpoint_callback
         last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
         self._run = (run_dir, run_id, last)

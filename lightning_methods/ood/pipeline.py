@@ -257,7 +257,7 @@ class EncMin2LPipeline:
         """Run (or resume) every stage; returns ``{"status", ...}`` (the report files when done)."""
         stop = self.config.get("stop_after")
         self.staged = StagedRun(self.run_dir, "ood", self.fingerprint(), resume=bool(self.config.resume),
-                                config_text=self.parser.dump(self.config, skip_none=False))
+                                config_text=self.parser.dump(self.config, skip_unset=False))
         with self.staged:
             if not self._train_encoders():
                 return {"status": "interrupted", "stage": "encoder"}
