@@ -20,32 +20,12 @@ import math
 from functools import partial
 from typing import Literal
 
-import torch
 from torch import nn
 
-from .cifar_resnet import ThreeStageResNet
+from .cifar_resnet import BasicBlock, ThreeStageResNet
 from .registry import register_backbone
 
 Shortcut = Literal["conv3x3", "conv1x1"]
-
-
-class HPNBasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers and a residual connection (``downsample`` projects the input when shapes differ)."""
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        residual = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + residual)
 
 
 class HPNResNet(ThreeStageResNet):
@@ -99,9 +79,9 @@ class HPNResNet(ThreeStageResNet):
                 nn.Conv2d(self.inplanes, planes, kernel, stride, padding=kernel // 2, bias=False),
                 nn.BatchNorm2d(planes),
             )
-        layers = [HPNBasicBlock(self.inplanes, planes, stride, downsample)]
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes
-        layers += [HPNBasicBlock(planes, planes) for _ in range(1, blocks)]
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
 
