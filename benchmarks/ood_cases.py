@@ -88,7 +88,8 @@ def cases(s: Settings) -> list:
 
     def embedding() -> float:
         return timed(lambda: embed(encoder, images, torch.zeros(len(images), dtype=torch.long),
-                                   torch.arange(len(images)), make_trainer, batch_size=min(256, len(images))),
+                                   torch.arange(len(images)), make_trainer=make_trainer,
+                                   batch_size=min(256, len(images))),
                      len(images))
 
     return [

@@ -13,7 +13,8 @@ How it plugs into Lightning (works with ``MultiBitClassifier`` and any DataModul
   Afterwards it returns a loader whose every batch is ``[batch of S_32 | batch of S_8 | ...]`` (one chunk per
   trained bit-width, high to low) and tells the module (``bitwise_batches``) to split it: one training step holds
   one batch per child and ends with ONE optimizer step, and an epoch has ``ceil((1 - p) N / (B W))`` steps, so every
-  child visits its subset once per epoch.
+  child visits every sample of its subset once per epoch (the last step is partial: the DataModule's ``drop_last``
+  does not apply).
 - On refresh epochs (``warmup_full``, then every ``refresh_every`` epochs) every child scores the whole training
   set in eval mode without augmentation (``train_set``, normalized only). Under DDP each rank scores its shard and
   the scores are gathered by position (``gather_by_index``: no padding duplicates), so every rank chooses the same
@@ -143,10 +144,9 @@ class BitwiseCoresetCallback(Callback):
             raise ValueError(f"the training set has {n} samples but the coresets were chosen from {self.n}: resume "
                              "with the data of the checkpoint, or start a new run")
         subsets = [self.subsets[b] for b in pl_module.train_order]
-        batch = loader.batch_size
-        drop_last = bool(getattr(loader, "drop_last", True))
-        order = bitwise_epoch_order(subsets, n, batch, self.seed, epoch, trainer.global_rank, trainer.world_size,
-                                    drop_last)
+        # every coreset sample once per epoch: the DataModule's drop_last does not apply (the last step is partial)
+        order = bitwise_epoch_order(subsets, n, loader.batch_size, self.seed, epoch, trainer.global_rank,
+                                    trainer.world_size)
         pl_module.bitwise_batches = True
         return bitwise_loader(loader, order, len(subsets), trainer.global_rank, trainer.world_size)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ..utils import gather_by_index
+from lightning_methods.utils import gather_by_index
 
 
 class GatherPredictions(Callback):

@@ -14,7 +14,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ..optim.koala_base import KOALABase
+from lightning_methods.optim.koala_base import KOALABase
 
 
 class KOALAMonitor(Callback):

@@ -19,11 +19,17 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ..datamodules.base import IndexedTensorDataset, collate_dict
-from ..datamodules.transforms import device_augment, normalize
-from ..noisy_labels.selection import fkl_order, init_learning_state, should_stop, stop_threshold, update_learning_state
-from ..utils.distributed import gather_by_index, sharded_loader
-from ..utils.seeding import seeded_generator
+from lightning_methods.datamodules.base import IndexedTensorDataset, collate_dict
+from lightning_methods.datamodules.transforms import device_augment, normalize
+from lightning_methods.noisy_labels.selection import (
+    fkl_order,
+    init_learning_state,
+    should_stop,
+    stop_threshold,
+    update_learning_state,
+)
+from lightning_methods.utils.distributed import gather_by_index, sharded_loader
+from lightning_methods.utils.seeding import seeded_generator
 
 PredictFn = Callable[[LightningModule, dict[str, torch.Tensor]], torch.Tensor]
 

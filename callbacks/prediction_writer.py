@@ -24,9 +24,9 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from ..results.record import run_directory
-from ..utils import atomic_write_json, atomic_write_text, gather_by_index
-from ..utils.io import _atomic_write
+from lightning_methods.results.record import run_directory
+from lightning_methods.utils import atomic_write_json, atomic_write_text, gather_by_index
+from lightning_methods.utils.io import _atomic_write
 
 FIRST_COLUMNS = ("index", "target", "pred", "confidence")
 

@@ -26,7 +26,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
-from ..results.record import (
+from lightning_methods.results.record import (
     FORMAT,
     best_and_last,
     config_hash,
@@ -39,8 +39,8 @@ from ..results.record import (
     scalar_metrics,
     versions,
 )
-from ..utils import atomic_write_json, atomic_write_text, sha256_file
-from ..utils.wandb import plain
+from lightning_methods.utils import atomic_write_json, atomic_write_text, sha256_file
+from lightning_methods.utils.wandb import plain
 
 
 class ResultsWriter(Callback):

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ..datamodules.base import IndexedTensorDataset, collate_dict
-from ..utils.distributed import gather_by_index, sharded_loader
-from .prediction_history import limited, prepare_images
+from lightning_methods.callbacks.prediction_history import limited, prepare_images
+from lightning_methods.datamodules.base import IndexedTensorDataset, collate_dict
+from lightning_methods.utils.distributed import gather_by_index, sharded_loader
 
 
 class TestAccuracyTracker(Callback):

@@ -3,65 +3,40 @@
 Every DataModule yields dict batches ``{"image": float NCHW, "target": int64, "index": int64}``.
 """
 
-from .base import (
-    DeviceBatchLoader,
-    EpochShuffleSampler,
-    ImageDataModule,
-    IndexedTensorDataset,
-    collate_dict,
-    epoch_permutation,
+from lightning_methods._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.datamodules.base": (
+            "DeviceBatchLoader", "EpochShuffleSampler", "ImageDataModule", "IndexedTensorDataset", "collate_dict",
+            "epoch_permutation",
+        ),
+        "lightning_methods.datamodules.cifar": (
+            "CIFAR10DataModule", "CIFAR100DataModule", "CIFARDataModule", "read_cifar_batch",
+        ),
+        "lightning_methods.datamodules.digits": ("DigitsDataModule", "load_digits_uint8"),
+        "lightning_methods.datamodules.label_noise": ("make_noisy_labels", "read_cifarn_labels"),
+        "lightning_methods.datamodules.noisy_cifar": ("NoisyCIFAR10DataModule", "NoisyCIFAR100DataModule"),
+        "lightning_methods.datamodules.noisy_digits": ("NoisyDigitsDataModule",),
+        "lightning_methods.datamodules.tinyimagenet": ("TinyImageNetDataModule", "load_tinyimagenet_split"),
+        "lightning_methods.datamodules.celeba": ("CelebADataModule",),
+        "lightning_methods.datamodules.corruptions": ("CORRUPTIONS", "corrupt"),
+        "lightning_methods.datamodules.covariate_shift": (
+            "CIFARCDataModule", "CorruptedDataModule", "datamodule_split",
+        ),
+        "lightning_methods.datamodules.dtd": ("DTDDataModule",),
+        "lightning_methods.datamodules.mnist": ("MNISTDataModule", "read_idx"),
+        "lightning_methods.datamodules.ood_images": ("OODImageDataModule", "read_image_list"),
+        "lightning_methods.datamodules.places365": ("Places365DataModule",),
+        "lightning_methods.datamodules.sample_patches": ("SamplePatchesDataModule", "sample_patches"),
+        "lightning_methods.datamodules.svhn": ("SVHNDataModule", "read_svhn_mat"),
+        "lightning_methods.datamodules.digits_regression": ("DigitsRegressionDataModule", "digit_regression_values"),
+        "lightning_methods.datamodules.federated": ("FederatedDataModule",),
+        "lightning_methods.datamodules.cinic10": ("CINIC10DataModule", "read_cinic_split"),
+        "lightning_methods.datamodules.imagenet": (
+            "ImageNet200DataModule", "ImageNetDataModule", "NoisyImageNetDataModule", "WebVisionDataModule",
+        ),
+        "lightning_methods.datamodules.imagenet_files": ("read_class_list", "read_val_ground_truth"),
+    },
 )
-from .cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule, read_cifar_batch
-from .digits import DigitsDataModule, load_digits_uint8
-
-__all__ = [
-    "CIFAR10DataModule",
-    "CIFAR100DataModule",
-    "CIFARDataModule",
-    "DeviceBatchLoader",
-    "DigitsDataModule",
-    "EpochShuffleSampler",
-    "ImageDataModule",
-    "IndexedTensorDataset",
-    "collate_dict",
-    "epoch_permutation",
-    "load_digits_uint8",
-    "read_cifar_batch",
-]
-
-from .label_noise import make_noisy_labels, read_cifarn_labels  # noqa: E402
-from .noisy_cifar import NoisyCIFAR10DataModule, NoisyCIFAR100DataModule  # noqa: E402
-from .noisy_digits import NoisyDigitsDataModule  # noqa: E402
-
-__all__ += ["NoisyCIFAR10DataModule", "NoisyCIFAR100DataModule", "NoisyDigitsDataModule", "make_noisy_labels",
-            "read_cifarn_labels"]
-
-from .tinyimagenet import TinyImageNetDataModule, load_tinyimagenet_split  # noqa: E402
-
-__all__ += ["TinyImageNetDataModule", "load_tinyimagenet_split"]
-
-from .celeba import CelebADataModule  # noqa: E402
-from .corruptions import CORRUPTIONS, corrupt  # noqa: E402
-from .covariate_shift import CIFARCDataModule, CorruptedDataModule, datamodule_split  # noqa: E402
-from .dtd import DTDDataModule  # noqa: E402
-from .mnist import MNISTDataModule, read_idx  # noqa: E402
-from .ood_images import OODImageDataModule, read_image_list  # noqa: E402
-from .places365 import Places365DataModule  # noqa: E402
-from .sample_patches import SamplePatchesDataModule, sample_patches  # noqa: E402
-from .svhn import SVHNDataModule, read_svhn_mat  # noqa: E402
-
-__all__ += ["CORRUPTIONS", "CIFARCDataModule", "CelebADataModule", "CorruptedDataModule", "DTDDataModule",
-            "MNISTDataModule", "OODImageDataModule", "Places365DataModule", "SVHNDataModule", "SamplePatchesDataModule",
-            "corrupt", "datamodule_split", "read_idx", "read_image_list", "read_svhn_mat", "sample_patches"]
-
-from .digits_regression import DigitsRegressionDataModule, digit_regression_values  # noqa: E402
-
-__all__ += ["DigitsRegressionDataModule", "digit_regression_values"]
-
-from .federated import FederatedDataModule  # noqa: E402
-
-__all__ += ["FederatedDataModule"]
-
-from .cinic10 import CINIC10DataModule, read_cinic_split  # noqa: E402
-
-__all__ += ["CINIC10DataModule", "read_cinic_split"]

@@ -17,8 +17,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ..utils.seeding import mix_seed, seeded_generator
-from .transforms import device_augment, mix_batch, normalize
+from lightning_methods.datamodules.transforms import device_augment, mix_batch, normalize
+from lightning_methods.utils.seeding import mix_seed, seeded_generator
 
 Augment = Literal["standard", "crop", "none", "autoaugment", "colorjitter"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .ood_images import OODImageDataModule, load_images
+from lightning_methods.datamodules.ood_images import OODImageDataModule, load_images
 
 PARTITIONS = {"train": 0, "valid": 1, "test": 2}
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import ImageDataModule
+from lightning_methods.datamodules.base import ImageDataModule
 
 #: The only globals a CIFAR pickle references (numpy arrays and, for files written by Python 3 with protocol 2,
 #: byte strings); anything else is refused, so a crafted file cannot run code while it loads.

@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_methods.datamodules.base import ImageDataModule
 from lightning_methods.utils import atomic_torch_save, safe_torch_load
-
-from .base import ImageDataModule
 
 CINIC10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CINIC10_URL = "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz"

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import ImageDataModule, IndexedTensorDataset
-from .corruptions import ALIASES, CORRUPTIONS, corrupt
-from .ood_images import OODImageDataModule
+from lightning_methods.datamodules.base import ImageDataModule, IndexedTensorDataset
+from lightning_methods.datamodules.corruptions import ALIASES, CORRUPTIONS, corrupt
+from lightning_methods.datamodules.ood_images import OODImageDataModule
 
 CIFAR_C_URLS = {"CIFAR-10-C": "https://zenodo.org/record/2535967/files/CIFAR-10-C.tar",
                 "CIFAR-100-C": "https://zenodo.org/record/3555552/files/CIFAR-100-C.tar"}

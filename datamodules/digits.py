@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Augment, ImageDataModule
+from lightning_methods.datamodules.base import Augment, ImageDataModule
 
 
 def load_digits_uint8(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,7 @@ class DigitsDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from .base import IndexedTensorDataset
+        from lightning_methods.datamodules.base import IndexedTensorDataset
 
         images, targets = load_digits_uint8()
         pos = self._split_positions(targets)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from .digits import DigitsDataModule, load_digits_uint8
+from lightning_methods.datamodules.digits import DigitsDataModule, load_digits_uint8
 
 Quantity = Literal["ink", "row_centroid"]
 

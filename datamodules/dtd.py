@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .ood_images import OODImageDataModule, load_images
+from lightning_methods.datamodules.ood_images import OODImageDataModule, load_images
 
 
 class DTDDataModule(OODImageDataModule):

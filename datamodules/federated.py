@@ -17,9 +17,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..utils import atomic_write_json, mix_seed
-from .base import Augment, EpochShuffleSampler, ImageDataModule, IndexedTensorDataset, collate_dict
-from .cifar import CIFAR10DataModule, CIFAR100DataModule
+from lightning_methods.datamodules.base import (
+    Augment,
+    EpochShuffleSampler,
+    ImageDataModule,
+    IndexedTensorDataset,
+    collate_dict,
+)
+from lightning_methods.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
+from lightning_methods.utils import atomic_write_json, mix_seed
 
 Source = Literal["cifar10", "cifar100", "digits"]
 Scheme = Literal["pathological", "htfl_pathological", "dirichlet", "iid"]
@@ -106,7 +112,7 @@ class FederatedDataModule(ImageDataModule):
     def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if self.dataset != "digits":
             return self._cifar().load_splits()
-        from .digits import load_digits_uint8
+        from lightning_methods.datamodules.digits import load_digits_uint8
 
         images, targets = load_digits_uint8()
         rng = np.random.RandomState(self.seed)
@@ -119,7 +125,7 @@ class FederatedDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.client_train:
             return
-        from ..federated.partition import make_client_split
+        from lightning_methods.federated.partition import make_client_split
 
         splits = self.load_splits()
         (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
@@ -194,7 +200,7 @@ class FederatedDataModule(ImageDataModule):
 
     def normalize_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Device-side preprocessing for evaluation outside a Trainer (normalisation only)."""
-        from .transforms import normalize
+        from lightning_methods.datamodules.transforms import normalize
 
         if batch["image"].dtype == torch.uint8:
             batch = dict(batch, image=normalize(batch["image"], self.mean, self.std))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ood_images import OODImageDataModule, resize_uint8
+from lightning_methods.datamodules.ood_images import OODImageDataModule, resize_uint8
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

@@ -22,10 +22,9 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_methods.datamodules.base import IndexedTensorDataset
+from lightning_methods.datamodules.label_noise import NoiseType, make_noisy_labels
 from lightning_methods.utils.io import safe_torch_load
-
-from .base import IndexedTensorDataset
-from .label_noise import NoiseType, make_noisy_labels
 
 NOISE_TYPES = ("none", "sym", "pairflip", "asym", "instance", "cifarn")
 
@@ -177,10 +176,14 @@ class NoisyLabelsMixin:
                 "base indices of the validation split or out of range"
             )
         pos = keep.nonzero().flatten()
-        self.train_set = IndexedTensorDataset(full.images[pos], full.targets[pos], full.indices[pos], full.transform,
-                                              {k: v[pos] for k, v in full.extras.items()})
+        self.train_set = self._subset_dataset(full, pos)
         if self.noise_stats:
             self._record_noise_stats()
+
+    def _subset_dataset(self, full: IndexedTensorDataset, pos: torch.Tensor) -> IndexedTensorDataset:
+        """The samples of ``full`` at positions ``pos`` (file-backed DataModules override this)."""
+        return IndexedTensorDataset(full.images[pos], full.targets[pos], full.indices[pos], full.transform,
+                                    {k: v[pos] for k, v in full.extras.items()})
 
     # ------------------------------------------------------------------------------------- reporting
     def _record_noise_stats(self) -> None:

@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .cifar import CIFAR10DataModule, CIFAR100DataModule, read_cifar_batch
-from .label_noise import CIFAR10_ASYM_MAP, NoiseType, cifar100_groups
-from .noisy_base import NoisyLabelsMixin
+from lightning_methods.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule, read_cifar_batch
+from lightning_methods.datamodules.label_noise import CIFAR10_ASYM_MAP, NoiseType, cifar100_groups
+from lightning_methods.datamodules.noisy_base import NoisyLabelsMixin
 
 AsymGrouping = Literal["consecutive5", "superclass", "classmap", "cyclic"]
 

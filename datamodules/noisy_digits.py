@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from .base import Augment, ImageDataModule
-from .digits import load_digits_uint8
-from .label_noise import NoiseType
-from .noisy_base import NoisyLabelsMixin
+from lightning_methods.datamodules.base import Augment, ImageDataModule
+from lightning_methods.datamodules.digits import load_digits_uint8
+from lightning_methods.datamodules.label_noise import NoiseType
+from lightning_methods.datamodules.noisy_base import NoisyLabelsMixin
 
 
 class NoisyDigitsDataModule(NoisyLabelsMixin, ImageDataModule):

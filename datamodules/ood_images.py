@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import ImageDataModule
+from lightning_methods.datamodules.base import ImageDataModule
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:

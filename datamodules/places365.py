@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .ood_images import OODImageDataModule, load_images, read_image_list
+from lightning_methods.datamodules.ood_images import OODImageDataModule, load_images, read_image_list
 
 LIST_FILES = {"val": ("val_256", "places365_val.txt"), "train": ("data_256", "places365_train_standard.txt")}
 

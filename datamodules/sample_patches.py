@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ImageDataModule
-from .ood_images import OODImageDataModule
+from lightning_methods.datamodules.base import ImageDataModule
+from lightning_methods.datamodules.ood_images import OODImageDataModule
 
 
 def sample_patches(n: int, image_size: int = 32, crop: int = 96, seed: int = 0) -> torch.Tensor:

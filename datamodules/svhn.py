@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ood_images import OODImageDataModule, resize_uint8
+from lightning_methods.datamodules.ood_images import OODImageDataModule, resize_uint8
 
 
 def read_svhn_mat(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import ImageDataModule
+from lightning_methods.datamodules.base import ImageDataModule
 
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"

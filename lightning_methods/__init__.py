@@ -3,31 +3,17 @@
 Public classes are re-exported here, e.g. ``from lightning_methods import ImageClassifier``.
 """
 
-from .classifier import ImageClassifier
-from .models import available_backbones, create_backbone
-from .parameters import frozen_bn_stats, param_groups_by_role, parameter_roles
+from lightning_methods._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ImageClassifier",
-    "available_backbones",
-    "create_backbone",
-    "frozen_bn_stats",
-    "param_groups_by_role",
-    "parameter_roles",
-]
-
-from .distillation import DistillationClassifier  # noqa: E402
-
-__all__ += ["DistillationClassifier"]
-
-from .noisy_labels import CoTrainingClassifier, EMAModel  # noqa: E402
-
-__all__ += ["CoTrainingClassifier", "EMAModel"]
-
-from .utils.deprecation import renamed_attributes  # noqa: E402
-
-__getattr__ = renamed_attributes(
-    __name__, {"DistillationModule": "DistillationClassifier", "CoTrainingModule": "CoTrainingClassifier"}
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.classifier": ("ImageClassifier",),
+        "lightning_methods.models": ("available_backbones", "create_backbone"),
+        "lightning_methods.parameters": ("frozen_bn_stats", "param_groups_by_role", "parameter_roles"),
+        "lightning_methods.distillation": ("DistillationClassifier",),
+        "lightning_methods.noisy_labels": ("CoTrainingClassifier", "EMAModel"),
+    },
 )

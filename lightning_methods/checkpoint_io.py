@@ -7,6 +7,9 @@ Writing (rank zero):
 - **Checksum.** The SHA-256 of every written file is recorded beside it in ``<file>.sha256`` (``sha256sum`` format,
   so ``sha256sum -c last.ckpt.sha256`` checks it by hand). While the file is being replaced the record lists the old
   and the new hash, so a kill between the two renames never makes a good file look corrupt.
+- **Digest inside.** The checkpoint also carries the SHA-256 of its own payload (every key, value and tensor byte
+  except the digest itself, :func:`payload_digest`) under :data:`DIGEST_KEY`, so a copy made without its ``.sha256``
+  file is still verified when it loads.
 - **Previous version.** A file that is overwritten (``last.ckpt``) keeps its previous version as
   ``previous-<name>`` (a hard link: no copy, no extra write), so a corrupt ``last.ckpt`` always has a good
   predecessor one epoch older.
@@ -15,7 +18,7 @@ Writing (rank zero):
 
 Reading (``Trainer.fit/validate/test/predict(ckpt_path=...)``, and the CLI before it builds anything):
 
-- the recorded checksum is verified; a mismatch, a truncated file or NaN/inf weights raise
+- the recorded checksum is verified (or, for a file without ``.sha256``, the digest stored inside it); a mismatch, a truncated file or NaN/inf weights raise
   :class:`CorruptCheckpointError` / :class:`NonFiniteCheckpointError` naming the file and the newest intact checkpoint
   beside it (with the exact ``--ckpt_path`` to resume from);
 - files load with ``weights_only=True`` unless the caller passes ``weights_only=False`` explicitly (warns).
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,9 +41,11 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from .utils.io import safe_torch_load, sha256_file
+from lightning_methods.utils.io import disk_full_error, mkstemp_like_open, safe_torch_load, sha256_file
 
 SIDECAR_SUFFIX = ".sha256"
+#: key of the checkpoint dict that holds :func:`payload_digest` of the rest of the checkpoint
+DIGEST_KEY = "lightning_methods_payload_sha256"
 PREVIOUS_PREFIX = "previous-"
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> verified hash: the CLI checks a file before
 # it builds anything and the Trainer loads it seconds later; it is hashed once
@@ -71,7 +75,7 @@ def recorded_hashes(path: str | Path) -> list[str]:
 
 
 def _write_sidecar(path: Path, hashes: list[str]) -> None:
-    from .utils.io import atomic_write_text
+    from lightning_methods.utils.io import atomic_write_text
 
     atomic_write_text(checksum_path(path), "".join(f"{h}  {path.name}\n" for h in hashes))
 
@@ -132,6 +136,70 @@ def non_finite_entries(state_dict: Mapping[str, Any]) -> list[str]:
     return bad
 
 
+def _feed(digest: Any, value: Any) -> None:
+    """Feed ``value`` into ``digest`` with its type and structure, so that equal payloads (and only those) hash equally
+    after a save / load round trip (dict and OrderedDict alike; tuples and lists apart; tensors by dtype, shape and
+    bytes)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        if t.layout == torch.strided and t.device.type != "meta":
+            data = t.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+            digest.update(memoryview(data.view(torch.uint8).numpy()))
+        else:
+            digest.update(repr(t).encode())
+    elif isinstance(value, Mapping):
+        digest.update(f"D{len(value)}|".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, (str, bytes)):
+        raw = value.encode() if isinstance(value, str) else value
+        digest.update(f"{'S' if isinstance(value, str) else 'B'}{len(raw)}|".encode() + raw)
+    else:  # numbers, None, dtypes, ...: their repr is exact (floats round-trip) and survives a load
+        digest.update(f"O{type(value).__name__}:{value!r}|".encode())
+
+
+def payload_digest(checkpoint: Mapping[str, Any]) -> str:
+    """Hex SHA-256 of everything in ``checkpoint`` except :data:`DIGEST_KEY`: keys, values, structure and the bytes of
+    every tensor. Computed on the dict before it is written and again on the dict that was loaded."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in checkpoint.items() if k != DIGEST_KEY})
+    return digest.hexdigest()
+
+
+def check_payload_digest(path: str | Path, checkpoint: Any) -> bool:
+    """``True`` if ``checkpoint`` (loaded from ``path``) carries a digest and matches it, ``False`` if it carries none;
+    raises :class:`CorruptCheckpointError` on a mismatch."""
+    if not isinstance(checkpoint, Mapping) or DIGEST_KEY not in checkpoint:
+        return False
+    if payload_digest(checkpoint) != checkpoint[DIGEST_KEY]:
+        raise CorruptCheckpointError(corrupt_message(path, "its contents differ from the SHA-256 digest stored "
+                                                           "inside it when it was written"))
+    return True
+
+
+def verify_embedded_digest(path: str | Path) -> bool | None:
+    """Load ``path`` (weights only) and check the digest stored inside it: ``True`` verified, ``False`` none stored,
+    ``None`` not checked (a file a weights-only load refuses); raises :class:`CorruptCheckpointError` on a
+    mismatch or an unreadable file."""
+    import pickle
+
+    try:
+        checkpoint = safe_torch_load(path, "cpu", what="checkpoint")
+    except ValueError as err:
+        if isinstance(err.__cause__, pickle.UnpicklingError) and "Unsupported operand" not in str(err):
+            return None
+        raise CorruptCheckpointError(corrupt_message(path, f"truncated or unreadable: {err.__cause__ or err}")) from err
+    return check_payload_digest(path, checkpoint)
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -159,7 +227,8 @@ def write_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, keep_previ
                 "(or enable gradient clipping) and resume from the last good checkpoint."
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    checkpoint = {**checkpoint, DIGEST_KEY: payload_digest(checkpoint)}  # a copy without .sha256 is verified too
+    fd, tmp_name = mkstemp_like_open(path)  # the umask's permissions, not mkstemp's 0600
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -174,9 +243,12 @@ def write_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, keep_previ
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         _write_sidecar(path, [new_hash])
-    except BaseException:
+    except BaseException as err:
+        full = disk_full_error(path, err) if isinstance(err, Exception) else None  # torch says "unexpected pos ..."
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if full is not None:
+            raise full from err
         raise
     return path
 
@@ -215,7 +287,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    verify_checksum(path)
+    sidecar = verify_checksum(path)
     try:
         checkpoint = safe_torch_load(path, map_location, allow_pickle=weights_only is False, what="checkpoint")
     except ValueError as err:
@@ -228,6 +300,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
             ) from err
         reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}" if cause else str(err)
         raise CorruptCheckpointError(corrupt_message(path, f"truncated or unreadable: {reason}")) from err
+    if not sidecar:
+        check_payload_digest(path, checkpoint)  # a copy without its .sha256: the digest it carries
+    if isinstance(checkpoint, dict):
+        checkpoint.pop(DIGEST_KEY, None)
     if check_finite and isinstance(checkpoint, Mapping):
         bad = non_finite_entries(checkpoint.get("state_dict", {}))
         if bad:
@@ -286,6 +362,6 @@ def install_safe_io(trainer: Any, **kwargs: Any) -> bool:
     return True
 
 
-__all__ = ["CorruptCheckpointError", "NonFiniteCheckpointError", "SafeCheckpointIO", "checksum_path",
-           "install_safe_io", "intact_alternatives", "non_finite_entries", "read_checkpoint", "recorded_hashes",
-           "verify_checksum", "write_checkpoint"]
+__all__ = ["DIGEST_KEY", "CorruptCheckpointError", "NonFiniteCheckpointError", "SafeCheckpointIO", "checksum_path",
+           "install_safe_io", "intact_alternatives", "non_finite_entries", "payload_digest", "read_checkpoint",
+           "recorded_hashes", "verify_checksum", "verify_embedded_digest", "write_checkpoint"]

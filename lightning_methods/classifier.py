@@ -25,9 +25,9 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from .hparams import callable_from_config, checkpoint_safe
-from .models import create_backbone
-from .parameters import frozen_bn_stats, param_groups_by_role
+from lightning_methods.hparams import callable_from_config, checkpoint_safe
+from lightning_methods.models import create_backbone
+from lightning_methods.parameters import frozen_bn_stats, param_groups_by_role
 
 #: Precision settings under which a GradScaler drives the optimizer step.
 SCALER_PRECISIONS = ("16-mixed", "16", 16)

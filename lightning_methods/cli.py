@@ -26,12 +26,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import lightning_methods  # noqa: F401  (registers the package's classes for short class_path names)
 import lightning_methods.callbacks  # noqa: F401
 import lightning_methods.datamodules  # noqa: F401
-
-from . import cli_runs
-from .callbacks.checkpoint import LatestCheckpoint
-from .callbacks.nonfinite_guard import NonFiniteGuard
-from .results.cli_hooks import add_result_arguments, attach_run_config
-from .utils.wandb import finish_open_run, finish_runs, log_config, plain
+from lightning_methods import cli_runs
+from lightning_methods.callbacks.checkpoint import LatestCheckpoint
+from lightning_methods.callbacks.nonfinite_guard import NonFiniteGuard
+from lightning_methods.results.cli_hooks import add_result_arguments, attach_run_config
+from lightning_methods.utils.wandb import finish_open_run, finish_runs, log_config, plain
 
 
 def default_precision() -> str:
@@ -187,7 +186,10 @@ def main(args: list[str] | None = None) -> None:
 def _script(name: str) -> Any:
     def entry(args: list[str] | None = None) -> Any:
         if args is None:  # the console script: the package's own error message last (see main)
-            return cli_runs.run_console(run_command, name, sys.argv[1:])
+            # nothing is returned: the console-script wrapper passes the return value to sys.exit, where anything
+            # but None means "failed" (exit status 1, the value printed to stderr)
+            cli_runs.run_console(run_command, name, sys.argv[1:])
+            return None
         return run_command(name, args)
 
     entry.__name__ = entry.__qualname__ = f"{name.replace('-', '_')}_main"

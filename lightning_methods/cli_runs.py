@@ -32,8 +32,8 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 
-from .runs import NEUTRAL_KEYS, config_fingerprint, fingerprint_diff
-from .utils.io import atomic_write_text
+from lightning_methods.runs import NEUTRAL_KEYS, config_fingerprint, fingerprint_diff
+from lightning_methods.utils.io import atomic_write_text
 
 #: config keys that a resumed run may change: paths, display, checkpointing and evaluation choices
 RESUME_NEUTRAL = NEUTRAL_KEYS | {"ckpt_path", "weights_only", "test_after_fit", "checkpoint", "nonfinite_guard",
@@ -193,7 +193,7 @@ def parse_ckpt_path_safely(cli: Any, parse: Any) -> None:
     verifying the file's recorded checksum, turning a corrupt or code-carrying file into a clear error."""
     import pickle
 
-    from .checkpoint_io import CorruptCheckpointError, corrupt_message, verify_checksum
+    from lightning_methods.checkpoint_io import CorruptCheckpointError, corrupt_message, verify_checksum
 
     sub = cli.config.get("subcommand")
     path = cli.config[sub].get("ckpt_path") if sub else None
@@ -242,7 +242,7 @@ class RunConfigCallback(SaveConfigCallback):
         self._run = None
         if trainer.fast_dev_run or not trainer.is_global_zero:
             return
-        from .results.record import run_directory
+        from lightning_methods.results.record import run_directory
 
         run_dir = run_directory(trainer)
         run_id = trainer.loggers[0].version if trainer.loggers else None

@@ -11,21 +11,37 @@ Roles are found by module type, never by parameter name:
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-if hasattr(nn, "RMSNorm"):
-    NORM_TYPES = (*NORM_TYPES, nn.RMSNorm)
-try:  # timm's RmsNorm variants do not subclass torch norms
-    from timm.layers import norm as _timm_norm
+_TORCH_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    _BatchNorm,
+    _InstanceNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
 
-    NORM_TYPES = (*NORM_TYPES, *(getattr(_timm_norm, n) for n in ("RmsNorm", "RmsNorm2d") if hasattr(_timm_norm, n)))
-except ImportError:  # pragma: no cover - timm is a core dependency
-    pass
+
+def norm_types() -> tuple[type[nn.Module], ...]:
+    """The normalization layer types: torch's, plus timm's RmsNorm variants (which do not subclass a torch norm)
+    when timm is loaded. A timm layer can only exist once timm is imported, so this never imports timm itself and
+    the optimizers stay free of timm's import cost."""
+    timm_norm = sys.modules.get("timm.layers.norm")
+    extra = tuple(getattr(timm_norm, n) for n in ("RmsNorm", "RmsNorm2d") if hasattr(timm_norm, n)) if timm_norm else ()
+    return _TORCH_NORM_TYPES + extra
+
+
+def __getattr__(name: str):  # NORM_TYPES is computed on access: it depends on whether timm is loaded
+    if name == "NORM_TYPES":
+        return norm_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 ROLES = ("weight", "bias", "norm")
 
@@ -36,8 +52,9 @@ def parameter_roles(model: nn.Module) -> dict[nn.Parameter, tuple[str, bool]]:
     A parameter shared by several modules gets the role of the first module that owns it.
     """
     roles: dict[nn.Parameter, tuple[str, bool]] = {}
+    types = norm_types()
     for module in model.modules():
-        is_norm = isinstance(module, NORM_TYPES)
+        is_norm = isinstance(module, types)
         for pname, p in module.named_parameters(recurse=False):
             if not p.requires_grad or p in roles:
                 continue

@@ -36,9 +36,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .utils.distributed import broadcast_object, get_rank
-from .utils.io import atomic_save_numpy, atomic_torch_save, atomic_write_json, atomic_write_text
-from .utils.wandb import plain, stage_run_settings
+from lightning_methods.utils.distributed import broadcast_object, get_rank
+from lightning_methods.utils.io import atomic_save_numpy, atomic_torch_save, atomic_write_json, atomic_write_text
+from lightning_methods.utils.wandb import plain, stage_run_settings
 
 #: Config keys (leaf names) that never change results: where data lives, how it is loaded, how progress is shown.
 NEUTRAL_KEYS = frozenset({
@@ -91,6 +91,67 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class RunLock:
+    """An exclusive lock on a run directory: the file ``<run_dir>/<name>`` holds the pid and host of the process that
+    works there. A second process stops with :class:`RunLockedError` naming the holder; a lock left by a dead process
+    on this host is detected and replaced. Used by :class:`StagedRun` (``.lock``) and by ``lightning-methods fit``
+    (``.fit.lock``, :mod:`lightning_methods.cli_runs`).
+
+    Args:
+        run_dir: the directory.
+        name: the lock file's name.
+        what: how the message names the run ("run directory", "fit run directory", ...).
+    """
+
+    def __init__(self, run_dir: str | Path, name: str = ".lock", what: str = "run directory") -> None:
+        self.path, self.what, self.locked = Path(run_dir) / name, what, False
+
+    @staticmethod
+    def holder(path: str | Path) -> dict[str, Any]:
+        """``{"pid", "host"}`` recorded in a lock file (``{}`` when unreadable)."""
+        try:
+            holder = json.loads(Path(path).read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def acquire(self) -> RunLock:
+        """Take the lock (raises :class:`RunLockedError` while another live process holds it)."""
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                holder = self.holder(self.path)
+                pid, host = holder.get("pid"), holder.get("host")
+                if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                    self.path.unlink(missing_ok=True)  # stale lock of a dead process on this host
+                    continue
+                raise RunLockedError(
+                    f"{self.path.parent} ({self.what}) is in use by process {pid} on {host} (lock file {self.path}). "
+                    "Wait for it to finish or choose another run directory; if that process no longer exists, "
+                    "delete the lock file."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.locked = True
+            return self
+        raise RunLockedError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        """Release the lock (if this object holds it)."""
+        if self.locked:
+            self.path.unlink(missing_ok=True)
+            self.locked = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 class StagedRun:
     """A run directory of a multi-stage procedure (see the module docstring).
 
@@ -118,7 +179,7 @@ class StagedRun:
         self.kind, self.fingerprint, self.resume = kind, plain(dict(fingerprint)), resume
         self.config_text = config_text
         self.state: dict[str, Any] = {}
-        self._locked = False
+        self._lock_file = RunLock(self.run_dir)
 
     # ------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -174,34 +235,11 @@ class StagedRun:
         return state
 
     def _lock(self) -> None:
-        path, me = self.run_dir / ".lock", {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    holder = json.loads(path.read_text() or "{}")
-                except (OSError, json.JSONDecodeError):
-                    holder = {}
-                pid, host = holder.get("pid"), holder.get("host")
-                if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
-                    path.unlink(missing_ok=True)  # stale lock of a dead process on this host
-                    continue
-                raise RunLockedError(
-                    f"{self.run_dir} is in use by process {pid} on {host} (lock file {path}). Wait for it to finish "
-                    "or choose another run directory; if that process no longer exists, delete the lock file."
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._locked = True
-            return
-        raise RunLockedError(f"could not take the lock {path}")
+        self._lock_file.acquire()
 
     def close(self) -> None:
         """Release the lock."""
-        if self._locked:
-            (self.run_dir / ".lock").unlink(missing_ok=True)
-            self._locked = False
+        self._lock_file.release()
 
     def __enter__(self) -> StagedRun:
         return self.open()

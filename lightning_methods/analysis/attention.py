@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from .attention_extract import AttentionRecorder, Method, eager, vit_geometry
+from lightning_methods.analysis.attention_extract import AttentionRecorder, Method, eager, vit_geometry
 
 MadNorm = Literal["grid", "diag", "maxdist", "patch", "pixel"]
 #: The three normalisations the spec logs (the paper's choice is not known).

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..utils import seeded_generator
+from lightning_methods.utils import seeded_generator
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from ..utils import seeded_generator
+from lightning_methods.utils import seeded_generator
 
 RankMode = Literal["covariance", "gram", "svd"]
 

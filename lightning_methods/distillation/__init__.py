@@ -18,11 +18,14 @@ Elsewhere in the family: the loss terms in :mod:`lightning_methods.losses.kd`, t
 ``configs/distillation/teachers/``), the doc ``docs/methods/distillation.md`` and tests in ``tests/distillation/``.
 """
 
-from ..utils.deprecation import renamed_attributes
-from .module import CKPT_KEY, DistillationClassifier, all_reduce_streams
-from .teacher import extract_state_dict, load_teacher, resolve_teacher_path, state_hash
+from lightning_methods._lazy import lazy_exports
 
-__all__ = ["CKPT_KEY", "DistillationClassifier", "all_reduce_streams", "extract_state_dict", "load_teacher",
-           "resolve_teacher_path", "state_hash"]
-
-__getattr__ = renamed_attributes(__name__, {"DistillationModule": "DistillationClassifier"})
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.distillation.module": ("CKPT_KEY", "DistillationClassifier", "all_reduce_streams"),
+        "lightning_methods.distillation.teacher": (
+            "extract_state_dict", "load_teacher", "resolve_teacher_path", "state_hash",
+        ),
+    },
+)

@@ -25,13 +25,13 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..classifier import ImageClassifier, as_dict_batch
-from ..losses.kd import kd_loss, nckd_loss, standardize_logits, tckd_loss, teacher_target_prob
-from ..models import create_backbone
-from ..optim.deepkd import DeepKD
-from ..utils.distributed import all_reduce_flat, is_distributed
-from .streams import batched_stream_gradients, sequential_stream_gradients
-from .teacher import load_teacher, state_hash
+from lightning_methods.classifier import ImageClassifier, as_dict_batch
+from lightning_methods.distillation.streams import batched_stream_gradients, sequential_stream_gradients
+from lightning_methods.distillation.teacher import load_teacher, state_hash
+from lightning_methods.losses.kd import kd_loss, nckd_loss, standardize_logits, tckd_loss, teacher_target_prob
+from lightning_methods.models import create_backbone
+from lightning_methods.optim.deepkd import DeepKD
+from lightning_methods.utils.distributed import all_reduce_flat, is_distributed
 
 CKPT_KEY = "distillation_teacher"
 

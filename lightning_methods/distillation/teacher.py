@@ -8,7 +8,11 @@ Accepted teacher checkpoints (never downloaded implicitly):
   ``cifar_teachers/`` folder itself;
 - a lightning-methods checkpoint (``.ckpt`` of an ImageClassifier, e.g. from the teacher configs under
   ``configs/distillation/teachers/``; the ``backbone.*`` weights are used);
-- a plain state dict saved with ``torch.save``.
+- a plain state dict saved with ``torch.save`` (e.g. torchvision's ImageNet file ``resnet34-b627a593.pth``, for the
+  ``imagenet_resnet*`` teachers);
+- ``"torchvision:<Weights>.<NAME>"`` (e.g. ``"torchvision:ResNet34_Weights.IMAGENET1K_V1"``): torchvision's weights
+  API, downloaded once into the torch hub cache (hash-checked, ``weights_only=True``) when online; offline, download
+  the weights' URL elsewhere and pass the file.
 
 The state dict is loaded with ``strict=True`` into ``create_backbone(name, num_classes)``; the parameter names of the
 zoo equal mdistiller's. Any mismatch stops with a message naming the expected layout and the training config.
@@ -23,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import create_backbone
-from ..utils.io import safe_torch_load
+from lightning_methods.models import create_backbone
+from lightning_methods.utils.io import safe_torch_load
 
 TEACHER_FILE = "ckpt_epoch_240.pth"
 #: teachers of the CIFAR-100 zoo with a training config under configs/distillation/teachers/
@@ -32,6 +36,10 @@ ZOO_TEACHERS = ("resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13", "Res
 
 
 def _how_to_get(name: str) -> str:
+    if name.lower().startswith("imagenet_"):
+        return (f"Expected ImageNet weights for the architecture {name!r}: 'torchvision:<Weights>.<NAME>' (e.g. "
+                "'torchvision:ResNet34_Weights.IMAGENET1K_V1'), torchvision's weights file itself (a plain state "
+                "dict), or the last.ckpt of an ImageClassifier with this backbone.")
     return (
         f"Expected a teacher checkpoint for the architecture {name!r}: either the shared CIFAR-100 teacher file "
         f"(mdistiller release 'cifar_teachers.tar', layout cifar_teachers/{name}_vanilla/{TEACHER_FILE}, a dict whose "
@@ -39,6 +47,35 @@ def _how_to_get(name: str) -> str:
         f"of an ImageClassifier with backbone {name!r}, e.g. from `lightning-methods fit --config "
         f"configs/distillation/teachers/{name.lower()}.yaml` (teacher configs: {', '.join(ZOO_TEACHERS)})."
     )
+
+
+#: prefix of a teacher given through torchvision's weights API instead of a file
+WEIGHTS_PREFIX = "torchvision:"
+
+
+def torchvision_state_dict(spec: str) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision weights ``"torchvision:<Weights>.<NAME>"`` (e.g.
+    ``"torchvision:ResNet50_Weights.IMAGENET1K_V1"``) through ``torchvision.models.get_weight(...).get_state_dict``
+    (torch hub cache, SHA-256 prefix check, ``weights_only=True``).
+
+    Raises:
+        ValueError: the name is not a torchvision weights enum entry.
+        RuntimeError: the download failed (offline); the message gives the URL to fetch and pass as a file.
+    """
+    from torchvision.models import get_weight
+
+    name = spec[len(WEIGHTS_PREFIX):] if spec.startswith(WEIGHTS_PREFIX) else spec
+    try:
+        weights = get_weight(name)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"unknown torchvision weights {name!r} in teacher_checkpoint {spec!r} ({err}); give "
+                         "'torchvision:<Weights>.<NAME>', e.g. 'torchvision:ResNet34_Weights.IMAGENET1K_V1'") from err
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except OSError as err:  # URLError, connection errors and hash failures on a partial file
+        raise RuntimeError(f"could not download the teacher weights {name} from {weights.url} ({err}). Offline: "
+                           "download that file on a machine with network access and pass its path as "
+                           "model.teacher_checkpoint.") from err
 
 
 def resolve_teacher_path(path: str | Path, name: str) -> Path:
@@ -109,8 +146,11 @@ def load_teacher(name: str, path: str | Path, num_classes: int, allow_pickle: bo
         ValueError: the weights do not fit the architecture (wrong teacher, wrong number of classes), the file is
             truncated, or it holds objects a weights-only load refuses (and ``allow_pickle`` is off).
     """
-    file = resolve_teacher_path(path, name)
-    sd = extract_state_dict(_read(file, allow_pickle), str(file))
+    if str(path).startswith(WEIGHTS_PREFIX):  # torchvision's weights API (ImageNet teachers)
+        file, sd = Path(str(path)), torchvision_state_dict(str(path))
+    else:
+        file = resolve_teacher_path(path, name)
+        sd = extract_state_dict(_read(file, allow_pickle), str(file))
     model = create_backbone(name, num_classes, **backbone_kwargs)
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]

@@ -17,13 +17,19 @@ head), DataModule :class:`lightning_methods.datamodules.FederatedDataModule`, co
 ``[federated]``) are imported on demand, not here.
 """
 
-from .algorithm import ClientInfo, FedAlgorithm, FederationInfo, LocalOnly, Payload
-from .baselines import FedAvg, FedProx
-from .client import FedClientModule
-from .fedfree import FedFree
-from .fedgh import FedGH
-from .fedkd import FedKD
-from .fedproto import FedProto
+from lightning_methods._lazy import lazy_exports
 
-__all__ = ["ClientInfo", "FedAlgorithm", "FedAvg", "FedClientModule", "FedFree", "FedGH", "FedKD", "FedProto",
-           "FedProx", "FederationInfo", "LocalOnly", "Payload"]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.federated.algorithm": (
+            "ClientInfo", "FedAlgorithm", "FederationInfo", "LocalOnly", "Payload",
+        ),
+        "lightning_methods.federated.baselines": ("FedAvg", "FedProx"),
+        "lightning_methods.federated.client": ("FedClientModule",),
+        "lightning_methods.federated.fedfree": ("FedFree",),
+        "lightning_methods.federated.fedgh": ("FedGH",),
+        "lightning_methods.federated.fedkd": ("FedKD",),
+        "lightning_methods.federated.fedproto": ("FedProto",),
+    },
+)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..utils import mix_seed
-from .client import FedClientModule
+from lightning_methods.federated.client import FedClientModule
+from lightning_methods.utils import mix_seed
 
 #: Key mixed into the seed of the server's global model initialisation.
 GLOBAL_INIT_KEY = 7_777
@@ -89,7 +89,7 @@ class ClientData:
 def build_net(family: str, info: FederationInfo | ClientInfo, seed: int, feature_dim: int = 512,
               stem: str = "cifar") -> nn.Module:
     """A client-family network whose initialisation is a function of ``seed`` only (never of the global RNG)."""
-    from ..models.fed_clients import create_client_net
+    from lightning_methods.models.fed_clients import create_client_net
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

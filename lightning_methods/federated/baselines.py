@@ -16,8 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithm import ClientInfo, FedAlgorithm, FederationInfo, Payload, build_net, cpu_state
-from .client import FedClientModule
+from lightning_methods.federated.algorithm import (
+    ClientInfo,
+    FedAlgorithm,
+    FederationInfo,
+    Payload,
+    build_net,
+    cpu_state,
+)
+from lightning_methods.federated.client import FedClientModule
 
 
 class FedAvg(FedAlgorithm):

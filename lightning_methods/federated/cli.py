@@ -23,13 +23,13 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from ..datamodules.federated import FederatedDataModule
-from ..results.multistage import command_source
-from ..runs import config_fingerprint
-from ..utils import atomic_write_text
-from .algorithm import FedAlgorithm
-from .config import FederationConfig
-from .results import comparison_table, load_summary, to_csv
+from lightning_methods.datamodules.federated import FederatedDataModule
+from lightning_methods.federated.algorithm import FedAlgorithm
+from lightning_methods.federated.config import FederationConfig
+from lightning_methods.federated.results import comparison_table, load_summary, to_csv
+from lightning_methods.results.multistage import command_source
+from lightning_methods.runs import config_fingerprint
+from lightning_methods.utils import atomic_write_text
 
 #: Config keys that never change results (besides runs.NEUTRAL_KEYS).
 RUN_KEYS = ("config", "run_dir", "resume", "progress", "compare_with", "logger", "profile_steps")
@@ -67,7 +67,7 @@ def _fingerprint(cfg: Namespace, algorithm_cfg: Any) -> dict[str, Any]:
 
 def run_config(cfg: Namespace, parser: ArgumentParser) -> list[dict[str, Any]]:
     """Run every algorithm of a parsed config; returns their summaries (and writes ``comparison.md/csv``)."""
-    from .runner import FederatedRunner
+    from lightning_methods.federated.runner import FederatedRunner
 
     init = parser.instantiate_classes(cfg)
     algos = [(init.algorithm, cfg.algorithm)] + list(zip(init.compare_with, cfg.compare_with))

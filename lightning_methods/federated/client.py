@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..classifier import ImageClassifier
+from lightning_methods.classifier import ImageClassifier
 
 
 class FedClientModule(ImageClassifier):

@@ -7,8 +7,8 @@ from typing import Literal
 
 import numpy as np
 
-from ..models.fed_clients import HTFE_IMG8, client_families
-from ..utils import mix_seed
+from lightning_methods.models.fed_clients import HTFE_IMG8, client_families
+from lightning_methods.utils import mix_seed
 
 ASSIGN_KEY = 31_337
 

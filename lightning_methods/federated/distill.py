@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .layers import LayerSpec
+from lightning_methods.federated.layers import LayerSpec
 
 Params = Mapping[str, torch.Tensor]
 

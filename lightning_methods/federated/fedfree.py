@@ -21,11 +21,25 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..utils import seeded_generator
-from .algorithm import ClientInfo, FedAlgorithm, FederationInfo, Payload, build_net, cpu_state
-from .distill import distill_layer
-from .kge import histogram_entropy, kge_select, project_layer
-from .layers import LayerSpec, layer_deltas, layer_params, layer_specs, map_to_global, select_critical_layers
+from lightning_methods.federated.algorithm import (
+    ClientInfo,
+    FedAlgorithm,
+    FederationInfo,
+    Payload,
+    build_net,
+    cpu_state,
+)
+from lightning_methods.federated.distill import distill_layer
+from lightning_methods.federated.kge import histogram_entropy, kge_select, project_layer
+from lightning_methods.federated.layers import (
+    LayerSpec,
+    layer_deltas,
+    layer_params,
+    layer_specs,
+    map_to_global,
+    select_critical_layers,
+)
+from lightning_methods.utils import seeded_generator
 
 
 class FedFree(FedAlgorithm):

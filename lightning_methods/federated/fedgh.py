@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils import seeded_generator
-from .algorithm import ClientData, ClientInfo, FedAlgorithm, FederationInfo, Payload
-from .client import FedClientModule
-from .fedproto import class_means
+from lightning_methods.federated.algorithm import ClientData, ClientInfo, FedAlgorithm, FederationInfo, Payload
+from lightning_methods.federated.client import FedClientModule
+from lightning_methods.federated.fedproto import class_means
+from lightning_methods.utils import seeded_generator
 
 
 @torch.no_grad()

@@ -25,8 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algorithm import ClientData, ClientInfo, FedAlgorithm, FederationInfo, Payload, build_net, cpu_state
-from .client import FedClientModule
+from lightning_methods.federated.algorithm import (
+    ClientData,
+    ClientInfo,
+    FedAlgorithm,
+    FederationInfo,
+    Payload,
+    build_net,
+    cpu_state,
+)
+from lightning_methods.federated.client import FedClientModule
 
 SEP = "::"
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithm import ClientData, ClientInfo, FedAlgorithm, FederationInfo, Payload
-from .client import FedClientModule
+from lightning_methods.federated.algorithm import ClientData, ClientInfo, FedAlgorithm, FederationInfo, Payload
+from lightning_methods.federated.client import FedClientModule
 
 
 def class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from ..utils import atomic_torch_save, atomic_write_json
-from .algorithm import FederationInfo, Payload
-from .results import round_metrics
+from lightning_methods.federated.algorithm import FederationInfo, Payload
+from lightning_methods.federated.results import round_metrics
+from lightning_methods.utils import atomic_torch_save, atomic_write_json
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -107,7 +107,7 @@ def content_payload(content: RecordDict) -> Payload | None:
 @lru_cache(maxsize=4)
 def load_config(config_args: tuple[str, ...]) -> tuple[Any, Any]:
     """Parse a ``lightning-methods-fed`` command line once per process: ``(parser, namespace)``."""
-    from .cli import build_parser
+    from lightning_methods.federated.cli import build_parser
 
     parser = build_parser()
     return parser, parser.parse_args(list(config_args))
@@ -123,7 +123,7 @@ def config_args_from_context(context: Context) -> tuple[str, ...]:
 
 def federation_info(config_args: tuple[str, ...]) -> tuple[Any, FederationInfo]:
     """The server side of a config: the algorithm object and the federation description (no data is loaded)."""
-    from .config import assign_families
+    from lightning_methods.federated.config import assign_families
 
     parser, cfg = load_config(config_args)
     init = parser.instantiate_classes(cfg)
@@ -244,9 +244,9 @@ def make_server_app(config_args: Iterable[str] | None = None, out_dir: str | Pat
 @lru_cache(maxsize=4)
 def client_runtime(config_args: tuple[str, ...]) -> Any:
     """One :class:`~.local.ClientRuntime` per process and config (the data set is loaded and partitioned once)."""
-    from ..datamodules.federated import FederatedDataModule
-    from .config import assign_families
-    from .local import ClientRuntime
+    from lightning_methods.datamodules.federated import FederatedDataModule
+    from lightning_methods.federated.config import assign_families
+    from lightning_methods.federated.local import ClientRuntime
 
     parser, cfg = load_config(config_args)
     init = parser.instantiate_classes(cfg)
@@ -309,10 +309,10 @@ def make_client_app(config_args: Iterable[str] | None = None) -> ClientApp:
     return app
 
 
-def __getattr__(name: str) -> Any:
-    """``server_app`` / ``client_app`` for ``flwr run``: built on first access, configured from the run config."""
-    if name == "server_app":
-        return make_server_app()
-    if name == "client_app":
-        return make_client_app()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ---------------------------------------------------------------------------------------------- ``flwr run``
+#: The apps ``flwr run`` loads (``lightning_methods.federated.flower:server_app`` / ``:client_app``). They are plain
+#: module attributes because Flower validates a component reference by looking for an assignment to that name in the
+#: module's source; building them is cheap (no config is read, no data loaded): each reads the Flower run config
+#: (``config``, ``overrides``, ``num-server-rounds``) when its first message arrives.
+server_app = make_server_app()
+client_app = make_client_app()

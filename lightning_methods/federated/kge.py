@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layers import LayerSpec
+from lightning_methods.federated.layers import LayerSpec
 
 
 def histogram_entropy(x: torch.Tensor, bins: int = 256) -> float:

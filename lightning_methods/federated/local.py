@@ -21,11 +21,11 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
-from ..datamodules.federated import FederatedDataModule
-from ..utils import mix_seed
-from .algorithm import ClientData, ClientInfo, FedAlgorithm, Payload, build_net, cpu_state
-from .client import evaluate_client
-from .config import FederationConfig
+from lightning_methods.datamodules.federated import FederatedDataModule
+from lightning_methods.federated.algorithm import ClientData, ClientInfo, FedAlgorithm, Payload, build_net, cpu_state
+from lightning_methods.federated.client import evaluate_client
+from lightning_methods.federated.config import FederationConfig
+from lightning_methods.utils import mix_seed
 
 CLIENT_INIT_KEY, DROPOUT_KEY = 101, 202
 #: Trainer settings every client-round uses: no logger, checkpoints, progress bar, summary or validation.

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..utils import atomic_write_json, atomic_write_text
+from lightning_methods.utils import atomic_write_json, atomic_write_text
 
 
 def round_metrics(correct: Sequence[int], total: Sequence[int]) -> dict[str, float]:

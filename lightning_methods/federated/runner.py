@@ -25,14 +25,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..datamodules.federated import FederatedDataModule
-from ..runs import StagedRun
-from ..utils import safe_torch_load
-from ..utils.wandb import finish_runs, log_config, plain, wandb_loggers
-from .algorithm import FedAlgorithm, FederationInfo
-from .config import FederationConfig, assign_families
-from .local import ClientRuntime
-from .results import round_metrics, write_run_results
+from lightning_methods.datamodules.federated import FederatedDataModule
+from lightning_methods.federated.algorithm import FedAlgorithm, FederationInfo
+from lightning_methods.federated.config import FederationConfig, assign_families
+from lightning_methods.federated.local import ClientRuntime
+from lightning_methods.federated.results import round_metrics, write_run_results
+from lightning_methods.runs import StagedRun
+from lightning_methods.utils import safe_torch_load
+from lightning_methods.utils.wandb import finish_runs, log_config, plain, wandb_loggers
 
 
 def aligned_text(aligned: Mapping[int, str]) -> str:

@@ -21,31 +21,17 @@ DigitsRegressionDataModule`` (digits with a real-valued per-image target); confi
 ``docs/methods/hpn.md``; tests ``tests/hpn/``; benchmark section ``benchmarks/hpn_cases.py``.
 """
 
-from .classifier import HPNClassifier
-from .prototypes import (
-    build_prototypes,
-    load_class_embeddings,
-    load_prototypes,
-    optimize_prototypes,
-    prototype_filename,
-    save_prototypes,
-    semantic_neighbour_masks,
-    semantic_ranking_loss,
-    separation_loss,
-)
-from .regression import HPNMultiTask, HPNRegressor
+from lightning_methods._lazy import lazy_exports
 
-__all__ = [
-    "HPNClassifier",
-    "HPNMultiTask",
-    "HPNRegressor",
-    "build_prototypes",
-    "load_class_embeddings",
-    "load_prototypes",
-    "optimize_prototypes",
-    "prototype_filename",
-    "save_prototypes",
-    "semantic_neighbour_masks",
-    "semantic_ranking_loss",
-    "separation_loss",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.hpn.classifier": ("HPNClassifier",),
+        "lightning_methods.hpn.prototypes": (
+            "build_prototypes", "load_class_embeddings", "load_prototypes", "optimize_prototypes",
+            "prototype_filename", "save_prototypes", "semantic_neighbour_masks", "semantic_ranking_loss",
+            "separation_loss",
+        ),
+        "lightning_methods.hpn.regression": ("HPNMultiTask", "HPNRegressor"),
+    },
+)

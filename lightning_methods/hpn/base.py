@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from ..losses.hpn import check_bounds, regression_cosine_target, regression_prediction
-from ..models import create_backbone
+from lightning_methods.losses.hpn import check_bounds, regression_cosine_target, regression_prediction
+from lightning_methods.models import create_backbone
 
 Reduction = Literal["sum", "mean"]
 SumScope = Literal["device", "global"]
@@ -43,6 +43,12 @@ def output_backbone(backbone: str | nn.Module, out_dims: int, backbone_kwargs: d
     if isinstance(backbone, nn.Module):
         return backbone
     return create_backbone(backbone, out_dims, **(backbone_kwargs or {}))
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is a 16-bit float (mixed precision), else unchanged: a float64 model's predictions stay
+    float64 (``.float()`` would round them)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class LossScaleMixin:

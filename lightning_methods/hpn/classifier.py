@@ -12,10 +12,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..classifier import ImageClassifier, as_dict_batch
-from ..losses.hpn import hpn_classification_loss, prototype_cosines
-from .base import LossScaleMixin, Reduction, SumScope, official_sgd, output_backbone
-from .prototypes import build_prototypes, load_prototypes
+from lightning_methods.classifier import ImageClassifier, as_dict_batch
+from lightning_methods.hpn.base import (
+    LossScaleMixin,
+    Reduction,
+    SumScope,
+    at_least_float32,
+    official_sgd,
+    output_backbone,
+)
+from lightning_methods.hpn.prototypes import build_prototypes, load_prototypes
+from lightning_methods.losses.hpn import hpn_classification_loss, prototype_cosines
 
 PrototypeSource = Literal["auto", "checkpoint"]
 
@@ -172,7 +179,7 @@ class HPNClassifier(LossScaleMixin, ImageClassifier):
         output = self(batch["image"])
         cosines = self.scores(output)
         conf, pred = cosines.max(dim=-1)
-        out = {"pred": pred, "confidence": conf, "cosines": cosines, "output": output.float()}
+        out = {"pred": pred, "confidence": conf, "cosines": cosines, "output": at_least_float32(output)}
         for key in ("index", "target"):
             if key in batch:
                 out[key] = batch[key]

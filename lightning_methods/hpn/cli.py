@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from ..utils import atomic_write_json, sha256_file
-from .prototypes import (
+from lightning_methods.hpn.prototypes import (
     load_class_embeddings,
     optimize_prototypes,
     prototype_filename,
     save_prototypes,
     separation_loss,
 )
+from lightning_methods.utils import atomic_write_json, sha256_file
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..utils.io import atomic_save_numpy, safe_torch_load
+from lightning_methods.utils.io import atomic_save_numpy, safe_torch_load
 
 
 def _check_shape(num_classes: int, dims: int) -> None:

@@ -12,18 +12,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..classifier import ImageClassifier, as_dict_batch
-from ..losses.hpn import check_task_weight, cosine_regression_loss, hpn_classification_loss, upper_pole_cosine
-from .base import (
+from lightning_methods.classifier import ImageClassifier, as_dict_batch
+from lightning_methods.hpn.base import (
     LossScaleMixin,
     Reduction,
     RegressionMixin,
     SumScope,
+    at_least_float32,
     official_sgd,
     output_backbone,
     regression_metrics,
 )
-from .classifier import HPNClassifier
+from lightning_methods.hpn.classifier import HPNClassifier
+from lightning_methods.losses.hpn import (
+    check_task_weight,
+    cosine_regression_loss,
+    hpn_classification_loss,
+    upper_pole_cosine,
+)
 
 
 class HPNRegressor(LossScaleMixin, RegressionMixin, ImageClassifier):
@@ -114,7 +120,7 @@ class HPNRegressor(LossScaleMixin, RegressionMixin, ImageClassifier):
         batch = as_dict_batch(batch)
         output = self(batch["image"])
         cos = upper_pole_cosine(output, self.cosine_eps)
-        out = {"pred": self.predict_values(cos), "cosine": cos, "output": output.float()}
+        out = {"pred": self.predict_values(cos), "cosine": cos, "output": at_least_float32(output)}
         for key in ("index", "target", self.regression_key):
             if key in batch:
                 out[key] = batch[key]

@@ -25,10 +25,10 @@ from typing import Any
 
 import yaml
 
-from ..losses.hpn import check_task_weight
-from ..runs import NEUTRAL_KEYS, StagedRun, config_fingerprint
-from ..utils import atomic_write_text
-from ..utils.wandb import stage_run_settings
+from lightning_methods.losses.hpn import check_task_weight
+from lightning_methods.runs import NEUTRAL_KEYS, StagedRun, config_fingerprint
+from lightning_methods.utils import atomic_write_text
+from lightning_methods.utils.wandb import stage_run_settings
 
 PAPER_OMNIART = {0.01: (46.6, 65.2), 0.1: (51.2, 64.6), 0.25: (54.5, 64.1), 0.5: (52.6, 68.3), 0.9: (51.4, 83.6)}
 METRICS = ("test/acc", "test/acc_top5", "test/mae", "test/rmse", "test/loss_c", "test/loss_r")
@@ -66,7 +66,7 @@ def _wandb_init_args(config: Path) -> dict[str, Any] | None:
 
 def run_one(run: StagedRun, config: Path, t: float, extra: list[str]) -> dict[str, float] | None:
     """Fit + test one task weight (resuming its ``last.ckpt``); returns the test metrics (``None`` off rank 0)."""
-    from ..cli import build_cli
+    from lightning_methods.cli import build_cli
 
     stage = f"t={t}"
     ckpt_dir = run.stage_dir(stage) / "checkpoints"

@@ -1,20 +1,13 @@
 """Reusable layers shared by method families (e.g. multi-bit quantized Conv2d / Linear)."""
 
-__all__: list[str] = []
+from lightning_methods._lazy import lazy_exports
 
-from .quantized import (  # noqa: E402
-    MultiBitModule,
-    QuantConv2d,
-    QuantLinear,
-    SwitchableBatchNorm,
-    check_bits,
-    multibit_modules,
-    quantize_activation,
-    quantize_unit,
-    quantize_weight,
-    set_bits,
-    weight_bias_correction,
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.layers.quantized": (
+            "MultiBitModule", "QuantConv2d", "QuantLinear", "SwitchableBatchNorm", "check_bits", "multibit_modules",
+            "quantize_activation", "quantize_unit", "quantize_weight", "set_bits", "weight_bias_correction",
+        ),
+    },
 )
-
-__all__ += ["MultiBitModule", "QuantConv2d", "QuantLinear", "SwitchableBatchNorm", "check_bits", "multibit_modules",
-            "quantize_activation", "quantize_unit", "quantize_weight", "set_bits", "weight_bias_correction"]

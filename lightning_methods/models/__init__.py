@@ -11,15 +11,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .cifar_resnet import CifarResNet
-from .mobilenetv2 import MobileNetV2
-from .registry import available_backbones, create_backbone, register_backbone
-from .resnet import BasicBlock, Bottleneck, ResNet
-from .shufflenetv1 import ShuffleNetV1
-from .shufflenetv2 import ShuffleNetV2
-from .vgg import VGG
-from .wide_resnet50 import WideResNet50
-from .wrn import WideResNet
+from lightning_methods.models.cifar_resnet import CifarResNet
+from lightning_methods.models.mobilenetv2 import MobileNetV2
+from lightning_methods.models.registry import available_backbones, create_backbone, register_backbone
+from lightning_methods.models.resnet import BasicBlock, Bottleneck, ResNet
+from lightning_methods.models.shufflenetv1 import ShuffleNetV1
+from lightning_methods.models.shufflenetv2 import ShuffleNetV2
+from lightning_methods.models.vgg import VGG
+from lightning_methods.models.wide_resnet50 import WideResNet50
+from lightning_methods.models.wrn import WideResNet
 
 # Every module of this package registers its backbones where they are defined; importing them all here fills the
 # registry, so a new backbone is one new file (``register_backbone(...)`` at its bottom) and no edit of this file.

@@ -39,12 +39,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .cifar_resnet import CifarResNet
-from .fed_cnn import FedCNN
-from .googlenet import GoogLeNet
-from .mobilenetv2_x1 import MobileNetV2X1
-from .registry import register_backbone
-from .resnet import BasicBlock, Bottleneck, ResNet
+from lightning_methods.models.cifar_resnet import CifarResNet
+from lightning_methods.models.fed_cnn import FedCNN
+from lightning_methods.models.googlenet import GoogLeNet
+from lightning_methods.models.mobilenetv2_x1 import MobileNetV2X1
+from lightning_methods.models.registry import register_backbone
+from lightning_methods.models.resnet import BasicBlock, Bottleneck, ResNet
 
 Stem = Literal["cifar", "imagenet"]
 

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .registry import register_backbone
+from lightning_methods.models.registry import register_backbone
 
 #: (in, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool proj) of blocks 3a, 3b, 4a-4e, 5a, 5b (paper Table 1).
 INCEPTION: dict[str, tuple[int, ...]] = {

@@ -22,8 +22,8 @@ from typing import Literal
 
 from torch import nn
 
-from .cifar_resnet import BasicBlock, ThreeStageResNet
-from .registry import register_backbone
+from lightning_methods.models.cifar_resnet import BasicBlock, ThreeStageResNet
+from lightning_methods.models.registry import register_backbone
 
 Shortcut = Literal["conv3x3", "conv1x1"]
 

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .registry import register_backbone
+from lightning_methods.models.registry import register_backbone
 
 
 class MLPLayer(nn.Sequential):

@@ -16,8 +16,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from .init import init_conv_bn_linear
-from .registry import register_backbone
+from lightning_methods.models.init import init_conv_bn_linear
+from lightning_methods.models.registry import register_backbone
 
 #: (expansion placeholder "T" or 1, output channels, blocks, first stride) of the seven stages (paper Table 2,
 #: CIFAR strides).

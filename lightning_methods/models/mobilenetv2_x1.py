@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .registry import register_backbone
+from lightning_methods.models.registry import register_backbone
 
 #: (expansion t, channels c, blocks n, ImageNet stride s) of the seven stages (paper Table 2).
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))

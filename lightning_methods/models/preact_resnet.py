@@ -23,7 +23,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .registry import register_backbone
+from lightning_methods.models.registry import register_backbone
 
 
 class PreActBlock(nn.Module):

@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .registry import register_backbone
+from lightning_methods.models.registry import register_backbone
 
 
 def _shortcut(inplanes: int, planes: int, stride: int) -> nn.Sequential:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from .registry import register_backbone
-from .resnet import Bottleneck, ResNet
+from lightning_methods.models.registry import register_backbone
+from lightning_methods.models.resnet import Bottleneck, ResNet
 
 register_backbone("resnet101", partial(ResNet, Bottleneck, [3, 4, 23, 3]))
 register_backbone("resnet152", partial(ResNet, Bottleneck, [3, 8, 36, 3]))

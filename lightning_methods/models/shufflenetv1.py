@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_backbone
+from lightning_methods.models.registry import register_backbone
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_backbone
-from .shufflenetv1 import channel_shuffle
+from lightning_methods.models.registry import register_backbone
+from lightning_methods.models.shufflenetv1 import channel_shuffle
 
 #: width multiplier -> (stage channels..., head channels), blocks per stage (paper Table 5).
 WIDTHS: dict[float, tuple[tuple[int, int, int, int], tuple[int, int, int]]] = {

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import init_conv_bn_linear
-from .registry import register_backbone
+from lightning_methods.models.init import init_conv_bn_linear
+from lightning_methods.models.registry import register_backbone
 
 CONFIGS: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],

@@ -20,8 +20,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from .init import init_conv_bn_linear
-from .registry import register_backbone
+from lightning_methods.models.init import init_conv_bn_linear
+from lightning_methods.models.registry import register_backbone
 
 CONV_WIDTHS: dict[str, list[list[int]]] = {
     "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],

@@ -27,7 +27,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .registry import register_backbone
+from lightning_methods.models.registry import register_backbone
 
 
 def _cct_init(model: VisionTransformer) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.resnet import ResNet as TorchvisionResNet
 
-from .registry import register_backbone
+from lightning_methods.models.registry import register_backbone
 
 
 class WideResNet50(TorchvisionResNet):

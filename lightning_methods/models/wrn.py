@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import init_conv_bn_linear
-from .registry import register_backbone
+from lightning_methods.models.init import init_conv_bn_linear
+from lightning_methods.models.registry import register_backbone
 
 
 class BasicBlock(nn.Module):

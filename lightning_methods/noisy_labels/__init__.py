@@ -19,12 +19,14 @@ Elsewhere in the family: the callbacks :class:`lightning_methods.callbacks.Predi
 configs in ``configs/early_cutting/``; the doc ``docs/methods/early_cutting.md``; tests in ``tests/noisy_labels/``.
 """
 
-from ..utils.deprecation import renamed_attributes
-from .config import SelectionConfig
-from .cotraining import CoTrainingClassifier, EMAModel, mutual_kd_loss
-from .cut import compute_early_cut
-from .selection import CutResult
+from lightning_methods._lazy import lazy_exports
 
-__all__ = ["CoTrainingClassifier", "CutResult", "EMAModel", "SelectionConfig", "compute_early_cut", "mutual_kd_loss"]
-
-__getattr__ = renamed_attributes(__name__, {"CoTrainingModule": "CoTrainingClassifier"})
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.noisy_labels.config": ("SelectionConfig",),
+        "lightning_methods.noisy_labels.cotraining": ("CoTrainingClassifier", "EMAModel", "mutual_kd_loss"),
+        "lightning_methods.noisy_labels.cut": ("compute_early_cut",),
+        "lightning_methods.noisy_labels.selection": ("CutResult",),
+    },
+)

@@ -23,12 +23,11 @@ from lightning.pytorch.cli import LightningArgumentParser
 import lightning_methods  # noqa: F401  (registers the package's classes for short class_path names)
 import lightning_methods.callbacks  # noqa: F401
 import lightning_methods.datamodules  # noqa: F401
-
-from ..callbacks.nonfinite_guard import NonFiniteGuard
-from ..cli import default_precision
-from ..utils.wandb import finish_open_run
-from .config import SelectionConfig
-from .runner import EarlyCuttingRunner
+from lightning_methods.callbacks.nonfinite_guard import NonFiniteGuard
+from lightning_methods.cli import default_precision
+from lightning_methods.noisy_labels.config import SelectionConfig
+from lightning_methods.noisy_labels.runner import EarlyCuttingRunner
+from lightning_methods.utils.wandb import finish_open_run
 
 
 def build_parser() -> LightningArgumentParser:

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..classifier import SCALER_PRECISIONS, ImageClassifier, as_dict_batch
-from ..models import create_backbone
-from ..parameters import param_groups_by_role
+from lightning_methods.classifier import SCALER_PRECISIONS, ImageClassifier, as_dict_batch
+from lightning_methods.models import create_backbone
+from lightning_methods.parameters import param_groups_by_role
 
 
 def mutual_kd_loss(logits: torch.Tensor, target: torch.Tensor, peer_logits: torch.Tensor,

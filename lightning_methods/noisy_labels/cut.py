@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ..callbacks.prediction_history import prepare_images
-from .config import SelectionConfig
-from .selection import (
+from lightning_methods.callbacks.prediction_history import prepare_images
+from lightning_methods.noisy_labels.config import SelectionConfig
+from lightning_methods.noisy_labels.selection import (
     CutResult,
     apply_cut,
     cut_subset,

@@ -22,17 +22,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..callbacks.checkpoint import LatestCheckpoint
-from ..callbacks.prediction_history import PredictionHistoryCallback
-from ..callbacks.test_accuracy_tracker import TestAccuracyTracker
-from ..checkpoint_io import read_checkpoint
-from ..results.multistage import command_source
-from ..runs import StagedRun, config_fingerprint
-from ..utils.distributed import broadcast_object, get_rank
-from ..utils.wandb import finish_runs, log_config, plain
-from .config import SelectionConfig
-from .cut import compute_early_cut
-from .selection import CutResult
+from lightning_methods.callbacks.checkpoint import LatestCheckpoint
+from lightning_methods.callbacks.prediction_history import PredictionHistoryCallback
+from lightning_methods.callbacks.test_accuracy_tracker import TestAccuracyTracker
+from lightning_methods.checkpoint_io import read_checkpoint
+from lightning_methods.noisy_labels.config import SelectionConfig
+from lightning_methods.noisy_labels.cut import compute_early_cut
+from lightning_methods.noisy_labels.selection import CutResult
+from lightning_methods.results.multistage import command_source
+from lightning_methods.runs import StagedRun, config_fingerprint
+from lightning_methods.utils.distributed import broadcast_object, get_rank
+from lightning_methods.utils.wandb import finish_runs, log_config, plain
 
 #: data settings that do not change results, besides the generic ones of ``lightning_methods.runs.NEUTRAL_KEYS``
 NEUTRAL_DATA_KEYS = {"eval_batch_size"}
@@ -60,7 +60,7 @@ class EarlyCuttingRunner:
         """Every setting that changes the results: model, data (noise included), selection, seed and the trainer
         (epochs, precision, devices, ...), without paths, worker counts and logging."""
         cfg = self.config
-        from ..runs import NEUTRAL_KEYS
+        from lightning_methods.runs import NEUTRAL_KEYS
 
         return config_fingerprint({"model": cfg.model, "data": cfg.data, "selection": cfg.selection,
                                    "trainer": cfg.trainer, "seed_everything": cfg.seed_everything},
@@ -232,7 +232,7 @@ class EarlyCuttingRunner:
         modules are instantiated)."""
         from jsonargparse import Namespace
 
-        from ..hparams import import_path
+        from lightning_methods.hparams import import_path
 
         data = self.config.data
         init_args = data.init_args.as_dict() if isinstance(data.init_args, Namespace) else dict(data.init_args)

@@ -8,9 +8,10 @@ code limchaos/Likelihood-OOD). Metric conventions: OpenOOD v1.5 (arXiv 2306.0930
 
 Public parts:
 
-- density model: :class:`RDMModule` (LightningModule), :class:`ScoreMLP`, :func:`dsm_loss`, the SDEs
+- density model: :class:`RDMModule` (LightningModule; settings :class:`SDESettings`, :class:`ScoreNetSettings`,
+  :class:`TrainingSettings`, :class:`LikelihoodSettings`), :class:`ScoreMLP`, :func:`dsm_loss`, the SDEs
   (:class:`VPSDE`, :class:`SubVPSDE`, :class:`VESDE`, :func:`make_sde`), :func:`pf_ode_likelihood`;
-- features: :class:`FeatureSet`, :class:`FeaturePreprocessor` (PCA, normalisation variants),
+- features: :class:`EmbeddingSet`, :class:`FeaturePreprocessor` (PCA, normalisation variants),
   :class:`EmbeddingDataModule`, :class:`EmbeddingCache`, :class:`EncoderSpec` / :func:`build_encoder`,
   :class:`EncoderModule` / :func:`embed`;
 - calibration and fusion: :func:`ecdf_pvalues`, :func:`recalibrate`, :func:`tippett`, :class:`TwoLevelMinGate`;
@@ -27,49 +28,24 @@ Family pieces elsewhere: callbacks :class:`lightning_methods.callbacks.WarmupEMA
 doc ``docs/methods/ood.md``; tests ``tests/ood/``; benchmark ``benchmarks/ood_cases.py``.
 """
 
-from .baselines import KNN, Mahalanobis, energy, msp
-from .cache import EmbeddingCache, StaleCacheError
-from .diagnostics import anova, delta_mu, eta_squared, select_encoders
-from .embedding import EncoderModule, embed
-from .encoders import EncoderSpec, build_encoder
-from .features import EmbeddingDataModule, FeaturePreprocessor, FeatureSet
-from .likelihood import pf_ode_likelihood
-from .metrics import group_means, ood_metrics
-from .pvalues import TwoLevelMinGate, ecdf_pvalues, recalibrate, tippett
-from .rdm import RDMModule, dsm_loss
-from .score_net import ScoreMLP
-from .sde import VESDE, VPSDE, SubVPSDE, make_sde
+from lightning_methods._lazy import lazy_exports
 
-__all__ = [
-    "KNN",
-    "EmbeddingCache",
-    "EmbeddingDataModule",
-    "EncoderModule",
-    "EncoderSpec",
-    "FeaturePreprocessor",
-    "FeatureSet",
-    "Mahalanobis",
-    "RDMModule",
-    "ScoreMLP",
-    "StaleCacheError",
-    "SubVPSDE",
-    "TwoLevelMinGate",
-    "VESDE",
-    "VPSDE",
-    "anova",
-    "build_encoder",
-    "delta_mu",
-    "dsm_loss",
-    "ecdf_pvalues",
-    "embed",
-    "energy",
-    "eta_squared",
-    "group_means",
-    "make_sde",
-    "msp",
-    "ood_metrics",
-    "pf_ode_likelihood",
-    "recalibrate",
-    "select_encoders",
-    "tippett",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.ood.baselines": ("KNN", "Mahalanobis", "energy", "msp"),
+        "lightning_methods.ood.cache": ("CorruptFileError", "EmbeddingCache", "StaleCacheError"),
+        "lightning_methods.ood.diagnostics": ("anova", "delta_mu", "eta_squared", "select_encoders"),
+        "lightning_methods.ood.embedding": ("EncoderModule", "embed"),
+        "lightning_methods.ood.encoders": ("EncoderSpec", "build_encoder"),
+        "lightning_methods.ood.features": ("EmbeddingDataModule", "FeaturePreprocessor", "EmbeddingSet"),
+        "lightning_methods.ood.likelihood": ("pf_ode_likelihood",),
+        "lightning_methods.ood.metrics": ("group_means", "ood_metrics"),
+        "lightning_methods.ood.pvalues": ("TwoLevelMinGate", "ecdf_pvalues", "recalibrate", "tippett"),
+        "lightning_methods.ood.rdm": ("RDMModule", "dsm_loss"),
+        "lightning_methods.ood.rdm_settings": ("LikelihoodSettings", "SDESettings", "ScoreNetSettings",
+                                               "TrainingSettings"),
+        "lightning_methods.ood.score_net": ("ScoreMLP",),
+        "lightning_methods.ood.sde": ("VESDE", "VPSDE", "SubVPSDE", "make_sde"),
+    },
+)

@@ -27,13 +27,20 @@ from lightning.pytorch.cli import LightningArgumentParser
 import lightning_methods  # noqa: F401  (registers the package's classes for short class_path names)
 import lightning_methods.callbacks  # noqa: F401
 import lightning_methods.datamodules  # noqa: F401
-
-from ..cli import default_precision
-from ..utils import get_rank
-from ..utils.wandb import finish_open_run
-from .config import BaselineConfig, DiagnosticsConfig, EmbedConfig, FusionConfig, IDConfig, OODSetConfig, RDMConfig
-from .encoders import EncoderSpec
-from .features import Variant
+from lightning_methods.cli import default_precision
+from lightning_methods.ood.config import (
+    BaselineConfig,
+    DiagnosticsConfig,
+    EmbedConfig,
+    FusionConfig,
+    IDConfig,
+    OODSetConfig,
+    RDMConfig,
+)
+from lightning_methods.ood.encoders import EncoderSpec
+from lightning_methods.ood.features import Variant
+from lightning_methods.utils import get_rank
+from lightning_methods.utils.wandb import finish_open_run
 
 
 def build_parser() -> LightningArgumentParser:
@@ -46,7 +53,11 @@ def build_parser() -> LightningArgumentParser:
     parser.add_argument("--cache_dir", type=str | None, default=None,
                         help="Embedding cache directory (default: run_dir/features); share it between runs.")
     parser.add_argument("--cache_policy", type=Literal["reuse", "require", "refresh"], default="reuse",
-                        help="reuse valid cached features / require them (fail otherwise) / always recompute.")
+                        help="reuse valid cached features / require them (fail otherwise) / always recompute (also "
+                             "replaces a cache entry or stage output whose checksum does not match).")
+    parser.add_argument("--progress", type=bool, default=True,
+                        help="Stage start / finish lines, epoch lines of the fits, batch lines of embedding and "
+                             "scoring.")
     parser.add_argument("--stop_after", type=Literal["embed", "score"] | None, default=None,
                         help="Stop after this stage (to split a long run into jobs).")
     parser.add_class_arguments(IDConfig, "id")
@@ -76,7 +87,7 @@ def _init_distributed() -> None:
 
 def run_ood(args: list[str] | None = None) -> dict[str, Any]:
     """Parse ``args`` (default: the command line), run or resume the pipeline, return its result."""
-    from .pipeline import EncMin2LPipeline
+    from lightning_methods.ood.pipeline import EncMin2LPipeline
 
     parser = build_parser()
     config = parser.parse_args(args)

@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .diagnostics import Selection
-from .features import Variant
-from .metrics import Convention
-from .pvalues import Recalibration
+from lightning_methods.ood.diagnostics import Selection
+from lightning_methods.ood.features import Variant
+from lightning_methods.ood.metrics import Convention
+from lightning_methods.ood.pvalues import Recalibration
 
 
 @dataclass

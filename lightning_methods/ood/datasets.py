@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from ..datamodules.corruptions import corrupt
-from ..datamodules.covariate_shift import datamodule_split
-from ..hparams import import_path
-from ..runs import NEUTRAL_KEYS
-from ..utils import seeded_generator
-from .cache import content_hash
-from .config import IDConfig, OODSetConfig
+from lightning_methods.datamodules.corruptions import corrupt
+from lightning_methods.datamodules.covariate_shift import datamodule_split
+from lightning_methods.hparams import import_path
+from lightning_methods.ood.cache import content_hash
+from lightning_methods.ood.config import IDConfig, OODSetConfig
+from lightning_methods.runs import NEUTRAL_KEYS
+from lightning_methods.utils import seeded_generator
 
 NEUTRAL_DATA_KEYS = NEUTRAL_KEYS | {"batch_size", "eval_batch_size", "cache", "gpu_resident", "augment"}
 

@@ -14,11 +14,11 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from torch.utils.data import DataLoader
 
-from ..callbacks.gather_predictions import GatherPredictions
-from ..datamodules.base import IndexedTensorDataset, collate_dict
-from ..utils import sharded_loader
-from .encoders import Encoder
-from .features import FeatureSet
+from lightning_methods.callbacks.gather_predictions import GatherPredictions
+from lightning_methods.datamodules.base import IndexedTensorDataset, collate_dict
+from lightning_methods.ood.encoders import Encoder
+from lightning_methods.ood.features import EmbeddingSet
+from lightning_methods.utils import sharded_loader
 
 
 class ImageSetDataModule(LightningDataModule):
@@ -66,8 +66,8 @@ class EncoderModule(LightningModule):
         return out
 
 
-def embed(encoder: Encoder, images: torch.Tensor, targets: torch.Tensor, index: torch.Tensor,
-          make_trainer: Callable[..., Trainer], batch_size: int = 256, num_workers: int = 0) -> FeatureSet:
+def embed(encoder: Encoder, images: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, *,
+          make_trainer: Callable[..., Trainer], batch_size: int = 256, num_workers: int = 0) -> EmbeddingSet:
     """Embed one image set with ``encoder`` through ``make_trainer(callbacks=[...]).predict``.
 
     Args:
@@ -87,7 +87,7 @@ def embed(encoder: Encoder, images: torch.Tensor, targets: torch.Tensor, index: 
         raise ValueError("sample ids (index) of an image set must be unique")
     gather = GatherPredictions()
     trainer = make_trainer(callbacks=[gather])
-    trainer.predict(EncoderModule(encoder), datamodule=ImageSetDataModule(images, targets, index, batch_size,
-                                                                          num_workers), return_predictions=False)
+    dm = ImageSetDataModule(images, targets, index, batch_size=batch_size, num_workers=num_workers)
+    trainer.predict(EncoderModule(encoder), datamodule=dm, return_predictions=False)
     out = gather.results[0]
-    return FeatureSet(out["features"], out["index"].long(), out["target"].long(), out.get("logits"))
+    return EmbeddingSet(out["features"], out["index"].long(), out["target"].long(), out.get("logits"))

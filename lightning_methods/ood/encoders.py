@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import available_backbones, create_backbone
-from ..utils import safe_torch_load
+from lightning_methods.models import available_backbones, create_backbone
+from lightning_methods.utils import safe_torch_load
 
 
 @dataclass

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..utils import safe_torch_load
-from ..utils.wandb import finish_open_run, wandb_loggers
-from .baselines import KNN, Mahalanobis, energy, msp
-from .diagnostics import anova, delta_mu, select_encoders
-from .pvalues import GatePValues, TwoLevelMinGate
-from .report import Detector, evaluate, log_to_wandb, write_report
+from lightning_methods.ood.baselines import KNN, Mahalanobis, energy, msp
+from lightning_methods.ood.cache import load_verified
+from lightning_methods.ood.diagnostics import anova, delta_mu, select_encoders
+from lightning_methods.ood.pvalues import GatePValues, TwoLevelMinGate
+from lightning_methods.ood.report import Detector, evaluate, log_to_wandb, write_report
+from lightning_methods.utils.wandb import finish_open_run, wandb_loggers
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -26,7 +26,7 @@ def load_scores(pipeline: Any, jobs: list[tuple[str, str]]) -> dict[tuple[str, s
     """``{(encoder, variant): {set: logp}}``, checking that every job scored the same samples in the same order."""
     out, reference = {}, {}
     for encoder, variant in jobs:
-        raw = safe_torch_load(pipeline.run_dir / "scores" / f"{encoder}__{variant}.pt", what="RDM scores")
+        raw = load_verified(pipeline.run_dir / "scores" / f"{encoder}__{variant}.pt", "RDM scores")
         out[(encoder, variant)] = {name: r["logp"] for name, r in raw.items()}
         for name, r in raw.items():
             if name in reference and not torch.equal(reference[name], r["index"]):
@@ -35,7 +35,7 @@ def load_scores(pipeline: Any, jobs: list[tuple[str, str]]) -> dict[tuple[str, s
     return out
 
 
-def gate_detectors(scores: dict, encoders: list[str], variants: list[str], sets: list[str], recalibration: str,
+def gate_detectors(scores: dict, encoders: list[str], variants: list[str], sets: list[str], *, recalibration: str,
                    params: dict[tuple[str, str], int], name: str = "EncMin2L", levels: bool = True
                    ) -> tuple[list[Detector], dict[str, GatePValues]]:
     """The gate's detectors: ``L1[e]`` per encoder (when ``levels``) and the fused ``name`` row."""
@@ -105,15 +105,15 @@ def build_report(pipeline: Any, jobs: list[tuple[str, str]]) -> dict[str, Any]:
     encoders, variants = [e.name for e in pipeline.encoders], pipeline.variants
     sets = [s.name for s in pipeline.ood_cfgs]
     groups = {s.name: s.group for s in pipeline.ood_cfgs}
-    splits = safe_torch_load(pipeline.run_dir / "splits.pt", what="calibration splits")
+    splits = load_verified(pipeline.run_dir / "splits.pt", "calibration splits")
     scores = load_scores(pipeline, jobs)
     params = {(e, v): pipeline.staged.record(f"rdm/{e}/{v}")["params"] for e, v in jobs}
     recal = pipeline.fusion.recalibration
-    detectors, _ = gate_detectors(scores, encoders, variants, sets, recal, params)
+    detectors, _ = gate_detectors(scores, encoders, variants, sets, recalibration=recal, params=params)
     diag_rows, eta_enc, dmu_enc = diagnostics(pipeline, scores, variants)
     selected = select_encoders(eta_enc, dmu_enc, pipeline.diag.selection, pipeline.diag.k)
     if len(encoders) > 1 and set(selected) != set(encoders):
-        subset, _ = gate_detectors(scores, selected, variants, sets, recal, params,
+        subset, _ = gate_detectors(scores, selected, variants, sets, recalibration=recal, params=params,
                                    name=f"EncMin2L[{'+'.join(selected)}]", levels=False)
         detectors += subset
     for e in encoders:

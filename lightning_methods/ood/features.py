@@ -1,4 +1,4 @@
-"""Cached features as data: :class:`FeatureSet`, the ID-train-fitted :class:`FeaturePreprocessor` (PCA and the
+"""Cached features as data: :class:`EmbeddingSet`, the ID-train-fitted :class:`FeaturePreprocessor` (PCA and the
 normalisation variants of EncMin2L's level 1) and :class:`EmbeddingDataModule` for training and scoring RDMs.
 
 Preprocessing (RDM official code ``run.py`` / ``eval.py``, statistics from the ID training split only):
@@ -21,15 +21,15 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from ..datamodules.base import EpochShuffleSampler, collate_dict
-from ..utils import safe_torch_load, sharded_loader
+from lightning_methods.datamodules.base import EpochShuffleSampler, collate_dict
+from lightning_methods.utils import safe_torch_load, sharded_loader
 
 Variant = Literal["raw", "standardize", "l2"]
 VARIANTS = ("raw", "standardize", "l2")
 
 
 @dataclass
-class FeatureSet:
+class EmbeddingSet:
     """Per-sample features of one dataset split, sorted by ``index``.
 
     Attributes:
@@ -57,10 +57,10 @@ class FeatureSet:
     def dim(self) -> int:
         return self.features.shape[1]
 
-    def subset(self, positions: torch.Tensor) -> FeatureSet:
+    def subset(self, positions: torch.Tensor) -> EmbeddingSet:
         """Rows at ``positions`` (not sample ids)."""
         logits = None if self.logits is None else self.logits[positions]
-        return FeatureSet(self.features[positions], self.index[positions], self.targets[positions], logits)
+        return EmbeddingSet(self.features[positions], self.index[positions], self.targets[positions], logits)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         out = {"features": self.features, "index": self.index, "targets": self.targets}
@@ -69,7 +69,7 @@ class FeatureSet:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, torch.Tensor]) -> FeatureSet:
+    def from_dict(cls, data: Mapping[str, torch.Tensor]) -> EmbeddingSet:
         return cls(data["features"], data["index"], data["targets"], data.get("logits"))
 
 
@@ -202,12 +202,12 @@ class EmbeddingDataModule(LightningDataModule):
         self.conditional = conditional
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
-        self.sets: dict[str, FeatureSet] = {}
+        self.sets: dict[str, EmbeddingSet] = {}
         self.predict_names: list[str] = []
         self.num_classes = num_classes
 
     @classmethod
-    def from_sets(cls, train: FeatureSet, predict: Mapping[str, FeatureSet] | None = None,
+    def from_sets(cls, train: EmbeddingSet, predict: Mapping[str, EmbeddingSet] | None = None,
                   preprocessor: FeaturePreprocessor | None = None, **kwargs) -> EmbeddingDataModule:
         """Build from in-memory feature sets (the pipeline's way); ``preprocessor`` may be already fitted."""
         dm = cls(**kwargs)
@@ -255,7 +255,7 @@ class EmbeddingDataModule(LightningDataModule):
                                collate_fn=collate_dict) for n in self.predict_names]
 
 
-def load_feature_file(path: str | Path) -> FeatureSet:
+def load_feature_file(path: str | Path) -> EmbeddingSet:
     """A feature file written by the embedding cache (``weights_only`` load).
 
     Raises:
@@ -264,4 +264,4 @@ def load_feature_file(path: str | Path) -> FeatureSet:
     data = safe_torch_load(path, what="feature file")
     if not isinstance(data, dict) or "features" not in data:
         raise ValueError(f"{path} is not a feature file of lightning_methods.ood (no 'features' entry)")
-    return FeatureSet.from_dict(data)
+    return EmbeddingSet.from_dict(data)

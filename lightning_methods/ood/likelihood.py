@@ -20,8 +20,8 @@ from typing import Literal
 
 import torch
 
-from ..utils import mix_seed
-from .sde import SDE
+from lightning_methods.ood.sde import SDE
+from lightning_methods.utils import mix_seed
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, d), t (B,)) -> score (B, d)
 Trace = Literal["auto", "exact", "hutchinson"]

@@ -24,20 +24,37 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..runs import StagedRun, config_fingerprint
-from ..utils import barrier, broadcast_object, get_rank
-from ..utils.wandb import finish_open_run, log_config, plain
-from .cache import EmbeddingCache
-from .config import BaselineConfig, DiagnosticsConfig, EmbedConfig, FusionConfig, IDConfig, OODSetConfig, RDMConfig
-from .datasets import ImageSet, calibration_split, check_disjoint, corrupted_set, load_id_sets, load_ood_set
-from .embedding import embed
-from .encoders import EncoderSpec, build_encoder
-from .evaluation import build_report
-from .features import FeaturePreprocessor, FeatureSet
-from .stages import fit_rdm, load_rdm, rdm_package, score_sets, train_encoder
+from lightning_methods.checkpoint_io import recorded_hashes, verify_checksum
+from lightning_methods.ood.cache import CorruptFileError, EmbeddingCache, load_verified, save_verified
+from lightning_methods.ood.config import (
+    BaselineConfig,
+    DiagnosticsConfig,
+    EmbedConfig,
+    FusionConfig,
+    IDConfig,
+    OODSetConfig,
+    RDMConfig,
+)
+from lightning_methods.ood.datasets import (
+    ImageSet,
+    calibration_split,
+    check_disjoint,
+    corrupted_set,
+    load_id_sets,
+    load_ood_set,
+)
+from lightning_methods.ood.embedding import embed
+from lightning_methods.ood.encoders import EncoderSpec, build_encoder
+from lightning_methods.ood.evaluation import build_report
+from lightning_methods.ood.features import EmbeddingSet, FeaturePreprocessor
+from lightning_methods.ood.progress import ProgressLines, stage_lines
+from lightning_methods.ood.stages import fit_rdm, load_rdm, rdm_package, score_sets, train_encoder
+from lightning_methods.runs import StagedRun, config_fingerprint
+from lightning_methods.utils import barrier, broadcast_object, get_rank
+from lightning_methods.utils.wandb import finish_open_run, log_config, plain
 
 #: settings that never change results, besides lightning_methods.runs.NEUTRAL_KEYS
-NEUTRAL = {"run_dir", "resume", "cache_dir", "cache_policy", "stop_after", "config", "print_table"}
+NEUTRAL = {"run_dir", "resume", "cache_dir", "cache_policy", "stop_after", "config", "print_table", "progress"}
 
 
 def _key(*parts: str) -> str:
@@ -63,11 +80,12 @@ class EncMin2LPipeline:
         self.embed_cfg, self.variants = EmbedConfig(**c["embed"]), list(c["variants"])
         self.pca_dim, self.seed = c["pca_dim"], int(c["seed"])
         self.run_dir = Path(c["run_dir"]).expanduser()
+        self.progress = bool(c.get("progress", True))
         self.cache = EmbeddingCache(c["cache_dir"] or self.run_dir / "features", c["cache_policy"])
         self._check()
         self.staged: StagedRun | None = None
         self._data: tuple[Any, dict[str, ImageSet]] | None = None
-        self._features: dict[tuple[str, str], FeatureSet] = {}
+        self._features: dict[tuple[str, str], EmbeddingSet] = {}
 
     def _check(self) -> None:
         names = [e.name for e in self.encoders]
@@ -131,7 +149,7 @@ class EncMin2LPipeline:
             return len(self.id_cfg.classes)
         return int(self.data()[0].num_classes)
 
-    def features(self, encoder: str, name: str) -> FeatureSet:
+    def features(self, encoder: str, name: str) -> EmbeddingSet:
         key = (encoder, name)
         if key not in self._features:
             record = self.staged.record(f"embed/{encoder}")
@@ -145,15 +163,21 @@ class EncMin2LPipeline:
                 continue
             stage = f"encoder/{spec.name}"
             record = self.staged.record(stage)
+            if record is not None and not Path(record["checkpoint"]).is_file():
+                record = None  # deleted: train it again
+            if record is not None:
+                verify_checksum(record["checkpoint"])  # a damaged checkpoint stops here, naming the file
             if record is None:
                 dm, sets = self.data()
                 ids = calibration_split(sets["id_fit"].index, self.id_cfg.calib_fractions, self.seed)["rdm_train"]
                 fit = sets["id_fit"]
                 pos = torch.searchsorted(fit.index, ids) if self.id_cfg.calib_split is None else slice(None)
-                rank_zero_info(f"[ood] training encoder {spec.name} ({spec.backbone}) on {len(fit.index[pos])} images")
-                ckpt = train_encoder(spec.backbone, fit.images[pos], fit.targets[pos], self.num_classes(), dm.mean,
-                                     dm.std, spec.train, self.run_dir / stage, partial(self.make_trainer, stage),
-                                     spec.seed)
+                with stage_lines(stage, f"training {spec.backbone} on {len(fit.index[pos])} images", self.progress):
+                    ckpt = train_encoder(spec.backbone, fit.images[pos], fit.targets[pos],
+                                         num_classes=self.num_classes(), mean=dm.mean, std=dm.std,
+                                         settings=spec.train, out_dir=self.run_dir / stage,
+                                         make_trainer=partial(self.make_trainer, stage), seed=spec.seed,
+                                         progress=self.progress)
                 finish_open_run()
                 if ckpt is None:
                     return False
@@ -166,30 +190,52 @@ class EncMin2LPipeline:
     def _embed(self) -> None:
         for spec in self.encoders:
             stage = f"embed/{spec.name}"
-            if self.staged.is_done(stage):
+            record = self.staged.record(stage)
+            missing = [n for n in (record or {}).get("sets", {}) if not self.cache.path(spec.name, n).is_file()]
+            if record is not None and not missing and self.cache.policy != "refresh":
+                continue  # entries are verified against their checksums when they are loaded
+            what = ("recomputing " + (", ".join(missing) if missing else "every entry (cache policy 'refresh')")
+                    if record is not None else "embedding every image set")
+            with stage_lines(stage, what, self.progress):
+                self._embed_encoder(spec, stage, record)
+
+    def _embed_encoder(self, spec: EncoderSpec, stage: str, record: dict[str, Any] | None) -> None:
+        dm, sets = self.data()
+        encoder, enc_fp = build_encoder(spec, self.num_classes(), tuple(dm.mean), tuple(dm.std))
+        fingerprints, digests = {}, {}
+        for name, s in sets.items():
+            fp = {"encoder": enc_fp, "images": s.fingerprint}
+            fingerprints[name] = fp
+            found, reason = self.cache.lookup(spec.name, name, fp)  # every rank reads; only rank 0 writes
+            if broadcast_object(found is not None):  # rank 0 decides, so every rank runs the same Trainers
+                self._features[(spec.name, name)] = found or self.cache.load(spec.name, name, fp)
+                digests[name] = recorded_hashes(self.cache.path(spec.name, name))[0]
                 continue
-            dm, sets = self.data()
-            encoder, enc_fp = build_encoder(spec, self.num_classes(), tuple(dm.mean), tuple(dm.std))
-            fingerprints = {}
-            for name, s in sets.items():
-                fp = {"encoder": enc_fp, "images": s.fingerprint}
-                fingerprints[name] = fp
-                found, reason = self.cache.lookup(spec.name, name, fp)  # every rank reads; only rank 0 writes
-                if broadcast_object(found is not None):  # rank 0 decides, so every rank runs the same Trainers
-                    self._features[(spec.name, name)] = found or self.cache.load(spec.name, name, fp)
-                    continue
-                rank_zero_info(f"[ood] embedding {name} with {spec.name} ({reason})")
-                fs = embed(encoder, s.images, s.targets, s.index, lambda **kw: self.make_trainer(None, **kw),
-                           self.embed_cfg.batch_size, self.embed_cfg.num_workers)
-                if get_rank() == 0:
-                    self.cache.store(spec.name, name, fs, fp)
-                barrier()
-                self._features[(spec.name, name)] = fs
-            self.staged.mark_done(stage, {"sets": fingerprints, "dim": self.features(spec.name, "id_fit").dim})
+            rank_zero_info(f"[ood] {stage}: embedding {name} ({reason})")
+            fs = embed(encoder, s.images, s.targets, s.index, make_trainer=self._predict_trainer(f"{stage} {name}"),
+                       batch_size=self.embed_cfg.batch_size, num_workers=self.embed_cfg.num_workers)
+            digests[name] = broadcast_object(self.cache.store(spec.name, name, fs, fp) if get_rank() == 0 else None)
+            barrier()
+            self._features[(spec.name, name)] = fs
+        old = (record or {}).get("sha256") or {}
+        changed = sorted(n for n in old if n in digests and digests[n] != old[n])
+        if changed and any(k.startswith(("rdm/", "score/", "report")) for k in self.staged.state.get("stages", {})):
+            raise RuntimeError(
+                f"the recomputed features of {spec.name} on {', '.join(changed)} differ from those the finished stages "
+                f"of {self.run_dir} were computed from (a nondeterministic encoder or another machine); the run's RDMs "
+                "and scores would no longer match its features. Start a new run directory (--run_dir) that reuses the "
+                "cache (--cache_dir), or restore the old feature files")
+        self.staged.mark_done(stage, {"sets": fingerprints, "sha256": digests,
+                                      "dim": self.features(spec.name, "id_fit").dim})
+
+    def _predict_trainer(self, stage: str) -> Any:
+        """A factory of quiet predict Trainers (with the batch lines of ``stage`` when progress is on)."""
+        extra = [ProgressLines(stage)] if self.progress else []
+        return lambda **kw: self.make_trainer(None, **{**kw, "callbacks": [*kw.get("callbacks", []), *extra]})
 
     def _splits(self) -> dict[str, torch.Tensor]:
         path = self.run_dir / "splits.pt"
-        if not self.staged.is_done("splits"):
+        if not self._done("splits", path):
             fit = self.features(self.encoders[0].name, "id_fit")
             if self.id_cfg.calib_split is None:
                 split = calibration_split(fit.index, self.id_cfg.calib_fractions, self.seed)
@@ -205,21 +251,19 @@ class EncMin2LPipeline:
             if limit is not None and limit < len(split["rdm_train"]):
                 keep = torch.randperm(len(split["rdm_train"]), generator=torch.Generator().manual_seed(self.seed))
                 split["rdm_train"] = split["rdm_train"][keep[:limit]].sort().values
-            self.staged.save_torch("splits.pt", split)
+            digest = save_verified(split, path) if get_rank() == 0 else None
             barrier()
-            self.staged.mark_done("splits", {k: len(v) for k, v in split.items()})
-        from ..utils import safe_torch_load
+            self.staged.mark_done("splits", {**{k: len(v) for k, v in split.items()}, "sha256": digest})
+        return load_verified(path, "calibration splits")
 
-        return safe_torch_load(path, what="calibration splits")
-
-    def _split_set(self, encoder: str, role: str, splits: dict[str, torch.Tensor]) -> FeatureSet:
+    def _split_set(self, encoder: str, role: str, splits: dict[str, torch.Tensor]) -> EmbeddingSet:
         source = "id_fit" if role == "rdm_train" or self.id_cfg.calib_split is None else "id_calib"
         fs = self.features(encoder, source) if encoder != "monolithic" else self._concat(source)
         return fs.subset(torch.searchsorted(fs.index, splits[role]))
 
-    def _concat(self, name: str) -> FeatureSet:
+    def _concat(self, name: str) -> EmbeddingSet:
         parts = [self.features(e.name, name) for e in self.encoders]
-        return FeatureSet(torch.cat([p.features for p in parts], dim=1), parts[0].index, parts[0].targets)
+        return EmbeddingSet(torch.cat([p.features for p in parts], dim=1), parts[0].index, parts[0].targets)
 
     def eval_sets(self) -> list[str]:
         return ["id_test", *(s.name for s in self.ood_cfgs), *(f"id_test_{c}" for c in self.diag.corruptions)]
@@ -228,30 +272,58 @@ class EncMin2LPipeline:
         key, rdm_stage, score_stage = _key(encoder, variant), f"rdm/{encoder}/{variant}", f"score/{encoder}/{variant}"
         package = self.run_dir / "rdm" / key / "rdm.pt"
         num_classes = self.num_classes() if self.rdm_cfg.conditional else None
-        if not self.staged.is_done(rdm_stage):
+        scores_path = self.run_dir / "scores" / f"{key}.pt"
+        if not self._done(rdm_stage, package):
             train = self._split_set(encoder, "rdm_train", splits)
             pre = FeaturePreprocessor(variant, self.pca_dim).fit(train.features)
-            rank_zero_info(f"[ood] fitting RDM {encoder}/{variant} on {len(train.index)} x {pre.out_dim} features")
-            model = fit_rdm(self.rdm_cfg, train, pre, num_classes, self.run_dir / "rdm" / key,
-                            lambda **kw: self.make_trainer(rdm_stage.replace("/", "-"), **kw), self.seed)
+            with stage_lines(rdm_stage, f"fitting an RDM on {len(train.index)} x {pre.out_dim} features "
+                             f"({self.rdm_cfg.max_epochs} epochs)", self.progress):
+                model = fit_rdm(self.rdm_cfg, train, pre, num_classes=num_classes, out_dir=self.run_dir / "rdm" / key,
+                                make_trainer=lambda **kw: self.make_trainer(rdm_stage.replace("/", "-"), **kw),
+                                seed=self.seed, progress=rdm_stage if self.progress else None)
             finish_open_run()
             if model is None:
                 return False
-            self.staged.save_torch(f"rdm/{key}/rdm.pt", rdm_package(model, pre))
+            digest = save_verified(rdm_package(model, pre), package) if get_rank() == 0 else None
             barrier()
-            self.staged.mark_done(rdm_stage, {"params": model.net.num_parameters(), "dim": pre.out_dim})
-        if not self.staged.is_done(score_stage):
+            previous = self.staged.record(rdm_stage) or {}
+            if previous.get("sha256") not in (None, broadcast_object(digest)):
+                self._forget(score_stage)  # refitted to other weights: its scores are stale
+            self.staged.mark_done(rdm_stage, {"params": model.net.num_parameters(), "dim": pre.out_dim,
+                                              "sha256": broadcast_object(digest)})
+        if not self._done(score_stage, scores_path):
             model, pre = load_rdm(package)
             sets = {r: self._split_set(encoder, r, splits) for r in ("calib_1", "calib_2")}
             for name in self.eval_sets():
                 sets[name] = self.features(encoder, name) if encoder != "monolithic" else self._concat(name)
-            rank_zero_info(f"[ood] scoring {len(sets)} sets with RDM {encoder}/{variant}")
-            scores = score_sets(model, pre, sets, lambda **kw: self.make_trainer(None, **kw),
-                                self.rdm_cfg.score_batch_size, self.rdm_cfg.conditional)
-            self.staged.save_torch(f"scores/{key}.pt", scores)
+            total = sum(len(s.index) for s in sets.values())
+            with stage_lines(score_stage, f"PF-ODE log-likelihoods of {total} samples in {len(sets)} sets",
+                             self.progress):
+                scores = score_sets(model, pre, sets, make_trainer=lambda **kw: self.make_trainer(None, **kw),
+                                    batch_size=self.rdm_cfg.score_batch_size, conditional=self.rdm_cfg.conditional,
+                                    progress=score_stage if self.progress else None)
+            digest = save_verified(scores, scores_path) if get_rank() == 0 else None
             barrier()
-            self.staged.mark_done(score_stage, {"sets": len(scores)})
+            self._forget("report")
+            self.staged.mark_done(score_stage, {"sets": len(scores), "sha256": broadcast_object(digest)})
         return True
+
+    def _done(self, stage: str, path: Path) -> bool:
+        """``stage`` finished and its output file exists (a deleted output is recomputed; under cache policy
+        'refresh' a corrupt one is too, otherwise loading it stops naming the file)."""
+        if not self.staged.is_done(stage) or not path.is_file():
+            return False
+        if self.cache.policy == "refresh":
+            try:
+                load_verified(path, stage)
+            except CorruptFileError as err:
+                rank_zero_info(f"[ood] {stage}: recomputing ({err})")
+                return False
+        return True
+
+    def _forget(self, stage: str) -> None:
+        if self.staged.state.get("stages", {}).pop(stage, None) is not None:
+            self.staged.save_state()
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every stage; returns ``{"status", ...}`` (the report files when done)."""
@@ -265,6 +337,9 @@ class EncMin2LPipeline:
             if stop == "embed":
                 return {"status": "paused", "stage": "embed"}
             splits = self._splits()
+            finished = sum(1 for k in self.staged.state.get("stages", {}) if k.startswith(("rdm/", "score/")))
+            if finished and self.progress:
+                rank_zero_info(f"[ood] {finished} RDM / score stages finished earlier are reused")
             jobs = [(e.name, v) for e in self.encoders for v in self.variants]
             if self.base.monolithic and len(self.encoders) > 1:
                 jobs.append(("monolithic", self.base.monolithic_variant))
@@ -280,7 +355,8 @@ class EncMin2LPipeline:
                         "files": self.staged.record("report").get("files", []),
                         "report_dir": str(saved.parent)}
             if get_rank() == 0:
-                result = build_report(self, jobs)
+                with stage_lines("report", "calibration, min gates, baselines, diagnostics, metrics", self.progress):
+                    result = build_report(self, jobs)
             barrier()
             if not self.staged.is_done("report"):
                 self.staged.mark_done("report", {"files": sorted((result or {}).get("files", []))})

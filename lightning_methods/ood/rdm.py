@@ -3,9 +3,10 @@ PF-ODE log-likelihood ("Revisiting Likelihood-Based OOD Detection by Modeling Re
 official code limchaos/Likelihood-OOD), the per-encoder density model of EncMin2L (arXiv 2605.20502).
 
 Training is continuous-time denoising score matching (:func:`dsm_loss`; mean over dimensions, no likelihood weighting
-by default) with AdamW, a linear learning-rate warm-up (or the official script's one-cycle schedule), gradient clipping
-through ``Trainer(gradient_clip_val=1)`` and an EMA of the weights through
-:class:`lightning_methods.callbacks.WarmupEMA`.
+by default) with an injected optimizer (default: the RDM code's AdamW), a linear learning-rate warm-up (or the
+official script's one-cycle schedule), gradient clipping through ``Trainer(gradient_clip_val=1)`` and an EMA of the
+weights through :class:`lightning_methods.callbacks.WarmupEMA`. Settings come grouped in typed dataclasses
+(:mod:`lightning_methods.ood.rdm_settings`) that LightningCLI fills from YAML.
 ``predict_step`` returns the log-likelihood of every sample (float64), so scoring runs through the Trainer's predict
 loop on one or many devices. Batches are dicts ``{"feature": (B, d), "index": (B,), ["context": (B,)]}``
 (:class:`lightning_methods.ood.EmbeddingDataModule`).
@@ -13,15 +14,26 @@ loop on one or many devices. Batches are dicts ``{"feature": (B, d), "index": (B
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import is_dataclass
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
 
-from ..utils import seeded_generator
-from .likelihood import Trace, pf_ode_likelihood
-from .score_net import ScoreMLP
-from .sde import SDE, SDEName, make_sde
+from lightning_methods.hparams import callable_from_config, checkpoint_safe, describe_callable
+from lightning_methods.ood.likelihood import pf_ode_likelihood
+from lightning_methods.ood.rdm_settings import (
+    LikelihoodSettings,
+    ScoreNetSettings,
+    SDESettings,
+    TrainingSettings,
+    as_settings,
+    settings_dict,
+)
+from lightning_methods.ood.score_net import ScoreMLP
+from lightning_methods.ood.sde import SDE, make_sde
+from lightning_methods.utils import seeded_generator
 
 
 def dsm_loss(net: torch.nn.Module, sde: SDE, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -44,82 +56,55 @@ class RDMModule(LightningModule):
 
     Args:
         dim: feature dimension (after PCA).
-        sde: ``"vp"`` (package default, the EncMin2L setting), ``"subvp"`` (RDM code default) or ``"ve"``.
-        beta_min: VP / sub-VP ``beta(0)`` (0.2).
-        beta_max: VP / sub-VP ``beta(1)`` (20).
-        sigma_min: VE ``sigma(0)`` (0.01).
-        sigma_max: VE ``sigma(1)`` (50).
-        width: hidden width of the score MLP (1536).
-        bottleneck: block bottleneck width (1536).
-        num_blocks: residual blocks (12).
-        time_embed_dim: timestep embedding size (256).
-        dropout: dropout inside the blocks (0).
         num_classes: classes of the conditional variant's context (``None`` = unconditional, the default).
-        context_dim: context embedding size of the conditional variant (256).
-        lr: AdamW learning rate (2e-3).
-        weight_decay: AdamW weight decay (0).
-        warmup_steps: linear warm-up length in optimizer steps (2000); the factor is ``min(step / warmup, 1)``.
-        schedule: ``"warmup"`` (warm-up, then constant; score_sde's ``optimization_manager``) or ``"onecycle"``
-            (the RDM script ``train_con``: OneCycleLR, 5% warm-up, cosine decay) or ``"constant"``.
-        t_eps: smallest training time (1e-5).
-        likelihood_weighting: weight the loss by ``g(t)^2`` (off in the RDM code).
-        seed: seed of the training times and noise (drawn from ``(seed, global_step, rank)``, so resumed runs draw
-            the same).
-        trace: divergence of the PF-ODE: ``"auto"``, ``"exact"`` or ``"hutchinson"``.
-        n_probes: Hutchinson probes per sample (1).
-        probe_seed: seed of the Hutchinson probes (drawn from ``(probe_seed, index)``).
-        ode_method: torchdiffeq solver (``"fehlberg2"``).
-        ode_rtol: relative tolerance (1e-5).
-        ode_atol: absolute tolerance (1e-5).
-        ode_eps: start time of the likelihood integration (1e-5).
-        ode_state_dtype: ``"float64"`` (default) or ``"float32"`` (the official path).
-        per_sample_error: adaptive step control by the worst sample instead of the batch RMS.
-        ode_step_size: step of a fixed-grid solver (``ode_method="rk4"``): batch-independent scores.
+        optimizer: callable ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``); ``None`` means the RDM
+            code's AdamW(lr 2e-3, weight decay 0).
+        sde: :class:`SDESettings` (VP, beta 0.2 .. 20).
+        net: :class:`ScoreNetSettings` (width 1536, 12 blocks, time embedding 256).
+        training: :class:`TrainingSettings` (warm-up 2000 steps, t_eps 1e-5, no likelihood weighting, seed).
+        likelihood: :class:`LikelihoodSettings` (fehlberg2, rtol = atol = 1e-5, 1 Rademacher probe, float64 state).
+
+    Each settings argument also takes a dict of its fields (the YAML form).
     """
 
     def __init__(
         self,
         dim: int,
-        sde: SDEName = "vp",
-        beta_min: float = 0.2,
-        beta_max: float = 20.0,
-        sigma_min: float = 0.01,
-        sigma_max: float = 50.0,
-        width: int = 1536,
-        bottleneck: int = 1536,
-        num_blocks: int = 12,
-        time_embed_dim: int = 256,
-        dropout: float = 0.0,
         num_classes: int | None = None,
-        context_dim: int = 256,
-        lr: float = 2e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 2000,
-        schedule: Literal["warmup", "onecycle", "constant"] = "warmup",
-        t_eps: float = 1e-5,
-        likelihood_weighting: bool = False,
-        seed: int = 0,
-        trace: Trace = "auto",
-        n_probes: int = 1,
-        probe_seed: int = 0,
-        ode_method: str = "fehlberg2",
-        ode_rtol: float = 1e-5,
-        ode_atol: float = 1e-5,
-        ode_eps: float = 1e-5,
-        ode_state_dtype: Literal["float64", "float32"] = "float64",
-        per_sample_error: bool = False,
-        ode_step_size: float | None = None,
+        optimizer: OptimizerCallable | None = None,
+        sde: SDESettings | None = None,
+        net: ScoreNetSettings | None = None,
+        training: TrainingSettings | None = None,
+        likelihood: LikelihoodSettings | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if schedule not in ("warmup", "onecycle", "constant"):
-            raise ValueError(f"schedule must be 'warmup', 'onecycle' or 'constant', got {schedule!r}")
-        if ode_state_dtype not in ("float64", "float32"):
-            raise ValueError(f"ode_state_dtype must be 'float64' or 'float32', got {ode_state_dtype!r}")
-        self.sde = make_sde(sde, beta_min, beta_max, sigma_min, sigma_max)
+        self.sde_settings = as_settings(SDESettings, sde, "sde")
+        self.net_settings = as_settings(ScoreNetSettings, net, "net")
+        self.training_settings = as_settings(TrainingSettings, training, "training")
+        self.likelihood_settings = as_settings(LikelihoodSettings, likelihood, "likelihood")
+        # load_from_checkpoint / load_rdm hand back the {"class_path", "init_args"} form of the optimizer
+        self.optimizer_factory = callable_from_config(optimizer)
+        self.save_hyperparameters({
+            "dim": dim, "num_classes": num_classes, "optimizer": describe_callable(optimizer),
+            "sde": settings_dict(self.sde_settings), "net": settings_dict(self.net_settings),
+            "training": settings_dict(self.training_settings), "likelihood": settings_dict(self.likelihood_settings)})
+        tr, lk, s, n = self.training_settings, self.likelihood_settings, self.sde_settings, self.net_settings
+        if tr.schedule not in ("warmup", "onecycle", "constant"):
+            raise ValueError(f"training.schedule must be 'warmup', 'onecycle' or 'constant', got {tr.schedule!r}")
+        if lk.state_dtype not in ("float64", "float32"):
+            raise ValueError(f"likelihood.state_dtype must be 'float64' or 'float32', got {lk.state_dtype!r}")
+        self.sde = make_sde(s.name, beta_min=s.beta_min, beta_max=s.beta_max, sigma_min=s.sigma_min,
+                            sigma_max=s.sigma_max)
         self.conditional = num_classes is not None
-        self.net = ScoreMLP(dim, width, bottleneck, num_blocks, time_embed_dim, dropout,
-                            context_dim if self.conditional else None)
+        self.net = ScoreMLP(dim, width=n.width, bottleneck=n.bottleneck, num_blocks=n.num_blocks,
+                            time_embed_dim=n.time_embed_dim, dropout=n.dropout,
+                            context_dim=n.context_dim if self.conditional else None)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # weights_only loads: callables as {"class_path", "init_args"}, settings dataclasses as dicts
+        if "hyper_parameters" in checkpoint:
+            hp = {k: settings_dict(v) if is_dataclass(v) else v for k, v in checkpoint["hyper_parameters"].items()}
+            checkpoint["hyper_parameters"] = checkpoint_safe(hp, type(self))
 
     # ------------------------------------------------------------------------------------------- training
     def _context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -132,35 +117,40 @@ class RDMModule(LightningModule):
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean DSM loss of a batch, times and noise drawn from ``generator``."""
         x = batch["feature"].float()
-        t = torch.rand(x.shape[0], device=x.device, generator=generator) * (self.sde.T - self.hparams.t_eps)
-        t = t + self.hparams.t_eps
+        tr = self.training_settings
+        t = torch.rand(x.shape[0], device=x.device, generator=generator) * (self.sde.T - tr.t_eps)
+        t = t + tr.t_eps
         noise = torch.randn(x.shape, device=x.device, generator=generator)
-        return dsm_loss(self.net, self.sde, x, t, noise, self._context(batch),
-                        self.hparams.likelihood_weighting).mean()
+        return dsm_loss(self.net, self.sde, x, t, noise, context=self._context(batch),
+                        likelihood_weighting=tr.likelihood_weighting).mean()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        gen = seeded_generator(self.hparams.seed, self.global_step, self.global_rank, device=self.device)
+        gen = seeded_generator(self.training_settings.seed, self.global_step, self.global_rank, device=self.device)
         loss = self.loss(batch, gen)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["feature"]))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        gen = seeded_generator(self.hparams.seed, 1_000_003, batch_idx, device=self.device)  # same draws each time
+        # the same draws at every validation
+        gen = seeded_generator(self.training_settings.seed, 1_000_003, batch_idx, device=self.device)
         loss = self.loss(batch, gen)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["feature"]), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.schedule == "constant":
+        tr = self.training_settings
+        if self.optimizer_factory is None:
+            opt = torch.optim.AdamW(self.net.parameters(), lr=2e-3, weight_decay=0.0)  # the RDM code's
+        else:
+            opt = self.optimizer_factory(self.net.parameters())
+        if tr.schedule == "constant":
             return opt
-        if hp.schedule == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, pct_start=0.05, cycle_momentum=False,
-                                                        anneal_strategy="cos",
+        if tr.schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                        pct_start=0.05, cycle_momentum=False, anneal_strategy="cos",
                                                         total_steps=max(int(self.trainer.estimated_stepping_batches),
                                                                         2))
         else:
-            warmup = max(int(hp.warmup_steps), 0)
+            warmup = max(int(tr.warmup_steps), 0)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s / warmup, 1.0) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -176,7 +166,7 @@ class RDMModule(LightningModule):
 
     def _log_likelihood(self, x: torch.Tensor, index: torch.Tensor | None, context: torch.Tensor | None
                         ) -> torch.Tensor:
-        hp = self.hparams
+        lk = self.likelihood_settings
 
         def score_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             ctx = None if context is None else context.float().repeat(z.shape[0] // len(context))
@@ -184,10 +174,10 @@ class RDMModule(LightningModule):
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             result = pf_ode_likelihood(
-                score_fn, self.sde, x, trace=hp.trace, n_probes=hp.n_probes, index=index, seed=hp.probe_seed,
-                eps=hp.ode_eps, method=hp.ode_method, rtol=hp.ode_rtol, atol=hp.ode_atol,
-                state_dtype=torch.float64 if hp.ode_state_dtype == "float64" else torch.float32,
-                per_sample_error=hp.per_sample_error, step_size=hp.ode_step_size)
+                score_fn, self.sde, x, trace=lk.trace, n_probes=lk.n_probes, index=index, seed=lk.probe_seed,
+                eps=lk.eps, method=lk.method, rtol=lk.rtol, atol=lk.atol,
+                state_dtype=torch.float64 if lk.state_dtype == "float64" else torch.float32,
+                per_sample_error=lk.per_sample_error, step_size=lk.step_size)
         return result.logp
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0

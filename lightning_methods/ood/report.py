@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..utils import atomic_write_json, atomic_write_text
-from .metrics import METRIC_NAMES, Convention, group_means, ood_metrics, roc_curve
+from lightning_methods.ood.metrics import METRIC_NAMES, Convention, group_means, ood_metrics, roc_curve
+from lightning_methods.utils import atomic_write_json, atomic_write_text
 
 HEADERS = {"auroc": "AUROC", "fpr95": "FPR@95", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
 

@@ -5,6 +5,7 @@ sets by PF-ODE likelihood in the predict loop (gathered by index across ranks)."
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +13,17 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ..callbacks.gather_predictions import GatherPredictions
-from ..callbacks.warmup_ema import WarmupEMA
-from ..classifier import ImageClassifier
-from ..datamodules.base import ImageDataModule
-from ..utils import safe_torch_load
-from .config import RDMConfig
-from .features import EmbeddingDataModule, FeaturePreprocessor, FeatureSet
-from .rdm import RDMModule
+from lightning_methods.callbacks.gather_predictions import GatherPredictions
+from lightning_methods.callbacks.warmup_ema import WarmupEMA
+from lightning_methods.checkpoint_io import SafeCheckpointIO
+from lightning_methods.classifier import ImageClassifier
+from lightning_methods.datamodules.base import ImageDataModule
+from lightning_methods.ood.cache import load_verified
+from lightning_methods.ood.config import RDMConfig
+from lightning_methods.ood.features import EmbeddingDataModule, EmbeddingSet, FeaturePreprocessor
+from lightning_methods.ood.progress import ProgressLines
+from lightning_methods.ood.rdm import RDMModule
+from lightning_methods.ood.rdm_settings import LikelihoodSettings, ScoreNetSettings, SDESettings, TrainingSettings
 
 MakeTrainer = Callable[..., Trainer]
 
@@ -49,9 +53,9 @@ def _complete(trainer: Trainer) -> bool:
     return not trainer.interrupted and trainer.current_epoch >= (trainer.max_epochs or 0)
 
 
-def train_encoder(backbone: str, images: torch.Tensor, targets: torch.Tensor, num_classes: int, mean: tuple,
+def train_encoder(backbone: str, images: torch.Tensor, targets: torch.Tensor, *, num_classes: int, mean: tuple,
                   std: tuple, settings: Mapping[str, Any], out_dir: Path, make_trainer: MakeTrainer,
-                  seed: int = 0) -> Path | None:
+                  seed: int = 0, progress: bool = True) -> Path | None:
     """Train a package backbone as an ImageClassifier (SGD, cosine schedule) on the given images; returns the final
     checkpoint, or ``None`` when training was interrupted (rerun to resume from ``last.ckpt``).
 
@@ -67,6 +71,7 @@ def train_encoder(backbone: str, images: torch.Tensor, targets: torch.Tensor, nu
         out_dir: directory of the checkpoints.
         make_trainer: stage Trainer factory.
         seed: initialisation seed.
+        progress: epoch lines (:class:`~lightning_methods.ood.progress.ProgressLines`).
     """
     from functools import partial
 
@@ -78,24 +83,42 @@ def train_encoder(backbone: str, images: torch.Tensor, targets: torch.Tensor, nu
             optimizer=partial(torch.optim.SGD, lr=float(settings.get("lr", 0.05)), momentum=0.9,
                               weight_decay=float(settings.get("weight_decay", 5e-4))),
             lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs))
-    dm = ArrayDataModule(images, targets, num_classes, mean, std, batch_size=int(settings.get("batch_size", 128)),
-                         num_workers=0, augment=settings.get("augment", "crop"), seed=seed)
+    dm = ArrayDataModule(images, targets, num_classes, mean=mean, std=std,
+                         batch_size=int(settings.get("batch_size", 128)), num_workers=0,
+                         augment=settings.get("augment", "crop"), seed=seed)
     last = out_dir / "last.ckpt"
     ckpt = ModelCheckpoint(dirpath=out_dir, filename="last", save_last=False, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
-    trainer = make_trainer(max_epochs=epochs, callbacks=[ckpt], enable_checkpointing=True, limit_val_batches=0,
-                           num_sanity_val_steps=0)
+    callbacks = [ckpt, *([ProgressLines(f"encoder {backbone}")] if progress else [])]
+    trainer = make_trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=True, limit_val_batches=0,
+                           num_sanity_val_steps=0, plugins=[SafeCheckpointIO()])
     trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
     return last if _complete(trainer) else None
 
 
+#: the settings group of each RDMModule field (to name the right place for a flat ``rdm.module`` key)
+_GROUPS = {f.name: group for group, cls in (("sde", SDESettings), ("net", ScoreNetSettings),
+                                            ("training", TrainingSettings), ("likelihood", LikelihoodSettings))
+           for f in fields(cls)}
+
+
 def build_rdm(cfg: RDMConfig, dim: int, num_classes: int | None) -> RDMModule:
-    """An RDMModule of the config (``num_classes`` only for the conditional variant)."""
+    """An RDMModule of the config (``num_classes`` only for the conditional variant).
+
+    Raises:
+        ValueError: ``rdm.module`` has a key that is not an RDMModule argument (a flat setting names its group).
+    """
+    allowed = {"optimizer", "sde", "net", "training", "likelihood"}
+    for key in cfg.module:
+        if key not in allowed:
+            where = f"rdm.module.{_GROUPS[key]}.{key}" if key in _GROUPS else f"one of {sorted(allowed)}"
+            raise ValueError(f"rdm.module.{key} is not an RDMModule argument; use {where} (RDMModule groups its "
+                             "settings: sde, net, training, likelihood, and takes an optimizer)")
     return RDMModule(dim=dim, num_classes=num_classes if cfg.conditional else None, **cfg.module)
 
 
-def fit_rdm(cfg: RDMConfig, train: FeatureSet, preprocessor: FeaturePreprocessor, num_classes: int | None,
-            out_dir: Path, make_trainer: MakeTrainer, seed: int = 0) -> RDMModule | None:
+def fit_rdm(cfg: RDMConfig, train: EmbeddingSet, preprocessor: FeaturePreprocessor, *, num_classes: int | None,
+            out_dir: Path, make_trainer: MakeTrainer, seed: int = 0, progress: str | None = None) -> RDMModule | None:
     """Fit one RDM on preprocessed ID-train features, resuming from ``out_dir/last.ckpt``; returns the module with
     its EMA weights, or ``None`` when training was interrupted.
 
@@ -108,6 +131,7 @@ def fit_rdm(cfg: RDMConfig, train: FeatureSet, preprocessor: FeaturePreprocessor
         make_trainer: stage Trainer factory (gets ``max_epochs``, ``gradient_clip_val``, the EMA and checkpoint
             callbacks).
         seed: initialisation seed.
+        progress: stage name of the epoch lines (``None``: none).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -118,8 +142,11 @@ def fit_rdm(cfg: RDMConfig, train: FeatureSet, preprocessor: FeaturePreprocessor
                                             enable_version_counter=False)]
     if cfg.ema_decay is not None:
         callbacks.insert(0, WarmupEMA(cfg.ema_decay))
+    if progress:
+        callbacks.append(ProgressLines(progress))
     trainer = make_trainer(max_epochs=cfg.max_epochs, gradient_clip_val=cfg.gradient_clip_val, callbacks=callbacks,
-                           enable_checkpointing=True, limit_val_batches=0, num_sanity_val_steps=0)
+                           enable_checkpointing=True, limit_val_batches=0, num_sanity_val_steps=0,
+                           plugins=[SafeCheckpointIO()])
     last = out_dir / "last.ckpt"
     trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
     return model if _complete(trainer) else None
@@ -132,21 +159,28 @@ def rdm_package(model: RDMModule, preprocessor: FeaturePreprocessor) -> dict[str
 
 
 def load_rdm(path: Path) -> tuple[RDMModule, FeaturePreprocessor]:
-    """Load :func:`rdm_package` output (``weights_only``)."""
-    package = safe_torch_load(path, what="fitted RDM")
+    """Load :func:`rdm_package` output written by :func:`~lightning_methods.ood.cache.save_verified` (checksum
+    verified, ``weights_only``).
+
+    Raises:
+        CorruptFileError: the file differs from its recorded checksum.
+    """
+    package = load_verified(path, "fitted RDM")
     model = RDMModule(**package["hparams"])
     model.load_state_dict(package["state_dict"])
     return model.eval(), FeaturePreprocessor.from_state_dict(package["preprocessor"])
 
 
-def score_sets(model: RDMModule, preprocessor: FeaturePreprocessor, sets: Mapping[str, FeatureSet],
-               make_trainer: MakeTrainer, batch_size: int, conditional: bool = False) -> dict[str, dict]:
-    """PF-ODE log-likelihoods of every feature set through one predict loop: ``{name: {"index", "logp"}}``."""
+def score_sets(model: RDMModule, preprocessor: FeaturePreprocessor, sets: Mapping[str, EmbeddingSet], *,
+               make_trainer: MakeTrainer, batch_size: int, conditional: bool = False,
+               progress: str | None = None) -> dict[str, dict]:
+    """PF-ODE log-likelihoods of every feature set through one predict loop: ``{name: {"index", "logp"}}``
+    (``progress``: stage name of the batch lines, ``None`` for none)."""
     names = list(sets)
     first = sets[names[0]]
     dm = EmbeddingDataModule.from_sets(first, dict(sets), preprocessor=preprocessor, conditional=conditional,
                                        eval_batch_size=batch_size)
     gather = GatherPredictions(keys=["logp"])
-    trainer = make_trainer(callbacks=[gather])
+    trainer = make_trainer(callbacks=[gather, *([ProgressLines(progress, names)] if progress else [])])
     trainer.predict(model.eval(), datamodule=dm, return_predictions=False)
     return {name: gather.results[i] for i, name in enumerate(names)}

@@ -5,33 +5,19 @@ complete ``state_dict``/``load_state_dict``; tensors only in ``state``; fp32 mat
 ``supports_grad_scaler = False`` where a GradScaler (``16-mixed``) cannot serve the step.
 """
 
-__all__: list[str] = []
+from lightning_methods._lazy import lazy_exports
 
-from .koala import KOALAM, KOALAV, KOALAPlusPlus  # noqa: E402
-from .koala_base import KOALABase, global_loss_moments  # noqa: E402
-
-__all__ += ["KOALABase", "KOALAM", "KOALAPlusPlus", "KOALAV", "global_loss_moments"]
-
-from .sam import SAM, sam_closure  # noqa: E402
-from .sam_masks import death_rate, drop_and_grow, drop_grow_counts, fisher_scores, global_topk_mask  # noqa: E402
-from .sam_sparse import SSAM  # noqa: E402
-from .sam_variants import ASAM, ASAMON, SAMON  # noqa: E402
-
-__all__ += ["SAM", "ASAM", "SAMON", "ASAMON", "SSAM", "sam_closure", "death_rate", "drop_and_grow", "drop_grow_counts",
-            "fisher_scores", "global_topk_mask"]
-
-from .deepkd import DeepKD  # noqa: E402
-
-__all__ += ["DeepKD"]
-
-
-def __getattr__(name: str):  # deprecated location of the KOALA monitor callback (a Lightning callback)
-    if name == "KOALAMonitor":
-        import warnings
-
-        warnings.warn("lightning_methods.optim.KOALAMonitor moved to lightning_methods.callbacks.KOALAMonitor; the "
-                      "old name will be removed in the next release", DeprecationWarning, stacklevel=2)
-        from ..callbacks.koala_monitor import KOALAMonitor
-
-        return KOALAMonitor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.optim.koala": ("KOALAM", "KOALAV", "KOALAPlusPlus"),
+        "lightning_methods.optim.koala_base": ("KOALABase", "global_loss_moments"),
+        "lightning_methods.optim.sam": ("SAM", "sam_closure"),
+        "lightning_methods.optim.sam_masks": (
+            "death_rate", "drop_and_grow", "drop_grow_counts", "fisher_scores", "global_topk_mask",
+        ),
+        "lightning_methods.optim.sam_sparse": ("SSAM",),
+        "lightning_methods.optim.sam_variants": ("ASAM", "ASAMON", "SAMON"),
+        "lightning_methods.optim.deepkd": ("DeepKD",),
+    },
+)

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import torch
 
-from .koala_base import KOALABase, _add_scaled, _math_dtype
-from .koala_plus_plus import KOALAPlusPlus
+from lightning_methods.optim.koala_base import KOALABase, _add_scaled, _math_dtype
+from lightning_methods.optim.koala_plus_plus import KOALAPlusPlus
 
 #: EMA decay of KOALA-M's weight average and of its state-noise estimate q_x (official code).
 AVG_DECAY = 0.9

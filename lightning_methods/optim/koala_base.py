@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ..utils.distributed import all_reduce_flat, is_distributed
+from lightning_methods.utils.distributed import all_reduce_flat, is_distributed
 
 #: Key of the optimizer-wide state (R, S-clamp counter, KOALA-V/M covariance) in ``optimizer.state``.
 GLOBAL_KEY = "koala"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .koala_base import KOALABase, _add_scaled, _math_dtype
+from lightning_methods.optim.koala_base import KOALABase, _add_scaled, _math_dtype
 
 
 class KOALAPlusPlus(KOALABase):

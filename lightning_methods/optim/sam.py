@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..utils.distributed import is_distributed
-from .sam_helpers import check_arguments, resolve_roles, sam_closure  # noqa: F401  (sam_closure re-exported)
+from lightning_methods.optim.sam_helpers import check_arguments, resolve_roles, sam_closure  # noqa: F401  (sam_closure re-exported)
+from lightning_methods.utils.distributed import is_distributed
 
 Perturb = Literal["all", "only_norm", "no_norm"]
 Adaptive = Literal["elementwise", "layerwise"]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..parameters import frozen_bn_stats, parameter_roles
+from lightning_methods.parameters import frozen_bn_stats, parameter_roles
 
 Roles = dict[torch.Tensor, tuple[str | None, bool | None]]
 

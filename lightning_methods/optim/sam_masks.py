@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parameters import frozen_bn_stats
+from lightning_methods.parameters import frozen_bn_stats
 
 #: Offset added to scores before masking, as in the official code (keeps zero-score live entries selectable).
 SCORE_OFFSET = 1e-7

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..utils.distributed import all_reduce_flat, broadcast_tensors_
-from .sam import SAM
-from .sam_masks import drop_and_grow, fisher_scores, global_topk_mask
+from lightning_methods.optim.sam import SAM
+from lightning_methods.optim.sam_masks import drop_and_grow, fisher_scores, global_topk_mask
+from lightning_methods.utils.distributed import all_reduce_flat, broadcast_tensors_
 
 MaskInit = Literal["zeros", "ones", "random"]
 

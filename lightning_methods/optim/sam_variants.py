@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-from .sam import SAM, Adaptive, Perturb
+from lightning_methods.optim.sam import SAM, Adaptive, Perturb
 
 
 class ASAM(SAM):

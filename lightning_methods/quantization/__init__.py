@@ -17,37 +17,20 @@ DataModules: the package's CIFAR / digits DataModules; configs ``configs/multibi
 tests ``tests/quantization/``; benchmark section ``benchmarks/multibit_cases.py``.
 """
 
-from .bn import batchnorms, bn_stats, load_bn_stats, recalibrate_bn
-from .convert import DEFAULT_FLOAT_WEIGHT_LAYERS, DEFAULT_PLAIN_BN_LAYERS, classifier_layer, quantize_model
-from .coreset import (
-    bitwise_epoch_order,
-    coreset_size,
-    el2n_scores,
-    grand_last_layer_scores,
-    refresh_due,
-    select_coreset,
-    union_fraction,
-)
-from .cost import TrainingCost
-from .module import CALIBRATED_BITS, MultiBitClassifier
+from lightning_methods._lazy import lazy_exports
 
-__all__ = [
-    "CALIBRATED_BITS",
-    "DEFAULT_FLOAT_WEIGHT_LAYERS",
-    "DEFAULT_PLAIN_BN_LAYERS",
-    "MultiBitClassifier",
-    "TrainingCost",
-    "batchnorms",
-    "bitwise_epoch_order",
-    "bn_stats",
-    "classifier_layer",
-    "coreset_size",
-    "el2n_scores",
-    "grand_last_layer_scores",
-    "load_bn_stats",
-    "quantize_model",
-    "recalibrate_bn",
-    "refresh_due",
-    "select_coreset",
-    "union_fraction",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.quantization.bn": ("batchnorms", "bn_stats", "load_bn_stats", "recalibrate_bn"),
+        "lightning_methods.quantization.convert": (
+            "DEFAULT_FLOAT_WEIGHT_LAYERS", "DEFAULT_PLAIN_BN_LAYERS", "classifier_layer", "quantize_model",
+        ),
+        "lightning_methods.quantization.coreset": (
+            "bitwise_epoch_order", "coreset_size", "el2n_scores", "grand_last_layer_scores", "refresh_due",
+            "select_coreset", "union_fraction",
+        ),
+        "lightning_methods.quantization.cost": ("TrainingCost",),
+        "lightning_methods.quantization.module": ("CALIBRATED_BITS", "MultiBitClassifier"),
+    },
+)

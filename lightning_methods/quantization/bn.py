@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers.quantized import set_bits
+from lightning_methods.layers.quantized import set_bits
 
 
 def batchnorms(model: nn.Module) -> list[_BatchNorm]:

@@ -21,7 +21,7 @@ from fnmatch import fnmatch
 
 from torch import nn
 
-from ..layers.quantized import (
+from lightning_methods.layers.quantized import (
     ActQuant,
     QuantConv2d,
     QuantLinear,

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..utils import mix_seed
+from lightning_methods.utils import mix_seed
 
 
 def coreset_size(n: int, prune_rate: float) -> int:
@@ -124,46 +124,47 @@ def select_coreset(scores: torch.Tensor, index: torch.Tensor, size: int, targets
 
 
 def bitwise_epoch_order(subsets: Sequence[torch.Tensor], n: int, batch_size: int, seed: int, epoch: int,
-                        rank: int = 0, world_size: int = 1, drop_last: bool = False) -> torch.Tensor:
+                        rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """The positions one rank reads in one epoch, laid out as steps of ``len(subsets)`` consecutive per-bit batches.
 
-    All subsets must have one size. Every subset is visited in the order of one permutation of ``range(n)`` drawn
-    from ``(seed, epoch)`` (so equal subsets give equal batches and overlapping subsets keep their relative order);
-    rank ``r`` of ``W`` takes entries ``r, r + W, ...`` of each ordered subset after dropping the last
-    ``|S| mod W`` entries (every rank gets the same count), so the global batch of one bit-width at step t is entries
-    ``t B W ... (t + 1) B W - 1`` of the ordered subset, as in a single-process run with batch ``B W``. Step t holds
-    ``[batch of subset 0 | batch of subset 1 | ...]``; the last step is partial (``m mod B`` per subset) unless
-    ``drop_last`` (kept when it would leave no step at all).
+    All subsets must have one size ``m``. Every subset is visited in the order of one permutation of ``range(n)``
+    drawn from ``(seed, epoch)`` (so equal subsets give equal batches and overlapping subsets keep their relative
+    order). The epoch has ``ceil(m / (B W))`` steps: the global batch of one bit-width at step t is entries
+    ``t B W ... (t + 1) B W - 1`` of the ordered subset, as in a single-process run with batch ``B W``, and rank
+    ``r`` of ``W`` takes its entries ``r, r + W, ...``. Every sample of every subset is read exactly once per epoch
+    (the last step is partial, never dropped), with one exception under DDP: a last global batch with fewer than
+    ``W`` samples is completed with the first samples of the ordered subset, so that every rank has one (at most
+    ``W - 1`` repeats per subset and epoch). Step t of a rank holds ``[batch of subset 0 | batch of subset 1 | ...]``.
 
     Returns:
-        An int64 tensor of positions of length ``len(subsets) * steps_per_bit``.
+        An int64 tensor of positions of length ``len(subsets) * samples_per_bit``.
 
     Raises:
-        ValueError: if the subsets differ in size, ``batch_size < 1`` or a rank gets no sample.
+        ValueError: if the subsets differ in size, ``batch_size < 1``, ``world_size < 1`` or a subset is empty.
     """
     sizes = {int(s.numel()) for s in subsets}
     if len(sizes) != 1:
         raise ValueError(f"every bit-width's subset must have one size for the per-step layout, got {sorted(sizes)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world_size {world_size} is not a valid rank")
     size = sizes.pop()
-    m = size // world_size
-    if m == 0:
-        raise ValueError(f"the subsets ({size} samples) are smaller than the number of ranks ({world_size})")
+    if size == 0:
+        raise ValueError("the coresets are empty: lower prune_rate")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
     rank_of = torch.empty(n, dtype=torch.long)
     rank_of[perm] = torch.arange(n)
-    seqs = []
-    for s in subsets:
-        ordered = s[torch.argsort(rank_of[s], stable=True)]
-        seqs.append(ordered[: m * world_size][rank::world_size])
-    seq = torch.stack(seqs)  # (bits, m)
-    full = m // batch_size
-    steps = seq[:, : full * batch_size].reshape(len(subsets), full, batch_size).transpose(0, 1).reshape(-1)
-    rest = m - full * batch_size
-    if rest and (not drop_last or full == 0):
-        steps = torch.cat([steps, seq[:, full * batch_size :].reshape(-1)])
-    return steps
+    ordered = torch.stack([s[torch.argsort(rank_of[s], stable=True)] for s in subsets])  # (bits, m)
+    global_batch = batch_size * world_size
+    full, rest = divmod(size, global_batch)
+    if 0 < rest < world_size:  # a last global batch too small to give every rank a sample: complete it
+        ordered = torch.cat([ordered, ordered[:, : world_size - rest]], dim=1)
+        rest = world_size
+    chunks = [ordered[:, t * global_batch : (t + 1) * global_batch][:, rank::world_size] for t in range(full)]
+    if rest:
+        chunks.append(ordered[:, full * global_batch :][:, rank::world_size])
+    return torch.cat([c.reshape(-1) for c in chunks])
 
 
 def union_fraction(subsets: Sequence[torch.Tensor], n: int) -> float:

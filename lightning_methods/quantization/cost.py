@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..utils import atomic_write_json
+from lightning_methods.utils import atomic_write_json
 
 KINDS = ("train", "teacher", "score")
 

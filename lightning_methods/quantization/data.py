@@ -16,9 +16,9 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..datamodules import collate_dict
-from ..datamodules.transforms import normalize
-from ..utils import sharded_loader
+from lightning_methods.datamodules import collate_dict
+from lightning_methods.datamodules.transforms import normalize
+from lightning_methods.utils import sharded_loader
 
 
 def train_dataset(trainer: Trainer, what: str) -> Dataset:

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..classifier import as_dict_batch
-from ..layers.quantized import check_bits, set_bits
-from .bn import batchnorms, bn_stats, load_bn_stats, recalibrate_bn
-from .data import calibration_batches
+from lightning_methods.classifier import as_dict_batch
+from lightning_methods.layers.quantized import check_bits, set_bits
+from lightning_methods.quantization.bn import batchnorms, bn_stats, load_bn_stats, recalibrate_bn
+from lightning_methods.quantization.data import calibration_batches
 
 
 class PerBitEvaluation:

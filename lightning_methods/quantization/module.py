@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..classifier import ImageClassifier, soft_cross_entropy
-from ..layers.quantized import ActQuant, SwitchableBatchNorm, check_bits, set_bits
-from ..parameters import frozen_bn_stats
-from ..utils import all_reduce_flat, is_distributed
-from .convert import quantize_model
-from .cost import TrainingCost
-from .evaluation import PerBitEvaluation
+from lightning_methods.classifier import ImageClassifier, soft_cross_entropy
+from lightning_methods.layers.quantized import ActQuant, SwitchableBatchNorm, check_bits, set_bits
+from lightning_methods.parameters import frozen_bn_stats
+from lightning_methods.quantization.convert import quantize_model
+from lightning_methods.quantization.cost import TrainingCost
+from lightning_methods.quantization.evaluation import PerBitEvaluation
+from lightning_methods.utils import all_reduce_flat, is_distributed
 
 
 def _fp32_or_64(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..datamodules import DeviceBatchLoader
+from lightning_methods.datamodules import DeviceBatchLoader
 
 
 class RankOrderSampler(DistributedSampler):

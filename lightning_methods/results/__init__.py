@@ -17,19 +17,15 @@ Docs: ``docs/results.md`` and the README section "Reproducing a paper table". Te
 The command modules (grid, table, catalog) are not imported here.
 """
 
-from .aggregate import Row, group_runs, paper_numbers, summarize
-from .record import FORMAT, best_and_last, find_records, flat_metrics, read_metrics_csv, read_record, run_directory
+from lightning_methods._lazy import lazy_exports
 
-__all__ = [
-    "FORMAT",
-    "Row",
-    "best_and_last",
-    "find_records",
-    "flat_metrics",
-    "group_runs",
-    "paper_numbers",
-    "read_metrics_csv",
-    "read_record",
-    "run_directory",
-    "summarize",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.results.aggregate": ("Row", "group_runs", "paper_numbers", "summarize"),
+        "lightning_methods.results.record": (
+            "FORMAT", "best_and_last", "find_records", "flat_metrics", "read_metrics_csv", "read_record",
+            "run_directory",
+        ),
+    },
+)

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ..runs import config_fingerprint
-from .gridspec import DEFAULT_SEED_KEYS, GRID_NEUTRAL, delete_key, short_names
-from .record import read_metrics_csv
+from lightning_methods.results.gridspec import DEFAULT_SEED_KEYS, GRID_NEUTRAL, delete_key, short_names
+from lightning_methods.results.record import read_metrics_csv
+from lightning_methods.runs import config_fingerprint
 
 #: Aliases accepted on ``# paper:`` lines.
 PAPER_ALIASES = {"top1": "test/acc", "top5": "test/acc_top5", "acc": "test/acc"}
@@ -60,7 +60,7 @@ def paper_numbers(config_file: str | Path | None) -> dict[str, float]:
 
 def is_percent(metric: str) -> bool:
     """Accuracy-like metrics are shown in percent (also the federated summaries: mean / std of client accuracy)."""
-    from .multistage import FEDERATED_METRICS
+    from lightning_methods.results.multistage import FEDERATED_METRICS
 
     name = metric.split("/")[-1]
     return "acc" in name or name in FEDERATED_METRICS

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .aggregate import paper_numbers
+from lightning_methods.results.aggregate import paper_numbers
 
 #: Config folders that hold shared pieces or demos rather than one method's setups.
 SHARED_FOLDERS = (".", "base")
@@ -105,7 +105,7 @@ def backbone_table(num_classes: int = 100, names: list[str] | None = None) -> li
     memory, no initialization cost)."""
     import torch
 
-    from ..models import available_backbones, create_backbone
+    from lightning_methods.models import available_backbones, create_backbone
 
     rows = []
     for name in names or available_backbones():
@@ -123,7 +123,7 @@ def datamodule_table() -> list[dict[str, Any]]:
     """The DataModules exported by ``lightning_methods.datamodules`` with their class count and summary."""
     from lightning.pytorch import LightningDataModule
 
-    from .. import datamodules
+    from lightning_methods import datamodules
 
     rows = []
     for name in sorted(datamodules.__all__):

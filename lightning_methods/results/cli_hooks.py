@@ -17,9 +17,9 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-from ..callbacks.prediction_writer import PredictionWriter
-from ..callbacks.results_writer import ResultsWriter
-from ..utils.wandb import plain
+from lightning_methods.callbacks.prediction_writer import PredictionWriter
+from lightning_methods.callbacks.results_writer import ResultsWriter
+from lightning_methods.utils.wandb import plain
 
 
 def add_result_arguments(parser: LightningArgumentParser) -> None:

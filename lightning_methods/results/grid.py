@@ -38,11 +38,11 @@ from typing import Any
 
 import yaml
 
-from ..runs import StagedRun, config_fingerprint
-from ..utils import atomic_write_text
-from . import gridspec as gs
-from .gridspec import GRID_NEUTRAL
-from .record import read_record
+from lightning_methods.results import gridspec as gs
+from lightning_methods.results.gridspec import GRID_NEUTRAL
+from lightning_methods.results.record import read_record
+from lightning_methods.runs import StagedRun, config_fingerprint
+from lightning_methods.utils import atomic_write_text
 
 
 def resolve_config(args: list[str]) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def resolve_config(args: list[str]) -> dict[str, Any]:
     Raises:
         ValueError: the arguments do not parse (the CLI's message is printed above).
     """
-    from ..cli import main
+    from lightning_methods.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), warnings.catch_warnings():
@@ -118,7 +118,7 @@ def run_one(run_dir: str | Path, launch: str = "auto") -> dict[str, Any]:
 def _fit_in_process(args: list[str]) -> None:
     import torch
 
-    from ..cli import build_cli
+    from lightning_methods.cli import build_cli
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")  # the grid's own argv

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ..runs import NEUTRAL_KEYS
+from lightning_methods.runs import NEUTRAL_KEYS
 
 #: Keys that never change results besides the run plumbing's neutral keys: run directories and the result writers.
 GRID_NEUTRAL = NEUTRAL_KEYS | {"dirpath", "results", "predictions", "ckpt_path"}

@@ -4,7 +4,7 @@
 ``lightning-methods select`` writes ``<run_dir>/summary.json``; both keep ``source`` (:func:`command_source`: the
 config files and the seed of the command) so that their runs group over seeds and show the paper's numbers named on
 the config's ``# paper:`` lines (``final_mean``, ``test_acc_max_over_all_epochs_and_rounds``, ...).
-:func:`adapt` turns either file into a record of :data:`~lightning_methods.results.record.FORMAT`; the resolved
+:func:`adapt` turns either file into the fields of a record (:func:`~lightning_methods.results.record.read_record` adds the format); the resolved
 config comes from ``config.yaml`` beside the file (written by :class:`~lightning_methods.runs.StagedRun`).
 """
 
@@ -52,10 +52,8 @@ def _resolved_config(directory: Path) -> dict[str, Any]:
 
 def _record(path: Path, source: Mapping[str, Any], name: str, status: str, metrics: Mapping[str, Any],
             config: dict[str, Any], paper_config: bool) -> dict[str, Any]:
-    from .record import FORMAT
-
     files = list(source.get("config") or [])
-    return {"format": FORMAT, "command": "fit", "status": status, "run_dir": str(path.parent), "path": str(path),
+    return {"command": "fit", "status": status, "run_dir": str(path.parent), "path": str(path),
             "config_path": files, "config": config, "seed": source.get("seed"),
             "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
             "info": {"name": name, "seed": source.get("seed"), "config": files[-1] if files and paper_config else None}}

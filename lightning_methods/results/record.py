@@ -178,13 +178,27 @@ def source_revision() -> str | None:
 
 
 def device_info(trainer: Any) -> dict[str, Any]:
-    """Where the run ran: accelerator, device name, world size, precision, host."""
+    """Where the run ran: accelerator, device name, world size, precision, host, the CPU model and torch's intra-op
+    thread count (float results on CPU depend on both)."""
     import torch
 
     root = trainer.strategy.root_device
-    name = torch.cuda.get_device_name(root) if root.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(root) if root.type == "cuda" else (cpu_model() or platform.machine())
     return {"accelerator": root.type, "name": name, "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
-            "precision": str(trainer.precision), "host": socket.gethostname(), "cpus": os.cpu_count()}
+            "precision": str(trainer.precision), "host": socket.gethostname(), "cpus": os.cpu_count(),
+            "cpu": cpu_model(), "threads": torch.get_num_threads()}
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``; ``""`` when unknown)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def metrics_csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
@@ -232,9 +246,10 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
         raise ValueError(f"{path} is not valid JSON ({err}); the run that wrote it was probably killed while "
                          "writing: rerun it, or delete the file") from err
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        from .multistage import adapt
+        from lightning_methods.results.multistage import adapt
 
-        return adapt(path, data)  # lightning-methods fed / select results, or None
+        adapted = adapt(path, data)  # lightning-methods fed / select results, or None
+        return None if adapted is None else {"format": FORMAT, **adapted}
     data.setdefault("run_dir", str(path.parent))
     data["path"] = str(path)
     return data

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_write_text
-from .aggregate import Row, curves, default_metrics, group_runs, summarize
-from .gridspec import DEFAULT_SEED_KEYS
-from .record import find_records
+from lightning_methods.results.aggregate import Row, curves, default_metrics, group_runs, summarize
+from lightning_methods.results.gridspec import DEFAULT_SEED_KEYS
+from lightning_methods.results.record import find_records
+from lightning_methods.utils import atomic_write_text
 
 
 @dataclass
@@ -136,7 +136,7 @@ def main(args: list[str] | None = None) -> Table:
     if local:
         records += find_records(local)
     for source in (r for r in ns.runs if r.startswith("wandb:")):
-        from .wandb_source import wandb_records
+        from lightning_methods.results.wandb_source import wandb_records
 
         records += wandb_records(source[len("wandb:") :], ns.filter)
     unfinished = [r for r in records if r.get("status") != "finished" or r.get("command") not in (None, "fit")]

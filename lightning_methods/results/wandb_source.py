@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .record import FORMAT
+from lightning_methods.results.record import FORMAT
 
 
 def _number(value: Any) -> float | None:

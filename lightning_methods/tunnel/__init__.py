@@ -24,27 +24,17 @@ the command ``lightning-methods probe`` (``tunnel/cli.py``), configs ``configs/t
 ``docs/methods/tunnel_effect.md``, tests ``tests/tunnel/`` and the benchmark ``benchmarks/tunnel_cases.py``.
 """
 
-from .data import ProbeData, class_subset, datamodule_data, select_classes
-from .detect import elbow, ood_retained, tunnel_start, tunnel_strength
-from .plots import plot_formation, plot_report
-from .points import probe_points
-from .probe import TunnelProber
-from .report import TunnelReport
-from .settings import ProbeSettings
+from lightning_methods._lazy import lazy_exports
 
-__all__ = [
-    "ProbeData",
-    "ProbeSettings",
-    "TunnelProber",
-    "TunnelReport",
-    "class_subset",
-    "datamodule_data",
-    "elbow",
-    "ood_retained",
-    "plot_formation",
-    "plot_report",
-    "probe_points",
-    "select_classes",
-    "tunnel_start",
-    "tunnel_strength",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.tunnel.data": ("ProbeData", "class_subset", "datamodule_data", "select_classes"),
+        "lightning_methods.tunnel.detect": ("elbow", "ood_retained", "tunnel_start", "tunnel_strength"),
+        "lightning_methods.tunnel.plots": ("plot_formation", "plot_report"),
+        "lightning_methods.tunnel.points": ("probe_points",),
+        "lightning_methods.tunnel.probe": ("TunnelProber",),
+        "lightning_methods.tunnel.report": ("TunnelReport",),
+        "lightning_methods.tunnel.settings": ("ProbeSettings",),
+    },
+)

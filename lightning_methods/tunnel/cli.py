@@ -32,14 +32,13 @@ from lightning.pytorch import LightningDataModule
 from torch import nn
 
 import lightning_methods.datamodules  # noqa: F401  (short class names for --data)
-
-from ..distillation.teacher import extract_state_dict
-from ..models import create_backbone
-from ..utils import get_rank, safe_torch_load
-from .data import class_subset, datamodule_data, image_preparer
-from .probe import TunnelProber
-from .report import TunnelReport, wandb_log
-from .settings import ProbeSettings
+from lightning_methods.distillation.teacher import extract_state_dict
+from lightning_methods.models import create_backbone
+from lightning_methods.tunnel.data import class_subset, datamodule_data, image_preparer
+from lightning_methods.tunnel.probe import TunnelProber
+from lightning_methods.tunnel.report import TunnelReport, wandb_log
+from lightning_methods.tunnel.settings import ProbeSettings
+from lightning_methods.utils import get_rank, safe_torch_load
 
 
 def build_parser() -> ArgumentParser:
@@ -172,7 +171,7 @@ def run_probe_command(args: list[str] | None = None) -> TunnelReport | None:
 
 
 def _write(cfg: Any, report: TunnelReport) -> None:
-    from .plots import plot_report
+    from lightning_methods.tunnel.plots import plot_report
 
     ckpt = Path(cfg.ckpt)
     out = Path(cfg.output_dir) if cfg.output_dir else ckpt.parent / f"tunnel_{ckpt.stem}"

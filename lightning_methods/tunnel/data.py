@@ -17,9 +17,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import Dataset
 
-from ..datamodules import IndexedTensorDataset
-from ..datamodules.transforms import normalize
-from ..utils import mix_seed
+from lightning_methods.datamodules import IndexedTensorDataset
+from lightning_methods.datamodules.transforms import normalize
+from lightning_methods.utils import mix_seed
 
 
 @dataclass

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import TunnelReport
+from lightning_methods.tunnel.report import TunnelReport
 
 
 def _pyplot() -> Any:

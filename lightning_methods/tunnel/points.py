@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..analysis.features import ACTIVATIONS, ProbePoint, resolve_modules
-from ..models.cifar_resnet import BasicBlock as CifarBasicBlock
-from ..models.cifar_resnet import CifarResNet
-from ..models.resnet import BasicBlock, Bottleneck, ResNet
-from ..models.vgg import VGG
+from lightning_methods.analysis.features import ACTIVATIONS, ProbePoint, resolve_modules
+from lightning_methods.models.cifar_resnet import BasicBlock as CifarBasicBlock
+from lightning_methods.models.cifar_resnet import CifarResNet
+from lightning_methods.models.resnet import BasicBlock, Bottleneck, ResNet
+from lightning_methods.models.vgg import VGG
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 ACTS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Sigmoid)
@@ -82,7 +82,7 @@ ENUMERATORS: list[tuple[type, Callable[[nn.Module], list[tuple[str, str, str | N
 
 def call_order(model: nn.Module, example: torch.Tensor, modules: dict[str, nn.Module] | None = None) -> list[str]:
     """Names of ``modules`` (default: all leaf modules) in the order one eval forward pass first calls them."""
-    from ..analysis.features import eval_mode
+    from lightning_methods.analysis.features import eval_mode
 
     modules = modules if modules is not None else {n: m for n, m in model.named_modules() if not list(m.children())}
     order: list[str] = []

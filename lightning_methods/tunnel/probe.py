@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..analysis.features import (
+from lightning_methods.analysis.features import (
     FeatureSet,
     ProbePoint,
     check_feature_memory,
@@ -40,10 +40,15 @@ from ..analysis.features import (
     feature_dims,
     seeded_subset,
 )
-from ..analysis.linear_probe import probe_accuracy, train_linear_probes
-from ..analysis.rank import numerical_rank
-from ..datamodules import collate_dict
-from ..utils import (
+from lightning_methods.analysis.linear_probe import probe_accuracy, train_linear_probes
+from lightning_methods.analysis.rank import numerical_rank
+from lightning_methods.datamodules import collate_dict
+from lightning_methods.tunnel.data import ProbeData, subset
+from lightning_methods.tunnel.detect import TUNNEL_START_DEFINITION, elbow, ood_retained, tunnel_start, tunnel_strength
+from lightning_methods.tunnel.points import probe_points
+from lightning_methods.tunnel.report import TunnelReport
+from lightning_methods.tunnel.settings import ProbeSettings
+from lightning_methods.utils import (
     broadcast_object,
     gather_by_index,
     get_rank,
@@ -52,11 +57,6 @@ from ..utils import (
     mix_seed,
     sharded_loader,
 )
-from .data import ProbeData, subset
-from .detect import TUNNEL_START_DEFINITION, elbow, ood_retained, tunnel_start, tunnel_strength
-from .points import probe_points
-from .report import TunnelReport
-from .settings import ProbeSettings
 
 SPLIT_KEYS = {"id_train": 1, "id_test": 2, "ood_train": 3, "ood_test": 4}
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_write_json, atomic_write_text
+from lightning_methods.utils import atomic_write_json, atomic_write_text
 
 COLUMNS = ["layer", "name", "module", "dim", "acc_id", "train_acc_id", "acc_ood", "train_acc_ood", "rank",
            "rank_per_class", "in_tunnel"]

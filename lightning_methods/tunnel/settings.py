@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..analysis.features import storage_dtype
+from lightning_methods.analysis.features import storage_dtype
 
 
 @dataclass

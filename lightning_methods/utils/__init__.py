@@ -4,36 +4,19 @@ seed mixing (:mod:`.seeding`) and crash-safe, code-free file I/O (:mod:`.io`).
 One helper per idea: search here before writing another copy in a family.
 """
 
-from .distributed import (
-    all_reduce_flat,
-    barrier,
-    broadcast_object,
-    broadcast_tensors_,
-    gather_by_index,
-    get_rank,
-    get_world_size,
-    is_distributed,
-    sharded_loader,
-)
-from .io import atomic_save_numpy, atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load, sha256_file
-from .seeding import mix_seed, seeded_generator
+from lightning_methods._lazy import lazy_exports
 
-__all__ = [
-    "all_reduce_flat",
-    "atomic_save_numpy",
-    "atomic_torch_save",
-    "atomic_write_json",
-    "atomic_write_text",
-    "barrier",
-    "broadcast_object",
-    "broadcast_tensors_",
-    "gather_by_index",
-    "get_rank",
-    "get_world_size",
-    "is_distributed",
-    "mix_seed",
-    "safe_torch_load",
-    "seeded_generator",
-    "sha256_file",
-    "sharded_loader",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.utils.distributed": (
+            "all_reduce_flat", "barrier", "broadcast_object", "broadcast_tensors_", "gather_by_index", "get_rank",
+            "get_world_size", "is_distributed", "sharded_loader",
+        ),
+        "lightning_methods.utils.io": (
+            "atomic_save_numpy", "atomic_torch_save", "atomic_write_json", "atomic_write_text", "safe_torch_load",
+            "sha256_file",
+        ),
+        "lightning_methods.utils.seeding": ("mix_seed", "seeded_generator"),
+    },
+)

@@ -12,6 +12,7 @@ from elsewhere can never run code while it is loaded. Unpickling arbitrary objec
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -25,19 +26,83 @@ from typing import Any
 import torch
 
 
+class DiskFullError(OSError):
+    """A write failed because the file system is full (``errno.ENOSPC``); the message names the file."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: read it by setting it (and set it straight back)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file (``0o666 & ~umask``): ``mkstemp`` makes 0600 files, which
+    colleagues sharing a results folder could not read."""
+    return 0o666 & ~current_umask()
+
+
+def mkstemp_like_open(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` (for an atomic write) with the permissions a plain ``open()`` would give."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, new_file_mode())
+    return fd, tmp
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        stat = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def disk_full_error(path: str | Path, err: BaseException) -> DiskFullError | None:
+    """A :class:`DiskFullError` naming ``path`` when ``err`` (raised while writing it) came from a full file system,
+    else ``None``. torch reports a full disk as a ``RuntimeError`` ("unexpected pos ...", "file write failed"), so
+    an error of another kind counts when the file system has (almost) no space left. Call it while the partly
+    written temporary file still exists (it holds the space that ran out)."""
+    path = Path(path)
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    if not full and isinstance(err, (OSError, RuntimeError)):
+        free = _free_bytes(path.parent)
+        full = free is not None and free < (1 << 20)
+    if not full:
+        return None
+    free = _free_bytes(path.parent)
+    left = f" ({free} bytes free on its file system)" if free is not None else ""
+    error = DiskFullError(f"no space left on device while writing {path}{left}; the previous version of the file (if "
+                          "any) is intact. Free some space (or choose another directory) and rerun; a fit resumes "
+                          "from its last.ckpt")
+    error.errno, error.filename = errno.ENOSPC, str(path)
+    return error
+
+
 def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = mkstemp_like_open(path)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = disk_full_error(path, err) if isinstance(err, Exception) else None
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if full is not None:
+            raise full from err
         raise
     return path
 

@@ -23,16 +23,14 @@ The family's other parts:
   ``benchmarks/vit_locality_cases.py``.
 """
 
-from .module import CONDITIONS, ViTLocalityClassifier, dominant_label, protocol_components, protocol_name
-from .report import locality_table, markdown_table, write_report
+from lightning_methods._lazy import lazy_exports
 
-__all__ = [
-    "CONDITIONS",
-    "ViTLocalityClassifier",
-    "dominant_label",
-    "locality_table",
-    "markdown_table",
-    "protocol_components",
-    "protocol_name",
-    "write_report",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lightning_methods.vit_locality.module": (
+            "CONDITIONS", "ViTLocalityClassifier", "dominant_label", "protocol_components", "protocol_name",
+        ),
+        "lightning_methods.vit_locality.report": ("locality_table", "markdown_table", "write_report"),
+    },
+)

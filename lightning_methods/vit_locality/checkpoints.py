@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.attention import attention_locality, probe_indices
-from ..models import create_backbone
-from ..utils import safe_torch_load
-from .module import protocol_components, protocol_name
+from lightning_methods.analysis.attention import attention_locality, probe_indices
+from lightning_methods.models import create_backbone
+from lightning_methods.utils import safe_torch_load
+from lightning_methods.vit_locality.module import protocol_components, protocol_name
 
 #: DataModule classes by dataset name, and the dataset guessed from the number of classes.
 DATASETS = {"cifar10": "CIFAR10DataModule", "cifar100": "CIFAR100DataModule",
@@ -61,7 +61,7 @@ def load_checkpoint_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any
 
 def evaluation_set(dataset: str, data_dir: str | Path, download: bool = False) -> dict[str, Any]:
     """The clean test split of ``dataset`` as uint8 images, labels and the normalisation statistics."""
-    from .. import datamodules
+    from lightning_methods import datamodules
 
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
@@ -78,7 +78,7 @@ def evaluation_set(dataset: str, data_dir: str | Path, download: bool = False) -
 def top1_accuracy(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, mean: tuple, std: tuple,
                   batch_size: int = 500, device: str | torch.device = "cpu") -> float:
     """Top-1 accuracy (%) of ``model`` on uint8 ``images`` (normalized, no augmentation)."""
-    from ..datamodules.transforms import normalize
+    from lightning_methods.datamodules.transforms import normalize
 
     correct = 0
     for start in range(0, len(images), batch_size):
@@ -109,7 +109,7 @@ def checkpoint_record(path: str | Path, evalset: dict[str, Any] | Callable[[dict
     if callable(evalset):
         evalset = evalset(info)
     idx = probe_indices(len(evalset["images"]), num_images, seed)
-    from ..datamodules.transforms import normalize
+    from lightning_methods.datamodules.transforms import normalize
 
     x = normalize(evalset["images"][idx], evalset["mean"], evalset["std"])
     res = attention_locality(model, x, batch_size, include_cls, renormalize)

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from ..utils import atomic_write_json, sha256_file
-from .checkpoints import BY_CLASSES, DATASETS, checkpoint_record, evaluation_set
-from .report import write_report
+from lightning_methods.utils import atomic_write_json, sha256_file
+from lightning_methods.vit_locality.checkpoints import BY_CLASSES, DATASETS, checkpoint_record, evaluation_set
+from lightning_methods.vit_locality.report import write_report
 
 
 def parse_args(args: list[str] | None = None) -> argparse.Namespace:

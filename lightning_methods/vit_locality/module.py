@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..classifier import ImageClassifier, as_dict_batch
+from lightning_methods.classifier import ImageClassifier, as_dict_batch
 
 #: The eight conditions of the CIFAR-100 ablation, in the paper's reading order.
 CONDITIONS: tuple[str, ...] = ("Baseline", "Baseline+AA", "Baseline+CutMix", "Baseline+LS", "Modern-AA",

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..analysis.attention import early_layers, mad_scale, min_over_heads
-from ..utils import atomic_write_json, atomic_write_text
-from .module import CONDITIONS
+from lightning_methods.analysis.attention import early_layers, mad_scale, min_over_heads
+from lightning_methods.utils import atomic_write_json, atomic_write_text
+from lightning_methods.vit_locality.module import CONDITIONS
 
 COLUMNS = (("min_mad_layer0", "min MAD L0"), ("min_mad_early", "min MAD early"), ("mean_mad_early", "mean MAD early"),
            ("mean_entropy_early", "entropy early"), ("test_acc", "test acc (%)"))
@@ -110,7 +110,7 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path, norm: s
                  max_early_layer: int = 2) -> tuple[list[dict[str, Any]], str]:
     """Write ``table.md``, ``table.csv``, ``per_checkpoint.csv``, ``locality.json`` (rows for every normalisation
     and the records) and ``mad_by_layer.png`` into ``out_dir``; returns the rows and the Markdown table."""
-    from ..analysis.attention_plots import plot_condition_curves
+    from lightning_methods.analysis.attention_plots import plot_condition_curves
 
     out = Path(out_dir)
     rows = locality_table(records, norm, max_early_layer)

@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule
 import lightning_methods
 from lightning_methods import ImageClassifier
 from lightning_methods.datamodules import ImageDataModule
-from lightning_methods.hparams import import_path, public_path
+from lightning_methods.hparams import public_path
 
 from helpers import TinyNet, quiet_trainer
 
@@ -147,45 +147,38 @@ def test_every_module_imports_in_a_fresh_interpreter():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
 
 
-# ---------------------------------------------------------------------------------------------------- old paths
-OLD_MODULES = {
-    "lightning_methods.distillation_teacher": "lightning_methods.distillation.teacher",
-    "lightning_methods.selection": "lightning_methods.noisy_labels.selection",
-    "lightning_methods.selection_cut": "lightning_methods.noisy_labels.cut",
-    "lightning_methods.selection_config": "lightning_methods.noisy_labels.config",
-    "lightning_methods.selection_runner": "lightning_methods.noisy_labels.runner",
-    "lightning_methods.selection_cli": "lightning_methods.noisy_labels.cli",
-    "lightning_methods.callbacks.history": "lightning_methods.callbacks.prediction_history",
-    "lightning_methods.callbacks.history_tracker": "lightning_methods.callbacks.test_accuracy_tracker",
-    "lightning_methods.callbacks.topk": "lightning_methods.callbacks.deepkd_topk",
-    "lightning_methods.optim.koala_monitor": "lightning_methods.callbacks.koala_monitor",
-    "lightning_methods.datamodules.noisy_labels": "lightning_methods.datamodules.label_noise",
-}
-OLD_NAMES = {
-    "lightning_methods.DistillationModule": "lightning_methods.DistillationClassifier",
-    "lightning_methods.distillation.DistillationModule": "lightning_methods.DistillationClassifier",
-    "lightning_methods.CoTrainingModule": "lightning_methods.CoTrainingClassifier",
-    "lightning_methods.noisy_labels.CoTrainingModule": "lightning_methods.CoTrainingClassifier",
-    "lightning_methods.optim.KOALAMonitor": "lightning_methods.callbacks.KOALAMonitor",
+# ---------------------------------------------------------------------------------------------------- light imports
+#: statement -> heavy modules it must not load. Package ``__init__`` files hand their names on lazily, so importing
+#: one optimizer costs torch and that optimizer's modules, not Lightning, timm, plotting or W&B.
+LIGHT_IMPORTS = {
+    "import lightning_methods": ("torch", "lightning", "matplotlib", "wandb"),
+    "import lightning_methods.callbacks, lightning_methods.datamodules": ("torch", "lightning", "matplotlib", "wandb"),
+    "from lightning_methods.optim import SAMON, SSAM, KOALAPlusPlus, DeepKD": (
+        "lightning", "timm", "torchvision", "matplotlib", "wandb", "torchmetrics"),
+    "from lightning_methods.losses import kd_loss, dkd_loss": ("lightning", "timm", "torchvision", "wandb"),
+    "from lightning_methods.parameters import parameter_roles": ("lightning", "timm", "matplotlib", "wandb"),
+    "from lightning_methods.callbacks import NonFiniteGuard": ("timm", "wandb"),
+    "from lightning_methods.datamodules import CIFAR100DataModule": ("timm", "wandb"),
 }
 
 
-@pytest.mark.parametrize("old", sorted(OLD_MODULES))
-def test_old_module_paths_still_import_with_a_warning(old):
-    import importlib
-
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=OLD_MODULES[old].replace(".", r"\.")):
-        module = importlib.import_module(old)
-    new = importlib.import_module(OLD_MODULES[old])
-    public = [n for n in vars(new) if not n.startswith("_") and callable(getattr(new, n))]
-    assert public and all(getattr(module, n) is getattr(new, n) for n in public)
+@pytest.mark.parametrize("statement", sorted(LIGHT_IMPORTS))
+def test_public_imports_load_only_what_they_need(statement):
+    heavy = LIGHT_IMPORTS[statement]
+    script = f"import sys\n{statement}\nprint(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [], f"{statement!r} loaded {proc.stdout.split()}"
 
 
-@pytest.mark.parametrize("old", sorted(OLD_NAMES))
-def test_old_class_names_resolve_to_the_renamed_classes(old):
-    with pytest.warns(DeprecationWarning, match="renamed|moved"):
-        assert import_path(old) is import_path(OLD_NAMES[old])
+def test_lazy_names_resolve_and_unknown_names_fail_clearly():
+    import lightning_methods.callbacks as callbacks
+    import lightning_methods.optim as optim
+
+    assert optim.SAMON.__name__ == "SAMON" and "SAMON" in dir(optim) and "SAMON" in optim.__all__
+    assert callbacks.LatestCheckpoint.__module__ == "lightning_methods.callbacks.checkpoint"
+    with pytest.raises(AttributeError, match="lightning_methods.optim.*NoSuchOptimizer"):
+        optim.NoSuchOptimizer  # noqa: B018
 
 
 def test_public_paths_are_the_shortest_importable_ones():
@@ -198,9 +191,9 @@ def test_public_paths_are_the_shortest_importable_ones():
     assert public_path(lightning_methods.CoTrainingClassifier) == "lightning_methods.CoTrainingClassifier"
 
 
-def test_checkpoint_written_with_old_paths_loads(tmp_path):
-    """A checkpoint of the previous layout (module class and optimizer recorded under their old module paths, as
-    LightningCLI and the hparams of Python-made modules stored them) loads with weights_only into the new classes."""
+def test_checkpoint_with_long_module_paths_loads_and_is_rewritten_short(tmp_path):
+    """A checkpoint whose class and optimizer are recorded under their defining modules' paths (as a config that
+    spells them so writes them) loads with weights_only, and is saved again under the shortest public paths."""
     from lightning_methods import CoTrainingClassifier
     from lightning_methods.optim import KOALAPlusPlus
 
@@ -209,14 +202,12 @@ def test_checkpoint_written_with_old_paths_loads(tmp_path):
     trainer.strategy.connect(model)
     trainer.save_checkpoint(tmp_path / "new.ckpt")
     ckpt = torch.load(tmp_path / "new.ckpt", weights_only=True)
-    ckpt["hyper_parameters"]["_class_path"] = "lightning_methods.noisy_labels.CoTrainingModule"  # old spelling
+    ckpt["hyper_parameters"]["_class_path"] = "lightning_methods.noisy_labels.cotraining.CoTrainingClassifier"
     ckpt["hyper_parameters"]["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
     ckpt["hyper_parameters"]["optimizer"] = {"class_path": "lightning_methods.optim.koala.KOALAPlusPlus",
                                              "init_args": {}}
     torch.save(ckpt, tmp_path / "old.ckpt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        loaded = LightningModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    loaded = LightningModule.load_from_checkpoint(tmp_path / "old.ckpt")
     assert type(loaded) is CoTrainingClassifier and loaded.num_classes == 4
     assert isinstance(loaded.configure_optimizers()[0][0], KOALAPlusPlus)
     for k, v in model.state_dict().items():

@@ -39,10 +39,11 @@ def tiny_config(tmp_path: Path, algorithm: dict[str, Any] | None = None, **overr
 class InProcessGrid:
     """A Flower ``Grid`` for tests: ``send_and_receive`` calls the ClientApp of each destination node directly.
 
-    Node ``i`` gets ``node_config = {"partition-id": i, "num-partitions": n}`` and a persistent ``Context``.
+    Node ``i`` gets ``node_config = {"partition-id": i, "num-partitions": n}`` and a persistent ``Context`` with
+    ``run_config`` (Flower's run config, as ``flwr run`` fuses it from the app's ``pyproject.toml``).
     """
 
-    def __new__(cls, client_app: Any, num_nodes: int) -> Any:
+    def __new__(cls, client_app: Any, num_nodes: int, run_config: dict[str, Any] | None = None) -> Any:
         from flwr.app import Context, RecordDict
         from flwr.serverapp import Grid
         from flwr.supercore.task_identity import TaskIdentity
@@ -51,7 +52,8 @@ class InProcessGrid:
             def __init__(self) -> None:
                 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
                 self.node_ids = [1000 + i for i in range(num_nodes)]
-                self.contexts = {n: Context(1, n, {"partition-id": i, "num-partitions": num_nodes}, RecordDict(), {})
+                self.contexts = {n: Context(1, n, {"partition-id": i, "num-partitions": num_nodes}, RecordDict(),
+                                            dict(run_config or {}))
                                  for i, n in enumerate(self.node_ids)}
                 self.sent: list[Any] = []
 

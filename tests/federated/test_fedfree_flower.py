@@ -8,6 +8,8 @@ on a 2-core CPU, most of it Ray starting and its workers importing torch and thi
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +89,44 @@ def test_flower_simulation_runtime_equals_the_in_process_round(tmp_path):
     inproc_state, _ = _in_process(path, tmp_path)
     for k in flower_state:  # other processes may use other BLAS threading: equal up to float rounding
         torch.testing.assert_close(flower_state[k], inproc_state[k], rtol=1e-5, atol=1e-6)
+
+
+def _documented_pyproject() -> str:
+    """The ``pyproject.toml`` of a Flower app as docs/methods/fedfree.md gives it (the block naming the apps)."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "methods" / "fedfree.md").read_text()
+    blocks = [b for b in re.findall(r"```toml\n(.*?)```", doc, flags=re.S) if "[tool.flwr.app.components]" in b]
+    assert len(blocks) == 1, "docs/methods/fedfree.md should hold one Flower app pyproject.toml block"
+    return blocks[0]
+
+
+def test_documented_flwr_run_route_with_flowers_loader(tmp_path, one_thread):
+    """``flwr run .`` validates the app's pyproject.toml (each component must be an attribute assigned in the module's
+    source), loads ``server_app`` / ``client_app`` with Flower's ``load_app``, and fuses the run config with the
+    ``--run-config`` overrides; the loaded apps then run a round equal to the in-process round."""
+    from flwr.app import Context, RecordDict
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.clientapp import ClientApp
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.serverapp import ServerApp
+    from flwr.supercore.object_ref import load_app
+
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(_documented_pyproject())
+    config, _ = load_and_validate(app_dir / "pyproject.toml", check_module=True)  # raises on an unknown attribute
+    components = config["tool"]["flwr"]["app"]["components"]
+    server_app = load_app(components["serverapp"], ValueError, app_dir)
+    client_app = load_app(components["clientapp"], ValueError, app_dir)
+    assert isinstance(server_app, ServerApp) and isinstance(client_app, ClientApp)
+
+    path = tiny_config(tmp_path)
+    run_config = get_fused_config_from_dir(app_dir, {"config": str(path), "overrides": "--progress false",
+                                                     "num-server-rounds": 1})
+    grid = InProcessGrid(client_app, 3, run_config)
+    server_app(grid, Context(1, 0, {}, RecordDict(), run_config))
+    flower_dir = tmp_path / "run" / "flower"  # run_dir of the tiny config
+    flower_state = safe_torch_load(flower_dir / "server_state.pt")["global_state"]
+    history = json.loads((flower_dir / "history.json").read_text())
+    inproc_state, inproc = _in_process(path, tmp_path)
+    assert len(history) == 1 and history[0]["client_acc"] == pytest.approx(inproc["client_acc"], abs=0)
+    assert all(torch.equal(flower_state[k], inproc_state[k]) for k in inproc_state)

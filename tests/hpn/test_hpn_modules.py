@@ -169,6 +169,34 @@ def test_multitask_learns_both_tasks(one_thread):
     assert {"test/loss_c", "test/loss_r", "test/rmse", "test/acc_top5"} <= set(res)
 
 
+@pytest.mark.parametrize("kind", ["multitask", "regressor"])
+def test_float64_predictions_are_exact(kind):
+    """A float64 model predicts in float64: value = lo + (cos(o, e_1) + 1) / 2 (hi - lo) from the unrounded output
+    (HPNMultiTask used to compute it from a float32 copy of the output, off by about 1e-6 here)."""
+    lo, hi = 5.0, 15.0
+    if kind == "multitask":
+        model = HPNMultiTask(task_weight=0.25, backbone=flat_net(1 + D), num_classes=K, prototype_dims=D,
+                             prototype_iterations=100, bounds=(lo, hi))
+        key = "value"
+    else:
+        model = HPNRegressor(backbone=flat_net(2), output_dims=2, bounds=(lo, hi))
+        key = "pred"
+    model = model.double().eval()
+    batch = next(iter(loader(ToyData(32), 32)))
+    batch["image"] = batch["image"].double()
+    with torch.no_grad():
+        out = model.predict_step(batch, 0)
+        o = model(batch["image"])
+    assert out["output"].dtype == torch.float64 and torch.equal(out["output"], o)
+    cos = o[:, 0] / o.norm(dim=1)  # independent of F.cosine_similarity
+    expected = lo + (cos + 1) / 2 * (hi - lo)
+    assert out[key].dtype == torch.float64
+    # float64: a few ulps of cos (|cos| <= 1, eps = 2.2e-16) times (hi - lo) / 2 = 5: 16 ulps -> 1.8e-14
+    torch.testing.assert_close(out[key], expected, rtol=0, atol=16 * 2.2e-16 * (hi - lo) / 2)
+    rounded = lo + (o.float().double()[:, 0] / o.float().double().norm(dim=1) + 1) / 2 * (hi - lo)
+    assert (rounded - expected).abs().max() > 1e-9  # the float32 path would fail the tolerance above
+
+
 class BoundsData:
     """A minimal DataModule stand-in exposing ``regression_bounds`` (what setup reads)."""
 

@@ -7,7 +7,7 @@ import zlib
 
 import torch
 
-from lightning_methods.ood.features import FeatureSet
+from lightning_methods.ood.features import EmbeddingSet
 from lightning_methods.ood.score_net import ScoreMLP
 
 # torch.manual_seed(0); torch.randint_like(x, 0, 2) * 2 - 1 for x of shape (3, 6): the probe the official
@@ -31,13 +31,14 @@ def fill_by_name(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def official_net(conditional: bool = False) -> ScoreMLP:
     """ScoreMLP(6 -> 16, bottleneck 12, 2 blocks, time embedding 8[, context 8]) with the golden-value weights."""
-    net = ScoreMLP(6, 16, 12, 2, 8, 0.0, 8 if conditional else None)
+    net = ScoreMLP(6, width=16, bottleneck=12, num_blocks=2, time_embed_dim=8, dropout=0.0,
+                   context_dim=8 if conditional else None)
     net.load_state_dict(fill_by_name(net.state_dict()))
     return net.eval()
 
 
-def gaussian_features(n: int, dim: int, seed: int = 0, shift: float = 0.0, classes: int = 1) -> FeatureSet:
+def gaussian_features(n: int, dim: int, seed: int = 0, shift: float = 0.0, classes: int = 1) -> EmbeddingSet:
     g = torch.Generator().manual_seed(seed)
     targets = torch.arange(n) % classes
     x = torch.randn(n, dim, generator=g) + shift + targets[:, None].float()
-    return FeatureSet(x, torch.arange(n), targets)
+    return EmbeddingSet(x, torch.arange(n), targets)

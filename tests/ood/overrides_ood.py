@@ -21,8 +21,9 @@ def ood_hook(config_path: Path, tmp_path: Path, data_root: Path) -> list[str] | 
     g = torch.Generator().manual_seed(0)
     torch.save({"features": torch.randn(16, 6, generator=g), "index": torch.arange(16),
                 "targets": torch.arange(16) % 2}, features)
-    return [f"--data.init_args.train_path={features}", "--model.init_args.dim=6", "--model.init_args.width=16",
-            "--model.init_args.bottleneck=16", "--model.init_args.num_blocks=1", "--model.init_args.time_embed_dim=8"]
+    return [f"--data.init_args.train_path={features}", "--model.init_args.dim=6", "--model.init_args.net.width=16",
+            "--model.init_args.net.bottleneck=16", "--model.init_args.net.num_blocks=1",
+            "--model.init_args.net.time_embed_dim=8"]
 
 
 ood_hook.reason = ("lightning-methods-ood pipeline config: covered by tests/ood/test_ood_pipeline.py::"

@@ -12,9 +12,9 @@ import torch
 
 from lightning_methods import ImageClassifier
 from lightning_methods.datamodules import DigitsDataModule, load_digits_uint8
-from lightning_methods.ood.cache import EmbeddingCache, StaleCacheError, content_hash
+from lightning_methods.ood.cache import CorruptFileError, EmbeddingCache, StaleCacheError, content_hash
 from lightning_methods.ood.encoders import EncoderSpec, build_encoder, weights_fingerprint
-from lightning_methods.ood.features import FeatureSet
+from lightning_methods.ood.features import EmbeddingSet
 
 from helpers import quiet_trainer
 
@@ -30,7 +30,7 @@ def test_cache_reuse_and_invalidation(tmp_path, one_thread):
     cache = EmbeddingCache(tmp_path)
     encoder, fp = _fp(EncoderSpec("e", backbone="resnet8", seed=0))
     with torch.no_grad():
-        feats = FeatureSet(encoder(IMAGES)[0], torch.arange(8), torch.zeros(8, dtype=torch.long))
+        feats = EmbeddingSet(encoder(IMAGES)[0], torch.arange(8), torch.zeros(8, dtype=torch.long))
     assert cache.lookup("e", "set", fp) == (None, "not cached")
     cache.store("e", "set", feats, fp)
     found, reason = cache.lookup("e", "set", fp)
@@ -48,16 +48,60 @@ def test_cache_reuse_and_invalidation(tmp_path, one_thread):
     with pytest.raises(FileNotFoundError, match="require"):
         EmbeddingCache(tmp_path, "require").lookup("e", "other_set", fp)
     assert EmbeddingCache(tmp_path, "refresh").lookup("e", "set", fp)[0] is None
-    # a feature file copied over from another encoder is never used for this one
+    # a feature file copied over (with its checksum) from another encoder is never used for this one
     cache.store("f", "set", feats, changes["weights_sha256"])
-    (tmp_path / "e" / "set.pt").write_bytes((tmp_path / "f" / "set.pt").read_bytes())
+    for suffix in (".pt", ".pt.sha256"):
+        (tmp_path / "e" / f"set{suffix}").write_bytes((tmp_path / "f" / f"set{suffix}").read_bytes())
     with pytest.raises(StaleCacheError, match="never reused"):
         cache.load("e", "set", fp)
-    (tmp_path / "e" / "set.pt").write_bytes(b"truncated")
-    found, reason = cache.lookup("e", "set", fp)
-    assert found is None and "truncated" in reason
     with pytest.raises(ValueError, match="policy"):
         EmbeddingCache(tmp_path, "sometimes")
+
+
+def _flip_inside_tensor(path, values: torch.Tensor) -> None:
+    """Flip one bit of the stored bytes of ``values`` inside the torch file (found by its byte pattern)."""
+    raw = bytearray(path.read_bytes())
+    pattern = values.contiguous().view(torch.uint8).numpy().tobytes()[:64]
+    at = bytes(raw).find(pattern)
+    assert at >= 0, "tensor bytes not found in the file"
+    raw[at + 5] ^= 0x40  # an exponent bit of the second float: the value changes by orders of magnitude
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_cache_entries_stop_and_refresh_recomputes(tmp_path):
+    feats = EmbeddingSet(torch.linspace(-1, 1, 8 * 16).reshape(8, 16), torch.arange(8),
+                         torch.zeros(8, dtype=torch.long))
+    fp = {"encoder": {"name": "e"}, "images": {"content_sha256": "x"}}
+    cache, path = EmbeddingCache(tmp_path), tmp_path / "e" / "set.pt"
+    digest = cache.store("e", "set", feats, fp)
+    assert (tmp_path / "e" / "set.pt.sha256").read_text().split()[0] == digest
+    assert json.loads((tmp_path / "e" / "set.json").read_text())["sha256"] == digest
+    good = path.read_bytes()
+    # the flipped byte still unpickles to a valid tensor with one wrong value: only the checksum can catch it
+    _flip_inside_tensor(path, feats.features)
+    flipped = torch.load(path, weights_only=True)["features"]
+    assert (flipped != feats.features).sum() == 1
+    for policy in ("reuse", "require"):
+        with pytest.raises(CorruptFileError, match=f"{path}.*corrupt.*--cache_policy refresh.*delete the file"):
+            EmbeddingCache(tmp_path, policy).lookup("e", "set", fp)
+    # truncated
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptFileError, match="set.pt is corrupt"):
+        cache.lookup("e", "set", fp)
+    # a missing checksum is not trusted either
+    path.write_bytes(good)
+    (tmp_path / "e" / "set.pt.sha256").unlink()
+    with pytest.raises(CorruptFileError, match="no recorded checksum.*--cache_policy refresh"):
+        cache.lookup("e", "set", fp)
+    # refresh never reads the entry; storing again repairs it
+    assert EmbeddingCache(tmp_path, "refresh").lookup("e", "set", fp) == (None, "cache policy 'refresh'")
+    assert cache.store("e", "set", feats, fp) == digest  # the same content gives the same bytes
+    assert torch.equal(cache.lookup("e", "set", fp)[0].features, feats.features)
+    # deleted: recomputed under "reuse", refused under "require"
+    path.unlink()
+    assert cache.lookup("e", "set", fp) == (None, "not cached")
+    with pytest.raises(FileNotFoundError, match="require"):
+        EmbeddingCache(tmp_path, "require").lookup("e", "set", fp)
 
 
 def test_timm_encoder_random_init_and_local_weights_file(tmp_path, one_thread):

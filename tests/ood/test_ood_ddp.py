@@ -10,7 +10,7 @@ from ood_helpers import TINY_RDM, fill_by_name
 from lightning_methods.datamodules import load_digits_uint8
 from lightning_methods.ood.embedding import embed
 from lightning_methods.ood.encoders import EncoderSpec, build_encoder
-from lightning_methods.ood.features import FeaturePreprocessor, FeatureSet
+from lightning_methods.ood.features import EmbeddingSet, FeaturePreprocessor
 from lightning_methods.ood.rdm import RDMModule
 from lightning_methods.ood.stages import score_sets
 
@@ -28,13 +28,14 @@ def _work(devices: int) -> dict:
         return L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                          logger=False, enable_progress_bar=False, enable_model_summary=False, **kw)
 
-    feats = embed(encoder, images, torch.zeros(N, dtype=torch.long), index, make_trainer, batch_size=4)
+    feats = embed(encoder, images, torch.zeros(N, dtype=torch.long), index, make_trainer=make_trainer, batch_size=4)
     pre = FeaturePreprocessor("raw", pca_dim=8).fit(feats.features)
     torch.manual_seed(0)
-    model = RDMModule(dim=8, ode_method="rk4", ode_step_size=0.05, **TINY_RDM)  # fixed grid: batch-independent
+    # a fixed grid: batch-independent scores
+    model = RDMModule(dim=8, likelihood={"method": "rk4", "step_size": 0.05}, net=TINY_RDM)
     model.load_state_dict(fill_by_name(model.state_dict()))
-    half = FeatureSet(feats.features[:5], feats.index[:5], feats.targets[:5])
-    scores = score_sets(model, pre, {"all": feats, "half": half}, make_trainer, batch_size=3)
+    half = EmbeddingSet(feats.features[:5], feats.index[:5], feats.targets[:5])
+    scores = score_sets(model, pre, {"all": feats, "half": half}, make_trainer=make_trainer, batch_size=3)
     return {"features": feats.features, "index": feats.index, "scores": scores}
 
 

@@ -8,7 +8,7 @@ import torch
 from ood_helpers import gaussian_features
 from sklearn.covariance import EmpiricalCovariance
 
-from lightning_methods.ood.features import EmbeddingDataModule, FeaturePreprocessor, FeatureSet, context_labels
+from lightning_methods.ood.features import EmbeddingDataModule, EmbeddingSet, FeaturePreprocessor, context_labels
 from lightning_methods.utils import atomic_torch_save
 
 
@@ -57,7 +57,7 @@ def test_feature_dimension_mismatch_is_named():
 
 def test_embedding_datamodule_from_files(tmp_path):
     train = gaussian_features(50, 4, seed=0, classes=3)
-    other = FeatureSet(torch.randn(7, 4), torch.arange(10, 17), torch.zeros(7, dtype=torch.long),
+    other = EmbeddingSet(torch.randn(7, 4), torch.arange(10, 17), torch.zeros(7, dtype=torch.long),
                        logits=torch.randn(7, 3))
     atomic_torch_save(train.to_dict(), tmp_path / "train.pt")
     atomic_torch_save(other.to_dict(), tmp_path / "ood.pt")

@@ -20,8 +20,8 @@ CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs" / "
                  if "encoders:" in p.read_text())  # pipeline configs (rdm_features.yaml is a fit config)
 DEMO = next(p for p in CONFIGS if p.name == "digits_demo.yaml")
 TINY = [
-    "--rdm.module", json.dumps({"width": 16, "bottleneck": 16, "num_blocks": 1, "time_embed_dim": 8,
-                                "warmup_steps": 2, "ode_rtol": 1e-3, "ode_atol": 1e-3}),
+    "--rdm.module", json.dumps({"net": {"width": 16, "bottleneck": 16, "num_blocks": 1, "time_embed_dim": 8},
+                                "training": {"warmup_steps": 2}, "likelihood": {"rtol": 1e-3, "atol": 1e-3}}),
     "--rdm.max_epochs", "2", "--rdm.batch_size", "128", "--rdm.ema_decay", "0.9", "--pca_dim", "16",
     "--encoders", json.dumps([{"name": "cnn", "backbone": "resnet8", "train": {"max_epochs": 1, "batch_size": 64}},
                               {"name": "rand_timm", "timm": "resnet10t", "pretrained": False, "input_size": 32,

@@ -4,6 +4,8 @@ ExponentialMovingAverage)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
@@ -13,6 +15,7 @@ from lightning_methods.callbacks import WarmupEMA
 from lightning_methods.ood.features import EmbeddingDataModule
 from lightning_methods.ood.metrics import auroc
 from lightning_methods.ood.rdm import RDMModule, dsm_loss
+from lightning_methods.ood.rdm_settings import ScoreNetSettings, TrainingSettings
 from lightning_methods.ood.score_net import ScoreMLP
 from lightning_methods.ood.sde import make_sde
 
@@ -95,7 +98,8 @@ def _dm(n=512, batch=128, **kwargs):
 
 def test_rdm_learns_and_scores_through_the_predict_loop(one_thread):
     torch.manual_seed(0)
-    model = RDMModule(dim=2, warmup_steps=10, lr=3e-3, **TINY_RDM)
+    model = RDMModule(dim=2, training=TrainingSettings(warmup_steps=10), net=ScoreNetSettings(**TINY_RDM),
+                      optimizer=partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0))
     trainer = quiet_trainer(max_epochs=25, gradient_clip_val=1.0, callbacks=[WarmupEMA(0.99)])
     dm = _dm()
     trainer.fit(model, datamodule=dm)
@@ -111,7 +115,7 @@ def test_rdm_learns_and_scores_through_the_predict_loop(one_thread):
 def test_rdm_resume_gives_the_same_weights(tmp_path, one_thread):
     def fit(epochs, run, ckpt=None):
         torch.manual_seed(0)
-        model = RDMModule(dim=2, warmup_steps=3, **TINY_RDM)
+        model = RDMModule(dim=2, training={"warmup_steps": 3}, net=TINY_RDM)
         trainer = quiet_trainer(max_epochs=epochs, gradient_clip_val=1.0, enable_checkpointing=True,
                                 default_root_dir=tmp_path / run, callbacks=[
                                     WarmupEMA(0.9), L.pytorch.callbacks.ModelCheckpoint(tmp_path / run, "last")])
@@ -127,8 +131,10 @@ def test_rdm_resume_gives_the_same_weights(tmp_path, one_thread):
 
 def test_rdm_options_and_bad_input():
     with pytest.raises(ValueError, match="schedule"):
-        RDMModule(dim=2, schedule="cosine")
-    model = RDMModule(dim=2, num_classes=3, **TINY_RDM)
+        RDMModule(dim=2, training={"schedule": "cosine"})
+    with pytest.raises(TypeError, match="argument 'sde' has no field.*'width'"):
+        RDMModule(dim=2, sde={"width": 3})
+    model = RDMModule(dim=2, num_classes=3, net=TINY_RDM)
     with pytest.raises(KeyError, match="context"):
         model.loss({"feature": torch.zeros(2, 2)})
     assert model.loss({"feature": torch.zeros(2, 2), "context": torch.tensor([1.0, 2.0])}).isfinite()

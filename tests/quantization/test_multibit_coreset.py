@@ -85,9 +85,56 @@ def test_bitwise_order_visits_each_subset_once_per_epoch():
     same = bitwise_epoch_order([torch.arange(12)] * 2, 12, 4, 0, 0)
     assert torch.equal(same.view(-1, 2, 4)[:, 0], same.view(-1, 2, 4)[:, 1])  # equal subsets -> equal batches
     assert not torch.equal(order, bitwise_epoch_order(subsets, n, 6, 0, 4))  # a new order every epoch
-    assert bitwise_epoch_order(subsets, n, 6, 0, 3, drop_last=True).numel() == 3 * 18
     with pytest.raises(ValueError, match="one size"):
         bitwise_epoch_order([torch.arange(3), torch.arange(4)], 5, 2, 0, 0)
+
+
+@pytest.mark.parametrize("size", [1, 5, 6, 7, 12, 13, 37])
+@pytest.mark.parametrize("batch_size", [1, 4, 6])
+def test_bitwise_order_reads_every_coreset_sample_once_in_ceil_steps(size, batch_size):
+    """ceil(m / B) steps per epoch, every sample of every subset exactly once (no drop_last on coreset epochs)."""
+    n = 40
+    subsets = [torch.randperm(n, generator=torch.Generator().manual_seed(b))[:size].sort().values for b in range(3)]
+    order = bitwise_epoch_order(subsets, n, batch_size=batch_size, seed=2, epoch=1)
+    assert order.numel() == 3 * size
+    steps, per_bit = -(-size // batch_size), [[] for _ in subsets]
+    start = 0
+    for t in range(steps):  # the layout the loader reads: 3 x B per step, the last step 3 x (m - (steps - 1) B)
+        chunk = min(batch_size, size - t * batch_size)
+        for b, part in enumerate(order[start : start + 3 * chunk].view(3, chunk)):
+            per_bit[b].append(part)
+        start += 3 * chunk
+    assert start == order.numel()
+    for b, subset in enumerate(subsets):
+        assert torch.equal(torch.cat(per_bit[b]).sort().values, subset)  # each index exactly once
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8, 9, 16, 17, 21])
+def test_bitwise_order_under_ddp_covers_every_sample_with_equal_step_counts(size):
+    """2 ranks, batch 4: both ranks have ceil(m / 8) steps with >= 1 sample per bit; the union is the subset, each
+    sample once, except that a last global batch of 1 sample is completed with one repeat."""
+    n, batch_size, world = 30, 4, 2
+    subsets = [torch.arange(size), torch.arange(n - size, n)]
+    ranks = [bitwise_epoch_order(subsets, n, batch_size, seed=3, epoch=0, rank=r, world_size=world)
+             for r in range(world)]
+    steps = -(-size // (batch_size * world))
+    per_rank_bits = []
+    for order in ranks:
+        per_bit, start = [[], []], 0
+        m = order.numel() // 2
+        for t in range(steps):
+            chunk = min(batch_size, m - t * batch_size)
+            assert chunk >= 1  # no empty per-bit batch on any rank, and no extra step
+            for b, part in enumerate(order[start : start + 2 * chunk].view(2, chunk)):
+                per_bit[b].append(part)
+            start += 2 * chunk
+        assert start == order.numel()
+        per_rank_bits.append([torch.cat(p) for p in per_bit])
+    repeats = 1 if size % (batch_size * world) == 1 else 0
+    for b, subset in enumerate(subsets):
+        both = torch.cat([per_rank_bits[r][b] for r in range(world)])
+        assert both.numel() == size + repeats
+        assert torch.equal(both.unique(), subset)
 
 
 def test_bitwise_order_shards_one_global_order_over_ranks():

@@ -24,6 +24,7 @@ from lightning_methods.parameters import param_groups_by_role
 
 GOLDEN = json.loads((Path(__file__).parent / "official_sam_golden.json").read_text())
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
+EPS64 = torch.finfo(torch.float64).eps
 
 
 class Net(nn.Module):
@@ -71,13 +72,23 @@ CASES = [
 ]
 
 
+def step_bound(key: str, steps: int, rho: float, eta: float = 0.0) -> float:
+    """Rounding bound for ``steps`` SAM-family steps in float64: each step rounds about 4 times at the scale of the
+    perturbed weights (ascent add, restore by subtraction as the official ASAM does, momentum, SGD update), and the
+    perturbed weights are at most max|w| + rho * max(1, max|w| + eta) (|e_i| <= rho for SAM, <= rho * T_i with
+    T_i = |w_i| + eta for ASAM). The bound is below 1e-13 here, far under the 4e-10 to 3e-8 the float32 perturbation
+    of the pre-fix code produced, so the comparison still tells the algorithms apart on any CPU or BLAS."""
+    w = max(abs(v) for values in GOLDEN[key].values() for v in values)
+    return steps * 4 * EPS64 * (w + rho * max(1.0, w + eta))
+
+
 @pytest.mark.parametrize(("key", "cls", "kwargs"), CASES, ids=[c[0] for c in CASES])
 def test_float64_steps_match_the_official_code(key, cls, kwargs):
     net = Net()
     opt = cls(param_groups_by_role(net), SGD, **kwargs)
     for _ in range(3):
         opt.step(closure_for(net, opt))
-    assert max_error(net, key) <= 2e-16  # the official ASAM restores by subtraction (one rounding)
+    assert max_error(net, key) <= step_bound(key, 3, kwargs["rho"], kwargs.get("eta", 0.0))
 
 
 def test_perturbation_keeps_float64_and_low_precision_math_in_float32():
@@ -124,5 +135,6 @@ def test_ssamd_weight_scores_after_the_ascent_match_the_official_masks():
         opt.step(closure_for(net, opt))
         got = torch.cat([opt.state[p]["mask"].reshape(-1) for p in net.parameters()]).int().tolist()
         assert got == GOLDEN[f"ssamd_mask_after_epoch{epoch}"]
-    assert max_error(net, "ssamd") <= 1e-16
-    assert [death_rate(e, 0.5, 10) for e in (3, 4)] == pytest.approx(GOLDEN["ssamd_rates"], abs=1e-16)
+    assert max_error(net, "ssamd") <= step_bound("ssamd", 2, rho=0.1)
+    # death rate: 4 float operations and one libm cosine (libms differ by up to 1 ulp) on values <= drop_rate = 0.5
+    assert [death_rate(e, 0.5, 10) for e in (3, 4)] == pytest.approx(GOLDEN["ssamd_rates"], rel=0, abs=5 * EPS64 * 0.5)

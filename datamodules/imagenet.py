@@ -1,0 +1,383 @@
+"""ImageNet-scale DataModules: ILSVRC2012 (and class subsets), HPN's ImageNet-200, noisy ImageNet and mini-WebVision.
+
+Data come from a folder tree in the usual layout (``<data_dir>/train/<wnid>/*.JPEG``, ``<data_dir>/val/<wnid>/*``:
+sort the flat validation folder once with ``lightning-methods prepare-data sort-val``) or, with ``streaming``, from a
+data set converted once by ``lightning-methods prepare-data convert`` into litdata's streaming format (a local folder
+or an ``s3://`` URL; each rank reads its own shard, every sample once per epoch, and a mid-epoch checkpoint resumes
+at the next unseen sample).
+
+Training: RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)) and a horizontal flip, drawn per sample from
+``(seed, epoch, index)``, then normalization with the ImageNet mean / std. Evaluation: resize the shorter side to
+``eval_resize`` (256), center crop ``image_size`` (224). With ``decode_on_device`` (default: when training on CUDA)
+workers only read bytes and the JPEG decoding, cropping and flipping run batched on the device
+(``torchvision.io.decode_jpeg(device="cuda")``), uint8 until normalization; otherwise they run in the workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_methods.datamodules.base import ImageDataModule, collate_dict
+from lightning_methods.datamodules.imagenet_files import (
+    list_class_folders,
+    read_class_list,
+    read_file_list,
+    scan_image_folder,
+)
+from lightning_methods.datamodules.jpeg_dataset import EpochTaggedSampler, JpegFileDataset
+from lightning_methods.datamodules.jpeg_pipeline import RATIO, SCALE, decode_batch
+from lightning_methods.datamodules.label_noise import NoiseType
+from lightning_methods.datamodules.noisy_base import NoisyLabelsMixin
+from lightning_methods.datamodules.transforms import device_augment, mix_batch, normalize
+from lightning_methods.utils.seeding import mix_seed
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HOST_KEYS = ("jpeg", "jpeg_offsets", "box", "flip")  # stay on the host: nvJPEG takes host bytes
+TrainTransform = Literal["random_resized_crop", "pad_crop"]
+
+
+class ImageNetDataModule(ImageDataModule):
+    """ILSVRC2012 (or a class subset of it) from class folders or a converted streaming data set.
+
+    Args:
+        data_dir: the folder with ``train/<wnid>/`` and ``val/<wnid>/`` (ignored with ``streaming``).
+        streaming: a folder or ``s3://`` URL written by ``lightning-methods prepare-data convert`` (with ``train/`` and
+            ``val/`` inside); needs the ``streaming`` extra (litdata).
+        image_size: training crop and evaluation center-crop side (224).
+        eval_resize: shorter side before the evaluation center crop (256).
+        decode_on_device: decode and augment on the training device (default: when it is a CUDA device).
+        num_classes: classes of the tree (checked against its class folders; ``class_subset`` / ``classes_file``
+            set it).
+        class_subset: the first ``k`` classes (sorted wnids) or a list of wnids, in label order.
+        classes_file: a file listing the wnids to use, one per line, in label order.
+        scale, ratio: RandomResizedCrop ranges.
+        train_transform: ``random_resized_crop`` (ImageNet) or ``pad_crop`` (the evaluation resize / crop, then a
+            pad-4 random crop and flip on the device, HPN's ImageNet-200 recipe at 64 px).
+        streaming_cache_dir: local cache of a remote streaming data set (default: litdata's).
+        batch_size: per-device training batch size.
+        num_workers: DataLoader workers (decode and augmentation run there unless ``decode_on_device``).
+        augment: ``standard`` (crop + flip), ``crop`` (no flip) or ``none`` (train on the evaluation crop).
+        **kwargs: the rest of :class:`ImageDataModule` (``eval_batch_size``, ``val_split``, ``cutmix_alpha``,
+            ``mixup_alpha``, ``seed``, ``pin_memory``), by keyword.
+    """
+
+    num_classes = 1000
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+    train_folder, eval_folder = "train", "val"
+
+    def __init__(
+        self,
+        data_dir: str = "data/imagenet",
+        streaming: str | None = None,
+        image_size: int = 224,
+        eval_resize: int = 256,
+        decode_on_device: bool | None = None,
+        num_classes: int = 1000,
+        class_subset: list[str] | int | None = None,
+        classes_file: str | None = None,
+        scale: tuple[float, float] = SCALE,
+        ratio: tuple[float, float] = RATIO,
+        train_transform: TrainTransform = "random_resized_crop",
+        streaming_cache_dir: str | None = None,
+        batch_size: int = 256,
+        num_workers: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
+        if self.augment not in ("standard", "crop", "none"):
+            raise ValueError(f"augment={self.augment!r} is a CIFAR policy; ImageNet DataModules take 'standard', "
+                             "'crop' or 'none'")
+        if self.gpu_resident:
+            raise ValueError("gpu_resident=True keeps a whole uint8 data set on the device, which ImageNet-scale data "
+                             "does not fit; use decode_on_device=True instead")
+        if train_transform not in ("random_resized_crop", "pad_crop"):
+            raise ValueError(f"train_transform must be 'random_resized_crop' or 'pad_crop', got {train_transform!r}")
+        if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
+        if class_subset is not None and classes_file is not None:
+            raise ValueError("give class_subset or classes_file, not both")
+        self.data_dir = Path(data_dir).expanduser()
+        self.streaming, self.streaming_cache_dir = streaming, streaming_cache_dir
+        self.image_size, self.eval_resize = image_size, eval_resize
+        self.decode_on_device = decode_on_device
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.train_transform = train_transform
+        self.class_subset, self.classes_file = class_subset, classes_file
+        self.classes: list[str] | None = None
+        if classes_file is not None:
+            self.classes = read_class_list(classes_file)
+        elif isinstance(class_subset, (list, tuple)):
+            self.classes = list(class_subset)
+        if self.classes is not None:
+            num_classes = len(self.classes)
+        elif isinstance(class_subset, int):
+            num_classes = class_subset
+        self.num_classes = num_classes
+        self.full_train_set: JpegFileDataset | None = None
+
+    # ------------------------------------------------------------------------------------------ data
+    def resolve_classes(self) -> list[str]:
+        """The ordered class ids of the tree (label ``c`` = position ``c``)."""
+        if self.classes is not None:
+            return self.classes
+        folders = list_class_folders(self.data_dir / self.train_folder)
+        if isinstance(self.class_subset, int):
+            if self.class_subset > len(folders):
+                raise ValueError(f"class_subset={self.class_subset} but {self.data_dir / self.train_folder} has "
+                                 f"{len(folders)} class folders")
+            return folders[: self.class_subset]
+        if len(folders) != self.num_classes:
+            raise ValueError(f"{self.data_dir / self.train_folder} has {len(folders)} class folders but "
+                             f"num_classes={self.num_classes}: set --data.num_classes {len(folders)}, or choose "
+                             "classes with class_subset / classes_file")
+        return folders
+
+    def train_files(self, classes: list[str]) -> tuple[list[str], list[int]]:
+        return scan_image_folder(self.data_dir / self.train_folder, classes)
+
+    def eval_files(self, classes: list[str]) -> tuple[list[str], list[int]]:
+        return scan_image_folder(self.data_dir / self.eval_folder, classes)
+
+    def _dataset(self, files: list[str], targets: Any, **kwargs: Any) -> JpegFileDataset:
+        return JpegFileDataset(files, torch.as_tensor(targets, dtype=torch.long), image_size=self.image_size,
+                               eval_resize=self.eval_resize, seed=self.seed, scale=self.scale, ratio=self.ratio,
+                               flip=self.augment == "standard", **kwargs)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.streaming:
+            from lightning_methods.datamodules.streaming import setup_streaming
+
+            setup_streaming(self)
+            return
+        classes = self.resolve_classes()
+        files, labels = self.train_files(classes)
+        clean = torch.tensor(labels, dtype=torch.long)
+        extras = self.train_targets(None, clean)  # type: ignore[arg-type]  (no pixels: file-backed)
+        target = extras.pop("target")
+        full = self._dataset(files, target, extras=extras)
+        train_pos, val_pos = self.holdout_split(len(files))
+        self.train_set = full.subset(train_pos)
+        eval_files, eval_labels = self.eval_files(classes)
+        self.test_set = self._dataset(eval_files, eval_labels)
+        self.val_set = full.subset(val_pos, "eval") if len(val_pos) else self.test_set
+
+    # ------------------------------------------------------------------------------------------ loaders
+    def device_decode(self) -> bool:
+        """Whether batches are decoded on the training device (``decode_on_device``, default: on CUDA)."""
+        if self.decode_on_device is not None:
+            return self.decode_on_device
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def train_mode(self) -> str:
+        random_crop = self.train_transform == "random_resized_crop" and self.augment != "none"
+        return ("train" if random_crop else "eval") + ("_bytes" if self.device_decode() else "")
+
+    def _file_loader(self, dataset: JpegFileDataset, train: bool) -> DataLoader:
+        mode = self.train_mode() if train else "eval_bytes" if self.device_decode() else "eval"
+        return DataLoader(
+            dataset.with_mode(mode),
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=EpochTaggedSampler(len(dataset), self.seed) if train else None,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_dict,
+        )
+
+    def _loader(self, dataset: Any, train: bool) -> Any:
+        if self.streaming:
+            from lightning_methods.datamodules.streaming import streaming_loader
+
+            return streaming_loader(self, dataset, train)
+        return self._file_loader(dataset, train)
+
+    def train_dataloader(self) -> Any:
+        self._require("train_set")
+        return self._loader(self.train_set, train=True)
+
+    # ------------------------------------------------------------------------------------------ device side
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "jpeg" in batch:
+            host = {k: batch.pop(k) for k in HOST_KEYS if k in batch}
+            batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+            batch.update(host)
+        else:
+            batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if "jpeg" in batch:
+            host = {k: batch.pop(k) for k in HOST_KEYS if k in batch}
+            batch["image"] = decode_batch(host, self.image_size, batch["target"].device, self.eval_resize)
+        image = batch["image"]
+        if image.dtype != torch.uint8:
+            return batch
+        training = self.trainer is not None and self.trainer.training
+        seed = mix_seed(self.seed, self.trainer.global_step, self.trainer.global_rank) if training else 0
+        if training and self.train_transform == "pad_crop" and self.augment != "none":
+            image = device_augment(image, self.augment, torch.Generator(device=image.device).manual_seed(seed))
+        batch["image"] = normalize(image, self.mean, self.std)
+        if training and (self.cutmix_alpha > 0 or self.mixup_alpha > 0):
+            batch["image"], batch["soft_target"] = mix_batch(batch["image"], batch["target"], self.num_classes,
+                                                             self.cutmix_alpha, self.mixup_alpha,
+                                                             np.random.default_rng(seed))
+        return batch
+
+
+class ImageNet200DataModule(ImageNetDataModule):
+    """ImageNet-200 of Hyperspherical Prototype Networks (Mettes et al., arXiv 1901.10514): 200 ImageNet classes
+    named by a class list file, trained as the official code does at 64 px (the evaluation resize / crop to 64, then
+    a pad-4 random crop and flip).
+
+    Args:
+        classes_file: the 200 wnids, one per line (Tiny-ImageNet's ``wnids.txt`` lists the usual 200).
+        **kwargs: see :class:`ImageNetDataModule`.
+    """
+
+    num_classes = 200
+
+    def __init__(self, classes_file: str | None = None, image_size: int = 64, eval_resize: int = 64,
+                 train_transform: TrainTransform = "pad_crop", **kwargs: Any) -> None:
+        if classes_file is None:
+            raise ValueError("ImageNet200DataModule needs classes_file: a text file with the 200 wnids of ImageNet-200 "
+                             "(one per line, e.g. Tiny-ImageNet's wnids.txt)")
+        super().__init__(classes_file=classes_file, image_size=image_size, eval_resize=eval_resize,
+                         train_transform=train_transform, **kwargs)
+
+
+class FileSubsetMixin:
+    """``set_train_subset`` for file-backed DataModules (sample-selection rounds): train on the given base
+    indices only."""
+
+    full_train_set: JpegFileDataset | None
+    train_set: JpegFileDataset | None
+    streaming: str | None
+
+    def _subset_dataset(self, full: JpegFileDataset, pos: torch.Tensor) -> JpegFileDataset:
+        return full.subset(pos)
+
+    def _check_subset_support(self) -> None:
+        if self.streaming:
+            raise ValueError("training on a subset of samples (train_subset, sample-selection rounds) needs the "
+                             "folder tree: unset data.streaming and give data.data_dir")
+
+
+class NoisyImageNetDataModule(FileSubsetMixin, NoisyLabelsMixin, ImageNetDataModule):
+    """ImageNet with synthetic label noise (Early Cutting's ImageNet-1k setting: 40% symmetric noise).
+
+    Noise is generated once over the training split with the package's seeded generator
+    (:func:`~lightning_methods.datamodules.make_noisy_labels`); batches carry ``"clean_target"`` (analysis only).
+
+    Args:
+        noise_type: ``none``, ``sym``, ``pairflip`` or ``asym`` (cyclic ``i -> i + 1``).
+        noise_rate: nominal flip probability.
+        noise_seed: seed of the noise (default: ``seed``).
+        include_noise: symmetric noise only: rescale the rate by ``1 - 1/C``.
+        label_file: where the generated labels are saved (reloaded and checked when it exists).
+        train_subset: train only on these base indices (a list, or a .npy / .pt / .json / text file).
+        val_split: fraction of the noisy training split held out as noisy validation data (0.1 as for CIFAR).
+        **kwargs: see :class:`ImageNetDataModule`.
+    """
+
+    def __init__(self, noise_type: NoiseType = "sym", noise_rate: float = 0.4, noise_seed: int | None = None,
+                 include_noise: bool = False, label_file: str | None = None,
+                 train_subset: list[int] | str | None = None, val_split: float = 0.1, **kwargs: Any) -> None:
+        if noise_type in ("instance", "cifarn"):
+            raise ValueError(f"noise_type={noise_type!r} is not available for ImageNet: instance noise needs every "
+                             "training image in memory, cifarn is CIFAR's; use sym, pairflip or asym")
+        ImageNetDataModule.__init__(self, val_split=val_split, **kwargs)
+        self._init_noise(noise_type, noise_rate, noise_seed, include_noise, None, None, None, label_file, train_subset)
+        if train_subset is not None:
+            self._check_subset_support()
+        if self.streaming:
+            raise ValueError("NoisyImageNetDataModule reads the folder tree (the noise is generated over all training "
+                             "labels); unset data.streaming")
+
+
+class WebVisionDataModule(FileSubsetMixin, ImageNetDataModule):
+    """Mini-WebVision (WebVision 1.0, Li et al., arXiv 1708.02862): the Google images of the first 50 classes with
+    their own (noisy) web labels, as used by Early Cutting and the label-noise literature; tested on the WebVision
+    validation images of those classes or (``eval_on="ilsvrc12"``) on the ILSVRC2012 validation images of the same
+    50 classes.
+
+    Args:
+        data_dir: the WebVision root (``info/``, ``google/``, ``val_images_256/``).
+        num_classes: the first classes kept (50).
+        eval_on: ``webvision`` (its validation list) or ``ilsvrc12`` (``imagenet_dir/val/<wnid>/``).
+        imagenet_dir: the ILSVRC2012 folder (sorted validation folders) for ``eval_on="ilsvrc12"``.
+        synsets_file: the wnids of WebVision's labels in order (default: ``info/synsets.txt``; else the sorted class
+            folders of ``imagenet_dir/val``).
+        train_subset: train only on these base indices (sample-selection rounds).
+        **kwargs: see :class:`ImageNetDataModule`.
+    """
+
+    num_classes = 50
+
+    def __init__(self, data_dir: str = "data/webvision", num_classes: int = 50,
+                 eval_on: Literal["webvision", "ilsvrc12"] = "webvision", imagenet_dir: str | None = None,
+                 synsets_file: str | None = None, train_subset: list[int] | str | None = None,
+                 **kwargs: Any) -> None:
+        if eval_on not in ("webvision", "ilsvrc12"):
+            raise ValueError(f"eval_on must be 'webvision' or 'ilsvrc12', got {eval_on!r}")
+        if eval_on == "ilsvrc12" and imagenet_dir is None:
+            raise ValueError("eval_on='ilsvrc12' needs imagenet_dir: the ILSVRC2012 folder with val/<wnid>/ (sort "
+                             "the flat folder with `lightning-methods prepare-data sort-val`)")
+        super().__init__(data_dir=data_dir, num_classes=num_classes, **kwargs)
+        self.eval_on, self.synsets_file = eval_on, synsets_file
+        self.imagenet_dir = Path(imagenet_dir).expanduser() if imagenet_dir else None
+        self.train_subset = train_subset
+        if train_subset is not None:
+            self._check_subset_support()
+
+    def resolve_classes(self) -> list[str]:
+        return [str(c) for c in range(self.num_classes)]
+
+    def train_files(self, classes: list[str]) -> tuple[list[str], list[int]]:
+        return read_file_list(self.data_dir, self.data_dir / "info" / "train_filelist_google.txt", "",
+                              self.num_classes)
+
+    def eval_files(self, classes: list[str]) -> tuple[list[str], list[int]]:
+        if self.eval_on == "webvision":
+            return read_file_list(self.data_dir, self.data_dir / "info" / "val_filelist.txt", "val_images_256",
+                                  self.num_classes)
+        assert self.imagenet_dir is not None
+        synsets = Path(self.synsets_file) if self.synsets_file else self.data_dir / "info" / "synsets.txt"
+        wnids = read_class_list(synsets) if synsets.is_file() else list_class_folders(self.imagenet_dir / "val")
+        return scan_image_folder(self.imagenet_dir / "val", wnids[: self.num_classes])
+
+    def setup(self, stage: str | None = None) -> None:
+        first = self.train_set is None
+        super().setup(stage)
+        if first and not self.streaming:
+            self.full_train_set = self.train_set
+            if self.train_subset is not None:
+                self.set_train_subset(self.train_subset)
+
+    def set_train_subset(self, indices: Any) -> None:
+        """Train on the samples with these base indices only (``None``: all)."""
+        from lightning_methods.datamodules.noisy_base import load_index_file
+
+        self.train_subset = indices
+        if self.full_train_set is None:
+            return
+        full = self.full_train_set
+        if indices is None:
+            self.train_set = full
+            return
+        idx = load_index_file(indices) if isinstance(indices, (str, Path)) else torch.as_tensor(indices).long()
+        idx = torch.unique(idx.reshape(-1))
+        keep = torch.isin(full.indices, idx)
+        if int(keep.sum()) != len(idx):
+            raise ValueError(f"{len(idx) - int(keep.sum())} train_subset indices are not in the training split")
+        self.train_set = full.subset(keep.nonzero().flatten())

@@ -1,0 +1,218 @@
+"""The JPEG input pipeline of the ImageNet-scale DataModules: crop parameters, decoding, resizing, batching.
+
+Augmentation parameters are functions of seeds, never of the global RNG: the RandomResizedCrop box and the flip of a
+training sample are drawn from ``(seed, epoch, base index)`` (:func:`sample_crop_boxes`), from the image size read out
+of the JPEG header. So a sample gets the same crop whatever the batch, the worker, the rank, the path (decode in
+workers or on the device) or a resume from a checkpoint.
+
+Two paths produce the same training batches:
+
+- in workers (``decode_on_device=False``): each worker decodes, crops, resizes and flips its samples to uint8
+  ``(3, S, S)`` and the batch is normalized on the device;
+- on the device (``decode_on_device=True``, the default on CUDA): workers only read the file bytes and draw the crop
+  box and the flip; the batch carries the concatenated bytes (``"jpeg"``, kept on the host) with ``"jpeg_offsets"``,
+  ``"box"`` and ``"flip"``, and :func:`decode_batch` decodes it with ``torchvision.io.decode_jpeg(device=...)``
+  (nvJPEG on CUDA), crops and resizes each image in uint8 and flips it there.
+
+Evaluation uses the standard resize of the shorter side to ``eval_resize`` (256) and a center crop of ``image_size``
+(224).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+from lightning_methods.utils.seeding import seeded_generator
+
+SCALE = (0.08, 1.0)
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+ATTEMPTS = 10
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be read (not a JPEG/PNG, truncated, corrupt)."""
+
+
+# ---------------------------------------------------------------------------------------------------- JPEG header
+def jpeg_header(data: bytes | memoryview, name: str = "<bytes>") -> tuple[int, int, int]:
+    """``(height, width, components)`` from the start-of-frame marker of a JPEG stream, without decoding it.
+
+    Raises:
+        BadImageError: not a JPEG stream, or no frame header before the end of the data.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        raise BadImageError(f"{name}: not a JPEG file (no FFD8 start-of-image marker)")
+    pos = 2
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            raise BadImageError(f"{name}: corrupt JPEG (expected a marker at byte {pos})")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker in _SOF:
+            if pos + 9 >= n:
+                break
+            h = (data[pos + 5] << 8) | data[pos + 6]
+            w = (data[pos + 7] << 8) | data[pos + 8]
+            if h == 0 or w == 0:
+                raise BadImageError(f"{name}: corrupt JPEG (frame size {w}x{h})")
+            return h, w, data[pos + 9]
+        if marker == 0xDA:  # start of scan before any frame header
+            break
+        pos += 2 + length
+    raise BadImageError(f"{name}: corrupt or truncated JPEG (no frame header found)")
+
+
+def to_rgb_jpeg(data: bytes, name: str = "<bytes>", quality: int = 95) -> bytes:
+    """Re-encode an image that nvJPEG / the header reader cannot take (PNG saved as .JPEG, CMYK or grayscale JPEG)
+    as a 3-channel JPEG. ImageNet's training set has a few such files."""
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+            out = io.BytesIO()
+            img.save(out, format="JPEG", quality=quality)
+    except Exception as err:  # PIL raises many types for broken files
+        raise BadImageError(f"{name}: cannot read the image ({type(err).__name__}: {err})") from err
+    return out.getvalue()
+
+
+def rgb_jpeg_bytes(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
+    """``(bytes, height, width)`` of a 3-component baseline/progressive JPEG: ``data`` itself when it is one,
+    otherwise the image re-encoded by :func:`to_rgb_jpeg`."""
+    try:
+        h, w, comps = jpeg_header(data, name)
+        if comps == 3:
+            return data, h, w
+    except BadImageError:
+        if data[:2] == b"\xff\xd8":  # a JPEG with a broken header: report it as such
+            raise
+    data = to_rgb_jpeg(data, name)
+    h, w, _ = jpeg_header(data, name)
+    return data, h, w
+
+
+def decode_rgb(data: bytes | torch.Tensor, name: str = "<bytes>") -> torch.Tensor:
+    """Decode JPEG/PNG bytes to uint8 ``(3, H, W)`` on the CPU (grayscale and CMYK converted to RGB)."""
+    t = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        return decode_image(t, mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        raise BadImageError(f"{name}: cannot decode the image ({err})") from err
+
+
+# ---------------------------------------------------------------------------------------------------- crop boxes
+def sample_crop_boxes(sizes: torch.Tensor, generator: torch.Generator | None = None,
+                      scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO,
+                      attempts: int = ATTEMPTS) -> torch.Tensor:
+    """RandomResizedCrop boxes ``(top, left, height, width)`` for images of ``sizes`` ``(N, 2)`` = ``(H, W)``.
+
+    The rule of Szegedy et al. (Inception, arXiv 1409.4842) as torchvision implements it: up to ``attempts`` draws of
+    an area fraction ``U(scale)`` and a log-uniform aspect ratio ``w / h`` in ``ratio``; the first box that fits
+    (``1 <= w <= W``, ``1 <= h <= H``, sides rounded) is placed uniformly; if none fits, the center crop of the whole
+    image clamped to the ratio range. A fixed count of random numbers is drawn per image (vectorised)."""
+    sizes = sizes.to(torch.float64).reshape(-1, 2)
+    n = len(sizes)
+    H, W = sizes[:, 0:1], sizes[:, 1:2]
+    u = torch.rand(n, attempts, 4, generator=generator, dtype=torch.float64)
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
+    r = torch.exp(log_r)
+    w = torch.round(torch.sqrt(area * r))
+    h = torch.round(torch.sqrt(area / r))
+    ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
+    first = ok.to(torch.int8).argmax(1, keepdim=True)
+    found = ok.any(1)
+    h_sel, w_sel = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    top = torch.floor(u[..., 2].gather(1, first)[:, 0] * (H[:, 0] - h_sel + 1))
+    left = torch.floor(u[..., 3].gather(1, first)[:, 0] * (W[:, 0] - w_sel + 1))
+    # fallback: the whole image, clamped to the ratio range, centered
+    in_ratio = W[:, 0] / H[:, 0]
+    fw = torch.where(in_ratio > ratio[1], torch.round(H[:, 0] * ratio[1]), W[:, 0])
+    fh = torch.where(in_ratio < ratio[0], torch.round(W[:, 0] / ratio[0]), H[:, 0])
+    fh, fw = torch.minimum(fh, H[:, 0]), torch.minimum(fw, W[:, 0])
+    ftop, fleft = torch.floor((H[:, 0] - fh) / 2), torch.floor((W[:, 0] - fw) / 2)
+    box = torch.stack([torch.where(found, top, ftop), torch.where(found, left, fleft),
+                       torch.where(found, h_sel, fh), torch.where(found, w_sel, fw)], 1)
+    return box.to(torch.int64)
+
+
+def sample_augmentation(seed: int, epoch: int, index: int, height: int, width: int, flip: bool = True,
+                        scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO) -> tuple[list[int], bool]:
+    """The crop box and the flip of one training sample, drawn from ``(seed, epoch, index)`` only."""
+    gen = seeded_generator(seed, epoch, index)
+    box = sample_crop_boxes(torch.tensor([[height, width]]), gen, scale, ratio)[0].tolist()
+    flipped = bool(torch.rand(1, generator=gen)[0] < 0.5) if flip else False
+    return box, flipped
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+def crop_resize(image: torch.Tensor, box: Sequence[int], size: int) -> torch.Tensor:
+    """Cut ``box`` = ``(top, left, h, w)`` out of a uint8 ``(3, H, W)`` image and resize it to ``size x size``
+    (bilinear, antialiased), staying uint8."""
+    top, left, h, w = (int(v) for v in box)
+    return TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+
+
+def eval_resize_crop(image: torch.Tensor, resize: int, size: int) -> torch.Tensor:
+    """The evaluation transform: resize the shorter side to ``resize`` (antialiased), center crop ``size``; uint8."""
+    image = TF.resize(image, [resize], antialias=True)
+    return TF.center_crop(image, [size, size])
+
+
+def train_image(data: bytes, seed: int, epoch: int, index: int, size: int, flip: bool = True,
+                scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO, name: str = "<bytes>"
+                ) -> torch.Tensor:
+    """One training sample decoded in a worker: RandomResizedCrop to ``size`` and flip, uint8 ``(3, size, size)``."""
+    data, h, w = rgb_jpeg_bytes(data, name)
+    box, flipped = sample_augmentation(seed, epoch, index, h, w, flip, scale, ratio)
+    image = crop_resize(decode_rgb(data, name), box, size)
+    return image.flip(-1) if flipped else image
+
+
+def pack_jpegs(items: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate encoded images into one uint8 tensor plus ``N + 1`` offsets (one shared-memory block per batch
+    instead of one per image)."""
+    offsets = torch.zeros(len(items) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([len(b) for b in items], dtype=torch.int64), 0)
+    flat = torch.frombuffer(bytearray(b"".join(items)), dtype=torch.uint8) if offsets[-1] > 0 else \
+        torch.empty(0, dtype=torch.uint8)
+    return flat, offsets
+
+
+def unpack_jpegs(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """The per-image byte tensors of :func:`pack_jpegs` (views, on the CPU)."""
+    bounds = offsets.tolist()
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def decode_batch(batch: dict[str, Any], size: int, device: torch.device | str,
+                 eval_resize: int | None = None) -> torch.Tensor:
+    """Decode a batch of packed JPEG bytes on ``device`` and crop it: training batches (with ``"box"`` /
+    ``"flip"``) get their RandomResizedCrop + flip, evaluation batches the resize / center crop. uint8 ``(N, 3, size,
+    size)`` on ``device``."""
+    data = unpack_jpegs(batch["jpeg"], batch["jpeg_offsets"])
+    if not data:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
+    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    if "box" in batch:
+        boxes = batch["box"].tolist() if isinstance(batch["box"], torch.Tensor) else batch["box"]
+        out = torch.stack([crop_resize(img, box, size) for img, box in zip(images, boxes)])
+        flip = batch["flip"].to(out.device).view(-1, 1, 1, 1)
+        return torch.where(flip, out.flip(-1), out)
+    return torch.stack([eval_resize_crop(img, eval_resize or size, size) for img in images])

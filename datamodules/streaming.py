@@ -1,0 +1,115 @@
+"""Streaming ImageNet-scale data: litdata's ``StreamingDataset`` / ``StreamingDataLoader`` over a data set written by
+``lightning-methods prepare-data convert`` (``<root>/train`` and ``<root>/val``, each a litdata-optimized folder whose
+samples are ``{"jpeg": undecoded bytes, "label": int, "index": int}``).
+
+- Each rank reads its own part of the chunks and every sample at most once per epoch (litdata's distributed
+  sharding; with more than one process the last incomplete part is dropped so all ranks step alike).
+- The training loader is a ``StreamingDataLoader``: Lightning stores its ``state_dict`` in every checkpoint (the
+  fit loop keeps the state of stateful loaders) and a run resumed from a mid-epoch checkpoint continues with the next
+  unseen sample.
+- Items go through the same decode / augmentation code as the folder path (``jpeg_dataset.encode_sample``), with
+  the crop of a sample drawn from ``(seed, epoch, index)``.
+
+litdata is an optional dependency: ``pip install 'lightning-methods[streaming]'``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning_methods.datamodules.jpeg_dataset import collate_samples, encode_sample
+
+EXTRA = "pip install 'lightning-methods[streaming]'  (litdata)"
+
+
+def require_litdata() -> Any:
+    """Import litdata or stop with the extra to install."""
+    try:
+        import litdata
+    except ImportError as err:
+        raise ImportError(f"streaming data needs the litdata package: {EXTRA}") from err
+    return litdata
+
+
+def split_url(root: str, split: str) -> str:
+    """``<root>/<split>`` for local folders and ``s3://`` / ``gs://`` URLs alike."""
+    return root.rstrip("/") + "/" + split
+
+
+def read_meta(root: str) -> dict[str, Any] | None:
+    """``lightning_methods.json`` written by ``prepare-data convert`` next to ``train/`` (local data sets only)."""
+    if "://" in root:
+        return None
+    path = Path(root).expanduser() / "lightning_methods.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def make_streaming_dataset(url: str, mode: str, shuffle: bool, dm: Any, **kwargs: Any) -> Any:
+    """A :class:`StreamingJpegDataset` over ``url`` (see :func:`streaming_dataset_class`)."""
+    cls = streaming_dataset_class()
+    return cls(url, mode=mode, image_size=dm.image_size, eval_resize=dm.eval_resize, aug_seed=dm.seed,
+               scale=dm.scale, ratio=dm.ratio, flip=dm.augment == "standard", shuffle=shuffle, seed=dm.seed,
+               cache_dir=dm.streaming_cache_dir, **kwargs)
+
+
+_CLASS: Any = None
+
+
+def streaming_dataset_class() -> Any:
+    """``StreamingJpegDataset``: litdata's ``StreamingDataset`` whose items are encoded like the folder path's (built
+    on first use so that litdata stays an optional import)."""
+    global _CLASS
+    if _CLASS is not None:
+        return _CLASS
+    litdata = require_litdata()
+
+    class StreamingJpegDataset(litdata.StreamingDataset):
+        """Streaming samples decoded / augmented (or shipped as bytes) per ``mode``, keyed ``(seed, epoch, index)``.
+        ``mode`` can be changed with :meth:`set_mode` before a loader iterates."""
+
+        def __init__(self, input_dir: str, mode: str = "eval", image_size: int = 224, eval_resize: int = 256,
+                     aug_seed: int = 0, scale: tuple = (0.08, 1.0), ratio: tuple = (0.75, 4 / 3), flip: bool = True,
+                     **kwargs: Any) -> None:
+            super().__init__(input_dir, **kwargs)
+            self.mode, self.image_size, self.eval_resize, self.aug_seed = mode, image_size, eval_resize, aug_seed
+            self.aug_scale, self.aug_ratio, self.aug_flip = tuple(scale), tuple(ratio), flip
+
+        def set_mode(self, mode: str) -> None:
+            self.mode = mode
+
+        def __getitem__(self, index: Any) -> dict[str, Any]:
+            item = super().__getitem__(index)
+            return encode_sample(item["jpeg"], int(item["label"]), int(item["index"]), self.mode, self.aug_seed,
+                                 int(self.current_epoch), self.image_size, self.eval_resize, self.aug_flip,
+                                 self.aug_scale, self.aug_ratio, name=f"{self.input_dir.url or self.input_dir.path}"
+                                 f"[{item['index']}]")
+
+    _CLASS = StreamingJpegDataset
+    return _CLASS
+
+
+def setup_streaming(dm: Any) -> None:
+    """Build ``train_set`` / ``val_set`` / ``test_set`` of an ImageNet DataModule from ``dm.streaming``."""
+    require_litdata()
+    meta = read_meta(dm.streaming)
+    if meta is not None and int(meta.get("num_classes", dm.num_classes)) != dm.num_classes:
+        raise ValueError(f"{dm.streaming} holds {meta['num_classes']} classes (lightning_methods.json) but "
+                         f"num_classes={dm.num_classes}; set --data.num_classes {meta['num_classes']}")
+    if dm.val_split > 0:
+        raise ValueError("val_split > 0 holds out part of the training folder; with streaming data validate on the "
+                         "converted val/ split (val_split=0)")
+    dm.train_set = make_streaming_dataset(split_url(dm.streaming, "train"), "train", True, dm)
+    dm.test_set = make_streaming_dataset(split_url(dm.streaming, "val"), "eval", False, dm)
+    dm.val_set = dm.test_set
+
+
+def streaming_loader(dm: Any, dataset: Any, train: bool) -> Any:
+    """A ``StreamingDataLoader`` over ``dataset`` in the DataModule's train / eval mode."""
+    from litdata import StreamingDataLoader
+
+    dataset.set_mode(dm.train_mode() if train else "eval_bytes" if dm.device_decode() else "eval")
+    return StreamingDataLoader(dataset, batch_size=dm.batch_size if train else dm.eval_batch_size,
+                               num_workers=dm.num_workers, pin_memory=dm.pin_memory, collate_fn=collate_samples,
+                               drop_last=train)

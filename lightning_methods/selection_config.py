@@ -1,5 +1,0 @@
-"""Deprecated location: moved to :mod:`lightning_methods.noisy_labels.config` (removed in the next release)."""
-
-from lightning_methods.utils.deprecation import moved_module
-
-moved_module(__name__, "lightning_methods.noisy_labels.config")

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The digits demos over seeds: every number the README and docs/methods/*.md give for a digits demo comes from this
+# script (lightning-methods grid / select, then lightning-methods table), not typed by hand.
+#
+#   scripts/demos/run_demos.sh                      # every demo, seeds 0 1 2, one thread each
+#   scripts/demos/run_demos.sh quickstart multibit  # some of them
+#   SEEDS="0 1 2 3 4" OMP_NUM_THREADS=2 DEMO_DIR=runs/demos_2t scripts/demos/run_demos.sh hpn
+#
+# Demos: quickstart, multibit (EMQ vs Any-Precision), hpn (task-weight sweep), early_cutting (select vs plain CE),
+# tunnel (MLP + TunnelProbe), threads (seed 0 of each demo again with 2 threads, into $DEMO_DIR/threads2/).
+# Output per demo: $DEMO_DIR/<demo>/table.md + table.csv (mean +- std over seeds, from `lightning-methods table`),
+# the runs (each with results.json: versions, device incl. CPU model and thread count, wall time), and one line per
+# demo in $DEMO_DIR/times.tsv: wall and CPU seconds of the whole demo and the 1-minute load average before and after.
+# Runs that finished are skipped when the script is run again (grid and select resume).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${DEMO_DIR:-runs/demos}
+SEEDS=${SEEDS:-"0 1 2"}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export WANDB_MODE=offline WANDB_SILENT=true
+mkdir -p "$OUT"
+[ -f "$OUT/times.tsv" ] || printf 'demo\tthreads\twall_s\tcpu_s\tload1_before\tload1_after\tcpu\n' > "$OUT/times.tsv"
+
+load1() { cut -d' ' -f1 /proc/loadavg; }
+cpu_name() { grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'; }
+
+# timed NAME CMD...: run CMD, append its wall / CPU time (children included) and the load average to times.tsv
+timed() {
+  local name=$1; shift
+  local before; before=$(load1)
+  local tfile; tfile=$(mktemp)
+  /usr/bin/time -f '%e %U %S' -o "$tfile" "$@"
+  read -r wall user sys < "$tfile"; rm -f "$tfile"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$OMP_NUM_THREADS" "$wall" \
+    "$(python -c "print(round($user + $sys, 1))")" "$before" "$(load1)" "$(cpu_name)" >> "$OUT/times.tsv"
+}
+
+table() {  # table DIR RUNS... -- METRICS...
+  local dir=$1; shift
+  local runs=(); while [ "$1" != "--" ]; do runs+=("$1"); shift; done; shift
+  lightning-methods table "${runs[@]}" --output "$dir" --metrics "$@" --no_plot
+}
+
+demo_quickstart() {
+  timed quickstart lightning-methods grid --config configs/quickstart.yaml --seeds $SEEDS --grid_dir "$OUT/quickstart"
+  table "$OUT/quickstart" "$OUT/quickstart" -- test/acc best/val/acc
+}
+
+demo_multibit() {
+  timed multibit lightning-methods grid --config configs/multibit/digits_emq.yaml \
+    configs/multibit/digits_anyprecision.yaml --seeds $SEEDS --grid_dir "$OUT/multibit"
+  table "$OUT/multibit" "$OUT/multibit" -- test/acc_bit1 test/acc_bit2 test/acc_bit3 test/acc_bit4 test/acc_bit8 \
+    test/acc_bit32
+  python scripts/demos/multibit_cost.py "$OUT/multibit" | tee "$OUT/multibit/cost.md"
+}
+
+demo_hpn() {
+  timed hpn lightning-methods grid --config configs/hpn/digits_multitask.yaml \
+    --set model.init_args.task_weight=0.01,0.1,0.25,0.5,0.9 --seeds $SEEDS --grid_dir "$OUT/hpn"
+  table "$OUT/hpn" "$OUT/hpn" -- test/acc test/mae
+}
+
+demo_early_cutting() {
+  local s
+  for s in $SEEDS; do
+    timed "early_cutting_select_seed$s" lightning-methods select --config configs/early_cutting/digits_sym40.yaml \
+      --seed_everything "$s" --data.init_args.seed "$s" --run_dir "$OUT/early_cutting/select/seed$s" \
+      --trainer.logger.init_args.save_dir "$OUT/early_cutting/wandb"
+  done
+  timed early_cutting_ce lightning-methods grid --config configs/early_cutting/digits_sym40_ce.yaml --seeds $SEEDS \
+    --grid_dir "$OUT/early_cutting/ce"
+  table "$OUT/early_cutting" "$OUT/early_cutting/select" "$OUT/early_cutting/ce" -- test_acc_last test/acc \
+    test_acc_at_best_val tracked_test/acc_at_best_val
+}
+
+demo_tunnel() {
+  timed tunnel lightning-methods grid --config configs/tunnel/digits_mlp.yaml --seeds $SEEDS --grid_dir "$OUT/tunnel"
+  python scripts/demos/tunnel_summary.py "$OUT/tunnel" | tee "$OUT/tunnel/summary.md"
+}
+
+demo_threads() {  # seed 0 of each demo with 2 threads: how much the digits move with the thread count alone
+  local t2="$OUT/threads2"
+  OMP_NUM_THREADS=2 SEEDS=0 DEMO_DIR="$t2" "$0" quickstart multibit hpn early_cutting tunnel
+}
+
+demos=("$@")
+[ ${#demos[@]} -gt 0 ] || demos=(quickstart multibit hpn early_cutting tunnel)
+for d in "${demos[@]}"; do
+  echo "=== demo $d (OMP_NUM_THREADS=$OMP_NUM_THREADS, seeds $SEEDS, load $(load1)) ==="
+  "demo_$d"
+done
