@@ -15,8 +15,9 @@ from functools import partial
 
 import torch
 
-from lightning_methods import DistillationClassifier, create_backbone
+from lightning_methods import create_backbone
 from lightning_methods.callbacks import SSAMMaskCallback
+from lightning_methods.distillation import distiller_class
 from lightning_methods.optim import ASAMON, KOALAM, KOALAV, SAM, SAMON, SSAM, DeepKD, KOALAPlusPlus
 
 from harness import Settings, classifier, data, time_trainer
@@ -56,10 +57,10 @@ def distillation_cases(s: Settings) -> list[Case]:
 
     def kd(method: str, deepkd: bool = False, streams: str = "batched") -> Callable[[], float]:
         def run() -> float:
-            model = DistillationClassifier(
-                backbone=student, teacher=create_backbone(teacher, 100), method=method, deepkd=deepkd,
-                optimizer=partial(DeepKD, lr=0.05) if deepkd else opt, log_teacher_accuracy=False,
-                deepkd_streams=streams)
+            streams_arg = {"deepkd_streams": streams} if deepkd else {}
+            model = distiller_class(method, deepkd)(
+                backbone=student, teacher=create_backbone(teacher, 100),
+                optimizer=partial(DeepKD, lr=0.05) if deepkd else opt, log_teacher_accuracy=False, **streams_arg)
             return time_trainer(s, model, data(s, gpu_resident=True))
         return run
 

@@ -175,6 +175,7 @@ class AttentionLocality(Callback):
                res: dict, summary: dict[str, float], epoch: int) -> None:
         from lightning_methods.analysis import attention_plots as plots
         from lightning_methods.analysis.attention import mad_scale
+        from lightning_methods.vit_locality.report import strict_json
 
         root = self.run_dir(trainer)
         out = root / f"epoch_{epoch:03d}"
@@ -187,7 +188,7 @@ class AttentionLocality(Callback):
                     "seed": self.seed, "split": self.split, "include_cls": self.include_cls,
                     "renormalize": self.renormalize, "grid": list(res["grid"]), "patch_size": list(res["patch_size"]),
                     "num_prefix_tokens": res["num_prefix_tokens"]}
-        atomic_write_json(out / "summary.json", {"settings": settings, "values": summary})
+        atomic_write_json(out / "summary.json", strict_json({"settings": settings, "values": summary}))
         grid = res["grid"]
         norm = self.heatmap_norm if grid[0] == grid[1] else "patch"
         scaled = mad_mean / mad_scale(norm, grid)

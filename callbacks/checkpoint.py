@@ -14,8 +14,12 @@ weights never written or loaded).
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_methods.checkpoint_io import install_safe_io
 
@@ -38,9 +42,18 @@ class LatestCheckpoint(ModelCheckpoint):
         self.safe_io = safe_io
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():  # said in on_fit_start, where a resume is known (it is not empty, of course)
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
         if self.safe_io:
             install_safe_io(trainer)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        directory = Path(self.dirpath) if self.dirpath and "://" not in str(self.dirpath) else None
+        if trainer.is_global_zero and not trainer.ckpt_path and self.save_top_k != 0 and directory is not None \
+                and directory.is_dir() and any(directory.iterdir()):
+            rank_zero_warn(f"Checkpoint directory {directory} exists and is not empty.")
 
     def _save_latest(self, trainer: Trainer) -> None:
         if not self.save_last or self._should_skip_saving_checkpoint(trainer):

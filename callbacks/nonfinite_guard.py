@@ -17,7 +17,15 @@ and NaN losses for the whole run, and overwrite its checkpoints with NaN weights
   optimizer's learning rate and other unstable settings, fp16 overflow) and the last good checkpoint, which is left
   intact (``lightning_methods.checkpoint_io.SafeCheckpointIO`` would refuse to overwrite it with NaN weights too).
 
-The CLI adds it to every run (``--nonfinite_guard.*``; ``--nonfinite_guard.enabled false`` turns it off).
+Optionally (``divergence_factor``, off by default) it also stops a run whose loss stays finite but has diverged (KOALA++
+with lr 1000 reaches a loss of 1e7 and 10% accuracy without a NaN): the training loss is smoothed on the device (an
+exponential moving average over about 10 steps), and the run stops when the smoothed loss exceeds ``divergence_factor``
+times its running minimum (taken after ``divergence_warmup_steps`` steps; the minimum is floored at
+``divergence_floor`` so that a loss near zero does not make every small rise a divergence). Same device-side flag,
+same lag, same report, with :class:`DivergedTrainingError`.
+
+The CLI adds it to every run (``--nonfinite_guard.*``; ``--nonfinite_guard.enabled false`` turns it off;
+``--nonfinite_guard.divergence_factor 100`` stops a loss that grew a hundredfold).
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ class NonFiniteTrainingError(RuntimeError):
     """The training loss or a parameter became NaN or inf."""
 
 
+class DivergedTrainingError(NonFiniteTrainingError):
+    """The smoothed training loss grew past ``divergence_factor`` times its running minimum (NonFiniteGuard option)."""
+
+
 class NonFiniteGuard(Callback):
     """Stop training when the training loss or a parameter becomes NaN/inf (see the module docstring).
 
@@ -47,14 +59,30 @@ class NonFiniteGuard(Callback):
             most this many steps late). On the CPU the flag is read after every step.
         param_check_every_n_steps: also check every parameter every this many steps (0: only before checkpoints and
             at the end of training; a non-finite parameter usually makes the next loss non-finite anyway).
+        divergence_factor: stop when the smoothed training loss exceeds this many times its running minimum (e.g.
+            ``100``: two orders of magnitude); ``None`` (default) turns the check off.
+        divergence_warmup_steps: steps before the running minimum is taken (the first losses are noisy).
+        divergence_floor: the running minimum is at least this (a loss near zero would make any rise look huge).
+        divergence_smoothing: weight of the past in the moving average of the loss (0.9: about 10 steps).
     """
 
-    def __init__(self, enabled: bool = True, lag_steps: int = 2, param_check_every_n_steps: int = 10) -> None:
+    def __init__(self, enabled: bool = True, lag_steps: int = 2, param_check_every_n_steps: int = 10,
+                 divergence_factor: float | None = None, divergence_warmup_steps: int = 10,
+                 divergence_floor: float = 1e-2, divergence_smoothing: float = 0.9) -> None:
         if lag_steps < 1:
             raise ValueError(f"lag_steps must be >= 1, got {lag_steps}")
         if param_check_every_n_steps < 0:
             raise ValueError(f"param_check_every_n_steps must be >= 0, got {param_check_every_n_steps}")
+        if divergence_factor is not None and not divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be > 1 (or None to turn the check off), got {divergence_factor}")
+        if divergence_warmup_steps < 0 or not divergence_floor > 0 or not 0 <= divergence_smoothing < 1:
+            raise ValueError("need divergence_warmup_steps >= 0, divergence_floor > 0 and 0 <= divergence_smoothing < 1, "
+                             f"got {divergence_warmup_steps}, {divergence_floor}, {divergence_smoothing}")
         self.enabled, self.lag_steps, self.param_check_every_n_steps = enabled, lag_steps, param_check_every_n_steps
+        self.divergence_factor, self.divergence_warmup_steps = divergence_factor, divergence_warmup_steps
+        self.divergence_floor, self.divergence_smoothing = divergence_floor, divergence_smoothing
+        self._ema: torch.Tensor | None = None  # on the device: the smoothed loss and its running minimum
+        self._ema_min: torch.Tensor | None = None
         self._flag: torch.Tensor | None = None  # device uint8: 1 bit = loss non-finite, 2 = a parameter
         self._ring: list[tuple[torch.Tensor, Any, int]] = []  # (pinned host copy, cuda event, step) per slot
         self._steps = 0
@@ -64,6 +92,7 @@ class NonFiniteGuard(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flag = torch.zeros((), dtype=torch.uint8, device=pl_module.device)
         self._ring, self._steps = [], 0
+        self._ema = self._ema_min = None
 
     @staticmethod
     def _loss_of(outputs: Any) -> torch.Tensor | None:
@@ -91,6 +120,8 @@ class NonFiniteGuard(Callback):
         loss = self._loss_of(outputs)
         if loss is not None:
             self._flag |= (~torch.isfinite(loss.detach()).all()).to(torch.uint8)
+            if self.divergence_factor is not None:
+                self._flag |= self._diverged(loss.detach()).to(torch.uint8) * 4
         n = self.param_check_every_n_steps
         if n and self._steps % n == 0:
             self._flag |= self._params_bad(pl_module).to(torch.uint8) * 2
@@ -104,6 +135,18 @@ class NonFiniteGuard(Callback):
                 self._stop(trainer, pl_module, value, self._steps)
             return
         self._poll_lagged(trainer, pl_module, flag)
+
+    def _diverged(self, loss: torch.Tensor) -> torch.Tensor:
+        """Update the smoothed loss and its running minimum on the device; ``True`` (a device bool) when the smoothed
+        loss exceeds ``divergence_factor`` times the floored minimum. Non-finite losses are left to bit 1."""
+        value = loss.float().mean()
+        value = torch.where(torch.isfinite(value), value, torch.zeros_like(value))
+        beta = self.divergence_smoothing
+        self._ema = value if self._ema is None else beta * self._ema + (1 - beta) * value
+        if self._steps <= self.divergence_warmup_steps:
+            return torch.zeros((), dtype=torch.bool, device=loss.device)
+        self._ema_min = self._ema.clone() if self._ema_min is None else torch.minimum(self._ema_min, self._ema)
+        return self._ema > self.divergence_factor * torch.clamp(self._ema_min, min=self.divergence_floor)
 
     def _poll_lagged(self, trainer: Trainer, pl_module: LightningModule, flag: torch.Tensor) -> None:
         """Copy this step's flag to the host without waiting; read the copy made ``lag_steps`` steps ago."""
@@ -148,6 +191,14 @@ class NonFiniteGuard(Callback):
 
     # --------------------------------------------------------------------------------------------- the report
     def _stop(self, trainer: Trainer, pl_module: LightningModule, value: int, step: int) -> None:
+        if value == 4:  # diverged, still finite
+            ema, low = float(self._ema), float(torch.clamp(self._ema_min, min=self.divergence_floor))
+            raise DivergedTrainingError(
+                f"training stopped: the smoothed training loss {ema:.4g} exceeded divergence_factor "
+                f"{self.divergence_factor:g} x its running minimum {low:.4g} at or before global step "
+                f"{trainer.global_step} (epoch {trainer.current_epoch}; guard step {step}): the run has diverged. "
+                f"Likely cause: {likely_cause(trainer)}. {last_good_checkpoint(trainer)}"
+            )
         what = " and ".join(w for bit, w in ((1, "the training loss"), (2, "a parameter or buffer")) if value & bit)
         bad = [n for n, t in self._state(pl_module) if not torch.isfinite(t).all()]
         now = f" (non-finite now: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else ""

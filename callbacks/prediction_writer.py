@@ -6,7 +6,10 @@ returns. Under DDP every rank predicts a shard; at the end of the epoch the rows
 deduplicated by ``index`` (:func:`lightning_methods.utils.gather_by_index`), so padding duplicates of a
 ``DistributedSampler`` never appear and the file has exactly one row per sample. Rank zero writes the file atomically
 (never under ``fast_dev_run``), with ``predictions.json`` beside it (checkpoint, rows, dataset size, accuracy when
-targets are known).
+targets are known), and prints where. In the directory of a fit (it holds the fit's ``results.json``) the files of a
+checkpoint are named after it (``predictions-last.csv``, ``predictions-best-011.json``; see
+:func:`lightning_methods.callbacks.results_writer.checkpoint_tag`), so predictions of two checkpoints never overwrite
+each other.
 
 Works with any ``predict_step`` that returns a dict of per-sample tensors with an ``"index"`` entry
 (``ImageClassifier.predict_step`` returns ``index``, ``target``, ``pred``, ``confidence``, ``probs``).
@@ -24,7 +27,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lightning_methods.results.record import run_directory
+from lightning_methods.callbacks.results_writer import checkpoint_tag
+from lightning_methods.results.record import read_record, run_directory
 from lightning_methods.utils import atomic_write_json, atomic_write_text, gather_by_index
 from lightning_methods.utils.io import _atomic_write
 
@@ -63,11 +67,12 @@ class PredictionWriter(BasePredictionWriter):
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         summary: dict[str, Any] = {"checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None, "files": []}
         self.written = []
+        stem = self._stem(out_dir, trainer.ckpt_path) if trainer.is_global_zero else ""
         for idx, batches in enumerate(per_loader):
             columns = self.gather(batches, pl_module.device)
             if not trainer.is_global_zero:
                 continue
-            path = out_dir / self._name(idx, len(per_loader))
+            path = out_dir / self._name(idx, len(per_loader), stem)
             self._save(path, columns)
             self.written.append(path)
             dataset = getattr(loaders[idx], "dataset", None) if idx < len(loaders) else None
@@ -77,7 +82,16 @@ class PredictionWriter(BasePredictionWriter):
                 entry["accuracy"] = float((columns["target"] == columns["pred"]).double().mean())
             summary["files"].append(entry)
         if trainer.is_global_zero:
-            atomic_write_json(out_dir / (Path(self.filename).stem + ".json"), summary)
+            atomic_write_json(out_dir / (stem + ".json"), summary)
+            print(f"[lightning-methods] predictions: {', '.join(map(str, self.written))}", flush=True)
+
+    def _stem(self, out_dir: Path, ckpt_path: Any) -> str:
+        """The file stem: ``filename``'s, with ``-<checkpoint tag>`` in a fit's run directory."""
+        stem = Path(self.filename).stem
+        record = read_record(out_dir / "results.json") if (out_dir / "results.json").is_file() else None
+        if ckpt_path and record is not None and record.get("command") == "fit":
+            stem += f"-{checkpoint_tag(ckpt_path, out_dir)}"
+        return stem
 
     def gather(self, batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
         """Concatenate one dataloader's batch outputs, gather them from every rank and keep one row per index
@@ -99,11 +113,10 @@ class PredictionWriter(BasePredictionWriter):
             return False
         return value.ndim == 1 or (key == "probs" and self.probabilities and value.ndim == 2)
 
-    def _name(self, idx: int, count: int) -> str:
-        if count == 1:
-            return self.filename
+    def _name(self, idx: int, count: int, stem: str | None = None) -> str:
         path = Path(self.filename)
-        return f"{path.stem}_{idx}{path.suffix}"
+        stem = stem or path.stem
+        return f"{stem}{path.suffix}" if count == 1 else f"{stem}_{idx}{path.suffix}"
 
     def _save(self, path: Path, columns: dict[str, torch.Tensor]) -> None:
         if path.suffix == ".npz":

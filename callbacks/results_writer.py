@@ -7,9 +7,20 @@ they were computed from, checkpoint paths). The epoch history is part of the cal
 fit writes the whole history, and its wall time adds up over the pieces of the run.
 
 Files are written on rank zero (never under ``fast_dev_run``), atomically, at the end of every training epoch
-(``"status": "running"``), at the end of the command (``"finished"``) and when it fails (``"failed"``, with the error).
-A ``validate`` / ``test`` command run in a directory that holds a fit's ``results.json`` writes
-``results_<command>.json`` and ``metrics_<command>.csv`` instead, so the fit's record is never overwritten.
+(``"status": "running"``), at the end of the command (``"finished"``) and when it fails (``"failed"``, with the error;
+``"interrupted"`` for Ctrl-C / SIGINT and SIGTERM).
+A ``validate`` / ``test`` command run in a directory that already holds a record (a fit's, or an evaluation of another
+checkpoint) writes ``results_<command>-<checkpoint>.json`` and ``metrics_<command>-<checkpoint>.csv`` instead
+(:func:`checkpoint_tag`: ``results_test-last.json``, ``results_test-best-011.json``), so no record is ever overwritten
+by another one, and prints where it wrote.
+
+A resumed fit keeps the run's identity: ``started`` and the config files it was started with (``config_path``) are
+taken from the run's ``results.json`` when the resume names the run's own ``config.yaml``, and ``config_hash`` leaves
+out what only says where a run resumes from (``ckpt_path``, the logger's run id), so a resumed run groups with its
+identical runs in ``lightning-methods table``.
+
+A ``CSVLogger`` that logs into the run directory keeps its per-step files in ``<run dir>/csv/`` (its ``metrics.csv``
+and this callback's would otherwise be one file).
 
 The CLI adds this callback to every command (``--results.*`` options) and hands it the resolved config; in your own
 Trainer add ``ResultsWriter()`` to ``callbacks``.
@@ -18,13 +29,15 @@ Trainer add ``ResultsWriter()`` to ``callbacks``.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_methods.results.record import (
     FORMAT,
@@ -39,6 +52,7 @@ from lightning_methods.results.record import (
     scalar_metrics,
     versions,
 )
+from lightning_methods.runs import ConfigMismatchError, RunLockedError
 from lightning_methods.utils import atomic_write_json, atomic_write_text, sha256_file
 from lightning_methods.utils.wandb import plain
 
@@ -79,6 +93,7 @@ class ResultsWriter(Callback):
         self.command: str | None = None
         self._record: dict[str, Any] = {}
         self._snapshot: dict[str, float] | None = None
+        self._late: set[str] = set()  # metrics the LightningModule logs in its own on_train_epoch_end (after ours)
         self._stage: str | None = None
         self._started = time.perf_counter()
         self._dir: Path | None = None
@@ -94,13 +109,15 @@ class ResultsWriter(Callback):
         return "ResultsWriter"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "seconds": self.previous_seconds + self._elapsed()}
+        return {"history": self.history, "seconds": self.previous_seconds + self._elapsed(),
+                "late_keys": sorted(self._late)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._stage != "fit":
             return  # evaluating a checkpoint (test after fit, validate/test): keep this command's own record
         self.history = list(state_dict.get("history", []))
         self.previous_seconds = float(state_dict.get("seconds", 0.0))
+        self._late = set(state_dict.get("late_keys", []))
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._started
@@ -114,6 +131,15 @@ class ResultsWriter(Callback):
             self._started = time.perf_counter()
             self._record = {"format": FORMAT, "command": self.command, "status": "running",
                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._separate_csv_logger(trainer)
+
+    def _separate_csv_logger(self, trainer: Trainer) -> None:
+        """A ``CSVLogger`` writing into this run directory gets the subfolder ``csv/``: its ``metrics.csv`` (one row
+        per logging step) and this callback's (one row per epoch) would be one file and break each other."""
+        target = (Path(self.dirpath) if self.dirpath else run_directory(trainer)).absolute()
+        for logger in trainer.loggers:
+            if type(logger) is CSVLogger and Path(logger.log_dir).absolute() == target:
+                logger.__class__ = _CSVLoggerInSubfolder
 
     def _monitor(self, trainer: Trainer) -> tuple[str, str]:
         ckpt = trainer.checkpoint_callback
@@ -126,6 +152,7 @@ class ResultsWriter(Callback):
         self._record["resumed_from"] = str(trainer.ckpt_path) if trainer.ckpt_path else None
         if trainer.ckpt_path and trainer.is_global_zero:
             self._fill_from_file(trainer)
+            self._keep_identity(trainer)
         if self.wandb_summary and trainer.is_global_zero:
             monitor, mode = self._monitor(trainer)
             for logger in trainer.loggers:
@@ -145,11 +172,14 @@ class ResultsWriter(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._snapshot = scalar_metrics(trainer.callback_metrics)
-        self._row(trainer).update({k: v for k, v in self._snapshot.items() if not k.startswith(("val", "test"))})
+        # values the module logs after this hook (train/lr) still hold the previous epoch's here: added later
+        self._row(trainer).update({k: v for k, v in self._snapshot.items()
+                                   if not k.startswith(("val", "test")) and k not in self._late})
         self._write(trainer)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._complete_row(trainer)
+        if self._complete_row(trainer):
+            self._write(trainer)  # so that metrics.csv is complete for a resume after a kill in this epoch
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._complete_row(trainer)
@@ -168,6 +198,20 @@ class ResultsWriter(Callback):
             for key, value in rows.get((row["epoch"], row.get("step")), {}).items():
                 row.setdefault(key, value)
 
+    def _keep_identity(self, trainer: Trainer) -> None:
+        """A resume keeps the run's start time and, when it names the run's own ``config.yaml``, the config files the
+        run was started with (so ``table`` names and groups it as before)."""
+        run_dir = self._run_dir(trainer)
+        old = read_record(run_dir / "results.json") if (run_dir / "results.json").is_file() else None
+        if not old or old.get("command") != "fit":
+            return
+        if old.get("started"):
+            self._record["started"] = old["started"]
+        own = (run_dir / "config.yaml").absolute()
+        old_files = [f.get("path") for f in old.get("config_files") or [] if isinstance(f, dict) and f.get("path")]
+        if old_files and self.config_files and Path(self.config_files[-1]).absolute() == own:
+            self.config_files = old_files
+
     def _row(self, trainer: Trainer) -> dict[str, Any]:
         """The history row of the current epoch (created on first use); epoch, step, time and lr kept current."""
         epoch = trainer.current_epoch
@@ -179,15 +223,18 @@ class ResultsWriter(Callback):
             row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         return row
 
-    def _complete_row(self, trainer: Trainer) -> None:
+    def _complete_row(self, trainer: Trainer) -> bool:
         """Add what the LightningModule logged in its own ``on_train_epoch_end`` (it runs after the callbacks'):
-        values that appeared or changed since the row was written."""
+        values that appeared or changed since the row was written, and those known to be logged there. Returns
+        whether the row changed."""
         if self._snapshot is None or not self.history:
-            return
+            return False
         new = {k: v for k, v in scalar_metrics(trainer.callback_metrics).items()
-               if not k.startswith(("val", "test")) and self._snapshot.get(k) != v}
+               if not k.startswith(("val", "test")) and (self._snapshot.get(k) != v or k in self._late)}
+        self._late |= {k for k, v in new.items() if self._snapshot.get(k) != v}
         self._snapshot = None
-        self.history[-1].update(new)  # written with the next epoch, or at the end of fit
+        self.history[-1].update(new)
+        return bool(new)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, "interrupted" if trainer.interrupted else "finished")
@@ -199,14 +246,20 @@ class ResultsWriter(Callback):
         self._finish(trainer, "finished")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (RunLockedError, ConfigMismatchError)):
+            return  # the run directory belongs to another process or config: its record is not ours to write
         self._record["error"] = f"{type(exception).__name__}: {exception}"
-        self._finish(trainer, "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed")
+        # Ctrl-C / SIGINT raise KeyboardInterrupt; Lightning turns SIGTERM into SIGTERMException (a SystemExit)
+        interrupted = isinstance(exception, (KeyboardInterrupt, SystemExit))
+        self._finish(trainer, "interrupted" if interrupted else "failed")
 
     # ----------------------------------------------------------------------------------------- writing
     def _finish(self, trainer: Trainer, status: str) -> None:
         self._record["status"] = status
         self._record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         record = self._write(trainer)
+        if record is not None and self.command in ("validate", "test") and status == "finished":
+            print(f"[lightning-methods] {self.command} results: {self._dir / self._filename}", flush=True)
         if self.wandb_summary and record is not None and record["metrics"]:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
@@ -224,7 +277,7 @@ class ResultsWriter(Callback):
             "config_path": self.config_files[-1] if self.config_files else None,
             "config_files": [{"path": p, "sha256": sha256_file(p) if os.path.isfile(p) else None}
                              for p in self.config_files],
-            "config_hash": config_hash(config) if config is not None else None, "config": config,
+            "config_hash": config_hash(identity_config(config)) if config is not None else None, "config": config,
             "seed": _seed(config), "versions": versions(), "device": device_info(trainer),
             "epochs_completed": self.history[-1]["epoch"] + 1 if self.history else None,
             "global_step": trainer.global_step,
@@ -242,12 +295,22 @@ class ResultsWriter(Callback):
     def _run_dir(self, trainer: Trainer) -> Path:
         if self._dir is None:
             self._dir = Path(self.dirpath) if self.dirpath else run_directory(trainer)
-            existing = self._dir / "results.json"
-            if self.command in ("validate", "test") and existing.is_file():
-                other = read_record(existing)
-                if other is not None and other.get("command") == "fit":
-                    self._filename = f"results_{self.command}.json"
+            if self.command in ("validate", "test"):
+                self._filename = self._eval_filename(trainer)
         return self._dir
+
+    def _eval_filename(self, trainer: Trainer) -> str:
+        """``results.json`` in a directory without a record (or holding this very evaluation), else
+        ``results_<command>-<checkpoint tag>.json``: never another record's file."""
+        existing = self._dir / "results.json"
+        if not existing.is_file():
+            return "results.json"
+        other = read_record(existing)
+        if other is not None and other.get("command") == self.command \
+                and (other.get(self.command) or {}).get("checkpoint") == _ckpt(trainer):
+            return "results.json"
+        tag = f"-{checkpoint_tag(trainer.ckpt_path, self._dir)}" if trainer.ckpt_path else ""
+        return f"results_{self.command}{tag}.json"
 
     def _write(self, trainer: Trainer) -> dict[str, Any] | None:
         """Write the record and the metrics CSV (rank zero; returns the record there, ``None`` elsewhere)."""
@@ -267,6 +330,43 @@ class ResultsWriter(Callback):
         for part in ("validate", "test"):
             row.update((record.get(part) or {}).get("metrics", {}))
         return row
+
+
+class _CSVLoggerInSubfolder(CSVLogger):
+    """A ``CSVLogger`` whose files (``metrics.csv``, ``hparams.yaml``) go to ``<its directory>/csv/``; checkpoints and
+    the run directory stay where they were."""
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(super().log_dir, "csv")
+
+
+def identity_config(config: Any) -> Any:
+    """``config`` without what only says where a run resumes from (``ckpt_path``, the logger's run ``id`` /
+    ``version``, set to ``None``): the config a run keeps over all its pieces, whose hash is ``config_hash``."""
+    if not isinstance(config, dict):
+        return config
+    out = json.loads(json.dumps(config, default=str))
+    if "ckpt_path" in out:
+        out["ckpt_path"] = None
+    loggers = (out.get("trainer") or {}).get("logger") if isinstance(out.get("trainer"), dict) else None
+    for entry in loggers if isinstance(loggers, list) else [loggers]:
+        args = entry.get("init_args") if isinstance(entry, dict) else None
+        if isinstance(args, dict):
+            for key in ("id", "version"):
+                if key in args:
+                    args[key] = None
+    return out
+
+
+def checkpoint_tag(ckpt_path: Any, run_dir: str | Path) -> str:
+    """A file-name tag for the checkpoint an evaluation used: its stem (``last``, ``best-011``), plus a short hash of
+    its path when it lies outside ``<run_dir>/checkpoints`` (two files of one name never share a record)."""
+    path = Path(str(ckpt_path)).expanduser().absolute()
+    tag = path.stem
+    if path.parent != Path(run_dir).absolute() / "checkpoints":
+        tag += "-" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    return tag
 
 
 def define_wandb_metrics(run: Any, monitor: str, mode: str) -> None:

@@ -19,7 +19,7 @@ Under DDP all ranks take part and end with the same table (features gathered by 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -38,16 +38,17 @@ class TunnelProbe(Callback):
     """Probe every layer of the backbone at fit end and every ``every_n_epochs`` epochs.
 
     Args:
+        settings: what is probed and how (:class:`lightning_methods.tunnel.ProbeSettings`: points, sample counts,
+            feature storage, linear-probe solver, rank, tunnel threshold, OOD classes, seed, memory limits); in YAML a
+            mapping under ``settings:``. Default: ``ProbeSettings()``.
         every_n_epochs: probe after every n-th training epoch too (0: only at fit end).
         at_fit_end: probe at the end of ``fit`` (reuses the periodic probe of the last epoch when there is one).
-        ood_data: a DataModule whose classes give the OOD probe (e.g. CIFAR-100 for a CIFAR-10 model), or None.
-        ood_classes: OOD class subset: a number drawn with ``seed`` (10), a list of class ids, or None (all).
+        ood_data: a DataModule whose classes give the OOD probe (e.g. CIFAR-100 for a CIFAR-10 model), or None
+            (the class subset is ``settings.ood_classes``).
         output_dir: where the CSV / JSON / PNG files go (default: ``<run dir>/tunnel``).
         log_wandb: log tables and plots into the trainer's ``WandbLogger``s.
-        points, include_head, pool_size, max_train_samples, max_test_samples, feature_dtype, extract_batch_size,
-        probe_epochs, probe_batch_size, probe_lr, probe_weight_decay, rank_rtol, rank_max_columns, rank_mode,
-        rank_dtype, tunnel_threshold, seed, memory_budget_gb, device_cache_gb: see
-            :class:`lightning_methods.tunnel.ProbeSettings`.
+        module_attr: attribute of the LightningModule holding the network to probe (default ``"backbone"``; the module
+            itself when absent or None).
 
     Raises:
         MemoryError: at fit start, when the features would exceed ``memory_budget_gb`` (with the options).
@@ -56,43 +57,22 @@ class TunnelProbe(Callback):
 
     def __init__(
         self,
+        settings: ProbeSettings | None = None,
         every_n_epochs: int = 0,
         at_fit_end: bool = True,
         ood_data: LightningDataModule | None = None,
-        ood_classes: int | list[int] | None = 10,
         output_dir: str | None = None,
         log_wandb: bool = True,
-        points: list[str] | None = None,
-        include_head: bool = True,
-        pool_size: int | None = None,
-        max_train_samples: int | None = 10000,
-        max_test_samples: int | None = None,
-        feature_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
-        extract_batch_size: int = 256,
-        probe_epochs: int = 30,
-        probe_batch_size: int = 512,
-        probe_lr: float = 1e-3,
-        probe_weight_decay: float = 0.0,
-        rank_rtol: float = 1e-3,
-        rank_max_columns: int | None = 8000,
-        rank_mode: Literal["covariance", "gram", "svd"] = "covariance",
-        rank_dtype: Literal["float64", "float32"] = "float64",
-        tunnel_threshold: float = 0.95,
-        seed: int = 0,
-        memory_budget_gb: float | None = 16.0,
-        device_cache_gb: float = 4.0,
+        module_attr: str | None = "backbone",
     ) -> None:
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0, got {every_n_epochs}")
-        self.settings = ProbeSettings(
-            points=points, include_head=include_head, pool_size=pool_size, max_train_samples=max_train_samples,
-            max_test_samples=max_test_samples, feature_dtype=feature_dtype, extract_batch_size=extract_batch_size,
-            probe_epochs=probe_epochs, probe_batch_size=probe_batch_size, probe_lr=probe_lr,
-            probe_weight_decay=probe_weight_decay, rank_rtol=rank_rtol, rank_max_columns=rank_max_columns,
-            rank_mode=rank_mode, rank_dtype=rank_dtype, tunnel_threshold=tunnel_threshold, ood_classes=ood_classes,
-            seed=seed, memory_budget_gb=memory_budget_gb, device_cache_gb=device_cache_gb)
+        if settings is not None and not isinstance(settings, ProbeSettings):
+            raise TypeError(f"settings must be a ProbeSettings, got {type(settings).__name__}")
+        self.settings = settings if settings is not None else ProbeSettings()
         self.every_n_epochs, self.at_fit_end = every_n_epochs, at_fit_end
         self.ood_datamodule, self.output_dir, self.log_wandb = ood_data, output_dir, log_wandb
+        self.module_attr = module_attr
         self.prober = TunnelProber(self.settings)
         self.history: list[dict[str, Any]] = []  # {"epoch", "global_step", "report"} of every probe, in order
         self._ood = None
@@ -135,15 +115,15 @@ class TunnelProbe(Callback):
         self._write_final(trainer)
 
     # ------------------------------------------------------------------------------------------------ work
-    @staticmethod
-    def _backbone(pl_module: LightningModule) -> nn.Module:
-        return getattr(pl_module, "backbone", pl_module)
+    def _backbone(self, pl_module: LightningModule) -> nn.Module:
+        if self.module_attr and hasattr(pl_module, self.module_attr):
+            return getattr(pl_module, self.module_attr)
+        return pl_module
 
-    @staticmethod
-    def _forward(pl_module: LightningModule):
+    def _forward(self, pl_module: LightningModule):
         from lightning_methods.analysis.attention_extract import eager
 
-        run = eager(TunnelProbe._backbone(pl_module))
+        run = eager(self._backbone(pl_module))
         if getattr(pl_module, "channels_last", False):
             return lambda x: run(x.contiguous(memory_format=torch.channels_last))
         return run

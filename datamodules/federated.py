@@ -25,31 +25,26 @@ from lightning_methods.datamodules.base import (
     collate_dict,
 )
 from lightning_methods.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
+from lightning_methods.federated.partition import PartitionSettings
 from lightning_methods.utils import atomic_write_json, mix_seed
 
-Source = Literal["cifar10", "cifar100", "digits"]
-Scheme = Literal["pathological", "htfl_pathological", "dirichlet", "iid"]
+Source = Literal["cifar10", "cifar100", "digits", "tinyimagenet"]
 
 
 class FederatedDataModule(ImageDataModule):
     """A data set split across ``num_clients`` clients with local train and test sets.
 
     Args:
-        dataset: ``"cifar10"``, ``"cifar100"`` (official pickle release under ``data_dir``) or ``"digits"``
+        dataset: ``"cifar10"``, ``"cifar100"`` (official pickle release under ``data_dir``), ``"tinyimagenet"``
+            (the official ``tiny-imagenet-200/`` release under ``data_dir``, 200 classes, 64x64) or ``"digits"``
             (scikit-learn's bundled digits, 32x32x3, a seeded stratified 75/25 train / test split; offline).
         data_dir: directory holding (or receiving) the CIFAR release folder.
         download: download CIFAR with torchvision when missing.
-        num_clients: number of clients.
-        partition: ``"pathological"`` (FedFree's non-IID1, pFedHN-style), ``"htfl_pathological"`` (HtFLlib's
-            ``pat``), ``"dirichlet"`` or ``"iid"``.
-        classes_per_client: classes per client of the pathological schemes (FedFree: 1 on CIFAR-10, 10 on CIFAR-100).
-        alpha: Dirichlet concentration (HtFLlib: 0.1).
-        merge: HtFLlib's protocol: merge train and test, partition, split each client's share ``train_fraction``
-            / rest into local train / test. ``False``: partition the train split; local test sets follow each
-            client's label distribution.
-        train_fraction: local training share with ``merge`` (HtFLlib: 0.75).
-        balance: equal class shares in ``htfl_pathological``.
-        min_samples: smallest client share of the Dirichlet scheme (``None``: HtFLlib's rule).
+        partition: how the data set is split across clients
+            (:class:`~lightning_methods.federated.partition.PartitionSettings`: ``num_clients``, ``scheme``,
+            ``classes_per_client``, ``alpha``, ``merge``, ``train_fraction``, ``balance``, ``min_samples``; a
+            mapping of those keys is accepted too). In YAML: ``data: {partition: {num_clients: 20, scheme:
+            pathological, classes_per_client: 10}}``.
         batch_size: local training batch size (FedFree / HtFLlib: 10).
         eval_batch_size: batch size of evaluation loaders.
         num_workers: DataLoader workers (0: the uint8 tensors are indexed in the main process, which avoids
@@ -65,14 +60,7 @@ class FederatedDataModule(ImageDataModule):
         dataset: Source = "cifar100",
         data_dir: str = "data",
         download: bool = True,
-        num_clients: int = 20,
-        partition: Scheme = "pathological",
-        classes_per_client: int = 10,
-        alpha: float = 0.1,
-        merge: bool = False,
-        train_fraction: float = 0.75,
-        balance: bool = True,
-        min_samples: int | None = None,
+        partition: PartitionSettings | None = None,
         batch_size: int = 10,
         eval_batch_size: int | None = 256,
         num_workers: int = 0,
@@ -83,27 +71,36 @@ class FederatedDataModule(ImageDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
                          augment=augment, seed=seed, pin_memory=pin_memory)
-        if dataset not in ("cifar10", "cifar100", "digits"):
-            raise ValueError(f"dataset must be 'cifar10', 'cifar100' or 'digits', got {dataset!r}")
+        if dataset not in ("cifar10", "cifar100", "digits", "tinyimagenet"):
+            raise ValueError(f"dataset must be 'cifar10', 'cifar100', 'tinyimagenet' or 'digits', got {dataset!r}")
         if augment == "autoaugment":
             raise ValueError("augment='autoaugment' is not supported by FederatedDataModule; use 'standard' or 'none'")
         self.dataset, self.data_dir, self.download = dataset, Path(data_dir).expanduser(), download
-        self.num_clients, self.partition, self.classes_per_client = num_clients, partition, classes_per_client
-        self.alpha, self.merge, self.train_fraction = alpha, merge, train_fraction
-        self.balance, self.min_samples, self.shuffle = balance, min_samples, shuffle
-        self.num_classes = 100 if dataset == "cifar100" else 10
+        if partition is None:
+            partition = PartitionSettings()
+        elif not isinstance(partition, PartitionSettings):
+            partition = PartitionSettings(**dict(partition))
+        self.partition, self.num_clients, self.shuffle = partition, partition.num_clients, shuffle
         if dataset != "digits":
-            source = CIFAR100DataModule if dataset == "cifar100" else CIFAR10DataModule
+            source = self._source_class()
             self.mean, self.std = source.mean, source.std
+        self.num_classes = 10 if dataset == "digits" else source.num_classes
         self.client, self.round, self.stream_seed = 0, 0, mix_seed(seed, 0, 0) % 2**31
         self.client_train: list[IndexedTensorDataset] = []
         self.client_test: list[IndexedTensorDataset] = []
         self.stats: list[dict] = []
 
     # ------------------------------------------------------------------------------------------ data
-    def _cifar(self) -> CIFAR10DataModule | CIFAR100DataModule:
-        source = CIFAR100DataModule if self.dataset == "cifar100" else CIFAR10DataModule
-        return source(data_dir=str(self.data_dir), download=self.download)
+    def _source_class(self) -> type[ImageDataModule]:
+        if self.dataset == "tinyimagenet":
+            from lightning_methods.datamodules.tinyimagenet import TinyImageNetDataModule
+
+            return TinyImageNetDataModule
+        return CIFAR100DataModule if self.dataset == "cifar100" else CIFAR10DataModule
+
+    def _cifar(self) -> ImageDataModule:
+        """The single-node DataModule of the source data set (CIFAR or Tiny-ImageNet), which reads the files."""
+        return self._source_class()(data_dir=str(self.data_dir), download=self.download)
 
     def prepare_data(self) -> None:
         if self.dataset != "digits":
@@ -130,9 +127,8 @@ class FederatedDataModule(ImageDataModule):
         splits = self.load_splits()
         (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
         images, labels = torch.cat([train_x, test_x]), torch.cat([train_y, test_y]).long()
-        split = make_client_split(train_y.numpy(), test_y.numpy(), self.num_clients, self.num_classes,
-                                  self.partition, self.classes_per_client, self.alpha, self.merge,
-                                  self.train_fraction, self.balance, self.min_samples, self.seed)
+        split = make_client_split(train_y.numpy(), test_y.numpy(), self.partition, num_classes=self.num_classes,
+                                  seed=self.seed)
         if self.dataset == "digits":  # normalise with the training pool's statistics, as DigitsDataModule does
             pool = images[: len(train_x)].float() / 255
             self.mean = tuple(pool.mean(dim=(0, 2, 3)).tolist())
@@ -150,7 +146,7 @@ class FederatedDataModule(ImageDataModule):
 
     def write_statistics(self, path: str | Path) -> Path:
         """Write the per-client partition statistics as JSON (call after ``setup``)."""
-        return atomic_write_json(path, {"dataset": self.dataset, "partition": self.partition,
+        return atomic_write_json(path, {"dataset": self.dataset, "partition": self.partition.scheme,
                                         "num_clients": self.num_clients, "clients": self.stats})
 
     def statistics_summary(self) -> dict[str, float]:

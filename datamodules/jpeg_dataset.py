@@ -139,37 +139,51 @@ class JpegFileDataset(IndexedTensorDataset):
         return self.subset(torch.arange(len(self)), mode)
 
     # ------------------------------------------------------------------------------------------ items
-    def _image(self, pos: int, epoch: int) -> Any:
-        path = self.files[pos]
-        data = read_bytes(path)
-        index = int(self.indices[pos])
-        if self.mode == "train":
-            return train_image(data, self.seed, epoch, index, self.image_size, self.flip, self.scale, self.ratio,
-                               name=path)
-        if self.mode == "eval":
-            return eval_resize_crop(decode_rgb(data, path), self.eval_resize, self.image_size)
-        data, h, w = rgb_jpeg_bytes(data, path)
-        if self.mode == "eval_bytes":
-            return data, None, None
-        box, flipped = sample_augmentation(self.seed, epoch, index, h, w, self.flip, self.scale, self.ratio)
-        return data, box, flipped
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         return self.__getitems__([key])
 
     def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> dict[str, Any]:
-        keys = [(k, 0) if isinstance(k, int) else (int(k[0]), int(k[1])) for k in keys]
-        pos = torch.tensor([p for p, _ in keys], dtype=torch.long)
-        out: dict[str, Any] = {}
-        images = [self._image(p, e) for p, e in keys]
-        if self.mode in ("train", "eval"):
-            out["image"] = torch.stack(images) if images else torch.empty(0, 3, self.image_size, self.image_size,
-                                                                          dtype=torch.uint8)
+        samples = []
+        for key in keys:
+            pos, epoch = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
+            path = self.files[pos]
+            sample = encode_sample(read_bytes(path), self.targets[pos], self.indices[pos], self.mode, self.seed,
+                                   epoch, self.image_size, self.eval_resize, self.flip, self.scale, self.ratio, path)
+            sample.update({k: v[pos] for k, v in self.extras.items()})
+            samples.append(sample)
+        return collate_samples(samples, self.image_size)
+
+
+def encode_sample(data: bytes, target: Any, index: Any, mode: str, seed: int, epoch: int, size: int,
+                  eval_resize: int, flip: bool = True, scale: Sequence[float] = SCALE,
+                  ratio: Sequence[float] = RATIO, name: str = "<bytes>") -> dict[str, Any]:
+    """One sample as the loaders ship it (see the module docstring for ``mode``); the training crop and flip are
+    drawn from ``(seed, epoch, index)``."""
+    out: dict[str, Any] = {"target": torch.as_tensor(target, dtype=torch.long),
+                           "index": torch.as_tensor(index, dtype=torch.long)}
+    if mode == "train":
+        out["image"] = train_image(data, seed, epoch, int(index), size, flip, scale, ratio, name=name)
+    elif mode == "eval":
+        out["image"] = eval_resize_crop(decode_rgb(data, name), eval_resize, size)
+    else:
+        data, h, w = rgb_jpeg_bytes(data, name)
+        out["jpeg"] = data
+        if mode == "train_bytes":
+            box, flipped = sample_augmentation(seed, epoch, int(index), h, w, flip, scale, ratio)
+            out["box"], out["flip"] = torch.tensor(box, dtype=torch.long), torch.tensor(flipped)
+    return out
+
+
+def collate_samples(samples: list[dict[str, Any]], size: int = 0) -> dict[str, Any]:
+    """Batch samples of :func:`encode_sample`: images stacked, encoded bytes packed into one tensor + offsets."""
+    if not samples:
+        return {"image": torch.empty(0, 3, size, size, dtype=torch.uint8),
+                "target": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long)}
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if key == "jpeg":
+            batch["jpeg"], batch["jpeg_offsets"] = pack_jpegs(values)
         else:
-            out["jpeg"], out["jpeg_offsets"] = pack_jpegs([d for d, _, _ in images])
-            if self.mode == "train_bytes":
-                out["box"] = torch.tensor([b for _, b, _ in images], dtype=torch.int64).reshape(-1, 4)
-                out["flip"] = torch.tensor([f for _, _, f in images], dtype=torch.bool)
-        out["target"], out["index"] = self.targets[pos], self.indices[pos]
-        out.update({k: v[pos] for k, v in self.extras.items()})
-        return out
+            batch[key] = torch.stack(values)
+    return batch

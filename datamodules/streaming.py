@@ -105,11 +105,42 @@ def setup_streaming(dm: Any) -> None:
     dm.val_set = dm.test_set
 
 
-def streaming_loader(dm: Any, dataset: Any, train: bool) -> Any:
-    """A ``StreamingDataLoader`` over ``dataset`` in the DataModule's train / eval mode."""
+_LOADER: Any = None
+
+
+def resumable_loader_class() -> Any:
+    """``ResumableStreamingDataLoader``: litdata's ``StreamingDataLoader`` that also leaves its "resumed" state once
+    the resumed epoch has yielded its last batch.
+
+    litdata clears that state only when an epoch's generator runs to its end, but Lightning stops asking after the
+    epoch's known number of batches, so without this the epoch after a mid-epoch resume would replay the rest of the
+    resumed epoch instead of starting a new one."""
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
     from litdata import StreamingDataLoader
 
+    class ResumableStreamingDataLoader(StreamingDataLoader):
+        _resumed_epoch_done = False
+
+        def __iter__(self) -> Any:
+            if self.restore and self._resumed_epoch_done:
+                self.restore = False
+            self._resumed_epoch_done = False
+            resumed = self.restore
+            total = len(self) * (self.batch_size or 1)
+            for batch in super().__iter__():
+                if resumed and self._num_samples_yielded_streaming >= total:
+                    self._resumed_epoch_done = True
+                yield batch
+
+    _LOADER = ResumableStreamingDataLoader
+    return _LOADER
+
+
+def streaming_loader(dm: Any, dataset: Any, train: bool) -> Any:
+    """A (resumable) ``StreamingDataLoader`` over ``dataset`` in the DataModule's train / eval mode."""
     dataset.set_mode(dm.train_mode() if train else "eval_bytes" if dm.device_decode() else "eval")
-    return StreamingDataLoader(dataset, batch_size=dm.batch_size if train else dm.eval_batch_size,
-                               num_workers=dm.num_workers, pin_memory=dm.pin_memory, collate_fn=collate_samples,
-                               drop_last=train)
+    return resumable_loader_class()(dataset, batch_size=dm.batch_size if train else dm.eval_batch_size,
+                                    num_workers=dm.num_workers, pin_memory=dm.pin_memory,
+                                    collate_fn=collate_samples, drop_last=train)

@@ -13,7 +13,9 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "lightning_methods.classifier": ("ImageClassifier",),
         "lightning_methods.models": ("available_backbones", "create_backbone"),
         "lightning_methods.parameters": ("frozen_bn_stats", "param_groups_by_role", "parameter_roles"),
-        "lightning_methods.distillation": ("DistillationClassifier",),
+        "lightning_methods.distillation": (
+            "DKDClassifier", "DeepKDClassifier", "DistillationClassifier", "KDClassifier", "KDDeepKDClassifier",
+        ),
         "lightning_methods.noisy_labels": ("CoTrainingClassifier", "EMAModel"),
     },
 )

@@ -112,16 +112,21 @@ class ImageClassifier(LightningModule):
         self.compile_backbone, self.bn_bypass_second_pass = compile, bn_bypass_second_pass
         self.scheduler_interval, self.scheduler_monitor = scheduler_interval, scheduler_monitor
         self.no_weight_decay_roles = list(no_weight_decay_roles or ())
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False),
-                "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro",
-                                               validate_args=False),
-            }
-        )
+        metrics = self.make_metrics()
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    def make_metrics(self) -> MetricCollection:
+        """The metrics of every stage (cloned with the prefixes ``train/``, ``val/``, ``test/``): top-1 and top-5
+        accuracy. Regression modules override this hook (``HPNRegressor``)."""
+        k = self.num_classes
+        return MetricCollection(
+            {
+                "acc": MulticlassAccuracy(k, top_k=1, average="micro", validate_args=False),
+                "acc_top5": MulticlassAccuracy(k, top_k=min(5, k), average="micro", validate_args=False),
+            }
+        )
 
     # ----------------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -264,12 +269,17 @@ class ImageClassifier(LightningModule):
         """Role-tagged parameter groups of the trainable parameters (see ``lightning_methods.parameters``)."""
         return param_groups_by_role(self, no_weight_decay_roles=self.no_weight_decay_roles)
 
+    def default_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """The optimizer of ``optimizer=None``: SGD(0.1, momentum 0.9, wd 5e-4). The one hook a method overrides to
+        give its paper's default (DeepKD's three-momentum SGD, HPN's official SGD)."""
+        return torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """The configured optimizer (``optimizer`` argument) over ``groups``, else :meth:`default_optimizer`."""
+        return self.default_optimizer(groups) if self.optimizer_factory is None else self.optimizer_factory(groups)
+
     def configure_optimizers(self) -> Any:
-        groups = self.parameter_groups()
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-4)
-        else:
-            optimizer = self.optimizer_factory(groups)
+        optimizer = self.make_optimizer(self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

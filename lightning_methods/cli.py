@@ -16,119 +16,22 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning_methods._lazy import lazy_exports
 
-import lightning_methods  # noqa: F401  (registers the package's classes for short class_path names)
-import lightning_methods.callbacks  # noqa: F401
-import lightning_methods.datamodules  # noqa: F401
-from lightning_methods import cli_runs
-from lightning_methods.callbacks.checkpoint import LatestCheckpoint
-from lightning_methods.callbacks.nonfinite_guard import NonFiniteGuard
-from lightning_methods.results.cli_hooks import add_result_arguments, attach_run_config
-from lightning_methods.utils.wandb import finish_open_run, finish_runs, log_config, plain
+#: the LightningCLI subclass and ``build_cli`` live in ``cli_lightning.py`` and are imported on first use, so the
+#: package's own commands (``lightning-methods list``, ``--help`` of any command) do not pay for importing Lightning
+__getattr__, __dir__, _ = lazy_exports(
+    __name__, {"lightning_methods.cli_lightning": ("LightningMethodsCLI", "LoggerSaveConfigCallback", "build_cli")}
+)
 
 
 def default_precision() -> str:
     """bf16-mixed on a CUDA GPU with bf16 support, 32-true otherwise."""
+    import torch
+
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-
-
-class LoggerSaveConfigCallback(cli_runs.RunConfigCallback):
-    """Saves the resolved config into the run's own directory (fit only, see ``cli_runs``) and into the W&B run config
-    (rank zero only)."""
-
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        config = plain(self.config)
-        # linked arguments are not part of the parsed config: add them so the run config is complete
-        if "num_classes" in pl_module.hparams:
-            config.setdefault("model", {}).setdefault("init_args", {})["num_classes"] = pl_module.hparams.num_classes
-        log_config(trainer.loggers, config)
-
-
-class LightningMethodsCLI(LightningCLI):
-    """LightningCLI with the package's links, defaults and extras (see the module docstring)."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "best-{epoch:03d}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
-        parser.add_argument(
-            "--test_after_fit",
-            type=Literal["off", "best", "last"],
-            default="off",
-            help="After fit, evaluate the test set on the best checkpoint ('best') or the final weights ('last').",
-        )
-        add_result_arguments(parser)  # --results.* (results.json, metrics.csv), --predictions.* (predictions.csv)
-        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite_guard")  # stops diverged runs (issue 18)
-
-    def before_instantiate_classes(self) -> None:
-        # W&B's service process outlives a run and keeps the working directory it started in: a relative save_dir
-        # is resolved here, against the directory the command runs in, so runs never land elsewhere (notebooks)
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        loggers = config.get("trainer", {}).get("logger")
-        for logger in loggers if isinstance(loggers, list) else [loggers]:
-            init_args = getattr(logger, "init_args", None)
-            if str(getattr(logger, "class_path", "")).endswith("WandbLogger") and init_args is not None:
-                save_dir = init_args.get("save_dir") or "."
-                init_args["save_dir"] = str(Path(save_dir).expanduser().resolve())
-        cli_runs.apply_cli_defaults(self)  # weights_only=True by default; --ckpt_path last finds the run (cli_runs)
-
-    def _parse_ckpt_path(self) -> None:
-        cli_runs.parse_ckpt_path_safely(self, super()._parse_ckpt_path)  # a corrupt checkpoint stops with a clear error
-
-    def before_fit(self) -> None:
-        cli_runs.check_trainer_settings(self.trainer, self.model)  # gradient_clip_val, accumulate_grad_batches
-
-    def after_instantiate_classes(self) -> None:
-        attach_run_config(self)  # the resolved config goes into results.json
-
-    def after_fit(self) -> None:
-        mode = self.config.get(self.subcommand, {}).get("test_after_fit", "off")
-        if mode == "off" or self.trainer.interrupted:
-            return
-        ckpt = "best" if mode == "best" and self.trainer.checkpoint_callback.best_model_path else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
-
-
-def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMethodsCLI:
-    """Create the CLI (and run the subcommand when ``run``); returns it so tests can inspect the trainer."""
-    try:
-        cli = _make_cli(args, run)
-    except BaseException:
-        finish_open_run(exit_code=1)  # a WandbLogger created later in this process would log into it
-        raise
-    if run and cli.trainer.is_global_zero:
-        finish_runs(cli.trainer.loggers)  # the run's files are complete when main returns (notebooks, tests)
-    return cli
-
-
-def _make_cli(args: list[str] | None, run: bool) -> LightningMethodsCLI:
-    return LightningMethodsCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=LoggerSaveConfigCallback,
-        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # config.yaml goes into the run dir
-        seed_everything_default=0,
-        trainer_defaults={"precision": default_precision()},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
 
 
 #: The package's commands besides LightningCLI's fit / validate / test / predict. Each runs as ``lightning-methods
@@ -145,6 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hpn-sweep": ("lightning_methods.hpn.sweep", "HPN multi-task sweep over the task weight t (accuracy, MAE)"),
     "locality": ("lightning_methods.vit_locality.cli", "attention-locality table from ViT checkpoints"),
     "probe": ("lightning_methods.tunnel.cli", "Tunnel Effect: layer-wise linear probes and rank of a checkpoint"),
+    "prepare-data": ("lightning_methods.imagenet.prepare", "ImageNet-scale data: sort val/, convert to streaming, demo"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -169,11 +73,16 @@ def main(args: list[str] | None = None) -> None:
     :data:`COMMANDS` (``lightning-methods list``, ``lightning-methods select --config ...``). From the console
     (``args=None``) an error of the package ends with its own message, framed, as the last lines (exit code 1)."""
     if args is None:
-        return cli_runs.run_console(main, sys.argv[1:])
+        console(main, sys.argv[1:])
+        return
     argv = list(args)
     if argv and argv[0] in COMMANDS:
         run_command(argv[0], argv[1:])
         return
+    if argv and argv[0] == "fit":
+        check_fit_config(argv[1:])  # a config of select / fed / ood: name the command to use
+    from lightning_methods.cli_lightning import build_cli
+
     if argv and argv[0] in ("-h", "--help"):
         try:
             build_cli(argv)
@@ -183,12 +92,71 @@ def main(args: list[str] | None = None) -> None:
     build_cli(argv)
 
 
+#: Top-level config keys that only a config of another command has: ``fit`` on such a config names the command.
+OTHER_COMMAND_KEYS: dict[str, tuple[str, ...]] = {
+    "select": ("selection",),
+    "fed": ("federation", "algorithm"),
+    "ood": ("encoders", "rdm", "fusion"),
+}
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The ``--config`` / ``-c`` files named in ``argv`` (both ``--config F`` and ``--config=F``)."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def check_fit_config(argv: list[str]) -> None:
+    """Stop with one line naming the command to use when a ``--config`` of ``fit`` belongs to another command
+    (``select``, ``fed``, ``ood``), instead of the parser's list of every key it does not know.
+
+    Raises:
+        SystemExit: a config of another command (message: which command and the command line to run).
+    """
+    import yaml
+
+    for path in config_files(argv):
+        try:
+            with open(path, encoding="utf-8") as f:
+                keys = set(yaml.safe_load(f) or {})
+        except (OSError, yaml.YAMLError, TypeError, ValueError):
+            continue  # a missing or broken file: LightningCLI's own error names it
+        for command, markers in OTHER_COMMAND_KEYS.items():
+            found = sorted(keys.intersection(markers))
+            if found:
+                raise SystemExit(
+                    f"lightning-methods fit: error: {path} is a config of `lightning-methods {command}` (it has the "
+                    f"top-level key {found[0]!r}); run: lightning-methods {command} --config {path}"
+                )
+
+
+def console(fn: Any, *args: Any) -> None:
+    """Run a console-script entry ``fn(*args)`` and return nothing: the console-script wrapper passes the return value
+    to ``sys.exit``, where anything but ``None`` means failure (exit status 1, the value printed to stderr). An error
+    raised by lightning-methods code exits with status 1 after its traceback and the package's own message, framed, as
+    the last lines (:func:`lightning_methods.cli_runs.print_package_error`); other errors propagate unchanged.
+    Lightning is imported only when such an error has to be printed."""
+    try:
+        fn(*args)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - re-raised unless the package raised it
+        from lightning_methods.cli_runs import print_package_error
+
+        if print_package_error(exc):
+            raise SystemExit(1) from None
+        raise
+
+
 def _script(name: str) -> Any:
     def entry(args: list[str] | None = None) -> Any:
         if args is None:  # the console script: the package's own error message last (see main)
-            # nothing is returned: the console-script wrapper passes the return value to sys.exit, where anything
-            # but None means "failed" (exit status 1, the value printed to stderr)
-            cli_runs.run_console(run_command, name, sys.argv[1:])
+            console(run_command, name, sys.argv[1:])
             return None
         return run_command(name, args)
 
@@ -207,6 +175,7 @@ prototypes_main = _script("prototypes")
 hpn_sweep_main = _script("hpn-sweep")
 locality_main = _script("locality")
 probe_main = _script("probe")
+prepare_data_main = _script("prepare-data")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,16 +15,36 @@ command, ``--ckpt_path last`` finds the run to resume, and user errors stop earl
   the explicit, warned opt-in. A corrupt checkpoint is reported before anything is built.
 - **Manual optimization.** ``--trainer.gradient_clip_val`` and ``--trainer.accumulate_grad_batches`` fail early for
   the package's modules with a pointer to ``--model.init_args.grad_clip_norm``.
+- **One fit per run directory, one config per run.** A fit holds ``<run dir>/.fit.lock`` (pid and host, the same
+  :class:`~lightning_methods.runs.RunLock` as multi-stage runs; a lock of a dead process is replaced), so the resume
+  command started twice stops with :class:`~lightning_methods.runs.RunLockedError` naming the other process. A run
+  directory whose ``config.yaml`` has other settings (a reused ``--trainer.logger.init_args.id``, an edited
+  ``config.yaml``) is refused with :class:`~lightning_methods.runs.ConfigMismatchError` naming the fields, before
+  anything is written; a resume from the run's own checkpoint may change only :data:`EXTENSION_KEYS`
+  (``--trainer.max_epochs`` to train longer).
+- **A finished run** given to ``fit --ckpt_path`` (``last`` or its file) is not trained or tested again: the command
+  says so and what to do, and ends with exit code 0 (:class:`RunFinished`).
+- **Evaluating a run's checkpoint.** ``validate`` / ``test`` / ``predict`` with ``--ckpt_path <run>/checkpoints/X.ckpt``
+  (or ``last``) write their result files into that run's directory, whatever config is given, log into the run's
+  W&B run (same id), and print where the files went.
+- **W&B run names.** A fit whose ``WandbLogger`` has no ``name`` is named ``<config stem>-seed<seed>``.
+- **Quiet.** The warnings the package's own calls cause (LightningCLI's "args and command line", W&B's
+  "anonymous setting", Lightning's logger tip, W&B's "git root does not exist", the checkpoint-directory warning of
+  a resume) are not shown (:func:`quiet`, :func:`quiet_wandb`).
 - **Errors.** :func:`print_package_error` prints the package's own message (found inside jsonargparse's wrapped
   errors and their Namespace dumps) last and framed, after the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shlex
 import sys
 import time
 import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +52,26 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 
-from lightning_methods.runs import NEUTRAL_KEYS, config_fingerprint, fingerprint_diff
+from lightning_methods.runs import NEUTRAL_KEYS, ConfigMismatchError, RunLock, config_fingerprint, fingerprint_diff
 from lightning_methods.utils.io import atomic_write_text
 
 #: config keys that a resumed run may change: paths, display, checkpointing and evaluation choices
 RESUME_NEUTRAL = NEUTRAL_KEYS | {"ckpt_path", "weights_only", "test_after_fit", "checkpoint", "nonfinite_guard",
-                                 "results", "predictions", "config", "print_config"}
+                                 "results", "predictions", "config", "print_config", "verbose",
+                                 "return_predictions"}
+#: settings a resume from the run's own checkpoint may change (to train a run longer)
+EXTENSION_KEYS = frozenset({"trainer.max_epochs", "trainer.max_steps", "trainer.max_time"})
 CONFIG_NAME = "config.yaml"
+FIT_LOCK = ".fit.lock"
 PREFIX = "[lightning-methods]"
 
 
 class ResumeError(ValueError):
     """``--ckpt_path last`` found no run of this config to resume."""
+
+
+class RunFinished(Exception):  # noqa: N818 - not an error: the CLI prints it and ends with exit code 0
+    """``fit --ckpt_path`` of a run that has already finished: nothing to train (the message says what to do)."""
 
 
 # --------------------------------------------------------------------------------------------------- loggers
@@ -106,7 +134,7 @@ def _fingerprint(config: Any) -> dict[str, Any]:
     return config_fingerprint(config, RESUME_NEUTRAL)
 
 
-def resolve_last_checkpoint(config: Any, dumped: dict[str, Any]) -> str | None:
+def resolve_last_checkpoint(config: Any, dumped: dict[str, Any], ignore: frozenset[str] = frozenset()) -> str | None:
     """For ``--ckpt_path last``: set ``ckpt_path`` (and the logger's run id) of ``config`` to the latest run of the same
     config, and return a line saying so; ``None`` if ``ckpt_path`` is not ``"last"``.
 
@@ -114,6 +142,7 @@ def resolve_last_checkpoint(config: Any, dumped: dict[str, Any]) -> str | None:
         config: the subcommand config (edited in place).
         dumped: the same config as plain YAML data (``yaml.safe_load(parser.dump(config))``), for the comparison
             with the ``config.yaml`` of each run.
+        ignore: dotted fields that may differ (an evaluation ignores how long the run trained: :data:`EXTENSION_KEYS`).
 
     Raises:
         ResumeError: no run of this config (the message lists the runs and how to resume each).
@@ -146,6 +175,7 @@ def resolve_last_checkpoint(config: Any, dumped: dict[str, Any]) -> str | None:
         saved = run_dir / CONFIG_NAME
         try:
             diff = fingerprint_diff(_fingerprint(yaml.safe_load(saved.read_text())), wanted)
+            diff = [d for d in diff if d not in ignore]
         except (OSError, yaml.YAMLError):
             diff = [f"<no readable {CONFIG_NAME}>"]
         if not diff:
@@ -181,11 +211,187 @@ def apply_cli_defaults(cli: Any) -> None:
     config = cli.config[sub]
     if "weights_only" in config and config["weights_only"] is None:
         config["weights_only"] = True
+    prepare_wandb(config, sub)
+    dumped = None
     if _get(config, "ckpt_path") == "last":
         dumped = yaml.safe_load(cli._parser(sub).dump(config, skip_unset=False))
-        line = resolve_last_checkpoint(config, dumped)
+        line = resolve_last_checkpoint(config, dumped, frozenset() if sub == "fit" else EXTENSION_KEYS)
         if line:
             print(line, flush=True)
+    if sub == "fit":
+        dumped = dumped or yaml.safe_load(cli._parser(sub).dump(config, skip_unset=False))
+        check_finished(config)
+        run_dir = planned_run_dir(config)
+        if run_dir is not None:
+            check_run_config(run_dir, dumped, _get(config, "ckpt_path"), _get(_get(config, "checkpoint"), "dirpath"))
+    elif sub in ("validate", "test", "predict"):
+        evaluate_beside_run(config, sub)
+
+
+# --------------------------------------------------------------------------------------------------- run identity
+def owner_run_dir(ckpt_path: Any) -> Path | None:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/<file>.ckpt`` beside ``<run>/config.yaml``
+    written by ``lightning-methods fit``), or ``None``."""
+    if not ckpt_path or "://" in str(ckpt_path):
+        return None
+    path = Path(str(ckpt_path)).expanduser().absolute()
+    if path.parent.name == "checkpoints" and (path.parent.parent / CONFIG_NAME).is_file():
+        return path.parent.parent
+    return None
+
+
+def planned_run_dir(config: Any) -> Path | None:
+    """The run directory a fit of ``config`` will use when it is known before anything is built (a fixed logger id,
+    or a fixed checkpoint directory); ``None`` for a new run (its id is not known yet)."""
+    layout = runs_root(config)
+    if layout is False:
+        return None
+    if layout is None:
+        dirpath = _get(_get(config, "checkpoint"), "dirpath")
+        if dirpath:
+            return Path(dirpath).parent if Path(dirpath).name == "checkpoints" else None
+        return Path(_get(_get(config, "trainer"), "default_root_dir") or ".")
+    entries = logger_entries(config)
+    run_id = entries and _get(_get(entries[0], "init_args"), layout[1])
+    if not run_id and run_id != 0:
+        return None
+    return layout[0] / (str(run_id) if layout[1] != "version" or isinstance(run_id, str) else f"version_{run_id}")
+
+
+def check_run_config(run_dir: Path, dumped: dict[str, Any], ckpt_path: Any, ckpt_dir: Any = None) -> None:
+    """Refuse a fit in ``run_dir`` when the run recorded there (its ``config.yaml``) has other settings: a run directory
+    belongs to one configuration. A resume from the run's own checkpoint (in ``<run_dir>/checkpoints`` or the fit's
+    explicit checkpoint directory ``ckpt_dir``) may change :data:`EXTENSION_KEYS`.
+
+    Raises:
+        ConfigMismatchError: naming the fields that differ and what to do.
+    """
+    saved = Path(run_dir) / CONFIG_NAME
+    if not saved.is_file():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return  # unreadable: the checkpoint's own checks decide
+    diff = fingerprint_diff(_fingerprint(old), _fingerprint(dumped))
+    own_dir = Path(str(ckpt_path)).expanduser().absolute().parent if ckpt_path else None
+    resuming = own_dir is not None and (own_dir == Path(run_dir).absolute() / "checkpoints"
+                                        or (ckpt_dir is not None and own_dir == Path(str(ckpt_dir)).absolute()))
+    if resuming:
+        diff = [d for d in diff if d not in EXTENSION_KEYS]
+    if not diff:
+        return
+    shown = ", ".join(diff[:12]) + (f" (and {len(diff) - 12} more)" if len(diff) > 12 else "")
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    resume = f" Resume it with its own settings: {resume_command(Path(run_dir), last)}." if last.is_file() else ""
+    raise ConfigMismatchError(
+        f"{run_dir} holds run {Path(run_dir).name} made with other settings; they differ in: {shown}. A run directory "
+        f"belongs to one configuration, so nothing was written.{resume} To run the new settings, start a new run "
+        "(leave out --trainer.logger.init_args.id / version, or choose another one)."
+    )
+
+
+def check_finished(config: Any) -> None:
+    """Stop ``fit --ckpt_path`` of a run whose ``results.json`` says it finished all its epochs (it would only be tested
+    again and its record rewritten).
+
+    Raises:
+        RunFinished: saying where the results are and how to train longer or evaluate again.
+    """
+    ckpt = _get(config, "ckpt_path")
+    run_dir = owner_run_dir(ckpt)
+    if run_dir is None:
+        return
+    from lightning_methods.results.record import read_record
+
+    record = read_record(run_dir / "results.json") if (run_dir / "results.json").is_file() else None
+    if not record or record.get("command") != "fit" or record.get("status") != "finished":
+        return
+    trainer = _get(config, "trainer") or {}
+    max_epochs, max_steps = _get(trainer, "max_epochs"), _get(trainer, "max_steps")
+    done_epochs, done_steps = record.get("epochs_completed") or 0, record.get("global_step") or 0
+    epochs_done = max_epochs not in (None, -1) and done_epochs >= max_epochs
+    steps_done = max_steps not in (None, -1) and done_steps >= max_steps
+    if not (epochs_done or steps_done):
+        return
+    limit = f"max_epochs {max_epochs}" if epochs_done else f"max_steps {max_steps}"
+    raise RunFinished(
+        f"{PREFIX} run {run_dir.name} has already finished ({done_epochs} epochs, {done_steps} steps; {limit}), so "
+        f"nothing was trained or tested again. Its results: {run_dir / 'results.json'}.\n"
+        f"{PREFIX} to train it longer, add --trainer.max_epochs N (N > {done_epochs}) to the resume command; to "
+        f"evaluate it again: lightning-methods test --config {shlex.quote(str(run_dir / CONFIG_NAME))} --ckpt_path "
+        f"{shlex.quote(str(ckpt))}"
+    )
+
+
+def evaluate_beside_run(config: Any, sub: str) -> None:
+    """``validate`` / ``test`` / ``predict`` of a run's checkpoint: the result files go into that run's directory
+    (unless ``--results.dirpath`` / ``--predictions.dirpath`` say otherwise) and a W&B logger of the same project
+    logs into the run's W&B run."""
+    ckpt = _get(config, "ckpt_path")
+    run_dir = owner_run_dir(ckpt)
+    if run_dir is None:
+        return
+    for group in ("results", "predictions"):
+        if _get(config, group) is not None and not _get(_get(config, group), "dirpath"):
+            config[group]["dirpath"] = str(run_dir)
+    layout, entries = runs_root(config), logger_entries(config)
+    if layout and entries and _kind(entries[0]) == "wandb" and not _get(_get(entries[0], "init_args"), "id"):
+        if Path(layout[0]).absolute() == run_dir.parent:
+            config_set_run_id(config, run_dir.name, "id")  # the evaluation joins the run's W&B run
+    print(f"{PREFIX} {sub} of {ckpt} (run {run_dir.name}): result files go to {run_dir}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- W&B, noise
+def prepare_wandb(config: Any, sub: str) -> None:
+    """W&B logger settings: a fit's run gets a name (``<config stem>-seed<seed>``) unless it has one, and the save
+    directory exists before W&B starts (W&B warns "git root ... does not exist" otherwise)."""
+    files = _get(config, "config") or []
+    stem = Path(str(getattr(files[-1], "relative", files[-1]))).stem if files else None
+    seed = _get(config, "seed_everything")
+    for entry in logger_entries(config):
+        if _kind(entry) != "wandb":
+            continue
+        args = _get(entry, "init_args")
+        if args is None:
+            continue
+        save_dir = _get(args, "save_dir") or _get(args, "dir")
+        if save_dir:
+            with contextlib.suppress(OSError):
+                Path(save_dir).mkdir(parents=True, exist_ok=True)
+        if sub == "fit" and stem and not _get(args, "name"):
+            seed_part = f"-seed{seed}" if isinstance(seed, int) and not isinstance(seed, bool) else ""
+            args["name"] = f"{stem}{seed_part}"
+
+
+def quiet_wandb(loggers: Any) -> None:
+    """Drop the ``anonymous=None`` that Lightning's ``WandbLogger`` passes to ``wandb.init`` (W&B warns that the
+    setting has no effect) from loggers whose W&B run has not started."""
+    for logger in loggers or []:
+        init = getattr(logger, "_wandb_init", None)  # Lightning's WandbLogger: the keyword arguments of wandb.init
+        if isinstance(init, dict) and init.get("anonymous", 0) is None and getattr(logger, "_experiment", 1) is None:
+            init.pop("anonymous")
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """While a CLI command runs: hide LightningCLI's warning about ``args`` and ``sys.argv`` both being given (the
+    package passes ``args`` on purpose) and Lightning's logger tip."""
+    from lightning_utilities.core import rank_zero
+
+    log, tips = rank_zero.log, _DropTips()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended")
+        log.addFilter(tips)
+        try:
+            yield
+        finally:
+            log.removeFilter(tips)
 
 
 def parse_ckpt_path_safely(cli: Any, parse: Any) -> None:
@@ -236,7 +442,49 @@ def check_trainer_settings(trainer: Trainer, model: LightningModule) -> None:
 class RunConfigCallback(SaveConfigCallback):
     """Writes the resolved config into the run's own directory at the start of fit (never for validate / test /
     predict), with the logger's run id filled in, and prints the run id and the resume command at the start, the end
-    and on failure. Construct it with ``save_to_log_dir=False`` (the CLI does)."""
+    and on failure. Construct it with ``save_to_log_dir=False`` (the CLI does).
+
+    From ``setup`` to the end of the fit it holds the run directory's ``.fit.lock``, and it refuses a run directory
+    whose ``config.yaml`` has other settings (see the module docstring)."""
+
+    _lock: RunLock | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))
+        ckpt_path = self.config.get("ckpt_path")  # trainer.ckpt_path is set only after the setup hooks
+        if stage == "fit" and not trainer.fast_dev_run:
+            self._take_run(trainer, ckpt_path)
+        elif stage != "fit" and owner_run_dir(ckpt_path) is not None:
+            return  # evaluating a run's checkpoint: the W&B run config stays the fit's
+        super().setup(trainer, pl_module, stage)
+
+    def _take_run(self, trainer: Trainer, ckpt_path: Any) -> None:
+        """Lock the run directory and check its config (rank zero decides; every rank raises the same error)."""
+        from lightning_methods.results.record import run_directory
+
+        error = None
+        if trainer.is_global_zero:
+            run_dir = run_directory(trainer)
+            try:
+                self._lock = RunLock(run_dir, FIT_LOCK, "a fit's run directory").acquire()
+                ckpt = trainer.checkpoint_callback
+                check_run_config(run_dir, yaml.safe_load(self.parser.dump(self.config, skip_unset=False)),
+                                 ckpt_path, getattr(ckpt, "dirpath", None))
+            except (ConfigMismatchError, RuntimeError) as err:
+                self._release()
+                error = (type(err), str(err))
+        error = trainer.strategy.broadcast(error)
+        if error is not None:
+            raise error[0](error[1])
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if str(getattr(stage, "value", stage)) == "fit":
+            self._release()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._run = None
@@ -269,6 +517,7 @@ class RunConfigCallback(SaveConfigCallback):
         self._announce("finished")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
         self._announce(f"stopped ({type(exception).__name__})")
 
 
@@ -283,7 +532,8 @@ def package_error(exc: BaseException) -> BaseException | None:
             tb = tb.tb_next
         if tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("lightning_methods"):
             found = current
-        current = current.__cause__ or current.__context__
+        # `raise ... from None` hides the context: it is not part of what went wrong
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return found
 
 

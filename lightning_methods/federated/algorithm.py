@@ -18,6 +18,7 @@ One round, in both runtimes:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_methods.callbacks.nonfinite_guard import NonFiniteTrainingError
 from lightning_methods.federated.client import FedClientModule
 from lightning_methods.utils import mix_seed
 
@@ -99,6 +101,32 @@ def build_net(family: str, info: FederationInfo | ClientInfo, seed: int, feature
 def cpu_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a state dict."""
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+
+def non_finite_entries(obj: Any, prefix: str = "") -> list[str]:
+    """Paths of the NaN / inf floating-point tensors and floats in a nested structure (dicts, lists, payloads)."""
+    if isinstance(obj, Payload):
+        return non_finite_entries(obj.arrays, prefix)
+    if isinstance(obj, torch.Tensor):
+        return [prefix] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [prefix]
+    if isinstance(obj, Mapping):
+        return [p for k, v in obj.items() for p in non_finite_entries(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in non_finite_entries(v, f"{prefix}[{i}]")]
+    return []
+
+
+def check_finite(obj: Any, what: str) -> None:
+    """Raise :class:`~lightning_methods.callbacks.nonfinite_guard.NonFiniteTrainingError` naming the non-finite
+    entries of ``obj`` (``what`` says what it is: "round 3: server state after aggregation", ...)."""
+    bad = non_finite_entries(obj)
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise NonFiniteTrainingError(f"{what}: NaN or inf in {shown}; the round is not recorded. Most often a client "
+                                     "or server learning rate that is too high (federation.lr, the algorithm's "
+                                     "server_lr): lower it and rerun in a new run_dir.")
 
 
 class FedAlgorithm:

@@ -37,7 +37,7 @@ RUN_KEYS = ("config", "run_dir", "resume", "progress", "compare_with", "logger",
 
 def build_parser() -> ArgumentParser:
     """The ``lightning-methods-fed`` parser."""
-    parser = ArgumentParser(prog="lightning-methods-fed", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="lightning-methods fed", description=__doc__.splitlines()[0],
                             epilog="lightning-methods-fed table RUN_DIR [RUN_DIR ...] prints the comparison table "
                                    "(final-round and best-over-rounds accuracy) of finished runs.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file")

@@ -27,11 +27,13 @@ our choice (documented in docs/methods/fedfree.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from lightning_methods.callbacks.nonfinite_guard import NonFiniteTrainingError
 from lightning_methods.federated.layers import LayerSpec
 
 Params = Mapping[str, torch.Tensor]
@@ -167,6 +169,10 @@ def distill_layer(global_params: Params, global_spec: LayerSpec, teachers: Seque
 
     Returns:
         The updated parameters (detached, same dtype) and the loss before each step.
+
+    Raises:
+        NonFiniteTrainingError: if the loss or the updated parameters are NaN / inf (client layers that diverged, or
+            a server learning rate that is too high).
     """
     if steps < 0 or lr < 0 or batch_size < 1:
         raise ValueError(f"need steps >= 0, lr >= 0, batch_size >= 1; got {steps}, {lr}, {batch_size}")
@@ -175,13 +181,21 @@ def distill_layer(global_params: Params, global_spec: LayerSpec, teachers: Seque
     merged = merge_teachers(teachers, global_spec)
     groups, weights = [(p, s) for p, s, _ in merged], [n / len(teachers) for _, _, n in merged]
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
         x = pseudo_input(global_spec, batch_size, generator, spatial, params["weight"].dtype)
         with torch.enable_grad():
             loss = distillation_loss(params, global_spec, groups, x.to(params["weight"].device), reduction, weights)
             grads = torch.autograd.grad(loss, list(params.values()))
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise NonFiniteTrainingError(f"server distillation of global layer {global_spec.name!r}: the loss (Eq. 3) "
+                                         f"is {losses[-1]} at step {step} (lr={lr:g}, {len(teachers)} client layers); "
+                                         "a client layer diverged or the server learning rate is too high")
         with torch.no_grad():
             for p, g in zip(params.values(), grads):
                 p -= lr * g
-        losses.append(float(loss.detach()))
-    return {k: v.detach() for k, v in params.items()}, losses
+    out = {k: v.detach() for k, v in params.items()}
+    if not all(bool(torch.isfinite(v).all()) for v in out.values()):
+        raise NonFiniteTrainingError(f"server distillation of global layer {global_spec.name!r}: the updated weights "
+                                     f"are NaN or inf (lr={lr:g}); lower the server learning rate")
+    return out, losses

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lightning_methods.federated.algorithm import FederationInfo, Payload
+from lightning_methods.federated.algorithm import FederationInfo, Payload, check_finite
 from lightning_methods.federated.results import round_metrics
 from lightning_methods.utils import atomic_torch_save, atomic_write_json
 
@@ -196,8 +196,11 @@ class AlgorithmStrategy(Strategy):
         if sorted(uploads) != list(range(self.info.num_clients)):
             raise RuntimeError(f"round {server_round}: uploads from clients {sorted(uploads)}, expected all "
                                f"{self.info.num_clients}")
+        check_finite(uploads, f"round {server_round}: client uploads")
         t0 = time.perf_counter()
         metrics = self.algorithm.aggregate(server_round, uploads)
+        check_finite({"state": self.algorithm.server_state_dict(), "downloads": self.algorithm.pending,
+                      "metrics": metrics}, f"round {server_round}: server aggregation")
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self._record = {"round": server_round, "time/server": time.perf_counter() - t0, **scalars,
                         "aligned": metrics.get("aligned", {})}

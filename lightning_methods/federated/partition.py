@@ -20,10 +20,48 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 SCHEMES = ("pathological", "htfl_pathological", "dirichlet", "iid")
+Scheme = Literal["pathological", "htfl_pathological", "dirichlet", "iid"]
+
+
+@dataclass
+class PartitionSettings:
+    """How a data set is split across clients (the ``data.partition`` group of a ``lightning-methods-fed`` config).
+
+    Args:
+        num_clients: number of clients.
+        scheme: ``"pathological"`` (FedFree's non-IID1, pFedHN-style), ``"htfl_pathological"`` (HtFLlib's ``pat``),
+            ``"dirichlet"`` or ``"iid"``.
+        classes_per_client: classes per client of the pathological schemes (FedFree: 1 on CIFAR-10, 10 on
+            CIFAR-100).
+        alpha: Dirichlet concentration (HtFLlib: 0.1).
+        merge: HtFLlib's protocol: merge train and test, partition, split each client's share ``train_fraction`` /
+            rest into local train / test. ``False``: partition the train split; local test sets follow each
+            client's label distribution.
+        train_fraction: local training share with ``merge`` (HtFLlib: 0.75).
+        balance: equal class shares in ``htfl_pathological`` (HtFLlib's ``balance``).
+        min_samples: smallest client share the Dirichlet scheme accepts; ``None`` = HtFLlib's
+            ``min(40, N / num_clients / 2)``.
+    """
+
+    num_clients: int = 20
+    scheme: Scheme = "pathological"
+    classes_per_client: int = 10
+    alpha: float = 0.1
+    merge: bool = False
+    train_fraction: float = 0.75
+    balance: bool = True
+    min_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown partition {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if self.num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
 
 
 @dataclass
@@ -102,7 +140,7 @@ def pathological_shares(num_clients: int, num_classes: int, classes_per_client: 
     return shares
 
 
-def htfl_pathological_parts(labels: np.ndarray, num_clients: int, num_classes: int, classes_per_client: int,
+def htfl_pathological_parts(labels: np.ndarray, *, num_clients: int, num_classes: int, classes_per_client: int,
                             balance: bool, rng: np.random.RandomState, least_samples: int) -> list[np.ndarray]:
     """HtFLlib / PFLlib ``pat``: class i goes to the first ``ceil(num_clients / num_classes * c)`` clients that
     still need classes; balanced shares give each ``int(n / m)`` samples and the last one the rest."""
@@ -128,8 +166,8 @@ def htfl_pathological_parts(labels: np.ndarray, num_clients: int, num_classes: i
     return [np.concatenate(p).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts]
 
 
-def dirichlet_parts(labels: np.ndarray, num_clients: int, num_classes: int, alpha: float, rng: np.random.RandomState,
-                    min_samples: int, max_tries: int = 1000) -> list[np.ndarray]:
+def dirichlet_parts(labels: np.ndarray, *, num_clients: int, num_classes: int, alpha: float,
+                    rng: np.random.RandomState, min_samples: int, max_tries: int = 1000) -> list[np.ndarray]:
     """HtFLlib's capped per-class Dirichlet split (see the module docstring)."""
     n = len(labels)
     for _ in range(max_tries):
@@ -163,26 +201,14 @@ def local_split(idx: np.ndarray, train_fraction: float, rng: np.random.RandomSta
     return perm[n_test:], perm[:n_test]
 
 
-def make_client_split(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, num_classes: int,
-                      scheme: str = "pathological", classes_per_client: int = 10, alpha: float = 0.1,
-                      merge: bool = False, train_fraction: float = 0.75, balance: bool = True,
-                      min_samples: int | None = None, seed: int = 0) -> ClientSplit:
+def make_client_split(train_labels: np.ndarray, test_labels: np.ndarray, settings: PartitionSettings, *,
+                      num_classes: int, seed: int = 0) -> ClientSplit:
     """Partition a data set across clients (see the module docstring).
 
     Args:
         train_labels, test_labels: int labels of the source train / test splits.
-        num_clients: number of clients.
+        settings: clients, scheme and its parameters (:class:`PartitionSettings`).
         num_classes: number of classes of the data set.
-        scheme: ``"pathological"``, ``"htfl_pathological"``, ``"dirichlet"`` or ``"iid"``.
-        classes_per_client: classes per client for the pathological schemes (FedFree: 1 on CIFAR-10, 10 on
-            CIFAR-100).
-        alpha: Dirichlet concentration (HtFLlib: 0.1).
-        merge: HtFLlib's merge-then-split with a per-client ``train_fraction`` split (else the test split follows
-            each client's label distribution).
-        train_fraction: local train share with ``merge`` (HtFLlib: 0.75).
-        balance: equal shares in ``htfl_pathological`` (HtFLlib's ``balance``).
-        min_samples: smallest client share the Dirichlet scheme accepts; ``None`` = HtFLlib's
-            ``min(40, N / num_clients / 2)``.
         seed: seed of every random choice.
 
     Returns:
@@ -192,6 +218,8 @@ def make_client_split(train_labels: np.ndarray, test_labels: np.ndarray, num_cli
         ValueError: for an unknown scheme, ``classes_per_client`` outside [1, num_classes], ``alpha <= 0``, fewer
             samples than clients, or a client left without training samples.
     """
+    num_clients, scheme, classes_per_client = settings.num_clients, settings.scheme, settings.classes_per_client
+    alpha, merge, train_fraction = settings.alpha, settings.merge, settings.train_fraction
     train_labels, test_labels = np.asarray(train_labels, np.int64), np.asarray(test_labels, np.int64)
     if scheme not in SCHEMES:
         raise ValueError(f"unknown partition {scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -210,15 +238,19 @@ def make_client_split(train_labels: np.ndarray, test_labels: np.ndarray, num_cli
         raise ValueError(f"{len(labels)} samples cannot be shared by {num_clients} clients (fewer samples than "
                          "clients); use fewer clients or more data")
     rng = np.random.RandomState(seed)  # legacy stream: same draws as HtFLlib / pFedHN for the same seed
-    least = min_samples if min_samples is not None else int(min(40, len(labels) / num_clients / 2))
+    least = (settings.min_samples if settings.min_samples is not None
+             else int(min(40, len(labels) / num_clients / 2)))
     shares = None
     if scheme == "pathological":
         shares = pathological_shares(num_clients, num_classes, classes_per_client, rng)
         parts = split_by_shares(labels, shares, rng)
     elif scheme == "htfl_pathological":
-        parts = htfl_pathological_parts(labels, num_clients, num_classes, classes_per_client, balance, rng, least)
+        parts = htfl_pathological_parts(labels, num_clients=num_clients, num_classes=num_classes,
+                                        classes_per_client=classes_per_client, balance=settings.balance, rng=rng,
+                                        least_samples=least)
     elif scheme == "dirichlet":
-        parts = dirichlet_parts(labels, num_clients, num_classes, alpha, rng, least)
+        parts = dirichlet_parts(labels, num_clients=num_clients, num_classes=num_classes, alpha=alpha, rng=rng,
+                                min_samples=least)
     else:
         parts = [np.sort(p).astype(np.int64) for p in np.array_split(rng.permutation(len(labels)), num_clients)]
     if merge:

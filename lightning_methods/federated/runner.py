@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_methods.datamodules.federated import FederatedDataModule
-from lightning_methods.federated.algorithm import FedAlgorithm, FederationInfo
+from lightning_methods.federated.algorithm import FedAlgorithm, FederationInfo, check_finite
 from lightning_methods.federated.config import FederationConfig, assign_families
 from lightning_methods.federated.local import ClientRuntime
 from lightning_methods.federated.results import round_metrics, write_run_results
@@ -96,9 +96,12 @@ class FederatedRunner:
             uploads[i], t = rt.fit(i, self.clients[i], round)
             times["time/train"] += t["train"]
             times["time/steps"] += t["steps"]
+        check_finite(uploads, f"round {round}: client uploads")
         t0 = time.perf_counter()
         server = self.algorithm.aggregate(round, uploads)
         times["time/server"] = time.perf_counter() - t0
+        check_finite({"state": self.algorithm.server_state_dict(), "downloads": getattr(self.algorithm, "pending", {}),
+                      "metrics": server}, f"round {round}: server aggregation")
         t0 = time.perf_counter()
         evaluate = round % self.fed.eval_every == 0 or round == self.fed.rounds
         correct, total = [], []

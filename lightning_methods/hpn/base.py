@@ -68,6 +68,10 @@ class LossScaleMixin:
                           "multiply the lr by the batch size or expect under-training", stacklevel=3)
         self.reduction, self.sum_scope, self.cosine_eps = reduction, sum_scope, cosine_eps
 
+    def default_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """The official HPN optimizer (``optimizer=None``): SGD lr 0.01, momentum 0.9, wd 1e-4."""
+        return official_sgd(groups)
+
     def loss_scale(self, n: int) -> float:
         """Factor applied to per-sample losses so that their mean is the configured reduction."""
         if self.reduction == "mean":

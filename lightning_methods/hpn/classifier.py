@@ -18,7 +18,6 @@ from lightning_methods.hpn.base import (
     Reduction,
     SumScope,
     at_least_float32,
-    official_sgd,
     output_backbone,
 )
 from lightning_methods.hpn.prototypes import build_prototypes, load_prototypes
@@ -91,8 +90,6 @@ class HPNClassifier(LossScaleMixin, ImageClassifier):
         if self.label_smoothing:
             raise ValueError("HPN has no label smoothing (its loss is a cosine to one prototype); set it to 0")
         self._init_loss_scale(reduction, sum_scope, cosine_eps)
-        if self.optimizer_factory is None:
-            self.optimizer_factory = official_sgd
         self.prototype_dims = prototype_dims
         k = self.num_classes
         if prototype_source == "checkpoint":

@@ -11,6 +11,8 @@ the reached separation. Use the file with ``--model.init_args.prototype_file FIL
 from __future__ import annotations
 
 import argparse
+import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,16 +40,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=300, help="seed of the Gaussian initialisation (official 300)")
     parser.add_argument("--iterations", type=int, default=10_000, help="SGD steps (official 10000)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD step size (official 0.1)")
-    parser.add_argument("--persistent-momentum", action="store_true",
+    parser.add_argument("--persistent_momentum", action="store_true",
                         help="keep one momentum buffer across steps (the official script re-creates its optimizer "
                              "every step, so its momentum has no effect)")
-    parser.add_argument("--momentum", type=float, default=0.9, help="momentum of --persistent-momentum")
+    parser.add_argument("--momentum", type=float, default=0.9, help="momentum of --persistent_momentum")
     parser.add_argument("--embeddings", type=Path, default=None,
                         help="class embeddings (.npy/.pt/.txt/.csv, K rows in class order) for semantic priors")
     parser.add_argument("--neighbours", type=int, default=5, help="semantic neighbours per class")
-    parser.add_argument("--prior-weight", type=float, default=1.0, help="weight of the semantic ranking term")
+    parser.add_argument("--prior_weight", type=float, default=1.0, help="weight of the semantic ranking term")
     parser.add_argument("--float64", action="store_true", help="optimise in float64 (file stays float32 unless set)")
     return parser
+
+
+def check_writable(out: Path) -> None:
+    """Stop with a clear message when ``out`` (and the ``.json`` beside it) cannot be written: its folder is created
+    if missing and a temporary file is written and removed there.
+
+    Raises:
+        SystemExit: the folder cannot be created or written, or ``out`` is a folder.
+    """
+    if out.is_dir():
+        raise SystemExit(f"--out {out} is a folder; give a file name ending in .npy")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".check"):
+            pass
+    except OSError as err:
+        raise SystemExit(f"--out {out}: cannot write into {out.parent.resolve()} ({err.strerror or err}); choose a "
+                         "writable path") from None
 
 
 def main(args: list[str] | None = None) -> Path:
@@ -57,9 +77,18 @@ def main(args: list[str] | None = None) -> Path:
         raise SystemExit(f"--dims must be >= 2 (a cosine on a 1-d sphere is only +-1), got {opts.dims}")
     if opts.classes < 2:
         raise SystemExit(f"--classes must be >= 2, got {opts.classes}")
+    for name in ("lr", "momentum", "prior_weight"):
+        value = getattr(opts, name)
+        if not math.isfinite(value):
+            raise SystemExit(f"--{name} must be a finite number, got {value}")
+    if opts.lr <= 0:
+        raise SystemExit(f"--lr must be > 0, got {opts.lr}")
+    if opts.iterations < 0:
+        raise SystemExit(f"--iterations must be >= 0, got {opts.iterations}")
     out = opts.out if opts.out is not None else Path(prototype_filename(opts.classes, opts.dims))
     if out.suffix != ".npy":
         raise SystemExit(f"--out must end in .npy, got {out}")
+    check_writable(out)  # before the optimisation, not after 10,000 steps
     embeddings = load_class_embeddings(opts.embeddings, opts.classes) if opts.embeddings else None
     start = time.perf_counter()
     protos = optimize_prototypes(

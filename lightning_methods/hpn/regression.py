@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchmetrics import MetricCollection
 
 from lightning_methods.classifier import ImageClassifier, as_dict_batch
 from lightning_methods.hpn.base import (
@@ -19,7 +20,6 @@ from lightning_methods.hpn.base import (
     RegressionMixin,
     SumScope,
     at_least_float32,
-    official_sgd,
     output_backbone,
     regression_metrics,
 )
@@ -75,12 +75,11 @@ class HPNRegressor(LossScaleMixin, RegressionMixin, ImageClassifier):
             raise ValueError("HPNRegressor has no label smoothing; set it to 0")
         self._init_loss_scale(reduction, sum_scope, cosine_eps)
         self._init_regression(bounds, clip_targets, regression_key)
-        if self.optimizer_factory is None:
-            self.optimizer_factory = official_sgd
         self.output_dims = output_dims
-        self.train_metrics = regression_metrics().clone(prefix="train/")
-        self.val_metrics = regression_metrics().clone(prefix="val/")
-        self.test_metrics = regression_metrics().clone(prefix="test/")
+
+    def make_metrics(self) -> MetricCollection:
+        """Regression metrics (the base's accuracy metrics do not apply to a value)."""
+        return regression_metrics()
 
     def setup(self, stage: str) -> None:
         if stage == "fit" or self.bounds is None:

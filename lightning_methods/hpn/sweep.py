@@ -10,8 +10,9 @@ Each t is one stage of a :class:`lightning_methods.runs.StagedRun` in ``OUT`` (f
 the overrides, a lock, atomic writes): ``lightning-methods fit --config CONFIG --model.init_args.task_weight t
 --test_after_fit last`` with its checkpoints in ``OUT/t=<t>/checkpoints`` (an interrupted t resumes from its
 ``last.ckpt``; finished t's are never rerun) and its own W&B run ``<name>-t=<t>``. After every finished t the table
-goes to ``OUT/sweep.csv`` and ``OUT/sweep.json``; at the end it is printed and plotted to ``OUT/sweep.png``. A sweep
-with another config or other overrides in the same ``OUT`` stops with a message naming the differing settings.
+goes to ``OUT/sweep.csv`` and ``OUT/sweep.json``; at the end it is printed and plotted to ``OUT/sweep.png`` (also
+logged to the W&B run ``<name>-sweep`` when the config has a ``WandbLogger``). A sweep with another config or other
+overrides in the same ``OUT`` stops with a message naming the differing settings.
 Each t runs on one device (``trainer.devices`` 1): the demo is a CPU sweep.
 """
 
@@ -28,7 +29,7 @@ import yaml
 from lightning_methods.losses.hpn import check_task_weight
 from lightning_methods.runs import NEUTRAL_KEYS, StagedRun, config_fingerprint
 from lightning_methods.utils import atomic_write_text
-from lightning_methods.utils.wandb import stage_run_settings
+from lightning_methods.utils.wandb import log_pictures, stage_run_settings
 
 PAPER_OMNIART = {0.01: (46.6, 65.2), 0.1: (51.2, 64.6), 0.25: (54.5, 64.1), 0.5: (52.6, 68.3), 0.9: (51.4, 83.6)}
 METRICS = ("test/acc", "test/acc_top5", "test/mae", "test/rmse", "test/loss_c", "test/loss_r")
@@ -178,7 +179,12 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
             write_results(run, results)
         if results and run.is_writer:
             print(format_table(results))
-            print(f"results: {run.run_dir / 'sweep.csv'}, {run.run_dir / 'sweep.json'}, {plot(run.run_dir, results)}")
+            png = plot(run.run_dir, results)
+            print(f"results: {run.run_dir / 'sweep.csv'}, {run.run_dir / 'sweep.json'}, {png}")
+            settings = _wandb_init_args(opts.config)
+            if settings is not None:  # the picture also goes to W&B: run <name>-sweep in the sweep's group
+                stage_run_settings(settings, run.run_dir.name, "sweep", run.wandb_id("sweep"))
+                log_pictures({"hpn/sweep": png}, settings=settings)
     return results
 
 

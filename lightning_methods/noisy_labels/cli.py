@@ -32,7 +32,8 @@ from lightning_methods.utils.wandb import finish_open_run
 
 def build_parser() -> LightningArgumentParser:
     """The argument parser of ``lightning-methods-select``."""
-    parser = LightningArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = LightningArgumentParser(prog="lightning-methods select",
+                                     description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file (YAML/JSON).")
     parser.add_argument("--seed_everything", type=int, default=1,
                         help="Seed; round r is seeded with seed_everything + r (the noise and split use data.seed).")

@@ -177,8 +177,7 @@ class CoTrainingClassifier(ImageClassifier):
         optimizers, schedulers = [], []
         for net in (self.net1, self.net2):
             groups = param_groups_by_role(net, no_weight_decay_roles=roles)
-            opt = (torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-4) if self.optimizer_factory is None
-                   else self.optimizer_factory(groups))
+            opt = self.make_optimizer(groups)
             optimizers.append(opt)
             if self.scheduler_factory is not None:
                 schedulers.append({"scheduler": self.scheduler_factory(opt),

@@ -12,6 +12,7 @@ a finished round is never recomputed, an interrupted one resumes from its ``last
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ class EarlyCuttingRunner:
         self.staged: StagedRun | None = None
         self.histories: dict[int, PredictionHistoryCallback] = {}  # rounds run by this process (for inspection)
         self.cuts: dict[int, CutResult] = {}
+        self._start = time.monotonic()
 
     # ------------------------------------------------------------------------------------------- state
     def fingerprint(self) -> dict[str, Any]:
@@ -71,6 +73,16 @@ class EarlyCuttingRunner:
         """``{"rounds": {r: stats}, "final": stats}`` of the finished stages (read from the run's state)."""
         stages = self.staged.state.get("stages", {}) if self.staged else {}
         return {"rounds": {k[5:]: v for k, v in stages.items() if k.startswith("round")}, "final": stages.get("final")}
+
+    # ------------------------------------------------------------------------------------------- progress
+    def _progress(self, message: str) -> None:
+        """One ``[select]`` progress line on stdout (rank zero), with the time since the command started."""
+        if get_rank() == 0:
+            elapsed = time.monotonic() - self._start
+            print(f"[select] {message} ({elapsed:.0f} s elapsed)", flush=True)
+
+    def _stage_count(self) -> int:
+        return self.sel.rounds + int(bool(self.sel.final_round))
 
     # ------------------------------------------------------------------------------------------- building blocks
     def _instantiate(self, tag: str, train_indices: torch.Tensor | None, callbacks: list) -> tuple[Any, Any, Trainer]:
@@ -171,6 +183,10 @@ class EarlyCuttingRunner:
         self.histories[r] = history
         tracker, ckpt = TestAccuracyTracker(), self._checkpoint(tag)
         model, dm, trainer = self._instantiate(tag, train_indices, [history, tracker, ckpt])
+        n = len(train_indices) if train_indices is not None else "all"
+        self._progress(f"stage {r + 1} of {self._stage_count()}: selection round {r} on {n} training samples, up to "
+                       f"{trainer.max_epochs} epochs (stops when the selection reaches keep rate "
+                       f"{sel.keep_rate_of(r):g})")
         if not self._fit(model, dm, trainer, ckpt, history, tracker):
             return None
         n_train = len(dm.train_set)
@@ -193,6 +209,9 @@ class EarlyCuttingRunner:
         stats.update(self._noise_stats(dm, "fkl", fkl))
         if r == 0 and sel.early_cutting:
             best = ckpt.best_model_path
+            self._progress(f"round {r}: the cut - scoring the earliest-learned {sel.cutting_rate:g} of the "
+                           f"{len(fkl)} selected samples with the best checkpoint {Path(best).name}")
+            cut_start = time.monotonic()
             if get_rank() == 0:
                 model.load_state_dict(read_checkpoint(best)["state_dict"])  # checksum verified, weights-only
                 cut, scores = compute_early_cut(model, dm, fkl, sel, trainer.strategy.root_device)
@@ -200,6 +219,8 @@ class EarlyCuttingRunner:
             else:
                 cut = None
             cut = self.cuts[r] = broadcast_object(cut)
+            self._progress(f"round {r}: the cut took {time.monotonic() - cut_start:.1f} s: {len(cut.candidates)} "
+                           f"candidates, {len(cut.removed)} samples removed, {len(cut.selected)} kept")
             stats.update({"best_checkpoint": Path(best).name, **self._noise_stats(dm, "cut_subset", cut.subset),
                           **self._noise_stats(dm, "candidates", cut.candidates),
                           **self._noise_stats(dm, "removed", cut.removed)})
@@ -211,6 +232,8 @@ class EarlyCuttingRunner:
         stats.update(self._noise_stats(dm, "selected", selected))
         stats["status"] = "done"
         self._report(trainer, tag, stats, files)
+        self._progress(f"selection round {r} done: stopped at epoch {history.stop_epoch}, {len(selected)} of "
+                       f"{n_train} samples selected")
         return stats
 
     def final_round(self, train_indices: torch.Tensor | None) -> dict[str, Any] | None:
@@ -219,6 +242,9 @@ class EarlyCuttingRunner:
         seed_everything(self.seed + self.sel.rounds)
         tracker, ckpt = TestAccuracyTracker(), self._checkpoint(tag)
         model, dm, trainer = self._instantiate(tag, train_indices, [tracker, ckpt])
+        n = len(train_indices) if train_indices is not None else "all"
+        self._progress(f"stage {self._stage_count()} of {self._stage_count()}: final round on {n} selected samples, "
+                       f"{trainer.max_epochs} epochs")
         if not self._fit(model, dm, trainer, ckpt, None, tracker):
             return None
         stats = {"n_train": len(dm.train_set), **self._noise_stats(dm, "train", dm.train_set.indices),
@@ -260,7 +286,8 @@ class EarlyCuttingRunner:
                     return {"status": "interrupted", "round": r}
                 self.staged.mark_done(f"round{r}", done)
             else:
-                rank_zero_info(f"round {r} already finished ({done['status']}); not recomputed")
+                self._progress(f"stage {r + 1} of {self._stage_count()}: selection round {r} finished earlier "
+                               f"({done['status']}); not recomputed")
             if done["status"] != "done":
                 ended = self.sel.on_threshold_not_reached == "stop"
                 break

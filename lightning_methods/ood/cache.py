@@ -9,8 +9,9 @@ fingerprint holds the encoder (kind, name, SHA-256 of its weights and of its wei
 image set (its spec and the SHA-256 of its pixels and labels). An entry is used only when the fingerprint stored
 *inside* the feature file equals the expected one; a mismatch names the fields that differ.
 
-Every entry is verified against its recorded SHA-256 before it is unpickled: a flipped byte, a truncated file or a
-missing checksum stops with :class:`CorruptFileError` naming the file (never a silent reload of damaged features).
+Every entry is verified against its recorded SHA-256 before it is unpickled (without the ``.sha256`` file: against
+the digest stored inside it): a flipped byte, a truncated file or a missing checksum stops with
+:class:`CorruptFileError` naming the file (never a silent reload of damaged features).
 :func:`save_verified` / :func:`load_verified` do the same for the pipeline's stage outputs (splits, RDMs, scores).
 
 Policies: ``"reuse"`` (use valid entries, recompute stale or missing ones, stop on corrupt ones), ``"require"`` (fail
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_methods.checkpoint_io import recorded_hashes, write_checkpoint
+from lightning_methods.checkpoint_io import DIGEST_KEY, payload_digest, recorded_hashes, write_checkpoint
 from lightning_methods.ood.features import EmbeddingSet
 from lightning_methods.utils import atomic_write_json, safe_torch_load
 from lightning_methods.utils.io import sha256_file
@@ -46,8 +47,9 @@ class CorruptFileError(ValueError):
 REFRESH_HINT = "run the command again with --cache_policy refresh to recompute it, or delete the file"
 
 
-def save_verified(obj: Any, path: str | Path) -> str:
-    """Write ``obj`` atomically with its SHA-256 in ``<path>.sha256`` (call on one rank only); returns the digest."""
+def save_verified(obj: dict[str, Any], path: str | Path) -> str:
+    """Write the dict ``obj`` atomically with its SHA-256 in ``<path>.sha256`` and a digest of its content inside it
+    (:func:`lightning_methods.checkpoint_io.write_checkpoint`; call on one rank only); returns the file's SHA-256."""
     path = write_checkpoint(obj, path, keep_previous=False, check_finite=False)
     return recorded_hashes(path)[0]
 
@@ -64,17 +66,22 @@ def load_verified(path: str | Path, what: str, hint: str = REFRESH_HINT) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     expected = recorded_hashes(path)
-    if not expected:
-        raise CorruptFileError(f"{what} {path} has no recorded checksum ({path.name}.sha256 is missing), so its "
-                               f"content cannot be trusted: {hint}")
-    actual = sha256_file(path)
-    if actual not in expected:
+    actual = sha256_file(path) if expected else None
+    if expected and actual not in expected:
         raise CorruptFileError(f"{what} {path} is corrupt: its SHA-256 {actual[:16]}... differs from the one recorded "
                                f"in {path.name}.sha256 when it was written (damaged or truncated): {hint}")
     try:
-        return safe_torch_load(path, what=what)
+        data = safe_torch_load(path, what=what)
     except ValueError as err:
         raise CorruptFileError(f"{what} {path} cannot be read ({err}): {hint}") from err
+    if not isinstance(data, dict) or (not expected and DIGEST_KEY not in data):
+        raise CorruptFileError(f"{what} {path} has no recorded checksum ({path.name}.sha256 is missing and the file "
+                               f"carries no digest), so its content cannot be trusted: {hint}")
+    if not expected and payload_digest(data) != data[DIGEST_KEY]:  # a copy without its sidecar: the digest inside
+        raise CorruptFileError(f"{what} {path} is corrupt: its content differs from the SHA-256 digest stored inside "
+                               f"it when it was written: {hint}")
+    data.pop(DIGEST_KEY, None)
+    return data
 
 
 def content_hash(*tensors: torch.Tensor) -> str:

@@ -45,7 +45,8 @@ from lightning_methods.utils.wandb import finish_open_run
 
 def build_parser() -> LightningArgumentParser:
     """The argument parser of ``lightning-methods-ood``."""
-    parser = LightningArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = LightningArgumentParser(prog="lightning-methods ood",
+                                     description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file (YAML/JSON).")
     parser.add_argument("--run_dir", type=str, default="runs/ood", help="Directory of the run (state, RDMs, report).")
     parser.add_argument("--resume", type=bool, default=True, help="Continue the run found in run_dir.")

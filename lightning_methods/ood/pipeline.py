@@ -212,7 +212,7 @@ class EncMin2LPipeline:
                 digests[name] = recorded_hashes(self.cache.path(spec.name, name))[0]
                 continue
             rank_zero_info(f"[ood] {stage}: embedding {name} ({reason})")
-            fs = embed(encoder, s.images, s.targets, s.index, make_trainer=self._predict_trainer(f"{stage} {name}"),
+            fs = embed(encoder, s.images, s.targets, s.index, make_trainer=self._predict_trainer(stage, name),
                        batch_size=self.embed_cfg.batch_size, num_workers=self.embed_cfg.num_workers)
             digests[name] = broadcast_object(self.cache.store(spec.name, name, fs, fp) if get_rank() == 0 else None)
             barrier()
@@ -228,9 +228,10 @@ class EncMin2LPipeline:
         self.staged.mark_done(stage, {"sets": fingerprints, "sha256": digests,
                                       "dim": self.features(spec.name, "id_fit").dim})
 
-    def _predict_trainer(self, stage: str) -> Any:
-        """A factory of quiet predict Trainers (with the batch lines of ``stage`` when progress is on)."""
-        extra = [ProgressLines(stage)] if self.progress else []
+    def _predict_trainer(self, stage: str, name: str) -> Any:
+        """A factory of quiet predict Trainers (with the batch lines of ``stage`` on set ``name`` when progress is
+        on)."""
+        extra = [ProgressLines(stage, [name])] if self.progress else []
         return lambda **kw: self.make_trainer(None, **{**kw, "callbacks": [*kw.get("callbacks", []), *extra]})
 
     def _splits(self) -> dict[str, torch.Tensor]:

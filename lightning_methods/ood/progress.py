@@ -1,7 +1,8 @@
 """Progress lines of the EncMin2L pipeline (``lightning-methods ood``): one line when a stage starts and when it ends
 (with its time), and, inside a stage, epoch / step lines of RDM and encoder fits and batch lines of the predict loops
 (embedding, PF-ODE likelihoods). Plain lines on rank zero, not a redrawn bar, so they read the same in a terminal, a
-log file or a notebook; throttled to about one line per ``every_s`` seconds plus one per tenth of the work."""
+log file or a notebook; throttled to one line per tenth of the work (once the loop has run ``min_s`` seconds) and at
+least one per ``every_s`` seconds."""
 
 from __future__ import annotations
 
@@ -39,11 +40,12 @@ class ProgressLines(Callback):
     Args:
         stage: shown at the start of every line (``"rdm/cnn/raw"``).
         names: names of the predict dataloaders (the feature sets being scored), in order.
-        every_s: at most one line per this many seconds, besides one per tenth of the work and the last one.
+        every_s: a line at least this often (seconds), besides one per tenth of the work.
+        min_s: loops shorter than this (seconds) print no lines (the stage's start / finish lines suffice).
     """
 
-    def __init__(self, stage: str, names: list[str] | None = None, every_s: float = 20.0) -> None:
-        self.stage, self.names, self.every_s = stage, list(names or []), every_s
+    def __init__(self, stage: str, names: list[str] | None = None, every_s: float = 30.0, min_s: float = 3.0) -> None:
+        self.stage, self.names, self.every_s, self.min_s = stage, list(names or []), every_s, min_s
         self._start = self._last = 0.0
         self._tenth = -1
         self._done = 0
@@ -51,7 +53,9 @@ class ProgressLines(Callback):
     def _due(self, fraction: float) -> bool:
         now = time.perf_counter()
         tenth = int(fraction * 10 + 1e-9)
-        if tenth > self._tenth or now - self._last >= self.every_s or fraction >= 1.0:
+        if now - self._start < self.min_s:
+            return False
+        if tenth > self._tenth or now - self._last >= self.every_s:
             self._tenth, self._last = tenth, now
             return True
         return False

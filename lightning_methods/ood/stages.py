@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_methods.callbacks.gather_predictions import GatherPredictions
 from lightning_methods.callbacks.warmup_ema import WarmupEMA
-from lightning_methods.checkpoint_io import SafeCheckpointIO
+from lightning_methods.checkpoint_io import SafeCheckpointIO, read_checkpoint
 from lightning_methods.classifier import ImageClassifier
 from lightning_methods.datamodules.base import ImageDataModule
 from lightning_methods.ood.cache import load_verified
@@ -148,6 +148,13 @@ def fit_rdm(cfg: RDMConfig, train: EmbeddingSet, preprocessor: FeaturePreprocess
                            enable_checkpointing=True, limit_val_batches=0, num_sanity_val_steps=0,
                            plugins=[SafeCheckpointIO()])
     last = out_dir / "last.ckpt"
+    if last.is_file():
+        checkpoint = read_checkpoint(last)  # checksum verified
+        if int(checkpoint.get("epoch", -1)) + 1 >= cfg.max_epochs:
+            # a finished fit (its rdm.pt was lost): the checkpoint's state_dict holds the final (EMA) weights;
+            # Trainer.fit would skip the finished loop without swapping the EMA weights in
+            model.load_state_dict(checkpoint["state_dict"])
+            return model
     trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
     return model if _complete(trainer) else None
 

@@ -17,11 +17,15 @@ import inspect
 import json
 import re
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning_methods.results.aggregate import paper_numbers
+
+#: Width of the text output (descriptions are wrapped, never cut).
+WIDTH = 120
 
 #: Config folders that hold shared pieces or demos rather than one method's setups.
 SHARED_FOLDERS = (".", "base")
@@ -60,9 +64,32 @@ def readme_methods(readme: Path) -> list[dict[str, Any]]:
 
 
 def _plain_markdown(text: str) -> str:
-    """A README cell as plain text: ``[docs](path)`` -> ``docs: path``, no backticks or emphasis."""
+    """A README cell as plain text: ``[docs](path)`` -> ``docs: path``; code spans keep their text verbatim (``mlp*``),
+    backticks and emphasis markers outside them are dropped."""
     text = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r"\1: \2", text)
-    return re.sub(r"[`*]", "", text).strip()
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(p[1:-1] if p.startswith("`") else re.sub(r"\*+", "", p) for p in parts).strip()
+
+
+def plain_rst(text: str) -> str:
+    """Docstring text without reStructuredText markup, whitespace collapsed: ``:class:`~a.B``` -> ``B``,
+    ``:func:`a.f``` -> ``a.f``, ``:meth:`title <target>``` -> ``title``, double and single backticks dropped."""
+
+    def role(match: re.Match) -> str:
+        target = match.group(1).split(" <", 1)[0].strip()
+        return target[1:].rsplit(".", 1)[-1] if target.startswith("~") else target
+
+    text = re.sub(r":[a-z]+:`([^`]*)`", role, text)
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    text = re.sub(r"`([^`]*)`", r"\1", text)
+    return " ".join(text.split())
+
+
+def first_sentence(text: str) -> str:
+    """``text`` up to the end of its first sentence (a period followed by a space and an upper-case letter, or the
+    end); the whole text when it has no such period."""
+    match = re.search(r"\.(?=\s+[A-Z(])", text)
+    return text[: match.end()] if match else text
 
 
 def folder_paper(items: list[dict[str, Any]], root: Path) -> str:
@@ -76,15 +103,21 @@ def folder_paper(items: list[dict[str, Any]], root: Path) -> str:
 
 
 def config_summary(path: Path) -> str:
-    """The first header comment line of a config (without ``#``)."""
+    """The description of a config: the first sentence of its first header comment paragraph (the comment lines
+    before an empty ``#`` line or an indented command line), as plain text."""
+    lines = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            text = line.lstrip("#").strip()
-            if text:
-                return text
-        elif line.strip():
-            break
-    return ""
+        if not line.startswith("#"):
+            if line.strip() or lines:
+                break
+            continue
+        body = line[1:]
+        if not body.strip() or body.startswith("   "):  # paragraph end, or an indented command line
+            if lines:
+                break
+            continue
+        lines.append(body.strip())
+    return first_sentence(plain_rst(" ".join(lines)))
 
 
 def configs_by_folder(root: Path) -> dict[str, list[dict[str, Any]]]:
@@ -95,8 +128,8 @@ def configs_by_folder(root: Path) -> dict[str, list[dict[str, Any]]]:
     for path in sorted(base.rglob("*.yaml")):
         rel = path.relative_to(base)
         folder = rel.parts[0] if len(rel.parts) > 1 else "."
-        out.setdefault(folder, []).append({"path": f"configs/{rel.as_posix()}", "summary": config_summary(path),
-                                           "paper": paper_numbers(path)})
+        out.setdefault(folder, []).append({"path": f"configs/{rel.as_posix()}", "file": str(path.resolve()),
+                                           "summary": config_summary(path), "paper": paper_numbers(path)})
     return out
 
 
@@ -130,7 +163,7 @@ def datamodule_table() -> list[dict[str, Any]]:
         obj = getattr(datamodules, name)
         if inspect.isclass(obj) and issubclass(obj, LightningDataModule):
             classes = getattr(obj, "num_classes", None)
-            doc = (inspect.getdoc(obj) or "").split("\n")[0]
+            doc = first_sentence(plain_rst((inspect.getdoc(obj) or "").split("\n\n")[0]))
             rows.append({"name": name, "num_classes": classes if isinstance(classes, int) and classes > 0 else None,
                          "summary": doc})
     return rows
@@ -174,15 +207,17 @@ def render(data: dict[str, Any], root: Path | None) -> str:
             lines.append(f"      use: {m['entry_point']}")
         lines.append("")
     if "configs" in data:
-        lines += [f"Configs ({sum(map(len, data['configs'].values()))} under {root / 'configs' if root else '-'}): "
-                  "lightning-methods fit --config PATH", ""]
+        lines += [f"Configs ({sum(map(len, data['configs'].values()))} under {root / 'configs' if root else '-'}; "
+                  "absolute paths, usable from any folder): lightning-methods fit --config PATH", ""]
         if root is None:
             lines.append("  configs/ not found: run this in the repository, or pass --root DIR")
         for folder, items in data["configs"].items():
             lines.append(f"  {folder}/ ({len(items)})")
             for item in items:
                 paper = ", ".join(f"{k}={v:g}" for k, v in item["paper"].items())
-                lines.append(f"    {item['path']}  {item['summary'][:90]}" + (f"  [paper: {paper}]" if paper else ""))
+                lines.append(f"    {item.get('file') or item['path']}" + (f"  [paper: {paper}]" if paper else ""))
+                if item["summary"]:
+                    lines += textwrap.wrap(item["summary"], WIDTH, initial_indent=" " * 8, subsequent_indent=" " * 8)
         lines.append("")
     if "backbones" in data:
         lines += ["Backbones (model.init_args.backbone; parameters for 100 classes unless --num_classes)", ""]
@@ -194,7 +229,9 @@ def render(data: dict[str, Any], root: Path | None) -> str:
         width = max((len(d["name"]) for d in data["datamodules"]), default=10) + 2
         for d in data["datamodules"]:
             classes = f"{d['num_classes']} classes" if d["num_classes"] else ""
-            lines.append(f"  {d['name']:<{width}}{classes:<13}{d['summary'][:80]}")
+            indent = " " * (2 + width + 13)
+            lines += textwrap.wrap(d["summary"] or "-", WIDTH, initial_indent=f"  {d['name']:<{width}}{classes:<13}",
+                                   subsequent_indent=indent)
     return "\n".join(lines).rstrip() + "\n"
 
 

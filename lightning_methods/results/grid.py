@@ -32,6 +32,7 @@ import gc
 import io
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,48 @@ def _wandb_settings(cfg: dict[str, Any], run: StagedRun, name: str, stage: str, 
                          "job_type": name, "id": run.wandb_id(stage), "resume": "allow"})
 
 
+class GridProgress:
+    """Progress of a grid on stdout: ``[grid] run k of N`` before each run, and after it the time it took, the time
+    since the grid started and the estimated time left (mean time of the runs trained so far x the runs left to
+    train; runs that had finished earlier are skipped and not counted)."""
+
+    def __init__(self, run_dirs: list[Path]) -> None:
+        self.total = len(run_dirs)
+        self.pending = sum(not run_finished(d) for d in run_dirs)
+        self.k, self.trained, self.seconds = 0, 0, 0.0
+        self.start = self.run_start = time.monotonic()
+        self.skipped = False
+
+    def begin(self, run_dir: Path) -> None:
+        self.k += 1
+        self.skipped = run_finished(run_dir)
+        self.run_start = time.monotonic()
+        state = "finished earlier, skipped" if self.skipped else f"{self.pending} runs left to train"
+        print(f"[grid] run {self.k} of {self.total}: {run_dir} ({state})", flush=True)
+
+    def end(self, run_dir: Path, failed: bool = False) -> None:
+        if self.skipped:
+            return
+        took = time.monotonic() - self.run_start
+        self.pending = max(self.pending - 1, 0)
+        self.trained += 1
+        self.seconds += took
+        eta = self.seconds / self.trained * self.pending
+        left = f"about {format_seconds(eta)} left ({self.pending} runs)" if self.pending else "no runs left"
+        print(f"[grid] run {self.k} of {self.total} {'failed' if failed else 'done'} in {format_seconds(took)}; "
+              f"{format_seconds(time.monotonic() - self.start)} elapsed, {left}", flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-methods grid", description=__doc__.split("\n")[0],
@@ -226,24 +269,33 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
     if ns.mode == "sweep":
         return _write_sweeps(ns.config, fit_args, sets, ns.seeds, ns.seed_keys, grid_dir)
     records, commands, failures = [], [], []
-    for config_path in ns.config:
-        run, runs = prepare(config_path, fit_args, sets, ns.seeds, ns.seed_keys, grid_dir)
-        with contextlib.closing(run):
+    prepared: list[tuple[StagedRun, list[tuple[str, Path]]]] = []
+    try:
+        for config_path in ns.config:  # every configuration first, so the progress knows the number of runs
+            prepared.append(prepare(config_path, fit_args, sets, ns.seeds, ns.seed_keys, grid_dir))
+        progress = GridProgress([d for _, runs in prepared for _, d in runs])
+        for run, runs in prepared:
             for stage, run_dir in runs:
                 if ns.mode == "commands":
                     if not run_finished(run_dir):
                         commands.append(f"lightning-methods grid --run {run_dir}")
                     continue
+                progress.begin(run_dir)
                 try:
                     record = run_one(run_dir, ns.launch)
                 except Exception as err:
+                    progress.end(run_dir, failed=True)
                     if not ns.keep_going:
                         raise RuntimeError(f"run {run_dir} failed ({type(err).__name__}: {err}); rerun the same grid "
                                            "command to resume it (finished runs are skipped)") from err
                     failures.append(f"{run_dir}: {type(err).__name__}: {err}")
                     continue
+                progress.end(run_dir)
                 run.mark_done(stage, {"run_dir": str(run_dir), "metrics": record.get("metrics", {})})
                 records.append(record)
+    finally:
+        for run, _ in prepared:
+            run.close()
     if ns.mode == "commands":
         atomic_write_text(grid_dir / "commands.txt", "".join(f"{c}\n" for c in commands))
         print(f"{len(commands)} unfinished runs; commands in {grid_dir / 'commands.txt'}")

@@ -8,7 +8,8 @@ Every run writes ``results.json`` (:class:`~lightning_methods.callbacks.ResultsW
 (``test/acc``, ``best/val/acc`` = validation at the best epoch, ``last/val/acc`` by default; accuracies in percent),
 and the paper's number beside ours when the config names it (a ``# paper: test/acc=84.2`` header line, see
 :func:`lightning_methods.results.aggregate.paper_numbers`). Writes ``table.md``, ``table.csv`` and ``curves.png``
-(mean +- std band over seeds of ``--curve``, default ``val/acc``) into ``--output`` (default: the first directory).
+(mean +- std band over seeds of ``--curve``, default ``val/acc``) into ``--output`` (default: the first directory);
+with ``--wandb_project P`` the curves also go to a new W&B run ``table-<output folder>`` of project ``P``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lightning_methods.results.aggregate import Row, curves, default_metrics, gr
 from lightning_methods.results.gridspec import DEFAULT_SEED_KEYS
 from lightning_methods.results.record import find_records
 from lightning_methods.utils import atomic_write_text
+from lightning_methods.utils.wandb import log_pictures
 
 
 @dataclass
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                         help="W&B only: run filters (e.g. group=sam-rho=1.0, state=finished)")
     parser.add_argument("--no_plot", action="store_true", help="skip the learning-curve plot")
+    parser.add_argument("--wandb_project", default=None,
+                        help="also log the learning curves (and the table) to a new W&B run in this project")
+    parser.add_argument("--wandb_mode", choices=("online", "offline"), default=None,
+                        help="W&B mode of that run (default: W&B's own setting, e.g. WANDB_MODE)")
     return parser
 
 
@@ -162,4 +168,9 @@ def main(args: list[str] | None = None) -> Table:
         png = plot_curves(rows, ns.curve, out / "curves.png")
         files += [png] if png else []
     print("written: " + ", ".join(map(str, files)))
+    if ns.wandb_project:
+        settings = {"project": ns.wandb_project, "name": f"table-{out.resolve().name}", "job_type": "table",
+                    "save_dir": str(out.resolve()), **({"mode": ns.wandb_mode} if ns.wandb_mode else {})}
+        if log_pictures({"table/curves": out / "curves.png"} if not ns.no_plot else {}, settings=settings):
+            print(f"logged curves.png to the W&B project {ns.wandb_project}")
     return Table(rows, metrics, text, files)

@@ -6,7 +6,8 @@ arXiv 2305.19753. For every probe point (``tunnel.points``) the probe
 1. extracts the features of a seeded subset of the training split and of the test split, **one forward pass per
    batch for all points** (``analysis.features``; eval mode, no augmentation, host storage in fp32/fp16/bf16,
    optional pooling to <= ``pool_size`` x ``pool_size``);
-2. trains all linear probes together on the device (``analysis.linear_probe``; Adam 1e-3, batch 512, 30 epochs) and
+2. trains the linear probes on the device (``analysis.linear_probe``: L-BFGS to convergence, or the reimplementation's
+   Adam 1e-3, batch 512, 30 epochs) and
    reports their test accuracy;
 3. computes the numerical rank of the test features (``analysis.rank``; eigenvalues > 1e-3 x the largest, at most
    8000 seeded columns);
@@ -132,8 +133,9 @@ class TunnelProber:
         feats = train.features
         if sum(f.numel() * f.element_size() for f in feats.values()) <= s.device_cache_gb * 2**30:
             feats = {k: v.to(device) for k, v in feats.items()}
-        return train_linear_probes(feats, train.targets, num_classes, s.probe_epochs, s.probe_batch_size, s.probe_lr,
-                                   s.probe_weight_decay, s.seed, device)
+        return train_linear_probes(feats, train.targets, num_classes, solver=s.probe_solver, epochs=s.probe_epochs,
+                                   batch_size=s.probe_batch_size, lr=s.probe_lr, weight_decay=s.probe_weight_decay,
+                                   max_iter=s.probe_max_iter, tol=s.probe_tol, seed=s.seed, device=device)
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, backbone: nn.Module, id_data: ProbeData, prepare: Callable[[Mapping], torch.Tensor],

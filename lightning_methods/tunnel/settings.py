@@ -24,10 +24,15 @@ class ProbeSettings:
         max_test_samples: seeded subset of the test split for accuracy and rank (None: all; use >= 8000 for rank).
         feature_dtype: host storage of the features, ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         extract_batch_size: batch size of the feature-extraction passes.
-        probe_epochs: epochs of the linear probes (30).
-        probe_batch_size: batch size of the probes (512).
+        probe_solver: ``"lbfgs"`` (default): every linear probe is fitted to convergence (full-batch L-BFGS on the
+            cached features; a probe of the logits then reaches the model's accuracy); ``"adam"``: the
+            reimplementation's fixed loop (``probe_epochs`` epochs of Adam, which under-fits on small data).
+        probe_max_iter: L-BFGS iterations per probe at most (1000).
+        probe_tol: L-BFGS stops when the largest gradient entry of the mean cross-entropy is below this (1e-6).
+        probe_epochs: Adam: epochs of the linear probes (30).
+        probe_batch_size: Adam: batch size of the probes (512); L-BFGS: rows per chunk of the loss (memory only).
         probe_lr: Adam learning rate of the probes (1e-3).
-        probe_weight_decay: Adam weight decay of the probes (0).
+        probe_weight_decay: L2 coefficient of the probes (Adam's weight decay; 0).
         rank_rtol: relative eigenvalue threshold of the numerical rank (1e-3).
         rank_max_columns: columns kept (seeded) for the rank (8000; None keeps all).
         rank_mode: ``"covariance"`` (paper), ``"gram"`` or ``"svd"`` (see ``analysis.rank``).
@@ -48,6 +53,9 @@ class ProbeSettings:
     max_test_samples: int | None = None
     feature_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     extract_batch_size: int = 256
+    probe_solver: Literal["lbfgs", "adam"] = "lbfgs"
+    probe_max_iter: int = 1000
+    probe_tol: float = 1e-6
     probe_epochs: int = 30
     probe_batch_size: int = 512
     probe_lr: float = 1e-3
@@ -67,7 +75,7 @@ class ProbeSettings:
         checks = {"pool_size": (self.pool_size, 1), "max_train_samples": (self.max_train_samples, 2),
                   "max_test_samples": (self.max_test_samples, 2), "extract_batch_size": (self.extract_batch_size, 1),
                   "probe_batch_size": (self.probe_batch_size, 1), "probe_epochs": (self.probe_epochs, 1),
-                  "rank_max_columns": (self.rank_max_columns, 1)}
+                  "rank_max_columns": (self.rank_max_columns, 1), "probe_max_iter": (self.probe_max_iter, 1)}
         for key, (value, low) in checks.items():
             if value is not None and value < low:
                 raise ValueError(f"{key} must be >= {low} (or None where allowed), got {value}")
@@ -75,5 +83,9 @@ class ProbeSettings:
             raise ValueError(f"tunnel_threshold must be in (0, 1], got {self.tunnel_threshold}")
         if not 0.0 < self.rank_rtol < 1.0:
             raise ValueError(f"rank_rtol must be in (0, 1), got {self.rank_rtol}")
+        if self.probe_solver not in ("lbfgs", "adam"):
+            raise ValueError(f"probe_solver must be 'lbfgs' or 'adam', got {self.probe_solver!r}")
+        if not self.probe_tol > 0:
+            raise ValueError(f"probe_tol must be > 0, got {self.probe_tol}")
         if self.rank_dtype not in ("float64", "float32"):
             raise ValueError(f"rank_dtype must be 'float64' or 'float32', got {self.rank_dtype!r}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.loggers import Logger, WandbLogger
+if TYPE_CHECKING:  # Lightning is imported where a logger is used, so light commands (--help, list) stay fast
+    from lightning.pytorch.loggers import Logger, WandbLogger
 
 
 def plain(value: Any) -> Any:
@@ -27,7 +29,42 @@ def plain(value: Any) -> Any:
 
 def wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
     """The ``WandbLogger`` instances among ``loggers``."""
+    from lightning.pytorch.loggers import WandbLogger
+
     return [logger for logger in loggers if isinstance(logger, WandbLogger)]
+
+
+def log_pictures(pictures: Mapping[str, str | Path | None], loggers: Iterable[Any] = (),
+                 settings: Mapping[str, Any] | None = None, step: int | None = None) -> int:
+    """Log the PNG files of a command (``{key: path}``; ``None`` paths are skipped) as W&B images: into every
+    ``WandbLogger`` (or ``wandb`` run) among ``loggers``, or, when there is none and ``settings`` is given (the
+    ``init_args`` of a ``WandbLogger``, e.g. from a config or ``--wandb_*`` options), into a new W&B run with those
+    settings that is finished afterwards. Returns how many W&B runs received the pictures (0: none configured)."""
+    files = {key: str(path) for key, path in pictures.items() if path is not None and Path(path).is_file()}
+    if not files:
+        return 0
+    loggers = list(loggers)
+    targets = [lg.experiment for lg in wandb_loggers(lg for lg in loggers if not _is_run(lg))]
+    targets += [run for run in loggers if _is_run(run)]
+    created = None
+    if not targets and settings is not None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        created = WandbLogger(**dict(settings))
+        targets = [created.experiment]
+    import wandb
+
+    payload: dict[str, Any] = {key: wandb.Image(path) for key, path in files.items()}
+    for run in targets:
+        run.log(payload if step is None else {**payload, "trainer/global_step": step})
+    if created is not None:
+        finish_open_run(exit_code=0)
+    return len(targets)
+
+
+def _is_run(obj: Any) -> bool:
+    """A ``wandb`` run (it has ``log`` and ``summary``) rather than a Lightning logger."""
+    return hasattr(obj, "log") and hasattr(obj, "summary") and not hasattr(obj, "log_metrics")
 
 
 def log_config(loggers: Iterable[Logger], config: Mapping[str, Any]) -> None:

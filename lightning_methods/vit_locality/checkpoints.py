@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_methods.analysis.attention import attention_locality, probe_indices
+from lightning_methods.analysis.attention_extract import attention_modules
 from lightning_methods.models import create_backbone
 from lightning_methods.utils import safe_torch_load
 from lightning_methods.vit_locality.module import protocol_components, protocol_name
@@ -105,6 +106,10 @@ def checkpoint_record(path: str | Path, evalset: dict[str, Any] | Callable[[dict
         condition: a label overriding the condition read from the hyperparameters.
     """
     model, info = load_checkpoint_backbone(path)
+    try:  # the model first: a CNN fails here, before the dataset and the probe-set size are looked at
+        attention_modules(model)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     model.to(device)
     if callable(evalset):
         evalset = evalset(info)

@@ -1,12 +1,12 @@
 """attention-locality table from ViT checkpoints (lightning-methods locality / lightning-methods-locality).
 
     lightning-methods locality runs/lightning-methods/*/checkpoints/last.ckpt --out locality_cifar100
-    lightning-methods locality runs/ --data-dir data --num-images 1000 --norm grid
+    lightning-methods locality runs/ --data_dir data --num_images 1000 --norm grid
     lightning-methods locality Baseline=run_a/last.ckpt Modern=run_b/last.ckpt
 
 For "Inducing Spatial Locality in Vision Transformers through the Training Protocol" (arXiv 2605.16390). Each
 checkpoint's ViT is rebuilt from its hyperparameters, probed on a fixed seeded subset of the clean test split
-(``--num-images``, default 1,000), and evaluated on the whole test split. Its condition (Baseline, Baseline+CutMix,
+(``--num_images``, default 1,000), and evaluated on the whole test split. Its condition (Baseline, Baseline+CutMix,
 ..., Modern) is read from the stored DataModule/model hyperparameters (augment, cutmix_alpha, label_smoothing), or
 given as ``LABEL=PATH``. Runs of one condition (seeds) are averaged: min MAD over the heads of layer 0 and of layers
 0..2 (mean +- std), early-layer mean MAD and entropy, test accuracy. The table is printed and written to ``--out``
@@ -38,19 +38,19 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="locality_report", help="output folder (default: locality_report)")
     parser.add_argument("--dataset", default="auto", choices=["auto", *DATASETS],
                         help="test set to probe; auto: from the number of classes (10/100/200)")
-    parser.add_argument("--data-dir", default=None, help="dataset folder (default: the checkpoint's data_dir)")
+    parser.add_argument("--data_dir", default=None, help="dataset folder (default: the checkpoint's data_dir)")
     parser.add_argument("--download", action="store_true", help="download the dataset when missing")
-    parser.add_argument("--num-images", type=int, default=1000, help="probe-set size (default 1000)")
+    parser.add_argument("--num_images", type=int, default=1000, help="probe-set size (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe-set choice (default 0)")
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--include-cls", action="store_true", help="keep the CLS key in the attention rows")
-    parser.add_argument("--no-renormalize", action="store_true", help="do not renormalize rows after dropping CLS")
+    parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--include_cls", action="store_true", help="keep the CLS key in the attention rows")
+    parser.add_argument("--no_renormalize", action="store_true", help="do not renormalize rows after dropping CLS")
     parser.add_argument("--norm", default="grid", choices=["grid", "diag", "maxdist", "patch"],
                         help="MAD normalisation of the printed table (the JSON has all)")
-    parser.add_argument("--max-early-layer", type=int, default=2, help="early layers are 0..this (default 2)")
-    parser.add_argument("--no-accuracy", action="store_true", help="skip the test-accuracy pass")
+    parser.add_argument("--max_early_layer", type=int, default=2, help="early layers are 0..this (default 2)")
+    parser.add_argument("--no_accuracy", action="store_true", help="skip the test-accuracy pass")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--no-cache", action="store_true", help="recompute every checkpoint")
+    parser.add_argument("--no_cache", action="store_true", help="recompute every checkpoint")
     return parser.parse_args(args)
 
 

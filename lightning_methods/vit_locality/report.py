@@ -3,7 +3,8 @@
 One row per condition (Baseline, Baseline+CutMix, ..., Modern) of "Inducing Spatial Locality in Vision Transformers
 through the Training Protocol" (arXiv 2605.16390): minimum MAD over the heads of layer 0 and of the early layers
 (mean +- sample std over the runs of the condition, i.e. over seeds), early-layer mean MAD and normalized entropy, and
-test accuracy. MAD is shown in one normalisation (``norm``); the JSON output holds all of them.
+test accuracy. MAD is shown in one normalisation (``norm``); the JSON output holds all of them (strict JSON: a value
+that is not a number, e.g. the std of a single run, is ``null``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,23 @@ from lightning_methods.vit_locality.module import CONDITIONS
 
 COLUMNS = (("min_mad_layer0", "min MAD L0"), ("min_mad_early", "min MAD early"), ("mean_mad_early", "mean MAD early"),
            ("mean_entropy_early", "entropy early"), ("test_acc", "test acc (%)"))
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf; e.g. the std of a single run) replaced by ``None``, so that
+    ``json.dumps`` writes ``null`` (strict JSON readers reject ``NaN``); lists, tuples, dicts, numpy and torch values
+    are converted recursively."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return strict_json(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def check_compatible(records: Sequence[dict[str, Any]]) -> None:
@@ -121,9 +139,9 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path, norm: s
            for r in records]
     atomic_write_text(out / "per_checkpoint.csv", _csv(per))
     norms = ("grid", "diag", "maxdist") if records[0]["grid"][0] == records[0]["grid"][1] else ("patch",)
-    atomic_write_json(out / "locality.json", {"norm": norm, "max_early_layer": max_early_layer,
-                                              "tables": {n: locality_table(records, n, max_early_layer) for n in norms},
-                                              "records": list(records)})
+    atomic_write_json(out / "locality.json", strict_json({
+        "norm": norm, "max_early_layer": max_early_layer,
+        "tables": {n: locality_table(records, n, max_early_layer) for n in norms}, "records": list(records)}))
     curves: dict[str, list] = {}
     for r in sorted(records, key=lambda r: _order(r["condition"])):
         mad = np.asarray(r["mad_patch"], dtype=float) / mad_scale(norm, r["grid"])

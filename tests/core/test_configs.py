@@ -3,6 +3,8 @@ written in the real CIFAR pickle format (so the real loading code runs)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -17,12 +19,21 @@ CONFIG_DIR = REPO / "configs"
 CONFIGS = sorted(p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml") if p.parts[-2] != "base")
 
 
+def _accepts(class_path: str, name: str) -> bool:
+    """Whether the class at ``class_path`` (or a base class it forwards ``**kwargs`` to) takes argument ``name``."""
+    module, _, attr = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), attr)
+    return any(name in inspect.signature(c.__init__).parameters for c in cls.__mro__ if "__init__" in vars(c))
+
+
 def fast_args(cfg: dict, data_root: Path, tmp_path: Path) -> list[str]:
     args = ["--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--trainer.devices=1",
             "--trainer.precision=32-true", f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=off"]
     data_args = (cfg.get("data") or {}).get("init_args") or {}
     if "data_dir" in data_args:
-        args += [f"--data.init_args.data_dir={data_root}", "--data.init_args.download=false"]
+        args.append(f"--data.init_args.data_dir={data_root}")
+        if _accepts(cfg["data"]["class_path"], "download"):  # file trees (ImageNet) have nothing to download
+            args.append("--data.init_args.download=false")
     if "num_workers" in data_args:
         args.append("--data.init_args.num_workers=0")
     args.append("--data.init_args.batch_size=4")

@@ -259,7 +259,8 @@ CLASSIFIER_ARGS = {
 }
 #: Arguments a subclass needs besides the base ones (keyed by class name), for the forwarding test.
 SUBCLASS_EXTRAS = {
-    "DistillationClassifier": lambda: {"teacher": TinyNet(7), "log_teacher_accuracy": False},
+    **{name: lambda: {"teacher": TinyNet(7), "log_teacher_accuracy": False}
+       for name in ("KDClassifier", "DKDClassifier", "DeepKDClassifier", "KDDeepKDClassifier")},
     "MultiBitClassifier": lambda: {"keep_first": False},  # TinyNet's only conv is its first layer
     **{name: lambda: {"backbone": _fed_client()} for name in ("FedClientModule", "FedProxClientModule",
                                                               "FedProtoClientModule")},
@@ -284,7 +285,12 @@ def _refused(err: Exception, arg: str) -> bool:
     return arg in text or arg.replace("_", " ") in text
 
 
-@pytest.mark.parametrize("cls", subclasses(ImageClassifier), ids=lambda c: c.__name__)
+#: bases that are not methods by themselves (their concrete subclasses are tested)
+ABSTRACT = {"DistillationClassifier"}
+
+
+@pytest.mark.parametrize("cls", [c for c in subclasses(ImageClassifier) if c.__name__ not in ABSTRACT],
+                         ids=lambda c: c.__name__)
 @pytest.mark.parametrize("arg", sorted(CLASSIFIER_ARGS))
 def test_classifier_subclasses_forward_or_refuse_every_base_argument(cls, arg, monkeypatch):
     """Each base argument either arrives (attribute and hyperparameter) or is refused with an error naming it."""

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_methods import DistillationClassifier
+from lightning_methods.distillation import DistillationClassifier, distiller_class
 from lightning_methods.optim import DeepKD
 
 from helpers import quiet_trainer, write_teacher_file
@@ -53,6 +53,7 @@ def make_module(teacher_file: Path | None, deepkd: bool = False, method: str = "
         optimizer = partial(DeepKD, lr=lr, delta_ncg=0.05)
     else:
         optimizer = partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=5e-4)
-    return DistillationClassifier(STUDENT, TEACHER, None if teacher_file is None else str(teacher_file), method=method,
-                              deepkd=deepkd, num_classes=NUM_CLASSES, optimizer=optimizer,
-                              log_teacher_accuracy=False, **kwargs)
+    cls = distiller_class(method, deepkd)
+    path = None if teacher_file is None else str(teacher_file)
+    return cls(backbone=STUDENT, teacher=TEACHER, teacher_checkpoint=path, num_classes=NUM_CLASSES, optimizer=optimizer,
+               log_teacher_accuracy=False, **kwargs)

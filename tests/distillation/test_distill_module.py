@@ -4,6 +4,7 @@ teacher loading (Hinton et al. arXiv 1503.02531; DKD arXiv 2203.08679; DeepKD ar
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -189,21 +190,33 @@ def test_missing_file_or_teacher_stops_before_training(tmp_path):
 
 
 def test_optimizer_must_match_the_trainer_mode(teacher_file):
-    module = make_module(teacher_file)
-    module.hparams.deepkd = True  # SGD with deepkd=True
-    with pytest.raises(TypeError, match="DeepKD"):
-        module.configure_optimizers()
+    from lightning_methods.distillation import DeepKDClassifier, DKDClassifier
+
+    sgd = partial(torch.optim.SGD, lr=0.05)
+    with pytest.raises(TypeError, match="DeepKDClassifier needs lightning_methods.optim.DeepKD"):
+        DeepKDClassifier(backbone=STUDENT, teacher=TEACHER, teacher_checkpoint=str(teacher_file),
+                         num_classes=NUM_CLASSES, optimizer=sgd).configure_optimizers()
+    with pytest.raises(TypeError, match="an optimizer other than DeepKD"):
+        DKDClassifier(backbone=STUDENT, teacher=TEACHER, teacher_checkpoint=str(teacher_file),
+                      num_classes=NUM_CLASSES, optimizer=partial(DeepKD, lr=0.05)).configure_optimizers()
     with pytest.raises(ValueError, match="grad_clip_norm"):
-        DistillationClassifier(STUDENT, TEACHER, str(teacher_file), deepkd=True, grad_clip_norm=1.0, num_classes=10)
-    default = DistillationClassifier(STUDENT, create_backbone(TEACHER, NUM_CLASSES), deepkd=True,
-                                     num_classes=NUM_CLASSES)
+        DeepKDClassifier(backbone=STUDENT, teacher=TEACHER, teacher_checkpoint=str(teacher_file), grad_clip_norm=1.0,
+                         num_classes=NUM_CLASSES)
+    default = DeepKDClassifier(backbone=STUDENT, teacher=create_backbone(TEACHER, NUM_CLASSES),
+                               num_classes=NUM_CLASSES)
     assert isinstance(default.configure_optimizers(), DeepKD)
+    plain = DKDClassifier(backbone=STUDENT, teacher=create_backbone(TEACHER, NUM_CLASSES), num_classes=NUM_CLASSES)
+    opt = plain.configure_optimizers()
+    assert type(opt) is torch.optim.SGD and opt.defaults["lr"] == 0.05 and opt.defaults["momentum"] == 0.9
+    with pytest.raises(TypeError, match="base of the distillation methods"):
+        DistillationClassifier(backbone=STUDENT, teacher=create_backbone(TEACHER, NUM_CLASSES), num_classes=10)
 
 
 @pytest.mark.parametrize("method", ["kd", "dkd"])
 def test_deepkd_student_learns_the_teacher(method, teacher_file):
     """A few DeepKD steps on one batch pull the student's distribution toward the teacher's (all three streams)."""
-    module = make_module(teacher_file, deepkd=True, method=method, warmup_epochs=0, lr=0.05)
+    warmup = {"warmup_epochs": 0} if method == "dkd" else {}  # KD has no warm-up
+    module = make_module(teacher_file, deepkd=True, method=method, lr=0.05, **warmup)
     module.train()
     batch = _batch(16, seed=9)
     params = list(module.backbone.parameters())

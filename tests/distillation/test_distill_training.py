@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning_methods import DistillationClassifier
 from lightning_methods.callbacks import TopKScheduleCallback
 from lightning_methods.cli import main
+from lightning_methods.distillation import KDClassifier
 
 from distill_utils import NUM_CLASSES, loader, make_module, trainer, write_teacher
 from helpers import run_ddp
@@ -103,12 +104,12 @@ def test_load_from_checkpoint_with_and_without_the_teacher(tmp_path):
     t.fit(module, loader(8, 8))
     ckpt = tmp_path / "kd.ckpt"
     t.save_checkpoint(ckpt)
-    loaded = DistillationClassifier.load_from_checkpoint(ckpt)
-    assert loaded.teacher_sha256 == module.teacher_sha256 and loaded.hparams.method == "kd"
+    loaded = KDClassifier.load_from_checkpoint(ckpt)
+    assert loaded.teacher_sha256 == module.teacher_sha256 and type(loaded) is KDClassifier
     for k, v in module.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     with pytest.warns(UserWarning, match="without its teacher"):
-        student_only = DistillationClassifier.load_from_checkpoint(ckpt, teacher_checkpoint=None)
+        student_only = KDClassifier.load_from_checkpoint(ckpt, teacher_checkpoint=None)
     for k, v in module.backbone.state_dict().items():
         assert torch.equal(student_only.backbone.state_dict()[k], v)
 

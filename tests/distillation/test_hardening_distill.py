@@ -88,7 +88,8 @@ def _streams(module, batch, batched: bool):
 
 @pytest.mark.parametrize("method", ["kd", "dkd"])
 def test_batched_streams_equal_the_three_backward_passes(method, tmp_path, one_thread):
-    module = make_module(write_teacher(tmp_path), deepkd=True, method=method, beta=2.0)
+    extra = {"beta": 2.0} if method == "dkd" else {}  # KD has no NCKD weight
+    module = make_module(write_teacher(tmp_path), deepkd=True, method=method, **extra)
     module.train()
     batch = dict_batch()
     sequential = _streams(module, batch, batched=False)
@@ -105,7 +106,7 @@ def test_batched_streams_equal_the_three_backward_passes(method, tmp_path, one_t
 
 
 def test_batched_streams_fall_back_to_sequential_with_a_warning(tmp_path, monkeypatch, one_thread):
-    import lightning_methods.distillation.module as mod
+    import lightning_methods.distillation.deepkd as mod
 
     module = make_module(write_teacher(tmp_path), deepkd=True)
     batch = dict_batch()
@@ -127,9 +128,9 @@ def test_batched_streams_fall_back_to_sequential_with_a_warning(tmp_path, monkey
 
 
 def test_subclasses_with_their_own_loss_terms_use_the_sequential_path(tmp_path):
-    from lightning_methods import DistillationClassifier
+    from lightning_methods.distillation import DeepKDClassifier
 
-    class Extra(DistillationClassifier):
+    class Extra(DeepKDClassifier):
         def loss_terms(self, batch):
             return super().loss_terms(batch)
 
@@ -140,8 +141,8 @@ def test_subclasses_with_their_own_loss_terms_use_the_sequential_path(tmp_path):
     assert auto._batched_streams is None  # decided at the first step: batched on CUDA, sequential on the CPU
     _ = auto.stream_gradients(*_losses_and_logits(auto), list(auto.backbone.parameters()))
     assert auto._batched_streams is False
-    extra = Extra("resnet8", TEACHER, teacher, deepkd=True, num_classes=NUM_CLASSES, log_teacher_accuracy=False,
-                  deepkd_streams="batched")
+    extra = Extra(backbone="resnet8", teacher=TEACHER, teacher_checkpoint=teacher, num_classes=NUM_CLASSES,
+                  log_teacher_accuracy=False, deepkd_streams="batched")
     assert not extra._batched_streams
 
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_methods.federated.partition import SCHEMES, make_client_split
+from lightning_methods.federated.partition import SCHEMES, PartitionSettings, make_client_split
 
 TRAIN = np.repeat(np.arange(20), 30)  # 600 samples, 20 classes
 TEST = np.repeat(np.arange(20), 10)
 
 
+def split_of(train, test, num_classes=20, seed=0, **settings):
+    """``make_client_split`` with the partition settings given as keywords."""
+    return make_client_split(train, test, PartitionSettings(**settings), num_classes=num_classes, seed=seed)
+
+
 @pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_every_sample_exactly_once(scheme, merge):
-    split = make_client_split(TRAIN, TEST, 6, 20, scheme, 5, 0.5, merge, seed=3)
+    split = split_of(TRAIN, TEST, num_clients=6, scheme=scheme, classes_per_client=5, alpha=0.5, merge=merge, seed=3)
     used = np.concatenate(split.train + split.test)
     assert len(used) == len(np.unique(used))  # disjoint across clients and across local train / test
     if scheme != "htfl_pathological":  # HtFLlib's scheme leaves classes no client still needs unassigned
@@ -26,7 +31,7 @@ def test_every_sample_exactly_once(scheme, merge):
 
 def test_pathological_gives_exactly_c_classes_and_test_follows_train():
     for clients, c in [(6, 5), (20, 10), (7, 3)]:
-        split = make_client_split(TRAIN, TEST, clients, 20, "pathological", c, seed=1)
+        split = split_of(TRAIN, TEST, num_clients=clients, classes_per_client=c, seed=1)
         labels = np.concatenate([TRAIN, TEST])
         for tr, te in zip(split.train, split.test):
             assert len(np.unique(labels[tr])) == c
@@ -36,8 +41,8 @@ def test_pathological_gives_exactly_c_classes_and_test_follows_train():
 
 
 def test_pathological_shares_are_pfedhn_like():
-    split = make_client_split(np.repeat(np.arange(10), 1000), np.repeat(np.arange(10), 100), 10, 10,
-                              "pathological", 2, seed=0)
+    split = split_of(np.repeat(np.arange(10), 1000), np.repeat(np.arange(10), 100), num_classes=10, num_clients=10,
+                     classes_per_client=2, seed=0)
     labels = np.repeat(np.arange(10), 1000)
     for k in range(10):
         holders = [len(np.flatnonzero(labels[t] == k)) for t in split.train]
@@ -46,9 +51,9 @@ def test_pathological_shares_are_pfedhn_like():
 
 
 def test_local_split_is_disjoint_seeded_and_75_25():
-    a = make_client_split(TRAIN, TEST, 4, 20, "dirichlet", alpha=1.0, merge=True, seed=5)
-    b = make_client_split(TRAIN, TEST, 4, 20, "dirichlet", alpha=1.0, merge=True, seed=5)
-    c = make_client_split(TRAIN, TEST, 4, 20, "dirichlet", alpha=1.0, merge=True, seed=6)
+    a = split_of(TRAIN, TEST, num_clients=4, scheme="dirichlet", alpha=1.0, merge=True, seed=5)
+    b = split_of(TRAIN, TEST, num_clients=4, scheme="dirichlet", alpha=1.0, merge=True, seed=5)
+    c = split_of(TRAIN, TEST, num_clients=4, scheme="dirichlet", alpha=1.0, merge=True, seed=6)
     for tr, te, tr2 in zip(a.train, a.test, b.train):
         assert not set(tr) & set(te)
         assert len(te) == int(np.ceil(0.25 * (len(tr) + len(te))))
@@ -85,13 +90,13 @@ GOLDEN = {
 def test_matches_htfllib_partitions(name):
     labels = np.array([(i * 7) % 10 for i in range(600)])
     g = GOLDEN[name]
-    split = make_client_split(labels, np.zeros(0, np.int64), num_classes=10, merge=True, seed=1, **g["kw"])
+    split = split_of(labels, np.zeros(0, np.int64), num_classes=10, merge=True, seed=1, **g["kw"])
     assert [len(t) for t in split.train] == g["train"][0] and [t[:3].tolist() for t in split.train] == g["train"][1]
     assert [len(t) for t in split.test] == g["test"][0] and [t[:3].tolist() for t in split.test] == g["test"][1]
 
 
 def test_statistics_are_counts_per_client():
-    split = make_client_split(TRAIN, TEST, 4, 20, "pathological", 5, seed=0)
+    split = split_of(TRAIN, TEST, num_clients=4, classes_per_client=5, seed=0)
     stats = split.statistics(np.concatenate([TRAIN, TEST]), 20)
     assert [s["train"] for s in stats] == [len(t) for t in split.train]
     assert all(len(s["classes"]) == 5 and sum(s["train_per_class"].values()) == s["train"] for s in stats)
@@ -99,12 +104,12 @@ def test_statistics_are_counts_per_client():
 
 def test_bad_input_stops_with_clear_messages():
     with pytest.raises(ValueError, match="classes_per_client=21 is impossible: the data set has 20 classes"):
-        make_client_split(TRAIN, TEST, 4, 20, "pathological", 21)
+        split_of(TRAIN, TEST, num_clients=4, classes_per_client=21)
     with pytest.raises(ValueError, match="Dirichlet alpha must be > 0, got 0"):
-        make_client_split(TRAIN, TEST, 4, 20, "dirichlet", alpha=0.0)
+        split_of(TRAIN, TEST, num_clients=4, scheme="dirichlet", alpha=0.0)
     with pytest.raises(ValueError, match="fewer samples than clients"):
-        make_client_split(TRAIN[:5], TEST, 6, 20, "iid")
+        split_of(TRAIN[:5], TEST, num_clients=6, scheme="iid")
     with pytest.raises(ValueError, match="unknown partition 'shards'"):
-        make_client_split(TRAIN, TEST, 4, 20, "shards")
+        split_of(TRAIN, TEST, num_clients=4, scheme="shards")
     with pytest.raises(ValueError, match="no draw in"):
-        make_client_split(TRAIN, TEST, 4, 20, "dirichlet", alpha=0.01, min_samples=500)
+        split_of(TRAIN, TEST, num_clients=4, scheme="dirichlet", alpha=0.01, min_samples=500)

@@ -223,10 +223,10 @@ def test_prototypes_command(tmp_path, capsys, one_thread):
     emb = tmp_path / "emb.npy"
     np.save(emb, np.random.default_rng(0).normal(size=(8, 5)))
     out2 = main(["--classes", "8", "--dims", "3", "--iterations", "60", "--seed", "4", "--embeddings", str(emb),
-                 "--neighbours", "2", "--persistent-momentum", "--out", str(tmp_path / "q.npy")])
+                 "--neighbours", "2", "--persistent_momentum", "--out", str(tmp_path / "q.npy")])
     assert not torch.equal(torch.from_numpy(np.load(out2)), got)
     with pytest.raises(SystemExit, match="--dims must be >= 2"):
         main(["--dims", "1", "--out", str(tmp_path / "x.npy")])
     with pytest.raises(SystemExit) as info:
         main(["--help"])
-    assert info.value.code == 0 and "--persistent-momentum" in capsys.readouterr().out
+    assert info.value.code == 0 and "--persistent_momentum" in capsys.readouterr().out

@@ -88,10 +88,15 @@ def test_corrupt_cache_entries_stop_and_refresh_recomputes(tmp_path):
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(CorruptFileError, match="set.pt is corrupt"):
         cache.lookup("e", "set", fp)
-    # a missing checksum is not trusted either
-    path.write_bytes(good)
+    # a copy without its .sha256 is checked against the digest stored inside it
     (tmp_path / "e" / "set.pt.sha256").unlink()
-    with pytest.raises(CorruptFileError, match="no recorded checksum.*--cache_policy refresh"):
+    path.write_bytes(good)
+    assert torch.equal(cache.lookup("e", "set", fp)[0].features, feats.features)
+    _flip_inside_tensor(path, feats.features)
+    with pytest.raises(CorruptFileError, match="differs from the SHA-256 digest stored inside.*--cache_policy refresh"):
+        cache.lookup("e", "set", fp)
+    torch.save({**feats.to_dict(), "fingerprint": json.dumps(fp)}, path)  # neither checksum nor digest: not trusted
+    with pytest.raises(CorruptFileError, match="no recorded checksum"):
         cache.lookup("e", "set", fp)
     # refresh never reads the entry; storing again repairs it
     assert EmbeddingCache(tmp_path, "refresh").lookup("e", "set", fp) == (None, "cache policy 'refresh'")

@@ -157,3 +157,56 @@ def test_full_digits_demo(tmp_path):
     fused = next(d for d in results["detectors"] if d["name"] == "EncMin2L")
     assert result["status"] == "done"
     assert fused["means"]["far"]["auroc"] > FAR_BOUND and fused["means"]["covariate"]["auroc"] > COVARIATE_BOUND
+
+
+def test_corrupt_or_deleted_cache_entries_and_stage_outputs(demo_run, monkeypatch):
+    """Issue 22 item 4: a flipped byte or a truncated cache entry stops with a message naming the file; deleting it
+    or ``--cache_policy refresh`` recomputes it even though the embed stage is recorded finished; the same for the
+    stage outputs (splits, RDMs, scores)."""
+    import shutil
+
+    from lightning_methods.ood.cache import CorruptFileError
+
+    root, result = demo_run
+    run, cache = root / "run5", root / "cache5"
+    shutil.copytree(root / "run", run)
+    shutil.copytree(root / "cache", cache)
+    calls = []
+    real = pipeline_module.embed
+    monkeypatch.setattr(pipeline_module, "embed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    entry = cache / "cnn" / "id_test.pt"
+    good = entry.read_bytes()
+    raw = bytearray(good)
+    raw[len(raw) // 2] ^= 0x01
+    entry.write_bytes(bytes(raw))
+    # a run that needs the entry stops, naming it and the two ways out
+    with pytest.raises(CorruptFileError, match=rf"{entry}.*--cache_policy refresh.*delete the file"):
+        run_ood(_args(root / "run6", cache, "--stop_after", "embed"))
+    entry.write_bytes(good[:100])  # truncated
+    with pytest.raises(CorruptFileError, match="id_test.pt is corrupt"):
+        run_ood(_args(root / "run6", cache, "--stop_after", "embed"))
+    # refresh recomputes every entry of a finished run; the same features give the same report
+    again = run_ood(_args(run, cache, "--cache_policy", "refresh"))
+    assert again["table"] == result["table"] and len(calls) == len(list(cache.glob("*/*.pt")))
+    assert entry.read_bytes() == good
+    # a deleted entry is recomputed alone under the default policy
+    calls.clear()
+    entry.unlink()
+    assert run_ood(_args(run, cache))["table"] == result["table"] and len(calls) == 1
+    # stage outputs: a flipped byte in a score file stops the report stage, naming the file ...
+    scores = run / "scores" / "cnn__raw.pt"
+    raw = bytearray(scores.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    scores.write_bytes(bytes(raw))
+    (run / "report" / "table.txt").unlink()
+    with pytest.raises(CorruptFileError, match=rf"RDM scores {scores} is corrupt"):
+        run_ood(_args(run, cache))
+    # ... and refresh scores again; a deleted RDM is refitted (from its finished last.ckpt) to the same weights
+    assert run_ood(_args(run, cache, "--cache_policy", "refresh"))["table"] == result["table"]
+    package = run / "rdm" / "cnn__raw" / "rdm.pt"
+    before = torch.load(package, weights_only=True)["state_dict"]
+    package.unlink()
+    (run / "splits.pt").unlink()
+    assert run_ood(_args(run, cache))["table"] == result["table"]
+    after = torch.load(package, weights_only=True)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)

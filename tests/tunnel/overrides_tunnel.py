@@ -16,8 +16,7 @@ from config_overrides import note_swap, register
 sys.path.insert(0, str(Path(__file__).parent))
 from tunnel_fakes import write_fake_cinic  # noqa: E402
 
-SMALL = {"max_train_samples": 8, "max_test_samples": 8, "probe_epochs": 2, "extract_batch_size": 8,
-         "every_n_epochs": 1, "pool_size": 1}
+SMALL = {"max_train_samples": 8, "max_test_samples": 8, "probe_epochs": 2, "extract_batch_size": 8, "pool_size": 1}
 
 
 @register("tunnel/")
@@ -26,12 +25,13 @@ def tunnel_args(config_path: Path, tmp_path: Path, data_root: Path) -> list[str]
     callbacks = cfg["trainer"]["callbacks"]
     for cb in callbacks:
         if cb["class_path"].endswith("TunnelProbe"):
-            cb["init_args"].update(SMALL)
+            cb["init_args"]["every_n_epochs"] = 1
+            cb["init_args"]["settings"] = {**cb["init_args"].get("settings", {}), **SMALL}
             ood = cb["init_args"].get("ood_data")
             if ood:
                 ood["init_args"].update({"data_dir": str(data_root), "download": False, "num_workers": 0})
     rel = f"tunnel/{config_path.name}"
-    note_swap(rel, f"TunnelProbe {SMALL}")
+    note_swap(rel, f"TunnelProbe every_n_epochs 1, settings {SMALL}")
     args = [f"--trainer.callbacks={json.dumps(callbacks)}"]
     if "CINIC10" in cfg["data"]["class_path"]:
         cinic = tmp_path / "cinic"

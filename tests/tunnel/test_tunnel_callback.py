@@ -15,10 +15,11 @@ from tunnel_fakes import logged_text
 from lightning_methods import ImageClassifier
 from lightning_methods.callbacks import TunnelProbe
 from lightning_methods.datamodules import DigitsDataModule
+from lightning_methods.tunnel import ProbeSettings
 
 from helpers import quiet_trainer
 
-SMALL = dict(max_train_samples=200, max_test_samples=120, probe_epochs=3, extract_batch_size=64)
+SMALL = ProbeSettings(max_train_samples=200, max_test_samples=120, extract_batch_size=64)
 
 
 def model(backbone: str = "mlp", **kwargs) -> ImageClassifier:
@@ -43,7 +44,7 @@ def test_probe_leaves_parameters_bn_statistics_and_flags_unchanged(tmp_path, one
     m = model("vgg11_3fc", width=0.125, fc_width=16)
     m.backbone.features[0].bn.eval()  # a frozen BN layer stays frozen
     before, after = Snapshot(), Snapshot()
-    probe = TunnelProbe(output_dir=str(tmp_path), **SMALL)
+    probe = TunnelProbe(settings=SMALL, output_dir=str(tmp_path))
     trainer = quiet_trainer(max_steps=3, callbacks=[before, probe, after])
     trainer.fit(m, DigitsDataModule(batch_size=32))
     assert len(probe.history) == 1 and len(probe.history[0]["report"]["rows"]) == 11  # 8 conv + 3 FC
@@ -58,7 +59,7 @@ def test_probe_leaves_parameters_bn_statistics_and_flags_unchanged(tmp_path, one
 def test_periodic_probes_write_files_and_wandb(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    probe = TunnelProbe(every_n_epochs=1, **SMALL)
+    probe = TunnelProbe(settings=SMALL, every_n_epochs=1)
     logger = WandbLogger(project="tunnel-test", save_dir=str(tmp_path), offline=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints", save_last=True)
     trainer = quiet_trainer(max_epochs=2, callbacks=[probe, ckpt], logger=logger, limit_val_batches=1,
@@ -83,7 +84,7 @@ def test_periodic_probes_write_files_and_wandb(tmp_path, monkeypatch, one_thread
 
 def fit_probe(root: Path, max_epochs: int, ckpt_path: str | None = None) -> TunnelProbe:
     torch.manual_seed(0)
-    probe = TunnelProbe(every_n_epochs=1, output_dir=str(root / "tunnel"), **SMALL)
+    probe = TunnelProbe(settings=SMALL, every_n_epochs=1, output_dir=str(root / "tunnel"))
     ckpt = ModelCheckpoint(dirpath=root, save_last=True)
     trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[probe, ckpt], enable_checkpointing=True,
                             limit_val_batches=1)
@@ -106,12 +107,33 @@ def test_resume_keeps_the_probe_history(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(points=["layers.9.act"]), ValueError, "no module named 'layers.9.act'"),
-    (dict(memory_budget_gb=1e-6), MemoryError, "Options: pool the feature maps"),
-    (dict(ood_data=DigitsDataModule(), ood_classes=12), ValueError, "ood_classes=12 asks for more classes"),
+    (dict(settings=ProbeSettings(points=["layers.9.act"])), ValueError, "no module named 'layers.9.act'"),
+    (dict(settings=ProbeSettings(memory_budget_gb=1e-6)), MemoryError, "Options: pool the feature maps"),
+    (dict(ood_data=DigitsDataModule(), settings=ProbeSettings(ood_classes=12)), ValueError,
+     "ood_classes=12 asks for more classes"),
 ])
 def test_bad_settings_stop_before_training(kwargs, error, match, one_thread):
     trainer = quiet_trainer(max_epochs=1, callbacks=[TunnelProbe(**kwargs)])
     with pytest.raises(error, match=match):
         trainer.fit(model(), DigitsDataModule(batch_size=64))
     assert trainer.global_step == 0
+
+
+def test_settings_object_and_module_attr(tmp_path, one_thread):
+    """``module_attr`` names the network to probe: None probes the LightningModule itself (its module names carry the
+    ``backbone.`` prefix), and the same layers give the same numbers as the default ``backbone``."""
+    settings = ProbeSettings(max_train_samples=150, max_test_samples=100, extract_batch_size=50, include_head=False,
+                             points=["layers.0.act", "layers.2.act"])
+    whole = ProbeSettings(**{**settings.__dict__, "points": ["backbone.layers.0.act", "backbone.layers.2.act"]})
+    reports = []
+    for kind, cfg, attr in (("backbone", settings, "backbone"), ("module", whole, None)):
+        torch.manual_seed(0)
+        probe = TunnelProbe(settings=cfg, output_dir=str(tmp_path / kind), module_attr=attr, log_wandb=False)
+        assert probe.settings is cfg
+        quiet_trainer(max_steps=2, callbacks=[probe], limit_val_batches=0).fit(model(), DigitsDataModule(batch_size=64))
+        reports.append(probe.history[-1]["report"])
+    assert [r["module"] for r in reports[1]["rows"]] == ["backbone.layers.0.act", "backbone.layers.2.act"]
+    for a, b in zip(reports[0]["rows"], reports[1]["rows"], strict=True):
+        assert a["rank"] == b["rank"] and a["acc_id"] == b["acc_id"] and a["dim"] == b["dim"]
+    with pytest.raises(TypeError, match="settings must be a ProbeSettings"):
+        TunnelProbe(settings={"max_train_samples": 10})

@@ -43,8 +43,9 @@ def fit_with_probe(devices: int) -> dict:
     torch.manual_seed(0)
     model = ImageClassifier("mlp", 10, backbone_kwargs={"depth": 4, "width": 16},
                             optimizer=lambda p: torch.optim.SGD(p, lr=0.0))  # same weights with 1 or 2 processes
-    probe = TunnelProbe(max_train_samples=301, max_test_samples=99, probe_epochs=3, extract_batch_size=32,
-                        ood_data=DigitsDataModule(), ood_classes=3, log_wandb=False)
+    probe = TunnelProbe(settings=ProbeSettings(max_train_samples=301, max_test_samples=99, probe_epochs=3,
+                                               extract_batch_size=32, ood_classes=3),
+                        ood_data=DigitsDataModule(), log_wandb=False)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[probe])

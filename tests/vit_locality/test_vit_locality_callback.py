@@ -81,7 +81,7 @@ def test_files_wandb_entries_and_state(tmp_path, monkeypatch):
     out = root / "epoch_002"
     mad, ent = np.load(out / "mad_patch.npy"), np.load(out / "entropy.npy")
     assert mad.shape == ent.shape == (2, 2) and np.load(out / "mad_patch_per_image.npy").shape == (10, 2, 2)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda t: pytest.fail(f"{t} in JSON"))
     assert summary["settings"]["grid"] == [8, 8] and summary["settings"]["num_images"] == 10
     assert summary["values"]["min_mad_grid/layer0"] == pytest.approx(mad[0].min() / 8)
     assert summary["values"]["mean_entropy/early"] == pytest.approx(ent.mean())

@@ -74,8 +74,8 @@ def _direct(path, root, n=20):
 def test_table_over_conditions_and_seeds(checkpoints, tmp_path, monkeypatch, capsys):
     paths, root = checkpoints
     out = tmp_path / "report"
-    args = [str(p) for p in paths.values()] + ["--out", str(out), "--num-images", "20", "--device", "cpu",
-                                               "--batch-size", "7"]
+    args = [str(p) for p in paths.values()] + ["--out", str(out), "--num_images", "20", "--device", "cpu",
+                                               "--batch_size", "7"]
     rows = locality_cli.main(args)
     assert [r["condition"] for r in rows] == ["Baseline", "Modern"] and [r["runs"] for r in rows] == [2, 2]
     direct = {name: _direct(p, root) for name, p in paths.items()}
@@ -107,9 +107,14 @@ def test_labels_folders_and_help(checkpoints, tmp_path, capsys):
     run.mkdir(parents=True)
     (run / "last.ckpt").write_bytes(paths["modern0"].read_bytes())
     rows = locality_cli.main([f"Mine={paths['base0']}", str(tmp_path / "runs"), "--out", str(tmp_path / "o"),
-                              "--num-images", "10", "--no-accuracy", "--device", "cpu"])
+                              "--num_images", "10", "--no_accuracy", "--device", "cpu"])
     assert {r["condition"]: r["runs"] for r in rows} == {"Modern": 1, "Mine": 1}
     assert all(np.isnan(r["test_acc_mean"]) for r in rows)
+    # one run per condition (std undefined) and no accuracy: strict JSON with null, never a NaN token
+    text = (tmp_path / "o" / "locality.json").read_text()
+    data = json.loads(text, parse_constant=lambda token: pytest.fail(f"non-standard JSON token {token}"))
+    assert data["tables"]["grid"][0]["test_acc_mean"] is None and data["tables"]["grid"][0]["min_mad_early_std"] is None
+    assert isinstance(data["tables"]["grid"][0]["min_mad_early_mean"], float)
     with pytest.raises(SystemExit) as exit_info:
         package_main(["locality", "--help"])
     assert exit_info.value.code == 0 and "LABEL=PATH" in capsys.readouterr().out
@@ -125,7 +130,7 @@ def test_incompatible_and_unsuitable_checkpoints(checkpoints, tmp_path):
                                                     "backbone_kwargs": {**TINY, "patch_size": 8}},
                        "state_dict": {f"backbone.{k}": v for k, v in other.state_dict().items()}},
                       tmp_path / "grid4.ckpt")
-    common = ["--out", str(tmp_path / "o"), "--num-images", "10", "--no-accuracy", "--device", "cpu"]
+    common = ["--out", str(tmp_path / "o"), "--num_images", "10", "--no_accuracy", "--device", "cpu"]
     with pytest.raises(ValueError, match="different token grids.*\\[4, 4\\]"):
         locality_cli.main([str(paths["base0"]), str(tmp_path / "grid4.ckpt"), *common])
     cnn = create_backbone("resnet8", 100)
@@ -141,4 +146,4 @@ def test_incompatible_and_unsuitable_checkpoints(checkpoints, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         locality_cli.main([str(tmp_path / "nope.ckpt"), *common])
     with pytest.raises(ValueError, match="at most 100"):
-        locality_cli.main([str(paths["base0"]), *common[:-5], "--num-images", "1000", "--no-accuracy"])
+        locality_cli.main([str(paths["base0"]), *common[:-5], "--num_images", "1000", "--no_accuracy"])

@@ -1,0 +1,144 @@
+"""The JPEG pipeline: header sizes, RandomResizedCrop boxes (inside the image, within the scale / ratio ranges),
+flips, decoding on the device vs in workers, re-encoding of files nvJPEG cannot take."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from imagenet_tiny_tree import jpeg_bytes, write_imagenet_tree
+from PIL import Image
+
+from lightning_methods.datamodules import ImageNetDataModule
+from lightning_methods.datamodules.jpeg_pipeline import (
+    RATIO,
+    SCALE,
+    BadImageError,
+    crop_resize,
+    decode_batch,
+    decode_rgb,
+    jpeg_header,
+    rgb_jpeg_bytes,
+    sample_augmentation,
+    sample_crop_boxes,
+    train_image,
+)
+
+
+def test_header_size_matches_pil():
+    rng = np.random.default_rng(0)
+    for h, w in [(17, 31), (40, 48), (300, 7)]:
+        data = jpeg_bytes(rng, 1, (h, w))
+        assert jpeg_header(data)[:2] == (h, w) == Image.open(io.BytesIO(data)).size[::-1]
+    with pytest.raises(BadImageError, match="img.bin: not a JPEG"):
+        jpeg_header(b"GIF89a....", "img.bin")
+
+
+def test_png_cmyk_and_gray_files_are_reencoded_as_rgb_jpeg():
+    arr = np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    for mode, fmt in [("RGB", "PNG"), ("CMYK", "JPEG"), ("L", "JPEG")]:
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert(mode).save(buf, format=fmt)
+        data, h, w = rgb_jpeg_bytes(buf.getvalue(), "x")
+        assert (h, w) == (20, 30) and jpeg_header(data)[2] == 3
+        assert decode_rgb(data).shape == (3, 20, 30)
+
+
+def test_crop_boxes_inside_and_within_ranges():
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.stack([torch.randint(1, 600, (4000,), generator=gen), torch.randint(1, 600, (4000,), generator=gen)],
+                        1)
+    box = sample_crop_boxes(sizes, gen)
+    top, left, h, w = box.unbind(1)
+    H, W = sizes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= H).all() and (left + w <= W).all()
+    # images whose own aspect ratio is inside the range: ten failed draws are unlikely (< 0.5 ** 10 per image), and
+    # the fallback would be the whole image, which is excluded below
+    H = torch.randint(16, 600, (4000,), generator=gen)
+    W = (H * (0.8 + 0.45 * torch.rand(4000, generator=gen))).round().long()
+    sizes = torch.stack([H, W], 1)
+    box = sample_crop_boxes(sizes, gen)
+    top, left, h, w = box.unbind(1)
+    H, W = sizes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= H).all() and (left + w <= W).all()
+    # boxes that are not the fallback: area fraction and aspect ratio within the ranges, up to the rounding of each
+    # side to an integer (a side s is off by at most 1/2, so w/h and w*h move by at most those factors)
+    full = (h == H) & (w == W)
+    area = (h * w).double() / (H * W).double()
+    ratio = w.double() / h.double()
+    ok = ~full & (h >= 8) & (w >= 8)
+    eps_w, eps_h = 0.5 / w.double(), 0.5 / h.double()
+    assert (area[ok] >= SCALE[0] * (1 - eps_w[ok]) * (1 - eps_h[ok])).all()
+    assert (ratio[ok] >= RATIO[0] * (1 - eps_w[ok]) / (1 + eps_h[ok])).all()
+    assert (ratio[ok] <= RATIO[1] * (1 + eps_w[ok]) / (1 - eps_h[ok])).all()
+    assert ok.float().mean() > 0.5  # most boxes are real random crops
+    # the log-ratio is uniform: about half of the (large) boxes are wider than tall
+    big = ok & (h >= 50) & (w >= 50)
+    assert abs((ratio[big] > 1).double().mean().item() - 0.5) < 0.05
+    # an image far outside the ratio range falls back to its center crop clamped to the range
+    fb = sample_crop_boxes(torch.tensor([[10, 400]]), gen)[0].tolist()
+    assert fb == [0, (400 - round(10 * RATIO[1])) // 2, 10, round(10 * RATIO[1])]
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index():
+    a = sample_augmentation(3, 1, 17, 300, 400)
+    assert a == sample_augmentation(3, 1, 17, 300, 400)
+    draws = {str(sample_augmentation(3, e, i, 300, 400)) for e in range(3) for i in range(5)}
+    assert len(draws) == 15
+
+
+def test_flip_is_a_mirror_of_the_same_crop():
+    data = jpeg_bytes(np.random.default_rng(2), 0, (60, 80))
+    flips = {}
+    for index in range(40):
+        box, flipped = sample_augmentation(0, 0, index, 60, 80)
+        flips.setdefault(flipped, (index, box))
+    assert set(flips) == {True, False}
+    image = decode_rgb(data)
+    for flipped, (index, box) in flips.items():
+        out = train_image(data, 0, 0, index, 24)
+        plain = crop_resize(image, box, 24)
+        assert torch.equal(out, plain.flip(-1) if flipped else plain)
+    off = train_image(data, 0, 0, flips[True][0], 24, flip=False)
+    assert torch.equal(off, crop_resize(image, flips[True][1], 24))
+
+
+def _batches(dm, train: bool):
+    dm.setup("fit")
+    loader = dm.train_dataloader() if train else dm.val_dataloader()
+    return [dm.on_after_batch_transfer(dm.transfer_batch_to_device(b, torch.device("cpu"), 0), 0) for b in loader]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_device_path_equals_worker_path_on_cpu(tmp_path, train):
+    root = write_imagenet_tree(tmp_path / "in", classes=3, per_class=4, val_per_class=2)
+    kwargs = dict(data_dir=str(root), num_classes=3, image_size=24, eval_resize=28, batch_size=4, num_workers=0)
+    worker = _batches(ImageNetDataModule(decode_on_device=False, **kwargs), train)
+    device = _batches(ImageNetDataModule(decode_on_device=True, **kwargs), train)
+    assert len(worker) == len(device) == (3 if train else 2)  # 12 training images, 6 validation images
+    for a, b in zip(worker, device):
+        assert set(a) == set(b) == {"image", "target", "index"}
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["target"], b["target"])
+        assert torch.equal(a["image"], b["image"])  # same decoder, same crop function: bit-identical
+        assert a["image"].dtype == torch.float32 and a["image"].shape[-2:] == (24, 24)
+
+
+@pytest.mark.gpu
+def test_decode_on_cuda_equals_decode_on_cpu(tmp_path):
+    root = write_imagenet_tree(tmp_path / "in", classes=2, per_class=4, val_per_class=1, size=(120, 160))
+    dm = ImageNetDataModule(str(root), num_classes=2, image_size=64, eval_resize=72, batch_size=8, num_workers=0,
+                            decode_on_device=True)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    cpu = decode_batch(dict(batch), 64, "cpu").float()
+    cuda = decode_batch(dict(batch), 64, "cuda").float().cpu()
+    # nvJPEG and libjpeg-turbo are both IEEE-1180-accurate IDCTs (+-1 per sample) but upsample chroma differently;
+    # the resize then averages neighbouring pixels, so means agree to a fraction of a level
+    diff = (cpu - cuda).abs()
+    assert diff.mean() < 1.0 and math.isfinite(diff.max().item())
+    assert diff.max() <= 16

@@ -1,0 +1,126 @@
+"""The streaming path: ``prepare-data convert`` then ``--data.streaming``: the same samples as the folder tree, every
+sample once per epoch on each of 2 ranks (gloo), a mid-epoch checkpoint that resumes at the next unseen sample."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+import torch
+from helpers import TinyNet, quiet_trainer, run_ddp
+from imagenet_tiny_tree import write_imagenet_tree
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_methods import ImageClassifier
+from lightning_methods.cli import main
+from lightning_methods.datamodules import ImageNetDataModule
+
+pytest.importorskip("litdata")
+
+SMALL = dict(num_classes=4, image_size=24, eval_resize=28, batch_size=4, num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny tree (4 classes x 6 training, x 2 validation images) and its litdata conversion (small chunks, so the
+    data set has several chunks to shard)."""
+    tmp = tmp_path_factory.mktemp("stream")
+    root = write_imagenet_tree(tmp / "tree", classes=4, per_class=6, val_per_class=2)
+    main(["prepare-data", "convert", str(root), str(tmp / "conv"), "--num-workers", "1", "--chunk-bytes", "3kb"])
+    return root, tmp / "conv"
+
+
+def _eval_samples(dm) -> dict[int, tuple[int, torch.Tensor]]:
+    dm.setup("fit")
+    out = {}
+    for split in ("train", "test"):
+        ds = dm.train_set if split == "train" else dm.test_set
+        if dm.streaming:
+            ds.set_mode("eval")
+            items = [ds[i] for i in range(len(ds))]
+        else:
+            items = [ds.with_mode("eval")[i] for i in range(len(ds))]
+        for item in items:
+            out[(split, int(item["index"]))] = (int(item["target"]), item["image"].reshape(3, 24, 24))
+    return out
+
+
+def test_converted_and_folder_data_give_the_same_samples(converted):
+    root, conv = converted
+    folder = _eval_samples(ImageNetDataModule(str(root), **SMALL))
+    stream = _eval_samples(ImageNetDataModule(str(root), streaming=str(conv), **SMALL))
+    assert len(folder) == 32 and folder.keys() == stream.keys()
+    for key, (target, image) in folder.items():
+        assert stream[key][0] == target and torch.equal(stream[key][1], image)
+
+
+def test_every_sample_once_per_epoch_in_a_new_order(converted):
+    root, conv = converted
+    dm = ImageNetDataModule(str(root), streaming=str(conv), **SMALL)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    epochs = [torch.cat([b["index"] for b in loader]).tolist() for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(24))
+    assert epochs[0] != epochs[1]
+
+
+def _rank_epoch(rank: int, world_size: int, root: str, conv: str) -> list[list[int]]:
+    torch.distributed.init_process_group("gloo")
+    dm = ImageNetDataModule(root, streaming=conv, **SMALL)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    out = [torch.cat([b["index"] for b in loader]).tolist() for _ in range(2)]
+    torch.distributed.destroy_process_group()
+    return out
+
+
+def test_two_ranks_share_each_epoch_without_repeats(converted):
+    root, conv = converted
+    ranks = run_ddp(_rank_epoch, 2, (str(root), str(conv)))
+    for epoch in range(2):
+        a, b = ranks[0][epoch], ranks[1][epoch]
+        assert len(a) == len(b) > 0  # ranks step alike
+        assert len(set(a)) == len(a) and len(set(b)) == len(b) and not set(a) & set(b)
+        assert set(a) | set(b) <= set(range(24)) and len(a) + len(b) >= 24 - 2 * 4  # at most a batch per rank left
+    assert ranks[0][0] != ranks[0][1]
+
+
+class Record(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[list[int], float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((batch["index"].tolist(), round(float(batch["image"].double().sum()), 3)))
+
+
+def _fit(dm_kwargs, ckpt_path=None, **trainer_args):
+    torch.manual_seed(0)
+    record = Record()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[record, *trainer_args.pop("callbacks", [])], **trainer_args)
+    trainer.fit(ImageClassifier(backbone=TinyNet(4), num_classes=4), datamodule=ImageNetDataModule(**dm_kwargs),
+                ckpt_path=ckpt_path, weights_only=True)
+    return record.seen
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_checkpoint_resumes_at_the_next_unseen_sample(converted, tmp_path, workers):
+    root, conv = converted
+    kwargs = dict(SMALL, data_dir=str(root), streaming=str(conv), num_workers=workers)
+    full = _fit(kwargs)
+    assert len(full) == 12  # 2 epochs x 6 batches
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    first = _fit(kwargs, max_steps=2, callbacks=[ckpt], enable_checkpointing=True)
+    path = tmp_path / "epoch=0-step=2.ckpt"
+    assert path.is_file() and first == full[:2]
+    rest = _fit(kwargs, ckpt_path=str(path))
+    assert first + rest == full  # same batches, same augmented images, and the second epoch starts afresh
+
+
+def test_streaming_needs_matching_classes_and_no_holdout(converted):
+    root, conv = converted
+    with pytest.raises(ValueError, match="holds 4 classes .* num_classes=5"):
+        ImageNetDataModule(str(root), streaming=str(conv), **dict(SMALL, num_classes=5)).setup("fit")
+    with pytest.raises(ValueError, match="val_split"):
+        ImageNetDataModule(str(root), streaming=str(conv), val_split=0.1, **SMALL).setup("fit")
+    assert os.path.isfile(conv / "train" / "index.json")
