@@ -5,10 +5,11 @@ from lightning_methods._lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
-        "lightning_methods.callbacks.ssam": ("SAMEpochSync", "SSAMMaskCallback"),
+        "lightning_methods.callbacks.sam_epoch_sync": ("SAMEpochSync",),
+        "lightning_methods.callbacks.ssam_mask": ("SSAMMaskCallback",),
         "lightning_methods.callbacks.deepkd_topk": ("TopKScheduleCallback",),
         "lightning_methods.callbacks.prediction_history": ("PredictionHistoryCallback",),
-        "lightning_methods.callbacks.test_accuracy_tracker": ("TestAccuracyTracker",),
+        "lightning_methods.callbacks.accuracy_tracker": ("TestAccuracyTracker",),
         "lightning_methods.callbacks.koala_monitor": ("KOALAMonitor",),
         "lightning_methods.callbacks.checkpoint": ("LatestCheckpoint",),
         "lightning_methods.callbacks.attention_locality": ("AttentionLocality",),

@@ -20,7 +20,7 @@ and NaN losses for the whole run, and overwrite its checkpoints with NaN weights
 Optionally (``divergence_factor``, off by default) it also stops a run whose loss stays finite but has diverged (KOALA++
 with lr 1000 reaches a loss of 1e7 and 10% accuracy without a NaN): the training loss is smoothed on the device (an
 exponential moving average over about 10 steps), and the run stops when the smoothed loss exceeds ``divergence_factor``
-times its running minimum (taken after ``divergence_warmup_steps`` steps; the minimum is floored at
+times its running minimum (from the first step on: noise at the start only raises the loss; the minimum is floored at
 ``divergence_floor`` so that a loss near zero does not make every small rise a divergence). Same device-side flag,
 same lag, same report, with :class:`DivergedTrainingError`.
 
@@ -61,25 +61,24 @@ class NonFiniteGuard(Callback):
             at the end of training; a non-finite parameter usually makes the next loss non-finite anyway).
         divergence_factor: stop when the smoothed training loss exceeds this many times its running minimum (e.g.
             ``100``: two orders of magnitude); ``None`` (default) turns the check off.
-        divergence_warmup_steps: steps before the running minimum is taken (the first losses are noisy).
         divergence_floor: the running minimum is at least this (a loss near zero would make any rise look huge).
         divergence_smoothing: weight of the past in the moving average of the loss (0.9: about 10 steps).
     """
 
     def __init__(self, enabled: bool = True, lag_steps: int = 2, param_check_every_n_steps: int = 10,
-                 divergence_factor: float | None = None, divergence_warmup_steps: int = 10,
-                 divergence_floor: float = 1e-2, divergence_smoothing: float = 0.9) -> None:
+                 divergence_factor: float | None = None, divergence_floor: float = 1e-2,
+                 divergence_smoothing: float = 0.9) -> None:
         if lag_steps < 1:
             raise ValueError(f"lag_steps must be >= 1, got {lag_steps}")
         if param_check_every_n_steps < 0:
             raise ValueError(f"param_check_every_n_steps must be >= 0, got {param_check_every_n_steps}")
         if divergence_factor is not None and not divergence_factor > 1:
             raise ValueError(f"divergence_factor must be > 1 (or None to turn the check off), got {divergence_factor}")
-        if divergence_warmup_steps < 0 or not divergence_floor > 0 or not 0 <= divergence_smoothing < 1:
-            raise ValueError("need divergence_warmup_steps >= 0, divergence_floor > 0 and 0 <= divergence_smoothing < 1, "
-                             f"got {divergence_warmup_steps}, {divergence_floor}, {divergence_smoothing}")
+        if not divergence_floor > 0 or not 0 <= divergence_smoothing < 1:
+            raise ValueError("need divergence_floor > 0 and 0 <= divergence_smoothing < 1, got "
+                             f"{divergence_floor}, {divergence_smoothing}")
         self.enabled, self.lag_steps, self.param_check_every_n_steps = enabled, lag_steps, param_check_every_n_steps
-        self.divergence_factor, self.divergence_warmup_steps = divergence_factor, divergence_warmup_steps
+        self.divergence_factor = divergence_factor
         self.divergence_floor, self.divergence_smoothing = divergence_floor, divergence_smoothing
         self._ema: torch.Tensor | None = None  # on the device: the smoothed loss and its running minimum
         self._ema_min: torch.Tensor | None = None
@@ -143,8 +142,6 @@ class NonFiniteGuard(Callback):
         value = torch.where(torch.isfinite(value), value, torch.zeros_like(value))
         beta = self.divergence_smoothing
         self._ema = value if self._ema is None else beta * self._ema + (1 - beta) * value
-        if self._steps <= self.divergence_warmup_steps:
-            return torch.zeros((), dtype=torch.bool, device=loss.device)
         self._ema_min = self._ema.clone() if self._ema_min is None else torch.minimum(self._ema_min, self._ema)
         return self._ema > self.divergence_factor * torch.clamp(self._ema_min, min=self.divergence_floor)
 

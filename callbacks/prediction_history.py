@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_methods.datamodules.base import IndexedTensorDataset, collate_dict
-from lightning_methods.datamodules.transforms import device_augment, normalize
+from lightning_methods.datamodules.transforms import model_input
 from lightning_methods.noisy_labels.selection import (
     fkl_order,
     init_learning_state,
@@ -36,14 +36,8 @@ PredictFn = Callable[[LightningModule, dict[str, torch.Tensor]], torch.Tensor]
 
 def prepare_images(batch: dict[str, torch.Tensor], datamodule: Any, augment: bool,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 images -> normalized float, with the DataModule's crop / flip when ``augment`` (drawn from
-    ``generator``)."""
-    image = batch["image"]
-    if image.dtype != torch.uint8:
-        return image
-    if augment:
-        image = device_augment(image, getattr(datamodule, "augment", "standard"), generator)
-    return normalize(image, datamodule.mean, datamodule.std)
+    """A batch's images as model input, with the DataModule's crop / flip when ``augment`` (``model_input``)."""
+    return model_input(batch["image"], datamodule, augment=augment, generator=generator)
 
 
 def limited(loader: Iterable, trainer: Trainer) -> Iterable:

@@ -138,7 +138,7 @@ class TunnelProbe(Callback):
     @staticmethod
     def _prepare(trainer: Trainer, pl_module: LightningModule):
         dm = trainer.datamodule
-        return image_preparer(getattr(dm, "mean", (0.0,) * 3), getattr(dm, "std", (1.0,) * 3), pl_module.device)
+        return image_preparer(dm, pl_module.device)
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> TunnelReport:
         step = trainer.global_step

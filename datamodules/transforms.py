@@ -5,6 +5,8 @@ All functions take NCHW batches and use the torch RNG of the batch's device (see
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,31 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
     m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
     return (x.float() / scale - m) / s
+
+
+def model_input(image: torch.Tensor, datamodule: Any, device: torch.device | str | None = None, augment: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """DataModule images -> model input: the one helper callbacks and tools use (probes, coresets, selection).
+
+    uint8 images are moved to ``device``, optionally given the DataModule's own crop / flip (``augment``, drawn from
+    ``generator``) and normalized with the DataModule's ``mean`` / ``std``; float images are already model input and
+    are only moved. A DataModule with uint8 images must define ``mean`` and ``std`` (the DataModule protocol in
+    ARCHITECTURE.md); there is no silent fallback, because a wrong normalization changes every result.
+
+    Raises:
+        ValueError: uint8 images from a DataModule without ``mean`` / ``std``.
+    """
+    if device is not None:
+        image = image.to(device, non_blocking=True)
+    if image.dtype != torch.uint8:
+        return image if image.is_floating_point() else image.float()
+    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if mean is None or std is None:
+        raise ValueError(f"{type(datamodule).__name__} yields uint8 images but defines no mean/std to normalize them "
+                         "with; give the DataModule `mean` and `std` attributes (per-channel, 0-1 scale)")
+    if augment:
+        image = device_augment(image, getattr(datamodule, "augment", "standard"), generator)
+    return normalize(image, mean, std)
 
 
 def mix_batch(

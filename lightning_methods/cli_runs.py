@@ -399,12 +399,17 @@ def parse_ckpt_path_safely(cli: Any, parse: Any) -> None:
     verifying the file's recorded checksum, turning a corrupt or code-carrying file into a clear error."""
     import pickle
 
-    from lightning_methods.checkpoint_io import CorruptCheckpointError, corrupt_message, verify_checksum
+    from lightning_methods.checkpoint_io import (
+        CorruptCheckpointError,
+        corrupt_message,
+        verify_checksum,
+        verify_embedded_digest,
+    )
 
     sub = cli.config.get("subcommand")
     path = cli.config[sub].get("ckpt_path") if sub else None
-    if path and Path(path).is_file():
-        verify_checksum(path)  # raises CorruptCheckpointError naming the previous good checkpoint
+    if path and Path(path).is_file() and not verify_checksum(path):  # raises CorruptCheckpointError naming the
+        verify_embedded_digest(path)  # previous good checkpoint; a copy without .sha256: the digest inside it
     try:
         parse()
     except pickle.UnpicklingError as err:
@@ -552,10 +557,17 @@ def print_package_error(exc: BaseException, file: Any = None) -> bool:
 
 def run_console(fn: Any, *args: Any) -> Any:
     """Run a console-script entry ``fn(*args)``: an error raised by lightning-methods code ends the process with exit
-    code 1 after :func:`print_package_error` (traceback, then the package's message framed as the last lines)."""
+    code 1 after :func:`print_package_error` (traceback, then the package's message framed as the last lines). A fit
+    stopped by SIGTERM (Lightning raises ``SIGTERMException``, a ``SystemExit`` without a code) exits with 143
+    (128 + SIGTERM), as a killed process does, never with 0."""
     try:
         return fn(*args)
-    except (SystemExit, KeyboardInterrupt):
+    except SystemExit as exc:
+        if type(exc).__name__ == "SIGTERMException" and not exc.code:
+            print(f"{PREFIX} stopped by SIGTERM; the run is recorded as interrupted", file=sys.stderr, flush=True)
+            raise SystemExit(143) from None
+        raise
+    except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - re-raised unless the package raised it
         if print_package_error(exc):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
-import socket
 import tempfile
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -138,19 +139,47 @@ def write_teacher_file(directory: str | Path, arch: str, num_classes: int, seed:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Variables through which a launcher (torchrun, SLURM, MPI, LSF) or an earlier test (Lightning's seed_everything sets
+# PL_GLOBAL_SEED, which DDP setup re-seeds from) would change how the workers of run_ddp form their group.
+_LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "WORLD_SIZE",
+                  "LOCAL_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE")
+_LAUNCHER_PREFIXES = ("PL_", "TORCHELASTIC_", "SLURM_", "OMPI_", "PMI_", "LSB_", "JSM_")
 
 
-def _ddp_worker(rank: int, fn: Callable, world_size: int, port: int, outdir: str, args: tuple) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "NODE_RANK": "0",
-                       "LOCAL_WORLD_SIZE": str(world_size)})
+@contextlib.contextmanager
+def _worker_environment(port: int, world_size: int):
+    """The environment spawned workers inherit: launcher variables of the parent removed, a torchrun-like set added
+    (the store is hosted by the parent, as torchrun's agent does), restored on exit."""
+    saved = {k: v for k, v in os.environ.items() if k in _LAUNCHER_VARS or k.startswith(_LAUNCHER_PREFIXES)}
+    added = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size), "NODE_RANK": "0",
+             "LOCAL_WORLD_SIZE": str(world_size), "TORCHELASTIC_USE_AGENT_STORE": "True",
+             "TORCHELASTIC_RESTART_COUNT": "0", "OMP_NUM_THREADS": "1"}
+    saved_omp = os.environ.get("OMP_NUM_THREADS")
+    for key in saved:
+        del os.environ[key]
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+        if saved_omp is not None:
+            os.environ["OMP_NUM_THREADS"] = saved_omp
+        os.environ.update(saved)
+
+
+def _ddp_worker(rank: int, fn: Callable, world_size: int, outdir: str, args: tuple) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
     result = fn(rank, world_size, *args)
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Leave the group together: a rank that exits while its peer still holds the group's connections makes the
+        # peer's gloo thread throw outside Python (std::terminate, SIGABRT), depending on timing.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> list[Any]:
@@ -160,10 +189,23 @@ def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> li
     ``torch.distributed.init_process_group("gloo")`` or ``Trainer(accelerator="cpu", devices=world_size,
     strategy="ddp")`` joins the group without spawning. ``fn`` must be a module-level function; its return value
     must be picklable by ``torch.save``.
+
+    Deterministic set-up and tear-down: this process hosts the rendezvous store on a port the OS assigns and keeps
+    bound until the workers have exited (no window in which another process can take a port found free, and no
+    client that connects to itself), the workers are started with the spawn method (no fork of a process with
+    threads) in an environment without the parent's launcher variables, and every worker leaves the process group
+    after a barrier, so no rank exits while its peer still talks to it.
     """
-    with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_ddp_worker, args=(fn, world_size, free_port(), outdir, args), nprocs=world_size, join=True)
-        return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, None, True, timedelta(minutes=5), wait_for_workers=False)
+    try:
+        with tempfile.TemporaryDirectory() as outdir, _worker_environment(store.port, world_size):
+            mp.start_processes(_ddp_worker, args=(fn, world_size, outdir, args), nprocs=world_size, join=True,
+                               start_method="spawn")
+            return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+    finally:
+        del store
 
 
 def read_wandb_records(path: str | Path) -> list:

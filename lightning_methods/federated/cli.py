@@ -59,7 +59,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _fingerprint(cfg: Namespace, algorithm_cfg: Any) -> dict[str, Any]:
+def fingerprint(cfg: Namespace, algorithm_cfg: Any) -> dict[str, Any]:
+    """The settings of one algorithm's run that change its results (a run directory refuses other settings)."""
     base = config_fingerprint({k: v for k, v in cfg.as_dict().items() if k not in RUN_KEYS})
     base["algorithm"] = config_fingerprint(algorithm_cfg)
     return base
@@ -69,19 +70,12 @@ def run_config(cfg: Namespace, parser: ArgumentParser) -> list[dict[str, Any]]:
     """Run every algorithm of a parsed config; returns their summaries (and writes ``comparison.md/csv``)."""
     from lightning_methods.federated.runner import FederatedRunner
 
-    init = parser.instantiate_classes(cfg)
-    algos = [(init.algorithm, cfg.algorithm)] + list(zip(init.compare_with, cfg.compare_with))
-    names = [a.name for a, _ in algos]
+    init = parser.instantiate(cfg)
+    names = [a.name for a in [init.algorithm, *init.compare_with]]
     if len(set(names)) != len(names):
         raise ValueError(f"algorithm names must differ (they name the subdirectories of run_dir): {names}")
-    summaries = []
-    for algorithm, algo_cfg in algos:
-        data = FederatedDataModule(**cfg.data.as_dict())  # a fresh DataModule per algorithm (same partition)
-        runner = FederatedRunner(data, algorithm, init.federation, Path(cfg.run_dir) / algorithm.name, cfg.trainer,
-                                 cfg.logger, _fingerprint(cfg, algo_cfg), cfg.resume, parser.dump(cfg),
-                                 cfg.progress, cfg.profile_steps, {**command_source(cfg, cfg.data.seed),
-                                                                  "algorithm": init.algorithm.name})
-        summaries.append(runner.run())
+    # one runner per algorithm, each with a fresh DataModule built from the config (the same partition)
+    summaries = [FederatedRunner(parser, cfg, algorithm=i).run() for i in range(len(names))]
     table = comparison_table(summaries)
     atomic_write_text(Path(cfg.run_dir) / "comparison.md", table + "\n")
     atomic_write_text(Path(cfg.run_dir) / "comparison.csv", to_csv(summaries))

@@ -25,9 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning_methods.datamodules.federated import FederatedDataModule
 from lightning_methods.federated.algorithm import FedAlgorithm, FederationInfo, check_finite
-from lightning_methods.federated.config import FederationConfig, assign_families
+from lightning_methods.federated.config import assign_families
 from lightning_methods.federated.local import ClientRuntime
 from lightning_methods.federated.results import round_metrics, write_run_results
 from lightning_methods.runs import StagedRun
@@ -53,36 +52,51 @@ def build_logger(config: Mapping[str, Any] | None, run: StagedRun, stage: str) -
     return getattr(importlib.import_module(module), name)(**config["init_args"])
 
 
+def algorithm_fingerprint(algorithm: FedAlgorithm) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` of an algorithm object given from Python: its class and its public settings
+    (numbers, strings, booleans and lists of them), as a config would give them."""
+    plain_types = (bool, int, float, str, type(None))
+    args = {k: v for k, v in vars(algorithm).items() if not k.startswith("_")
+            and (isinstance(v, plain_types) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain_types)
+                                                                                     for x in v)))}
+    return {"class_path": f"{type(algorithm).__module__}.{type(algorithm).__qualname__}", "init_args": args}
+
+
 class FederatedRunner:
-    """Runs one algorithm on one federation (see the module docstring).
+    """Runs one algorithm of a parsed ``lightning-methods-fed`` config (see the module docstring).
 
     Args:
-        data: the federated DataModule (its ``seed`` fixes the partition).
-        algorithm: the algorithm object.
-        federation: rounds, local epochs, client families and optimizer settings.
-        run_dir: where checkpoints and results go (``StagedRun`` directory: fingerprinted, locked).
-        trainer: keyword arguments of every client-round ``Trainer`` (accelerator, devices, precision, ...).
-        logger: ``{"class_path", "init_args"}`` of a Lightning logger for round metrics (``None``: files only).
-        fingerprint: the settings that change results (a resume with other settings is refused).
-        resume: continue the run found in ``run_dir``.
-        config_text: the resolved config (written to ``run_dir/config.yaml``).
-        progress: show a progress bar over rounds.
-        profile_steps: time the training steps (synchronising the GPU after each) to split off the overhead.
-        source: ``{"config": [config files], "seed": seed}`` of the command, kept in ``results.json``.
+        parser: the parser that produced ``config`` (:func:`lightning_methods.federated.cli.build_parser`).
+        config: the parsed config: ``run_dir``, ``data`` (the federated DataModule; its ``seed`` fixes the
+            partition), ``federation``, ``algorithm``, ``compare_with``, ``trainer`` (keyword arguments of the
+            client-round Trainer), ``logger`` (``{"class_path", "init_args"}`` of a Lightning logger for round
+            metrics, or ``None``), ``resume``, ``progress``, ``profile_steps``.
+        algorithm: which algorithm of the config runs: ``0`` = ``config.algorithm``, ``i`` = ``config.compare_with[i -
+            1]``; or an algorithm object (Python use: a custom or instrumented algorithm, fingerprinted by its class
+            and public settings). It runs in ``run_dir/<algorithm name>/`` (a ``StagedRun`` directory: fingerprinted,
+            locked, resumable).
     """
 
-    def __init__(self, data: FederatedDataModule, algorithm: FedAlgorithm, federation: FederationConfig,
-                 run_dir: str | Path, trainer: Mapping[str, Any] | None = None,
-                 logger: Mapping[str, Any] | None = None, fingerprint: Mapping[str, Any] | None = None,
-                 resume: bool = True, config_text: str | None = None, progress: bool = True,
-                 profile_steps: bool = False, source: Mapping[str, Any] | None = None) -> None:
-        self.data, self.algorithm, self.fed = data, algorithm, federation
-        self.run_dir = Path(run_dir).expanduser()
-        self.trainer = dict(trainer or {})
-        self.logger_config, self.resume, self.config_text = logger, resume, config_text
-        self.fingerprint = dict(fingerprint) if fingerprint is not None else {}
-        self.progress, self.profile_steps = progress, profile_steps
-        self.source = dict(source or {})
+    def __init__(self, parser: Any, config: Any, algorithm: int | FedAlgorithm = 0) -> None:
+        from lightning_methods.federated.cli import fingerprint
+        from lightning_methods.results.multistage import command_source
+
+        init = parser.instantiate(config)
+        choices = [(init.algorithm, config.algorithm), *zip(init.compare_with, config.compare_with)]
+        if isinstance(algorithm, FedAlgorithm):
+            self.algorithm, algorithm_config = algorithm, algorithm_fingerprint(algorithm)
+        elif 0 <= algorithm < len(choices):
+            self.algorithm, algorithm_config = choices[algorithm]
+        else:
+            raise ValueError(f"algorithm index {algorithm} out of range: the config has {len(choices)} algorithms")
+        self.parser, self.config = parser, config
+        self.data, self.fed = init.data, init.federation
+        self.run_dir = Path(config.run_dir).expanduser() / self.algorithm.name
+        self.trainer = dict(config.trainer or {})
+        self.logger_config, self.resume, self.config_text = config.logger, config.resume, parser.dump(config)
+        self.fingerprint = fingerprint(config, algorithm_config)
+        self.progress, self.profile_steps = config.progress, config.profile_steps
+        self.source = {**command_source(config, config.data.seed), "algorithm": init.algorithm.name}
         self.clients: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
 
@@ -161,14 +175,15 @@ class FederatedRunner:
         self.data.prepare_data()
         self.data.setup()
         self.families = assign_families(self.fed.families, self.data.num_clients, self.fed.assignment, self.fed.seed)
-        info = FederationInfo(self.data.num_clients, self.data.num_classes, self.families, self.fed.seed,
-                              self.fed.feature_dim, self.fed.stem, self.fed.rounds)
+        info = FederationInfo(num_clients=self.data.num_clients, num_classes=self.data.num_classes,
+                              families=self.families, seed=self.fed.seed, feature_dim=self.fed.feature_dim,
+                              stem=self.fed.stem, rounds=self.fed.rounds)
         with StagedRun(self.run_dir, "federated", self.fingerprint, self.resume, self.config_text) as run:
             if run.is_writer:
                 self.data.write_statistics(self.run_dir / "partition.json")
             self.algorithm.setup_server(info)
-            self.runtime = ClientRuntime(self.data, self.algorithm, self.fed, self.families, self.trainer,
-                                         self.profile_steps)
+            self.runtime = ClientRuntime(self.data, self.algorithm, self.fed, self.families, trainer=self.trainer,
+                                         profile_steps=self.profile_steps)
             start = self._restore(run)
             if start == 0:
                 self.clients = [self.runtime.init_client(i, self.algorithm.initial_download(i))

@@ -181,7 +181,8 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
             print(format_table(results))
             png = plot(run.run_dir, results)
             print(f"results: {run.run_dir / 'sweep.csv'}, {run.run_dir / 'sweep.json'}, {png}")
-            settings = _wandb_init_args(opts.config)
+            logger_off = str(parse_overrides(extra).get("trainer.logger", "")).lower() in ("false", "null", "none")
+            settings = None if logger_off else _wandb_init_args(opts.config)
             if settings is not None:  # the picture also goes to W&B: run <name>-sweep in the sweep's group
                 stage_run_settings(settings, run.run_dir.name, "sweep", run.wandb_id("sweep"))
                 log_pictures({"hpn/sweep": png}, settings=settings)

@@ -14,7 +14,7 @@ Public classes and functions:
 
 Elsewhere in the family: the callbacks :class:`lightning_methods.callbacks.PredictionHistoryCallback`
 (``callbacks/prediction_history.py``) and :class:`lightning_methods.callbacks.TestAccuracyTracker`
-(``callbacks/test_accuracy_tracker.py``); the DataModules ``NoisyCIFAR10DataModule``, ``NoisyCIFAR100DataModule``,
+(``callbacks/accuracy_tracker.py``); the DataModules ``NoisyCIFAR10DataModule``, ``NoisyCIFAR100DataModule``,
 ``NoisyDigitsDataModule`` (``datamodules/noisy_*.py``) with the noise generators in ``datamodules/label_noise.py``;
 configs in ``configs/early_cutting/``; the doc ``docs/methods/early_cutting.md``; tests in ``tests/noisy_labels/``.
 """

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_methods.callbacks.checkpoint import LatestCheckpoint
 from lightning_methods.callbacks.prediction_history import PredictionHistoryCallback
-from lightning_methods.callbacks.test_accuracy_tracker import TestAccuracyTracker
+from lightning_methods.callbacks.accuracy_tracker import TestAccuracyTracker
 from lightning_methods.checkpoint_io import read_checkpoint
 from lightning_methods.noisy_labels.config import SelectionConfig
 from lightning_methods.noisy_labels.cut import compute_early_cut
@@ -209,8 +209,9 @@ class EarlyCuttingRunner:
         stats.update(self._noise_stats(dm, "fkl", fkl))
         if r == 0 and sel.early_cutting:
             best = ckpt.best_model_path
-            self._progress(f"round {r}: the cut - scoring the earliest-learned {sel.cutting_rate:g} of the "
-                           f"{len(fkl)} selected samples with the best checkpoint {Path(best).name}")
+            n_cut = max(1, min(int(len(fkl) / sel.cutting_rate), len(fkl))) if len(fkl) else 0
+            self._progress(f"round {r}: the cut - scoring the {n_cut} earliest-learned of the {len(fkl)} selected "
+                           f"samples with the best checkpoint {Path(best).name}")
             cut_start = time.monotonic()
             if get_rank() == 0:
                 model.load_state_dict(read_checkpoint(best)["state_dict"])  # checksum verified, weights-only

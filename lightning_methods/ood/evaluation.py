@@ -15,6 +15,7 @@ from lightning_methods.ood.cache import load_verified
 from lightning_methods.ood.diagnostics import anova, delta_mu, select_encoders
 from lightning_methods.ood.pvalues import GatePValues, TwoLevelMinGate
 from lightning_methods.ood.report import Detector, evaluate, log_to_wandb, write_report
+from lightning_methods.results.multistage import command_source
 from lightning_methods.utils.wandb import finish_open_run, wandb_loggers
 
 
@@ -100,6 +101,18 @@ def diagnostics(pipeline: Any, scores: dict, variants: list[str]) -> tuple[list[
     return rows, eta_enc, dmu_enc
 
 
+def environment() -> dict[str, Any]:
+    """Where the report was computed: torch's version and thread count, the CPU, the library versions (float
+    results on CPU depend on all of them)."""
+    import os
+
+    from lightning_methods.results.record import cpu_model, versions
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+            "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "versions": versions()}
+
+
 def build_report(pipeline: Any, jobs: list[tuple[str, str]]) -> dict[str, Any]:
     """Compute and write the report of a pipeline whose RDMs are all scored (rank zero only)."""
     encoders, variants = [e.name for e in pipeline.encoders], pipeline.variants
@@ -131,7 +144,8 @@ def build_report(pipeline: Any, jobs: list[tuple[str, str]]) -> dict[str, Any]:
         test = pipeline.features(e, "id_test")
         if test.logits is not None:
             accuracy[e] = float((test.logits.argmax(1) == test.targets).double().mean())
-    extra = {"selected_encoders": selected, "eta2": eta_enc, "delta_mu": dmu_enc, "id_accuracy": accuracy,
+    extra = {"source": command_source(pipeline.config, pipeline.seed), "environment": environment(),
+             "selected_encoders": selected, "eta2": eta_enc, "delta_mu": dmu_enc, "id_accuracy": accuracy,
              "splits": {k: len(v) for k, v in splits.items()},
              "parameter_ratio_monolithic_over_encmin2l": (params[mono[0]] / detectors[0].params) if mono else None}
     out_dir = pipeline.run_dir / "report"

@@ -40,10 +40,18 @@ class Detector:
     means: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+#: name of the pseudo OOD set that pools every OOD set (the "union of shifts")
+UNION = "union"
+
+
 def evaluate(detectors: list[Detector], groups: Mapping[str, str], convention: Convention = "v1.5") -> None:
-    """Fill ``metrics`` (per OOD set) and ``means`` (per group) of every detector."""
+    """Fill ``metrics`` (per OOD set, and ``"union"``: ID against every OOD set pooled, when there are several) and
+    ``means`` (per group) of every detector."""
     for det in detectors:
         det.metrics = {name: ood_metrics(det.id_conf, conf, convention) for name, conf in det.ood_conf.items()}
+        if len(det.ood_conf) > 1:
+            pooled = np.concatenate(list(det.ood_conf.values()))
+            det.metrics[UNION] = ood_metrics(det.id_conf, pooled, convention)
         det.means = group_means(det.metrics, {n: g for n, g in groups.items() if n in det.metrics})
 
 
@@ -52,7 +60,7 @@ def long_rows(detectors: list[Detector], groups: Mapping[str, str]) -> list[dict
     rows = []
     for det in detectors:
         for name, values in [*det.metrics.items(), *((f"{g}_mean", v) for g, v in det.means.items())]:
-            group = groups.get(name, name[:-5] if name.endswith("_mean") else "")
+            group = groups.get(name, name[:-5] if name.endswith("_mean") else UNION if name == UNION else "")
             rows.append({"detector": det.name, "kind": det.kind, "params": det.params, "dataset": name,
                          "group": group, **{m: round(100 * values[m], 4) for m in METRIC_NAMES}})
     return rows
@@ -111,7 +119,7 @@ def plot_detector(det: Detector, path: Path) -> Path | None:
     bins = np.linspace(np.percentile(all_scores, 0.5), np.percentile(all_scores, 99.5), 50)
     ax_hist.hist(transform(det.id_conf), bins=bins, alpha=0.5, density=True, label="ID test")
     for name, conf in det.ood_conf.items():
-        fpr, tpr = roc_curve(det.id_conf, conf)
+        fpr, tpr = roc_curve(det.id_conf, conf)  # the pooled "union" has no curve of its own
         ax_roc.plot(fpr, tpr, label=f"{name} ({100 * det.metrics[name]['auroc']:.1f})")
         ax_hist.hist(transform(conf), bins=bins, alpha=0.4, density=True, histtype="stepfilled", label=name)
     ax_roc.set(xlabel="FPR (OOD accepted)", ylabel="TPR (ID accepted)", title=f"{det.name}: ROC (AUROC)")
@@ -165,7 +173,7 @@ def log_to_wandb(experiment: Any, report: Mapping[str, Any], diagnostics: list[d
         experiment.log({"ood/diagnostics": wandb.Table(columns=list(diagnostics[0]),
                                                        data=[list(d.values()) for d in diagnostics])})
     for row in rows:
-        if row["dataset"].endswith("_mean"):
+        if row["dataset"].endswith("_mean") or row["dataset"] == UNION:
             for m in METRIC_NAMES:
                 experiment.summary[f"ood/{row['detector']}/{row['dataset']}/{m}"] = row[m]
     for name, path in report["images"].items():

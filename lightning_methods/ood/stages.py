@@ -136,6 +136,14 @@ def fit_rdm(cfg: RDMConfig, train: EmbeddingSet, preprocessor: FeaturePreprocess
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_rdm(cfg, preprocessor.out_dim, num_classes)
+    last = out_dir / "last.ckpt"
+    if last.is_file():
+        checkpoint = read_checkpoint(last)  # checksum verified
+        if int(checkpoint.get("epoch", -1)) + 1 >= cfg.max_epochs:
+            # a finished fit (its rdm.pt was lost): the checkpoint's state_dict holds the final (EMA) weights;
+            # Trainer.fit would skip the finished loop without swapping the EMA weights in
+            model.load_state_dict(checkpoint["state_dict"])
+            return model
     dm = EmbeddingDataModule.from_sets(train, preprocessor=preprocessor, conditional=cfg.conditional,
                                        batch_size=min(cfg.batch_size, len(train.index)), seed=seed)
     callbacks: list[Any] = [ModelCheckpoint(dirpath=out_dir, filename="last", save_top_k=1, every_n_epochs=1,
@@ -147,14 +155,6 @@ def fit_rdm(cfg: RDMConfig, train: EmbeddingSet, preprocessor: FeaturePreprocess
     trainer = make_trainer(max_epochs=cfg.max_epochs, gradient_clip_val=cfg.gradient_clip_val, callbacks=callbacks,
                            enable_checkpointing=True, limit_val_batches=0, num_sanity_val_steps=0,
                            plugins=[SafeCheckpointIO()])
-    last = out_dir / "last.ckpt"
-    if last.is_file():
-        checkpoint = read_checkpoint(last)  # checksum verified
-        if int(checkpoint.get("epoch", -1)) + 1 >= cfg.max_epochs:
-            # a finished fit (its rdm.pt was lost): the checkpoint's state_dict holds the final (EMA) weights;
-            # Trainer.fit would skip the finished loop without swapping the EMA weights in
-            model.load_state_dict(checkpoint["state_dict"])
-            return model
     trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
     return model if _complete(trainer) else None
 

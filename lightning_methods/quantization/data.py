@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_methods.datamodules import collate_dict
-from lightning_methods.datamodules.transforms import normalize
+from lightning_methods.datamodules.transforms import model_input
 from lightning_methods.utils import sharded_loader
 
 
@@ -40,12 +40,8 @@ def train_dataset(trainer: Trainer, what: str) -> Dataset:
 
 
 def plain_images(image: torch.Tensor, trainer: Trainer, device: torch.device) -> torch.Tensor:
-    """Move a batch of images to ``device`` and normalize uint8 images with the DataModule's mean / std."""
-    image = image.to(device, non_blocking=True)
-    if image.dtype != torch.uint8:
-        return image
-    dm = trainer.datamodule
-    return normalize(image, getattr(dm, "mean", (0.5,) * image.shape[1]), getattr(dm, "std", (0.25,) * image.shape[1]))
+    """A batch of images as model input on ``device``, without augmentation (``model_input``)."""
+    return model_input(image, trainer.datamodule, device)
 
 
 class PositionDataset(Dataset):

@@ -104,7 +104,7 @@ def folder_paper(items: list[dict[str, Any]], root: Path) -> str:
 
 def config_summary(path: Path) -> str:
     """The description of a config: the first sentence of its first header comment paragraph (the comment lines
-    before an empty ``#`` line or an indented command line), as plain text."""
+    before an empty ``#`` line, an indented command line or a ``# paper:`` line), as plain text."""
     lines = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
@@ -112,7 +112,8 @@ def config_summary(path: Path) -> str:
                 break
             continue
         body = line[1:]
-        if not body.strip() or body.startswith("   "):  # paragraph end, or an indented command line
+        if not body.strip() or body.startswith("   ") or body.strip().startswith("paper:"):  # paragraph end,
+            # an indented command line or the paper's numbers
             if lines:
                 break
             continue

@@ -40,19 +40,24 @@ from typing import Any
 import yaml
 
 from lightning_methods.results import gridspec as gs
+from lightning_methods.results.grid_commands import COMMANDS, HEADER, command_of
 from lightning_methods.results.gridspec import GRID_NEUTRAL
 from lightning_methods.results.record import read_record
 from lightning_methods.runs import StagedRun, config_fingerprint
 from lightning_methods.utils import atomic_write_text
 
 
-def resolve_config(args: list[str]) -> dict[str, Any]:
-    """The resolved ``fit`` config of ``args`` (``--config ...`` and overrides), as LightningCLI prints it.
+def resolve_config(args: list[str], command: str = "fit") -> dict[str, Any]:
+    """The resolved ``fit`` config of ``args`` (``--config ...`` and overrides), as LightningCLI prints it (another
+    ``command`` of :mod:`.grid_commands`: its own resolved config).
 
     Raises:
         ValueError: the arguments do not parse (the CLI's message is printed above).
     """
     from lightning_methods.cli import main
+
+    if command != "fit":
+        return COMMANDS[command].resolve(args)
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), warnings.catch_warnings():
@@ -67,7 +72,10 @@ def resolve_config(args: list[str]) -> dict[str, Any]:
 
 
 def run_finished(run_dir: Path) -> bool:
-    """The run's ``results.json`` records a finished fit."""
+    """The run's ``results.json`` records a finished fit (another command: that command's own test)."""
+    command = command_of(run_dir / "run.yaml") if (run_dir / "run.yaml").is_file() else "fit"
+    if command != "fit":
+        return COMMANDS[command].finished(run_dir)
     path = run_dir / "results.json"
     if not path.is_file():
         return False
@@ -98,7 +106,18 @@ def run_one(run_dir: str | Path, launch: str = "auto") -> dict[str, Any]:
         raise FileNotFoundError(f"{config_file} does not exist: prepare the run with `lightning-methods grid --config "
                                 "... --mode commands` (or run the whole grid)")
     config = yaml.safe_load(config_file.read_text())
+    command = command_of(config_file)
     with StagedRun(run_dir, "grid_run", config_fingerprint(config, GRID_NEUTRAL)) as run:
+        if command != "fit":
+            spec = COMMANDS[command]
+            if not spec.finished(run_dir):
+                print(f"[grid] running lightning-methods {command} in {run_dir}", flush=True)
+                spec.run(config_file, run_dir)
+            if not spec.finished(run_dir):
+                raise RuntimeError(f"the {command} run in {run_dir} did not finish; rerun the grid command to "
+                                   "resume it")
+            run.mark_done(command)
+            return read_record(spec.record(run_dir)) or {}
         if run_finished(run_dir):
             run.mark_done("fit")
             return read_record(run_dir / "results.json") or {}
@@ -131,13 +150,15 @@ def _fit_in_process(args: list[str]) -> None:
 
 
 def prepare(config_path: str, fit_args: list[str], sets: dict[str, list[str]], seeds: list[int],
-            seed_keys: list[str], grid_dir: Path) -> tuple[StagedRun, list[tuple[str, Path]]]:
+            seed_keys: list[str], grid_dir: Path, command: str = "fit") -> tuple[StagedRun, list[tuple[str, Path]]]:
     """Resolve the configuration, check it against an existing grid directory and write every ``run.yaml``.
 
     Returns the (open, locked) :class:`StagedRun` of the configuration and its runs ``(name, run_dir)``.
     """
     name = gs.safe_name(Path(config_path).stem)
-    base = resolve_config(["--config", config_path, *fit_args])
+    base = resolve_config(["--config", config_path, *fit_args], command)
+    if command != "fit" and seed_keys == list(gs.DEFAULT_SEED_KEYS):
+        seed_keys = list(COMMANDS[command].seed_keys)
     gs.check_keys(base, list(sets), config_path)
     seed_keys = [k for k in seed_keys if gs.has_key(base, k)]
     if not seed_keys:
@@ -153,20 +174,26 @@ def prepare(config_path: str, fit_args: list[str], sets: dict[str, list[str]], s
     runs = []
     try:
         for combo in gs.combinations(sets):
-            resolved = resolve_config(["--config", config_path, *fit_args, *(f"--{k}={v}" for k, v in combo.items())])
+            resolved = resolve_config(["--config", config_path, *fit_args, *(f"--{k}={v}" for k, v in combo.items())],
+                                      command)
             for seed in seeds:
                 stage = gs.run_name(combo, names, seed)
                 run_dir = (run.run_dir / stage).resolve()
                 cfg = copy.deepcopy(resolved)
                 for key in seed_keys:
                     gs.set_key(cfg, key, seed)
-                gs.set_key(cfg, "trainer.default_root_dir", str(run_dir))
-                gs.set_key(cfg, "checkpoint.dirpath", str(run_dir / "checkpoints"))
-                gs.set_key(cfg, "results.info", {"grid": str(run.run_dir.parent), "config": str(Path(config_path)
-                           .resolve()), "name": name, "combination": dict(combo), "seed": seed, "run": stage})
-                _wandb_settings(cfg, run, name, stage, gs.combo_name(combo, names), run_dir)
+                if command != "fit":
+                    COMMANDS[command].place(cfg, run_dir)
+                else:
+                    gs.set_key(cfg, "trainer.default_root_dir", str(run_dir))
+                    gs.set_key(cfg, "checkpoint.dirpath", str(run_dir / "checkpoints"))
+                    gs.set_key(cfg, "results.info", {"grid": str(run.run_dir.parent), "config": str(
+                        Path(config_path).resolve()), "name": name, "combination": dict(combo), "seed": seed,
+                        "run": stage})
+                    _wandb_settings(cfg, run, name, stage, gs.combo_name(combo, names), run_dir)
                 if not run_finished(run_dir):
-                    atomic_write_text(run_dir / "run.yaml", yaml.safe_dump(cfg, sort_keys=False))
+                    header = f"{HEADER}{command}\n" if command != "fit" else ""
+                    atomic_write_text(run_dir / "run.yaml", header + yaml.safe_dump(cfg, sort_keys=False))
                 runs.append((stage, run_dir))
     except BaseException:
         run.close()
@@ -243,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--launch", choices=("auto", "inprocess", "subprocess"), default="auto",
                         help="start runs in this process or as subprocesses (auto: subprocess for multi-device runs)")
     parser.add_argument("--keep_going", action="store_true", help="continue with the next run after a failure")
+    parser.add_argument("--command", choices=("fit", *COMMANDS), default="fit",
+                        help="the command each run executes (default fit; ood: the EncMin2L pipeline, seed key seed)")
     parser.add_argument("--run", metavar="RUN_DIR", help="run (or resume) one prepared run (for scheduler jobs)")
     return parser
 
@@ -267,12 +296,14 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
         parser.error(f"--config: no such file: {', '.join(missing)}")
     grid_dir = Path(ns.grid_dir or Path("runs/grid") / gs.safe_name(Path(ns.config[0]).stem)).expanduser().resolve()
     if ns.mode == "sweep":
+        if ns.command != "fit":
+            parser.error(f"--mode sweep runs `fit` only; run --command {ns.command} grids with --mode run or commands")
         return _write_sweeps(ns.config, fit_args, sets, ns.seeds, ns.seed_keys, grid_dir)
     records, commands, failures = [], [], []
     prepared: list[tuple[StagedRun, list[tuple[str, Path]]]] = []
     try:
         for config_path in ns.config:  # every configuration first, so the progress knows the number of runs
-            prepared.append(prepare(config_path, fit_args, sets, ns.seeds, ns.seed_keys, grid_dir))
+            prepared.append(prepare(config_path, fit_args, sets, ns.seeds, ns.seed_keys, grid_dir, ns.command))
         progress = GridProgress([d for _, runs in prepared for _, d in runs])
         for run, runs in prepared:
             for stage, run_dir in runs:

@@ -24,7 +24,10 @@ SELECTION_METRICS = ("test_acc_last", "test_acc_at_best_val", "test_acc_max_over
 #: Config keys that hold a seed or only say where and how a multi-stage run is kept (dropped when grouping runs).
 SEED_AND_RUN_KEYS = (("seed_everything",), ("data", "seed"), ("federation", "seed"), ("data", "init_args", "seed"),
                      ("run_dir",), ("resume",), ("progress",), ("profile_steps",), ("stop_after_round",),
-                     ("compare_with",), ("logger",), ("config",))
+                     ("compare_with",), ("logger",), ("config",), ("seed",), ("cache_dir",), ("cache_policy",),
+                     ("stop_after",))
+#: Metrics of an EncMin2L report (``lightning-methods ood``), per detector and OOD set / group mean, x 100.
+OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 
 
 def command_source(config: Any, seed: Any) -> dict[str, Any]:
@@ -60,10 +63,13 @@ def _record(path: Path, source: Mapping[str, Any], name: str, status: str, metri
 
 
 def adapt(path: str | Path, data: Any) -> dict[str, Any] | None:
-    """A record from a federated ``results.json`` or an Early Cutting ``summary.json`` (``None`` for other files)."""
+    """A record from a federated ``results.json``, an Early Cutting ``summary.json`` or an EncMin2L
+    ``report/results.json`` (``None`` for other files)."""
     path = Path(path)
     if not isinstance(data, dict):
         return None
+    if path.parent.name == "report" and isinstance(data.get("detectors"), list) and "groups" in data:
+        return _ood_record(path, data)
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
     stem = Path(source["config"][-1]).stem if source.get("config") else path.parent.name
     summary = data.get("summary")
@@ -79,3 +85,20 @@ def adapt(path: str | Path, data: Any) -> dict[str, Any] | None:
         metrics = {k: data.get(k) for k in SELECTION_METRICS}
         return _record(path, source, stem, status, metrics, _resolved_config(path.parent), True)
     return None
+
+
+def _ood_record(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """An EncMin2L report as a record: ``ood/<detector>/<set or group>_mean/<metric>`` in percent (x 100, the unit
+    of the configs' ``# paper:`` lines), the resolved config from the run's ``config.yaml``."""
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    stem = Path(source["config"][-1]).stem if source.get("config") else path.parent.parent.name
+    metrics: dict[str, float] = {}
+    for det in data["detectors"]:
+        for name, values in [*(det.get("metrics") or {}).items(),
+                             *((f"{g}_mean", v) for g, v in (det.get("means") or {}).items())]:
+            for m in OOD_METRICS:
+                if isinstance(values.get(m), (int, float)):
+                    metrics[f"ood/{det['name']}/{name}/{m}"] = 100.0 * float(values[m])
+    record = _record(path, source, stem, "finished", metrics, _resolved_config(path.parent.parent), True)
+    record["environment"] = data.get("environment")
+    return record

@@ -157,7 +157,7 @@ def run_probe_command(args: list[str] | None = None) -> TunnelReport | None:
                 init.ood_data.prepare_data()
             ood = class_subset(datamodule_data(init.ood_data), init.probe.ood_classes, init.probe.seed)
         meta = {**info, "train_augment": "see the training config", "title": f"{info['backbone']} ({cfg.ckpt})"}
-        prepare = image_preparer(getattr(dm, "mean", (0.0,) * 3), getattr(dm, "std", (1.0,) * 3), device)
+        prepare = image_preparer(dm, device)
         report = prober.run(backbone, id_data, prepare, ood, device, context=_autocast(cfg.precision, device),
                             meta=meta, points=points)
         if get_rank() == 0:

@@ -18,7 +18,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import Dataset
 
 from lightning_methods.datamodules import IndexedTensorDataset
-from lightning_methods.datamodules.transforms import normalize
+from lightning_methods.datamodules.transforms import model_input
 from lightning_methods.utils import mix_seed
 
 
@@ -137,13 +137,10 @@ def class_subset(data: ProbeData, classes: int | Sequence[int] | None, seed: int
     return ProbeData(f"{data.name}[{len(ids)} classes]", part(data.train), part(data.test), len(ids), ids)
 
 
-def image_preparer(mean: Sequence[float], std: Sequence[float], device: torch.device):
-    """batch -> float input on ``device``: uint8 images are scaled and normalized with ``mean``/``std`` (no
-    augmentation); float images are used as they are."""
-    mean, std = tuple(mean), tuple(std)
+def image_preparer(datamodule: Any, device: torch.device):
+    """batch -> model input on ``device`` (``model_input``: the DataModule's normalization, no augmentation)."""
 
     def prepare(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        x = batch["image"].to(device, non_blocking=True)
-        return normalize(x, mean, std) if x.dtype == torch.uint8 else x.float()
+        return model_input(batch["image"], datamodule, device)
 
     return prepare

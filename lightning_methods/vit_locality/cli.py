@@ -10,7 +10,8 @@ checkpoint's ViT is rebuilt from its hyperparameters, probed on a fixed seeded s
 ..., Modern) is read from the stored DataModule/model hyperparameters (augment, cutmix_alpha, label_smoothing), or
 given as ``LABEL=PATH``. Runs of one condition (seeds) are averaged: min MAD over the heads of layer 0 and of layers
 0..2 (mean +- std), early-layer mean MAD and entropy, test accuracy. The table is printed and written to ``--out``
-(table.md / table.csv / per_checkpoint.csv / locality.json / mad_by_layer.png). Per-checkpoint results are cached in
+(table.md / table.csv / per_checkpoint.csv / locality.json / mad_by_layer.png; with ``--wandb_project P`` the plot
+also goes to a new W&B run of project ``P``). Per-checkpoint results are cached in
 ``--out``/cache (keyed by the checkpoint's SHA-256 and the probe settings), so adding seeds later only probes the new
 checkpoints. Checkpoints with different token grids or datasets cannot share one table (error).
 """
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from lightning_methods.utils import atomic_write_json, sha256_file
+from lightning_methods.utils.wandb import log_pictures
 from lightning_methods.vit_locality.checkpoints import BY_CLASSES, DATASETS, checkpoint_record, evaluation_set
 from lightning_methods.vit_locality.report import write_report
 
@@ -51,6 +53,10 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_accuracy", action="store_true", help="skip the test-accuracy pass")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no_cache", action="store_true", help="recompute every checkpoint")
+    parser.add_argument("--wandb_project", default=None,
+                        help="also log mad_by_layer.png to a new W&B run (locality-<out folder>) in this project")
+    parser.add_argument("--wandb_mode", choices=("online", "offline"), default=None,
+                        help="W&B mode of that run (default: W&B's own setting, e.g. WANDB_MODE)")
     return parser.parse_args(args)
 
 
@@ -114,4 +120,8 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
     print()
     print(md)
     print(f"written to {out}/ (table.md, table.csv, per_checkpoint.csv, locality.json, mad_by_layer.png)")
+    if opts.wandb_project:
+        settings = {"project": opts.wandb_project, "name": f"locality-{out.resolve().name}", "job_type": "locality",
+                    "save_dir": str(out.resolve()), **({"mode": opts.wandb_mode} if opts.wandb_mode else {})}
+        log_pictures({"locality/mad_by_layer": out / "mad_by_layer.png"}, settings=settings)
     return rows

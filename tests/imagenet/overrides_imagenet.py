@@ -65,7 +65,7 @@ def imagenet_hook(config_path: Path, tmp_path: Path, data_root: Path) -> list[st
         args += [f"--data.init_args.data_dir={root}", "--data.init_args.eval_batch_size=4"]
         if data_cls == "ImageNet200DataModule":
             wnids = _tree.write_class_list(tmp_path / "wnids.txt", [_tree.wnid(c) for c in range(CLASSES)])
-            args.append(f"--data.init_args.classes_file={wnids}")
+            args += [f"--data.init_args.classes_file={wnids}", f"--data.init_args.num_classes={CLASSES}"]
             note_swap(rel, "ImageNet-200 classes file -> the tiny tree's 4 wnids")
         else:
             args += [f"--data.init_args.num_classes={CLASSES}", f"--data.init_args.image_size={IMAGE}",

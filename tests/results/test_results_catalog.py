@@ -22,7 +22,7 @@ def test_list_names_every_config_backbone_and_datamodule(capsys, monkeypatch):
     cli_main(["list"])
     out = capsys.readouterr().out
     configs = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
-    assert configs and [c for c in configs if f"    {c}" not in out] == []
+    assert configs and [c for c in configs if f"    {REPO / c}" not in out] == []  # absolute: usable anywhere
     names = available_backbones()
     listed = set(re.findall(r"^  (\S+)\s+[\d.]+[MK]$", out, flags=re.MULTILINE))
     assert set(names) <= listed
@@ -57,9 +57,27 @@ def test_paper_lines_and_readme_table_parsing(tmp_path):
     data = catalog.catalog(tmp_path, ["methods", "configs"])
     assert data["methods"] == [{"method": "Mine", "paper": "Me, A (arXiv 2401.00001)", "status": "ready",
                                 "entry_point": "configs/mine/, docs: docs/m.md", "folders": ["mine"]}]
-    assert data["configs"]["mine"] == [{"path": "configs/mine/a.yaml", "summary": "My method on CIFAR-100 (arXiv "
-                                        "2401.00001).", "paper": {"test/acc": 84.2, "test/acc_top5": 97.1,
-                                                                  "best/val/acc": 85.0}}]
+    assert data["configs"]["mine"] == [{"path": "configs/mine/a.yaml", "file": str(cfg.resolve()),
+                                        "summary": "My method on CIFAR-100 (arXiv 2401.00001).",
+                                        "paper": {"test/acc": 84.2, "test/acc_top5": 97.1, "best/val/acc": 85.0}}]
+
+
+def test_descriptions_are_whole_and_plain(tmp_path):
+    """A config's description is its header's first sentence however many lines it spans (never cut at a column), a
+    DataModule's the first sentence of its docstring; markup (reStructuredText, Markdown) is dropped, code text kept."""
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("# A long description of a setup that goes on past one comment line, with ``code``, `more` and\n"
+                   "# :class:`~lightning_methods.datamodules.DigitsDataModule` in it. Second sentence.\n"
+                   "#   lightning-methods fit --config a.yaml\nseed_everything: 0\n")
+    assert catalog.config_summary(cfg) == ("A long description of a setup that goes on past one comment line, with "
+                                           "code, more and DigitsDataModule in it.")
+    cfg.write_text("# Multi-GPU: add after the method config, e.g.\n#   --config configs/base/ddp.yaml\n# More.\n")
+    assert catalog.config_summary(cfg) == "Multi-GPU: add after the method config, e.g."
+    assert catalog.plain_rst(":meth:`load_splits`, :func:`a.b.f`, :class:`title <a.B>`") == "load_splits, a.b.f, title"
+    assert catalog._plain_markdown("`mlp*` / `vgg*_3fc`, **bold**, [docs](d.md)") == "mlp* / vgg*_3fc, bold, docs: d.md"
+    rows = {r["name"]: r["summary"] for r in catalog.datamodule_table()}
+    assert all("``" not in s and ":class:" not in s and ":meth:" not in s for s in rows.values())
+    assert rows["CIFARDataModule"] == "Shared CIFAR logic; use CIFAR10DataModule or CIFAR100DataModule."
 
 
 def test_top_level_help_points_to_list(capsys):

@@ -4,6 +4,8 @@ for the prober in a plain process group and for the TunnelProbe callback under `
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 
@@ -29,7 +31,7 @@ def probe_once() -> dict:
     ood = class_subset(ProbeData("toy8", synthetic(45, 8, 2), synthetic(27, 8, 3), 8), 4, seed=1)
     settings = ProbeSettings(max_train_samples=57, probe_epochs=4, probe_batch_size=16, extract_batch_size=8,
                              feature_dtype="float16", ood_classes=4)
-    prepare = image_preparer((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    prepare = image_preparer(SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3), torch.device("cpu"))
     return TunnelProber(settings).run(model, data, prepare, ood).to_dict()
 
 

@@ -27,8 +27,7 @@ def digits_demo(depth: int, width: int, epochs: int, probe_epochs: int):
                             optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=5e-4))
     quiet_trainer(max_epochs=epochs).fit(model, dm)
     settings = ProbeSettings(max_train_samples=None, probe_epochs=probe_epochs, probe_batch_size=128)
-    return TunnelProber(settings).run(model.backbone, datamodule_data(dm), image_preparer(dm.mean, dm.std,
-                                                                                           torch.device("cpu")))
+    return TunnelProber(settings).run(model.backbone, datamodule_data(dm), image_preparer(dm, torch.device("cpu")))
 
 
 def check(report, ratio: float) -> list[int]:

@@ -3,6 +3,8 @@ seeded subsets, the memory budget, and the prober's report on small synthetic da
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,8 @@ from lightning_methods.datamodules import IndexedTensorDataset
 from lightning_methods.models import create_backbone
 from lightning_methods.tunnel import ProbeData, ProbeSettings, TunnelProber, class_subset, select_classes
 from lightning_methods.tunnel.data import image_preparer
+
+STATS = SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3)  # a DataModule's normalization
 
 
 def batches(x: torch.Tensor, size: int):
@@ -92,7 +96,7 @@ def test_prober_report_forward_passes_and_ood(one_thread):
     assert ood.classes == select_classes(10, 3, 0) and ood.num_classes == 3
     assert int(ood.train.targets.max()) == 2  # relabelled 0 .. k-1
     settings = ProbeSettings(max_train_samples=50, probe_epochs=2, extract_batch_size=16, ood_classes=3)
-    report = TunnelProber(settings).run(model, data, image_preparer((0.5,) * 3, (0.25,) * 3, torch.device("cpu")),
+    report = TunnelProber(settings).run(model, data, image_preparer(STATS, torch.device("cpu")),
                                         ood)
     s = report.summary
     assert [r["layer"] for r in report.rows] == [1, 2, 3, 4] and report.rows[-1]["dim"] == 4
@@ -111,7 +115,7 @@ def test_prober_stops_before_any_pass_over_budget(one_thread):
     data = ProbeData("toy", synthetic(40, 10, 0), synthetic(20, 10, 1), 10)
     settings = ProbeSettings(memory_budget_gb=0.01, feature_dtype="float32")
     with pytest.raises(MemoryError, match=r"46\.4 MiB .*\(40 samples x 304138 features over 19 probe points"):
-        TunnelProber(settings).run(model, data, image_preparer((0.5,) * 3, (0.25,) * 3, torch.device("cpu")))
+        TunnelProber(settings).run(model, data, image_preparer(STATS, torch.device("cpu")))
     assert len(calls) <= 2  # the order check and the feature-size pass only: no extraction
 
 

@@ -1,9 +1,7 @@
-"""Callbacks that drive the epoch-dependent parts of the SAM family.
-
-- :class:`SAMEpochSync` tells SAM-family optimizers the epoch (``sam_start_epoch`` / ``sam_end_epoch``).
-- :class:`SSAMMaskCallback` refreshes the masks of Sparse SAM every ``update_freq`` epochs, following the official
-  code of Mi et al., *Make Sharpness-Aware Minimization Stronger: A Sparsified Perturbation Approach*, NeurIPS 2022,
-  arXiv 2210.05177:
+""":class:`SSAMMaskCallback` refreshes the masks of Sparse SAM every ``update_freq`` epochs (and, as a
+:class:`~lightning_methods.callbacks.SAMEpochSync`, tells the optimizer the epoch), following the official code of
+Mi et al., *Make Sharpness-Aware Minimization Stronger: A Sparsified Perturbation Approach*, NeurIPS 2022,
+arXiv 2210.05177:
 
   - ``mode="fisher"`` (SSAM-F): at batch 0 of every ``update_freq``-th epoch, after that step, score every perturbed
     entry by the empirical Fisher over ``num_samples`` random training samples (batch size 1, training transforms,
@@ -19,28 +17,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import default_collate
 
+from lightning_methods.callbacks.sam_epoch_sync import SAMEpochSync, sam_optimizers
 from lightning_methods.classifier import as_dict_batch
-from lightning_methods.optim.sam import SAM
 from lightning_methods.optim.sam_masks import death_rate
 from lightning_methods.optim.sam_sparse import SSAM
 from lightning_methods.utils.seeding import mix_seed, seeded_generator
-
-
-def sam_optimizers(trainer: Trainer) -> list[SAM]:
-    """The SAM-family optimizers of ``trainer`` (unwrapped)."""
-    return [getattr(o, "optimizer", o) for o in trainer.optimizers if isinstance(getattr(o, "optimizer", o), SAM)]
-
-
-class SAMEpochSync(Callback):
-    """Calls ``set_epoch(trainer.current_epoch)`` on every SAM-family optimizer at the start of each training epoch
-    (needed by ``sam_start_epoch`` / ``sam_end_epoch``)."""
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for opt in sam_optimizers(trainer):
-            opt.set_epoch(trainer.current_epoch)
 
 
 class SSAMMaskCallback(SAMEpochSync):

@@ -1,0 +1,313 @@
+"""What users run: the INSTALLED console scripts and the README's commands, as subprocesses, on tiny data.
+
+Every command runs the way a user runs it: the executable next to ``sys.executable`` (the venv's ``bin/``), in a
+temporary working directory outside the repository, with ``WANDB_MODE=offline``. The assertions are the documented
+contract: exit status 0 on success and non-zero with the package's message on failure (issue 21 item 1), usage lines
+that name the command, and the files README.md, docs/results.md and docs/checkpoints.md promise, in the places they
+promise them (the run directory ``runs/quickstart/lightning-methods-quickstart/<run id>/``; ``test`` / ``predict`` of a
+run's checkpoint beside that run; a resume that keeps the run's identity: issue 21 items 4 and 5).
+
+The costly quickstart chain (fit, test, predict, resume) runs once in a module fixture; the other tests are
+independent of each other (``-x`` friendly).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_methods.cli import COMMANDS
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+QUICK = REPO / "configs" / "quickstart.yaml"
+#: the quickstart shrunk: 2 epochs of 3 batches, small evaluation sets, no progress bar
+TINY = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+        "--trainer.limit_test_batches", "2", "--trainer.limit_predict_batches", "2",
+        "--trainer.enable_progress_bar", "false"]
+RUNS = Path("runs") / "quickstart" / "lightning-methods-quickstart"  # README: where the quickstart's runs live
+
+
+def script(name: str) -> Path:
+    """The installed console script ``name`` of this interpreter's environment."""
+    path = BIN / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not installed next to {sys.executable} (pip install -e .)")
+    return path
+
+
+def run(args: list[str], cwd: Path, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the console script ``args[0]`` with ``args[1:]`` in ``cwd``; with ``ok`` assert exit status 0 (the message
+    shows the end of its output otherwise). ``out`` on the result is stdout + stderr."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env.pop("PYTHONPATH", None)  # the installed package, not the source tree on a path
+    proc = subprocess.run([str(script(args[0])), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    proc.out = proc.stdout + proc.stderr
+    if ok:
+        assert proc.returncode == 0, f"{shlex.join(args)} exited with {proc.returncode}:\n{proc.out[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A working directory outside the repository (commands must not depend on being run in the source tree)."""
+    path = tmp_path_factory.mktemp("user")
+    assert REPO not in path.parents
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- help and exit codes
+def help_cases() -> list[tuple[list[str], str]]:
+    cases = [([f"lightning-methods-{name}", "--help"], f"usage: lightning-methods {name}") for name in COMMANDS]
+    cases += [(["lightning-methods", name, "--help"], f"usage: lightning-methods {name}") for name in COMMANDS]
+    cases += [(["lightning-methods", "fit", "--help"], "fit"), (["lightning-methods", "--help"], "usage:")]
+    return cases
+
+
+def test_every_command_help_exits_0_and_names_the_command(work):
+    """Both spellings of every command (``lightning-methods-<c> --help``, ``lightning-methods <c> --help``): exit 0,
+    a usage line naming ``lightning-methods <c>``. Run two at a time (each is a fresh interpreter)."""
+    for name in COMMANDS:
+        script(f"lightning-methods-{name}")
+    cases = help_cases()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(lambda case: run(case[0], work, ok=False, timeout=120), cases))
+    bad = []
+    for (args, expected), proc in zip(cases, procs):
+        usage = next((line for line in proc.stdout.splitlines() if line.startswith("usage:")), "")
+        if proc.returncode != 0 or expected not in proc.stdout or not usage:
+            bad.append(f"{shlex.join(args)}: exit {proc.returncode}, usage line {usage!r}\n{proc.out[-800:]}")
+    assert not bad, "\n".join(bad)
+    top = procs[-1].stdout
+    assert all(f"  {name}" in top for name in COMMANDS)  # `lightning-methods --help` lists the commands
+
+
+def test_list_exits_0_with_whole_plain_descriptions_and_absolute_config_paths(work):
+    proc = run(["lightning-methods-list", "--section", "configs", "datamodules"], work)
+    out = proc.stdout
+    assert proc.stderr.strip() == "" or "Traceback" not in proc.stderr  # nothing returned into stderr (issue 21 #1)
+    assert "``" not in out and ":class:" not in out and ":meth:" not in out  # no reStructuredText markup
+    paths = re.findall(r"^\s+(/\S+\.yaml)", out, flags=re.M)
+    assert len(paths) > 100 and all(Path(p).is_file() for p in paths)  # pasteable from any folder
+    assert str(QUICK) in paths
+    # a description is whole: the quickstart's header sentence ends with its period, not cut at a column
+    assert "Quickstart: a small CIFAR-style ResNet on scikit-learn's bundled 8x8 digits (upscaled to 32x32x3), " \
+           "offline." in " ".join(out.split())
+
+
+def test_fit_on_a_config_of_another_command_names_that_command(work):
+    for command, config in (("fed", "configs/fedfree/digits_demo.yaml"), ("ood", "configs/ood/digits_demo.yaml"),
+                            ("select", "configs/early_cutting/digits_sym40.yaml")):
+        proc = run(["lightning-methods", "fit", "--config", str(REPO / config)], work, ok=False)
+        assert proc.returncode != 0
+        assert f"lightning-methods {command} --config" in proc.out, proc.out[-2000:]
+        assert len(proc.out.strip().splitlines()) <= 3  # one clear line, not the parser's list of every key
+
+
+# ----------------------------------------------------------------------------------------------- the quickstart chain
+def _resume_command(out: str) -> tuple[Path, list[str]]:
+    """``(cwd, argv)`` of the last ``resume it with: cd DIR && lightning-methods ...`` line printed by a fit."""
+    lines = [line.split("resume it with: ", 1)[1] for line in out.splitlines() if "resume it with: " in line]
+    assert lines, f"no resume command printed:\n{out[-3000:]}"
+    cd, command = lines[-1].split(" && ", 1)
+    assert cd.startswith("cd ")
+    return Path(shlex.split(cd)[1]), shlex.split(command)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def quickstart(work) -> dict:
+    """``lightning-methods fit --config configs/quickstart.yaml`` (2 tiny epochs) as the README gives it, then ``test``
+    and ``predict`` with the original config on the run's checkpoint, then the printed resume command as printed
+    (the run has finished) and with ``--trainer.max_epochs 3`` (continue it). Returns the outputs and file states."""
+    state: dict = {}
+    fit = run(["lightning-methods", "fit", "--config", str(QUICK), *TINY], work)
+    match = re.search(r"\[lightning-methods\] run (\S+) started: (\S+)", fit.out)
+    assert match, fit.out[-3000:]
+    run_dir = Path(match.group(2))
+    state.update(fit=fit, run_id=match.group(1), run_dir=run_dir, resume=_resume_command(fit.out))
+    state["fit_record"] = json.loads((run_dir / "results.json").read_text())
+    state["fit_metrics"] = _rows(run_dir / "metrics.csv")
+    state["runs_before_eval"] = sorted(p.name for p in (work / RUNS).iterdir())
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    state["test"] = run(["lightning-methods", "test", "--config", str(QUICK), "--ckpt_path", str(ckpt), *TINY], work,
+                        ok=False)
+    state["predict"] = run(["lightning-methods", "predict", "--config", str(QUICK), "--ckpt_path", str(ckpt), *TINY],
+                           work, ok=False)
+    state["runs_after_eval"] = sorted(p.name for p in (work / RUNS).iterdir())
+    cwd, argv = state["resume"]
+    state["again"] = run([*argv[:1], *argv[1:], "--trainer.enable_progress_bar", "false"], cwd, ok=False)
+    state["record_after_again"] = json.loads((run_dir / "results.json").read_text())
+    state["resumed"] = run([*argv, "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false"], cwd,
+                           ok=False)
+    state["runs_after_resume"] = sorted(p.name for p in (work / RUNS).iterdir())
+    return state
+
+
+def test_fit_exits_0_and_writes_the_documented_run_directory(quickstart, work):
+    run_dir, record = quickstart["run_dir"], quickstart["fit_record"]
+    assert run_dir == (work / RUNS / quickstart["run_id"]).resolve()  # README: runs/quickstart/<project>/<run id>/
+    for name in ("config.yaml", "results.json", "metrics.csv", "checkpoints/last.ckpt", "checkpoints/last.ckpt.sha256"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("checkpoints/best-*.ckpt"))  # the best epoch by val/acc, kept separately
+    assert list((work / "runs/quickstart/wandb").glob("offline-run-*/run-*.wandb"))  # the offline W&B run
+    assert record["command"] == "fit" and record["status"] == "finished" and record["run_id"] == quickstart["run_id"]
+    assert record["epochs_completed"] == 2 and record["config_path"] == str(QUICK)
+    assert 0.0 <= record["metrics"]["test/acc"] <= 1.0  # test_after_fit: best ran
+    assert [int(r["epoch"]) for r in quickstart["fit_metrics"]] == [0, 1]  # one row per epoch
+    cwd, argv = quickstart["resume"]
+    assert cwd == work and argv[:2] == ["lightning-methods", "fit"] and str(run_dir / "config.yaml") in argv
+
+
+def test_test_of_a_run_checkpoint_writes_beside_that_run(quickstart):
+    """Issue 21 item 4: ``test`` with the original config on a run's checkpoint records its results beside that run
+    (``results_test.json``, the fit's ``results.json`` untouched) and creates no new run directory."""
+    proc, run_dir = quickstart["test"], quickstart["run_dir"]
+    assert proc.returncode == 0, proc.out[-3000:]
+    assert "test/acc" in proc.out
+    assert quickstart["runs_after_eval"] == quickstart["runs_before_eval"], "test/predict made a new run directory"
+    record = json.loads((run_dir / "results_test.json").read_text())
+    assert record["command"] == "test" and 0.0 <= record["metrics"]["test/acc"] <= 1.0
+    assert json.loads((run_dir / "results.json").read_text())["command"] == "fit"
+
+
+def test_predict_of_a_run_checkpoint_writes_predictions_beside_that_run(quickstart):
+    proc, run_dir = quickstart["predict"], quickstart["run_dir"]
+    assert proc.returncode == 0, proc.out[-3000:]
+    assert quickstart["runs_after_eval"] == quickstart["runs_before_eval"], "test/predict made a new run directory"
+    rows = _rows(run_dir / "predictions.csv")
+    assert len(rows) == 2 * 64  # limit_predict_batches x batch_size, one row per sample
+    assert {"index", "target", "pred", "confidence"} <= set(rows[0])
+    indices = [int(r["index"]) for r in rows]
+    assert indices == sorted(set(indices))  # sorted by index, no duplicates
+    assert all(0.0 <= float(r["confidence"]) <= 1.0 and 0 <= int(r["pred"]) < 10 for r in rows)
+    assert (run_dir / "predictions.json").is_file()
+
+
+def test_the_printed_resume_command_on_a_finished_run_changes_nothing(quickstart):
+    """Issue 21 item 5: ``--ckpt_path last.ckpt`` of a finished run neither retrains nor re-tests nor rewrites its
+    record; it says so and exits 0."""
+    proc = quickstart["again"]
+    assert proc.returncode == 0, proc.out[-3000:]
+    assert quickstart["record_after_again"] == quickstart["fit_record"]
+
+
+def test_resuming_keeps_the_run_identity(quickstart, work):
+    """Issue 21 item 5: the printed resume command (plus ``--trainer.max_epochs 3``) continues the same run: same
+    directory, id, ``config_path`` (the user's config, so ``table`` groups it with its siblings) and ``started``;
+    ``metrics.csv`` gains epoch 2 and keeps epochs 0 and 1 as they were."""
+    proc, run_dir, before = quickstart["resumed"], quickstart["run_dir"], quickstart["fit_record"]
+    assert proc.returncode == 0, proc.out[-3000:]
+    assert quickstart["runs_after_resume"] == quickstart["runs_before_eval"]  # no new run directory
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["status"] == "finished" and record["epochs_completed"] == 3
+    assert record["run_id"] == before["run_id"] and record["started"] == before["started"]
+    assert record["config_path"] == before["config_path"] == str(QUICK)
+    rows = _rows(run_dir / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    for old, new in zip(quickstart["fit_metrics"], rows[:2]):
+        assert new == old  # train/lr of the epoch before the resume included
+
+
+def test_probe_of_the_quickstart_checkpoint(quickstart, work):
+    """``lightning-methods-probe`` on the fit's checkpoint: the documented files in ``--output_dir``."""
+    out = work / "probe"
+    ckpt = quickstart["run_dir"] / "checkpoints" / "last.ckpt"
+    run(["lightning-methods-probe", "--ckpt", str(ckpt), "--data", "DigitsDataModule", "--output_dir", str(out),
+         "--wandb_mode", "disabled", "--device", "cpu"], work)
+    table = json.loads((out / "tunnel.json").read_text())
+    assert table and (out / "tunnel.csv").is_file() and (out / "tunnel.png").is_file()
+
+
+def test_locality_on_a_cnn_says_first_that_it_has_no_attention_layers(quickstart, work):
+    """Issue 22: the model is checked before the dataset and ``--num_images`` (a CNN fails with that message even
+    when the dataset is missing and the probe-set size is impossible)."""
+    ckpt = quickstart["run_dir"] / "checkpoints" / "last.ckpt"
+    proc = run(["lightning-methods-locality", str(ckpt), "--out", str(work / "loc"), "--dataset", "cifar100",
+                "--data_dir", str(work / "nothing"), "--num_images", "0"], work, ok=False)
+    assert proc.returncode != 0
+    last = proc.out.strip().splitlines()[-2:]
+    assert "no attention layers" in " ".join(last), proc.out[-2000:]
+    assert not (work / "loc" / "table.md").exists()
+
+
+# ----------------------------------------------------------------------------------------------- results commands
+def test_grid_then_table_on_two_seeds(work):
+    grid_dir = work / "grid"
+    proc = run(["lightning-methods-grid", "--config", str(QUICK), "--seeds", "0", "1", "--grid_dir", str(grid_dir),
+                "--", *TINY, "--trainer.logger", "false", "--test_after_fit", "last"], work)
+    assert "[grid] run 1 of 2" in proc.out and "[grid] run 2 of 2" in proc.out  # progress (issue 21)
+    assert "left" in proc.out  # the estimated time left
+    records = [json.loads(p.read_text()) for p in sorted(grid_dir.glob("quickstart/seed*/results.json"))]
+    assert [r["seed"] for r in records] == [0, 1] and all(r["status"] == "finished" for r in records)
+    table = run(["lightning-methods-table", str(grid_dir)], work)
+    row = next(line for line in table.stdout.splitlines() if line.startswith("| `quickstart"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2"  # n: both seeds in one row
+    accs = [100 * r["metrics"]["test/acc"] for r in records]
+    mean, std = cells[2].split(" ± ")
+    assert float(mean) == pytest.approx(np.mean(accs), abs=0.006)  # printed with 2 decimals
+    assert float(std) == pytest.approx(np.std(accs, ddof=1), abs=0.006)
+    for name in ("table.md", "table.csv", "curves.png"):
+        assert (grid_dir / name).is_file(), name
+
+
+# ----------------------------------------------------------------------------------------------- family commands
+def test_prototypes_writes_unit_prototypes_and_refuses_bad_input_before_optimising(work):
+    out = work / "protos" / "p.npy"
+    run(["lightning-methods-prototypes", "--classes", "6", "--dims", "3", "--iterations", "300", "--out", str(out)],
+        work)
+    protos = np.load(out)
+    assert protos.shape == (6, 3) and protos.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(protos, axis=1), 1.0, atol=4 * np.finfo(np.float32).eps)
+    info = json.loads(out.with_suffix(".json").read_text())
+    cos = protos.astype(np.float64) @ protos.T.astype(np.float64)
+    np.fill_diagonal(cos, -np.inf)
+    assert info["max_cosine"] == pytest.approx(cos.max(), abs=1e-5) and cos.max() < 0.5  # separated (6 on S^2)
+    for bad, says in ((["--lr", "nan"], "finite"), (["--lr", "inf"], "finite"), (["--lr", "0"], "> 0"),
+                      (["--out", str(out.with_suffix(".json") / "q.npy")], "cannot write")):
+        proc = run(["lightning-methods-prototypes", "--classes", "6", "--dims", "3", "--iterations", "10_000_000",
+                    *bad], work, ok=False, timeout=60)  # fails at once, not after the steps
+        assert proc.returncode != 0 and says in proc.out, proc.out[-1500:]
+        assert "Traceback" not in proc.out
+
+
+def test_hpn_sweep_over_two_task_weights(work):
+    out = work / "tsweep"
+    run(["lightning-methods-hpn-sweep", "--config", str(REPO / "configs/hpn/digits_multitask.yaml"),
+         "--task_weights", "0.25", "0.9", "--out", str(out), "--trainer.max_epochs", "1",
+         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+         "--trainer.enable_progress_bar", "false"], work)
+    rows = _rows(next(out.rglob("sweep.csv")))
+    assert [float(r["task_weight"]) for r in rows] == [0.25, 0.9]
+    assert all(0.0 <= float(r["test/acc"]) <= 1.0 and float(r["test/mae"]) >= 0.0 for r in rows)
+    assert next(out.rglob("sweep.png")).is_file()
+    assert list(out.rglob("wandb/offline-run-*"))  # the config's W&B logger: one offline run per t, plus the plot's
+
+
+def test_select_runs_its_rounds_with_progress(work):
+    run_dir = work / "select"
+    proc = run(["lightning-methods-select", "--config", str(REPO / "configs/early_cutting/digits_sym40.yaml"),
+                "--run_dir", str(run_dir), "--trainer.max_epochs", "3", "--trainer.limit_val_batches", "1",
+                "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+                "--trainer.logger", "false", "--selection.rounds", "1", "--selection.warm_up_epochs", "1",
+                "--selection.on_threshold_not_reached", "final"], work)
+    assert "[select] stage 1 of 2" in proc.out and "[select] stage 2 of 2" in proc.out, proc.out[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] in ("done", "threshold_not_reached")
+    assert (run_dir / "round0" / "stats.json").is_file()
