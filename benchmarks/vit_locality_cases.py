@@ -30,6 +30,7 @@ import torch
 from lightning_methods.callbacks import AttentionLocality
 from lightning_methods.datamodules import IndexedTensorDataset
 from lightning_methods.vit_locality import ViTLocalityClassifier
+from lightning_methods.vit_locality.settings import LocalitySettings
 
 from harness import Settings, data, sync, time_trainer
 
@@ -68,7 +69,8 @@ def cases(s: Settings) -> list[tuple]:
         with tempfile.TemporaryDirectory() as out:
             trainer = SimpleNamespace(datamodule=dm, world_size=1, global_rank=0, is_global_zero=True, global_step=0,
                                       current_epoch=0, loggers=[], checkpoint_callback=None, default_root_dir=out)
-            cb = AttentionLocality(num_images=n_probe, batch_size=min(n_probe, 250), out_dir=out)
+            cb = AttentionLocality(settings=LocalitySettings(num_images=n_probe, batch_size=min(n_probe, 250)),
+                                   out_dir=out)
             cb.on_fit_start(trainer, m)
             sync(s.device)
             t0 = time.perf_counter()

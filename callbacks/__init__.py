@@ -19,6 +19,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "lightning_methods.callbacks.tunnel_probe": ("TunnelProbe",),
         "lightning_methods.callbacks.prediction_writer": ("PredictionWriter",),
         "lightning_methods.callbacks.results_writer": ("ResultsWriter",),
-        "lightning_methods.callbacks.nonfinite_guard": ("NonFiniteGuard", "NonFiniteTrainingError", "DivergedTrainingError"),
+        "lightning_methods.callbacks.nonfinite_guard": (
+            "DivergedTrainingError", "NonFiniteGuard", "NonFiniteTrainingError",
+        ),
     },
 )

@@ -19,9 +19,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_methods.analysis.attention import MAD_NORMS, attention_locality, locality_summary, probe_indices
-from lightning_methods.analysis.attention_extract import Method
 from lightning_methods.datamodules.transforms import normalize
 from lightning_methods.utils import atomic_write_json, atomic_write_text, gather_by_index
+from lightning_methods.vit_locality.settings import LocalitySettings
 
 SUMMARY_KEYS = ("min_mad_{n}/layer0", "min_mad_{n}/early", "mean_mad_{n}/early")
 
@@ -49,15 +49,10 @@ class AttentionLocality(Callback):
     ``layer_curves.png``, ``attention_maps.png``; ``history.csv`` lists every probe. The PNGs also go to W&B.
 
     Args:
+        settings: what is measured (:class:`lightning_methods.vit_locality.LocalitySettings`: probe-set size and seed,
+            batch size, split, CLS handling, extraction method, early layers, token geometry); in YAML a mapping
+            under ``settings:``. Default: ``LocalitySettings()`` (1000 test images, seed 0).
         every_n_epochs: probe period in epochs (also probes at the end of fit).
-        num_images: size of the probe set (error if larger than the split).
-        seed: seed of the probe-set choice.
-        batch_size: probe batch size (the numbers do not depend on it).
-        split: DataModule split to probe: ``"test"`` (default) or ``"val"``.
-        include_cls: keep the CLS key in the attention rows (default False: drop it).
-        renormalize: renormalize the rows over the patch keys after dropping CLS (default True).
-        method: attention extraction (``"auto"``, ``"recompute"``, ``"explicit"``; see analysis.attention_extract).
-        max_early_layer: last layer of the "early" summaries (layers 0..2 by default).
         num_map_images: probe images drawn in ``attention_maps.png`` (0: no picture).
         map_layers: layers whose heads are drawn in ``attention_maps.png``.
         heatmap_norm: the MAD normalisation of the heat map and curves.
@@ -65,29 +60,27 @@ class AttentionLocality(Callback):
         out_dir: folder for the files (default: ``<run dir>/locality``, next to ``checkpoints/``).
         module_attr: attribute of the LightningModule holding the ViT (default ``"backbone"``; the module itself
             when absent or None).
-        grid_size, num_prefix_tokens, patch_size: token geometry for models where timm's attributes are missing.
     """
 
-    def __init__(self, every_n_epochs: int = 10, num_images: int = 1000, seed: int = 0, batch_size: int = 100,
-                 split: Literal["test", "val"] = "test", include_cls: bool = False, renormalize: bool = True,
-                 method: Method = "auto", max_early_layer: int = 2, num_map_images: int = 4,
+    def __init__(self, settings: LocalitySettings | None = None, every_n_epochs: int = 10, num_map_images: int = 4,
                  map_layers: list[int] | None = None, heatmap_norm: Literal["grid", "diag", "maxdist"] = "grid",
-                 log_images: bool = True, out_dir: str | None = None, module_attr: str | None = "backbone",
-                 grid_size: int | None = None, num_prefix_tokens: int | None = None,
-                 patch_size: int | None = None) -> None:
-        if every_n_epochs < 1 or batch_size < 1 or num_images < 1:
-            raise ValueError("every_n_epochs, batch_size and num_images must be positive")
-        if split not in ("test", "val"):
-            raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+                 log_images: bool = True, out_dir: str | None = None, module_attr: str | None = "backbone") -> None:
+        if settings is not None and not isinstance(settings, LocalitySettings):
+            raise TypeError(f"settings must be a LocalitySettings, got {type(settings).__name__}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be positive, got {every_n_epochs}")
         if heatmap_norm not in MAD_NORMS:
             raise ValueError(f"heatmap_norm must be one of {MAD_NORMS}, got {heatmap_norm!r}")
-        self.every_n_epochs, self.num_images, self.seed, self.batch_size = every_n_epochs, num_images, seed, batch_size
-        self.split, self.include_cls, self.renormalize, self.method = split, include_cls, renormalize, method
-        self.max_early_layer, self.num_map_images = max_early_layer, num_map_images
+        s = self.settings = settings if settings is not None else LocalitySettings()
+        # the settings' values as attributes, read by the probe below
+        self.num_images, self.seed, self.batch_size, self.split = s.num_images, s.seed, s.batch_size, s.split
+        self.include_cls, self.renormalize, self.method = s.include_cls, s.renormalize, s.method
+        self.max_early_layer = s.max_early_layer
+        self.every_n_epochs, self.num_map_images = every_n_epochs, num_map_images
         self.map_layers = [0, 1] if map_layers is None else list(map_layers)
         self.heatmap_norm, self.log_images = heatmap_norm, log_images
         self.out_dir, self.module_attr = out_dir, module_attr
-        self.geometry = {"grid_size": grid_size, "num_prefix_tokens": num_prefix_tokens, "patch_size": patch_size}
+        self.geometry = s.geometry
         self.history: list[dict[str, Any]] = []
         self._last_step = -1
         self._images: torch.Tensor | None = None

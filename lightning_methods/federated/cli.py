@@ -27,7 +27,6 @@ from lightning_methods.datamodules.federated import FederatedDataModule
 from lightning_methods.federated.algorithm import FedAlgorithm
 from lightning_methods.federated.config import FederationConfig
 from lightning_methods.federated.results import comparison_table, load_summary, to_csv
-from lightning_methods.results.multistage import command_source
 from lightning_methods.runs import config_fingerprint
 from lightning_methods.utils import atomic_write_text
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,8 @@ def layer_forward(params: Params, spec: LayerSpec, x: torch.Tensor) -> torch.Ten
     """Run one layer (its own geometry) on ``x`` functionally."""
     if spec.kind == "linear":
         return F.linear(x, params["weight"], params.get("bias"))
-    return F.conv2d(x, params["weight"], params.get("bias"), spec.stride, spec.padding, spec.dilation, spec.groups)
+    return F.conv2d(x, params["weight"], params.get("bias"), stride=spec.stride, padding=spec.padding,
+                    dilation=spec.dilation, groups=spec.groups)
 
 
 def teacher_output(params: Params, spec: LayerSpec, x: torch.Tensor, out: int) -> torch.Tensor:
@@ -71,14 +73,14 @@ def teacher_output(params: Params, spec: LayerSpec, x: torch.Tensor, out: int) -
         return F.linear(x[:, :k], w[:out, :k], b)
     if spec.groups == 1:
         k = min(width, spec.in_features)
-        return F.conv2d(x[:, :k], w[:out, :k], b, spec.stride, spec.padding, spec.dilation)
+        return F.conv2d(x[:, :k], w[:out, :k], b, stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
     if width >= spec.in_features:
         xx = x[:, : spec.in_features]
     else:
         xx = F.pad(x, (0, 0, 0, 0, 0, spec.in_features - width))
     full_b = params.get("bias")
-    y = F.conv2d(xx, w, None if full_b is None else full_b.to(x), spec.stride, spec.padding, spec.dilation,
-                 spec.groups)
+    y = F.conv2d(xx, w, None if full_b is None else full_b.to(x), stride=spec.stride, padding=spec.padding,
+                 dilation=spec.dilation, groups=spec.groups)
     return y[:, :out]
 
 
@@ -142,10 +144,9 @@ def merge_teachers(teachers: Sequence[tuple[Params, LayerSpec]],
         entry[2] += 1
     dtype = teachers[0][0]["weight"].dtype
     merged = []
-    for (kind, out, k, *_), (w, b, n, spec) in groups.items():
+    for (_, out, k, *_), (w, b, n, spec) in groups.items():
         if spec.groups == 1:  # already cropped to the compared widths
-            spec = LayerSpec(spec.name, kind, spec.index, spec.count, k, out, spec.kernel, spec.stride, spec.padding,
-                             spec.dilation, 1, True, spec.input_size)
+            spec = replace(spec, in_features=k, out_features=out, groups=1, bias=True)
         merged.append(({"weight": (w / n).to(dtype), "bias": (b / n).to(dtype)}, spec, n))
     return merged
 
@@ -184,7 +185,8 @@ def distill_layer(global_params: Params, global_spec: LayerSpec, teachers: Seque
     for step in range(steps):
         x = pseudo_input(global_spec, batch_size, generator, spatial, params["weight"].dtype)
         with torch.enable_grad():
-            loss = distillation_loss(params, global_spec, groups, x.to(params["weight"].device), reduction, weights)
+            loss = distillation_loss(params, global_spec, groups, x.to(params["weight"].device), reduction=reduction,
+                                     weights=weights)
             grads = torch.autograd.grad(loss, list(params.values()))
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):

@@ -120,10 +120,11 @@ class FedFree(FedAlgorithm):
         for j, g in enumerate(self.global_specs):
             if not teachers[g.name]:
                 continue
-            new, losses = distill_layer(layer_params(self.global_state, g), g, teachers[g.name], self.server_steps,
-                                        self.server_lr, self.pseudo_batch_size,
-                                        seeded_generator(self.info.seed, round, j), self.pseudo_spatial,
-                                        self.distill_reduction)
+            new, losses = distill_layer(layer_params(self.global_state, g), g, teachers[g.name],
+                                        steps=self.server_steps, lr=self.server_lr,
+                                        batch_size=self.pseudo_batch_size,
+                                        generator=seeded_generator(self.info.seed, round, j),
+                                        spatial=self.pseudo_spatial, reduction=self.distill_reduction)
             for key, value in new.items():
                 self.global_state[f"{g.name}.{key}"] = value
             distilled.append(g.name)

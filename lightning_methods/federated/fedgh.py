@@ -102,8 +102,9 @@ class FedGH(FedAlgorithm):
             mask = uploads[cid].arrays["mask"]
             protos.append(uploads[cid].arrays["protos"][mask])
             labels.append(torch.nonzero(mask).flatten())
-        losses = train_head(self.head, torch.cat(protos), torch.cat(labels), self.server_lr, self.server_epochs,
-                            self.server_batch_size, seeded_generator(self.info.seed, round))
+        losses = train_head(self.head, torch.cat(protos), torch.cat(labels), lr=self.server_lr,
+                            epochs=self.server_epochs, batch_size=self.server_batch_size,
+                            generator=seeded_generator(self.info.seed, round))
         self.pending = {c: self._head_payload() for c in range(self.info.num_clients)}
         return {"server/head_loss": losses[-1] if losses else 0.0,
                 "server/prototypes": int(sum(len(p) for p in protos))}

@@ -126,11 +126,12 @@ def federation_info(config_args: tuple[str, ...]) -> tuple[Any, FederationInfo]:
     from lightning_methods.federated.config import assign_families
 
     parser, cfg = load_config(config_args)
-    init = parser.instantiate_classes(cfg)
-    fed, n = init.federation, cfg.data.num_clients
+    init = parser.instantiate(cfg)  # the DataModule is built (its class count is known) but no data is loaded
+    fed, n = init.federation, init.data.num_clients
     families = assign_families(fed.families, n, fed.assignment, fed.seed)
-    num_classes = 100 if cfg.data.dataset == "cifar100" else 10
-    return init.algorithm, FederationInfo(n, num_classes, families, fed.seed, fed.feature_dim, fed.stem, fed.rounds)
+    return init.algorithm, FederationInfo(num_clients=n, num_classes=init.data.num_classes, families=families,
+                                          seed=fed.seed, feature_dim=fed.feature_dim, stem=fed.stem,
+                                          rounds=fed.rounds)
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -247,18 +248,17 @@ def make_server_app(config_args: Iterable[str] | None = None, out_dir: str | Pat
 @lru_cache(maxsize=4)
 def client_runtime(config_args: tuple[str, ...]) -> Any:
     """One :class:`~.local.ClientRuntime` per process and config (the data set is loaded and partitioned once)."""
-    from lightning_methods.datamodules.federated import FederatedDataModule
     from lightning_methods.federated.config import assign_families
     from lightning_methods.federated.local import ClientRuntime
 
     parser, cfg = load_config(config_args)
-    init = parser.instantiate_classes(cfg)
-    data = FederatedDataModule(**cfg.data.as_dict())
+    init = parser.instantiate(cfg)
+    data = init.data
     data.prepare_data()
     data.setup()
     fed = init.federation
     families = assign_families(fed.families, data.num_clients, fed.assignment, fed.seed)
-    return ClientRuntime(data, init.algorithm, fed, families, cfg.trainer)
+    return ClientRuntime(data, init.algorithm, fed, families, trainer=cfg.trainer)
 
 
 def _save_client_state(state: dict[str, Any], context: Context) -> None:

@@ -87,7 +87,8 @@ def reset_fit_loop(trainer: Trainer) -> None:
     ``Trainer.__init__`` builds it, so that the next ``fit`` runs exactly like the first fit of a new Trainer."""
     old = trainer.fit_loop
     loop = _FitLoop(trainer, min_epochs=old.min_epochs, max_epochs=old.max_epochs)
-    loop.epoch_loop = _TrainingEpochLoop(trainer, min_steps=old.epoch_loop.min_steps, max_steps=old.epoch_loop.max_steps)
+    loop.epoch_loop = _TrainingEpochLoop(trainer, min_steps=old.epoch_loop.min_steps,
+                                         max_steps=old.epoch_loop.max_steps)
     trainer.fit_loop = loop
     trainer.should_stop = False
 
@@ -136,9 +137,10 @@ class ClientRuntime:
 
     def info(self, i: int, round: int = 0) -> ClientInfo:
         f = self.fed
-        return ClientInfo(i, self.families[i], self.data.num_classes, len(self.data.client_train[i]), round,
-                          mix_seed(f.seed, CLIENT_INIT_KEY, i), f.lr, f.momentum, f.weight_decay, f.feature_dim,
-                          f.stem)
+        return ClientInfo(client_id=i, family=self.families[i], num_classes=self.data.num_classes,
+                          num_examples=len(self.data.client_train[i]), round=round,
+                          seed=mix_seed(f.seed, CLIENT_INIT_KEY, i), lr=f.lr, momentum=f.momentum,
+                          weight_decay=f.weight_decay, feature_dim=f.feature_dim, stem=f.stem)
 
     def init_client(self, i: int, payload: Payload | None = None) -> dict[str, Any]:
         """Client ``i`` before round 1: seeded initialisation, then the server's initial download ``payload``

@@ -23,9 +23,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_methods.callbacks.accuracy_tracker import TestAccuracyTracker
 from lightning_methods.callbacks.checkpoint import LatestCheckpoint
 from lightning_methods.callbacks.prediction_history import PredictionHistoryCallback
-from lightning_methods.callbacks.accuracy_tracker import TestAccuracyTracker
 from lightning_methods.checkpoint_io import read_checkpoint
 from lightning_methods.noisy_labels.config import SelectionConfig
 from lightning_methods.noisy_labels.cut import compute_early_cut

@@ -113,6 +113,7 @@ class EncMin2LPipeline:
         cfg = self.config.clone()
         if stage is not None:
             self.staged.stage_logger_settings(cfg.trainer, stage)
+            self._wandb_dir(cfg.trainer)
         init = self.parser.instantiate_classes(cfg)
         args = dict(init.trainer)
         if stage is None:
@@ -128,6 +129,15 @@ class EncMin2LPipeline:
         if stage is not None and trainer.is_global_zero:
             log_config(trainer.loggers, {**plain(self.config), "stage": stage})
         return trainer
+
+    def _wandb_dir(self, trainer_config: Any) -> None:
+        """A ``WandbLogger`` without a ``save_dir`` writes into the run directory (not the working directory)."""
+        loggers = trainer_config.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = logger.get("init_args") if hasattr(logger, "get") else None
+            if str(logger.get("class_path", "") if hasattr(logger, "get") else "").endswith("WandbLogger") and \
+                    init_args is not None and init_args.get("save_dir") in (None, ".", ""):
+                init_args["save_dir"] = str(self.run_dir)
 
     # ------------------------------------------------------------------------------------------- data
     def data(self) -> tuple[Any, dict[str, ImageSet]]:

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim import Optimizer
 
 from lightning_methods.optim.sam_helpers import check_arguments, resolve_roles, sam_closure  # noqa: F401  (sam_closure re-exported)
@@ -82,6 +85,12 @@ class SAM(Optimizer):
         model: the module owning ``params``; needed only when plain parameters without roles are given to a mode
             that selects by role (``only_norm``, ``no_norm``, ASAM without ``normalize_bias``).
         **base_kwargs: keyword arguments for ``base_optimizer``.
+
+    BatchNorm: the closure runs twice per step, and a BatchNorm layer in training mode updates its running
+    statistics on every forward. ``ImageClassifier`` freezes them in the second pass (``frozen_bn_stats``), as the
+    official SAM-ON code does; in a plain LightningModule or loop they are updated in both passes unless the closure
+    is built with :func:`sam_closure` (or the second call runs inside :func:`lightning_methods.frozen_bn_stats`).
+    The first two-pass step checks this and warns once when the second pass updated them.
     """
 
     supports_grad_scaler = False  # two closure evaluations per step: a GradScaler cannot serve it (16-mixed refused)
@@ -128,6 +137,7 @@ class SAM(Optimizer):
         self.last_step_was_sam = False
         self.last_perturbed_loss: Any = None
         self._old: dict[torch.Tensor, torch.Tensor] = {}  # pass-1 weights of the perturbed set (not checkpointed)
+        self._bn_check_pending = True  # the first two-pass step checks the BatchNorm statistics (warns once)
         self._perturbed: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------------------------------- roles
@@ -294,9 +304,36 @@ class SAM(Optimizer):
             return loss
         self.first_step(zero_grad=True)
         with torch.enable_grad():
-            self.last_perturbed_loss = closure()
+            self.last_perturbed_loss = self._second_pass(closure)
         self.second_step()
         return loss
+
+    def _second_pass(self, closure: Callable[[], Any]) -> Any:
+        """The closure at ``w + eps``. On the first two-pass step only, watch it for BatchNorm layers that update
+        their running statistics (training mode, no ``frozen_bn_stats``) and warn once: the statistics would then
+        move twice per step, once from the perturbed weights."""
+        if not self._bn_check_pending:
+            return closure()
+        self._bn_check_pending = False
+        updating: list[str] = []
+
+        def watch(module: nn.Module, args: Any) -> None:
+            if isinstance(module, _BatchNorm) and module.training and module.track_running_stats and not updating:
+                updating.append(type(module).__name__)
+
+        handle = register_module_forward_pre_hook(watch)
+        try:
+            out = closure()
+        finally:
+            handle.remove()
+        if updating:
+            warnings.warn(
+                f"{type(self).__name__}: the second (perturbed) pass ran with {updating[0]} layers in training mode, "
+                "so their running statistics were updated twice this step, once from the perturbed weights. "
+                "ImageClassifier freezes them in that pass; in your own loop build the closure with "
+                "lightning_methods.optim.sam_closure (or wrap calls after the first in "
+                "lightning_methods.frozen_bn_stats). Ignore this if it is deliberate.", stacklevel=3)
+        return out
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,9 @@ Public classes and functions:
 - :class:`ViTLocalityClassifier`: ImageClassifier with a ViT-Lite backbone and training accuracy against the
   dominant CutMix label (``train/acc_dominant``).
 - :func:`protocol_name`, :func:`protocol_components`, :data:`CONDITIONS`: the eight ablation conditions.
-- :func:`locality_table`, :func:`markdown_table`, :func:`write_report`: the paper-style table from checkpoint records.
+- :func:`locality_table`, :func:`markdown_table`, :func:`write_report`: the paper-style table from checkpoint records
+  (:func:`strict_json`: NaN -> null for the JSON files).
+- :class:`LocalitySettings`: what the ``AttentionLocality`` callback measures (``settings:`` in YAML).
 
 The family's other parts:
 - backbones ``vit_lite_7_4`` / ``vit_lite_7_8`` (``lightning_methods/models/vit.py``, timm VisionTransformer);
@@ -31,6 +33,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "lightning_methods.vit_locality.module": (
             "CONDITIONS", "ViTLocalityClassifier", "dominant_label", "protocol_components", "protocol_name",
         ),
-        "lightning_methods.vit_locality.report": ("locality_table", "markdown_table", "write_report"),
+        "lightning_methods.vit_locality.report": ("locality_table", "markdown_table", "strict_json", "write_report"),
+        "lightning_methods.vit_locality.settings": ("LocalitySettings",),
     },
 )

@@ -18,8 +18,8 @@ def tiny_config(tmp_path: Path, algorithm: dict[str, Any] | None = None, **overr
     cfg: dict[str, Any] = {
         "run_dir": str(tmp_path / "run"),
         "progress": False,
-        "data": {"dataset": "digits", "num_clients": 3, "partition": "pathological", "classes_per_client": 2,
-                 "batch_size": 16, "eval_batch_size": 128},
+        "data": {"dataset": "digits", "batch_size": 16, "eval_batch_size": 128,
+                 "partition": {"num_clients": 3, "scheme": "pathological", "classes_per_client": 2}},
         "federation": {"rounds": 1, "local_epochs": 1, "families": ["fedavg_cnn", "fed_resnet8"]},
         "algorithm": algorithm or {"class_path": "lightning_methods.federated.FedFree",
                                    "init_args": {"k": 2, "pseudo_batch_size": 16}},
@@ -88,20 +88,21 @@ class InProcessGrid:
 
 
 def make_runner(tmp_path: Path, algorithm: Any, families: list[str] | None = None, rounds: int = 1,
-                num_clients: int = 3, logger: dict | None = None, fingerprint: dict | None = None,
-                **federation: Any) -> Any:
-    """A FederatedRunner on the bundled digits with tiny clients (2 training batches per client-round)."""
-    from lightning_methods.datamodules import FederatedDataModule
-    from lightning_methods.federated.config import FederationConfig
+                num_clients: int = 3, logger: dict | None = None, **federation: Any) -> Any:
+    """A FederatedRunner of ``algorithm`` (an object) on the bundled digits with tiny clients (2 training batches per
+    client-round), built from a parsed config as the command builds it; it runs in ``tmp_path/run/<name>``."""
+    from lightning_methods.federated.cli import build_parser
     from lightning_methods.federated.runner import FederatedRunner
 
-    data = FederatedDataModule("digits", num_clients=num_clients, partition="pathological", classes_per_client=2,
-                               batch_size=16, eval_batch_size=128, seed=0)
-    fed = FederationConfig(rounds=rounds, local_epochs=1, families=families or ["fedavg_cnn", "fed_resnet8"],
-                           **federation)
-    return FederatedRunner(data, algorithm, fed, tmp_path / "run", TINY_TRAINER, logger,
-                           fingerprint if fingerprint is not None else {"federation": dict(federation)},
-                           progress=False)
+    parser = build_parser()
+    config = parser.parse_object({
+        "run_dir": str(tmp_path / "run"), "progress": False, "logger": logger, "trainer": dict(TINY_TRAINER),
+        "data": {"dataset": "digits", "batch_size": 16, "eval_batch_size": 128, "seed": 0,
+                 "partition": {"num_clients": num_clients, "scheme": "pathological", "classes_per_client": 2}},
+        "federation": {"rounds": rounds, "local_epochs": 1, "families": families or ["fedavg_cnn", "fed_resnet8"],
+                       **federation},
+        "algorithm": {"class_path": "lightning_methods.federated.LocalOnly"}})
+    return FederatedRunner(parser, config, algorithm=algorithm)
 
 
 def wandb_history_keys(root: Path, expect: set[str], timeout: float = 30.0) -> set[str]:

@@ -46,8 +46,9 @@ def digest(obj: Any) -> Any:
 
 def run_case(tmp: Path, name: str) -> dict[str, Any]:
     """Two rounds of one case (3 clients, 2 training batches per client-round); returns its digests."""
-    import lightning_methods.federated as fed
     from fedfree_testing import make_runner
+
+    import lightning_methods.federated as fed
 
     case = CASES[name]
     cls, kwargs = case["algorithm"]

@@ -26,7 +26,8 @@ def test_rounds_equal_the_golden_of_the_previous_implementation(name, tmp_path, 
 def test_reused_trainer_equals_a_fresh_trainer_per_client_round(name, tmp_path, one_thread, monkeypatch):
     reused = run_case(tmp_path / "reused", name)
     init = ClientRuntime.__init__
-    monkeypatch.setattr(ClientRuntime, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "reuse_trainer": False}))
+    monkeypatch.setattr(ClientRuntime, "__init__",
+                        lambda self, *a, **k: init(self, *a, **{**k, "reuse_trainer": False}))
     fresh = run_case(tmp_path / "fresh", name)
     assert reused == fresh
     assert len(reused["client_acc"]) == 2  # two rounds: the second fit of each client ran on the reused Trainer
@@ -39,17 +40,15 @@ def _no_round_recorded(run_dir):
 
 
 def test_diverging_client_stops_with_the_nonfinite_error_and_records_no_round(tmp_path, one_thread):
-    from fedfree_testing import tiny_config
+    from fedfree_testing import TINY_TRAINER, tiny_config
 
     from lightning_methods.federated.cli import run
-
-    from fedfree_testing import TINY_TRAINER
 
     # lr 1e6 (issue 22): the weights blow up by ~1e6 per step; within a few steps the loss overflows to inf / NaN
     path = tiny_config(tmp_path, federation__lr=1e6, trainer={**TINY_TRAINER, "limit_train_batches": 8})
     with pytest.raises(NonFiniteTrainingError, match=r"federated client 0 \(\w+\) diverged in round 1 .*lr=1e\+06"):
         run(["--config", str(path)])
-    _no_round_recorded(tmp_path / "run")
+    _no_round_recorded(tmp_path / "run" / "fedfree")
 
 
 def test_server_distillation_refuses_non_finite_layers():
@@ -85,4 +84,4 @@ def test_non_finite_server_state_stops_before_the_round_is_recorded(tmp_path, on
 
     with pytest.raises(NonFiniteTrainingError, match=r"round 1: server aggregation: NaN or inf in state\.global_state"):
         make_runner(tmp_path, BrokenServer(k=2, pseudo_batch_size=16), num_clients=2).run()
-    _no_round_recorded(tmp_path / "run")
+    _no_round_recorded(tmp_path / "run" / "fedfree")

@@ -16,8 +16,9 @@ from lightning_methods.federated.distill import (
 )
 from lightning_methods.federated.layers import LayerSpec
 
-LIN = LayerSpec("fc", "linear", 0, 1, 8, 4)
-CONV = LayerSpec("c", "conv", 0, 1, 3, 6, (5, 5), input_size=(12, 12))
+LIN = LayerSpec(name="fc", kind="linear", index=0, count=1, in_features=8, out_features=4)
+CONV = LayerSpec(name="c", kind="conv", index=0, count=1, in_features=3, out_features=6, kernel=(5, 5),
+                 input_size=(12, 12))
 
 
 def _params(spec: LayerSpec, seed: int, dtype=torch.float64) -> dict[str, torch.Tensor]:
@@ -61,23 +62,25 @@ def test_one_step_moves_two_alpha_of_the_way_in_expectation():
 
 
 def test_wider_client_input_equals_zero_padded_pseudo_data():
-    wide = LayerSpec("w", "linear", 0, 1, 12, 6)
+    wide = LayerSpec(name="w", kind="linear", index=0, count=1, in_features=12, out_features=6)
     t = _params(wide, 3)
     x = torch.randn(5, 8, dtype=torch.float64)
     explicit = F.linear(F.pad(x, (0, 4)), t["weight"], t["bias"])[:, :4]
     assert torch.allclose(teacher_output(t, wide, x, 4), explicit)
-    narrow = LayerSpec("n", "linear", 0, 1, 5, 3)
+    narrow = LayerSpec(name="n", kind="linear", index=0, count=1, in_features=5, out_features=3)
     tn = _params(narrow, 4)
     assert torch.allclose(teacher_output(tn, narrow, x, 3), F.linear(x[:, :5], tn["weight"], tn["bias"]))
 
 
 def test_conv_teacher_crop_pad_and_grouped_layers():
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
-    wide = LayerSpec("w", "conv", 0, 1, 8, 10, (3, 3), padding=(1, 1))
+    wide = LayerSpec(name="w", kind="conv", index=0, count=1, in_features=8, out_features=10, kernel=(3, 3),
+                     padding=(1, 1))
     t = _params(wide, 5)
     explicit = F.conv2d(F.pad(x, (0, 0, 0, 0, 0, 5)), t["weight"], t["bias"], padding=1)[:, :6]
     assert torch.allclose(teacher_output(t, wide, x, 6), explicit)
-    dw = LayerSpec("dw", "conv", 0, 1, 5, 5, (3, 3), padding=(1, 1), groups=5)
+    dw = LayerSpec(name="dw", kind="conv", index=0, count=1, in_features=5, out_features=5, kernel=(3, 3),
+                   padding=(1, 1), groups=5)
     td = _params(dw, 6)
     explicit = F.conv2d(F.pad(x, (0, 0, 0, 0, 0, 2)), td["weight"], td["bias"], padding=1, groups=5)[:, :4]
     assert torch.allclose(teacher_output(td, dw, x, 4), explicit)
@@ -91,7 +94,8 @@ def test_center_crop_aligns_unpadded_and_padded_convs():
     same = F.conv2d(x, p["weight"], p["bias"], padding=2)
     a, b = center_crop_pair(valid, same)
     assert a.shape == b.shape == (2, 6, 8, 8) and torch.allclose(a, b)
-    same_spec = LayerSpec("s", "conv", 0, 1, 3, 6, (5, 5), padding=(2, 2))
+    same_spec = LayerSpec(name="s", kind="conv", index=0, count=1, in_features=3, out_features=6, kernel=(5, 5),
+                          padding=(2, 2))
     assert float(distillation_loss(p, CONV, [(p, same_spec)], x)) == pytest.approx(0.0, abs=1e-20)
 
 
@@ -100,7 +104,7 @@ def test_pseudo_input_shapes_and_errors():
     assert pseudo_input(CONV, 4, gen).shape == (4, 3, 12, 12)
     assert pseudo_input(CONV, 4, gen, spatial=8).shape == (4, 3, 8, 8)
     with pytest.raises(ValueError, match="no traced input size"):
-        pseudo_input(LayerSpec("c", "conv", 0, 1, 3, 4), 2, gen)
+        pseudo_input(LayerSpec(name="c", kind="conv", index=0, count=1, in_features=3, out_features=4), 2, gen)
     with pytest.raises(ValueError, match="cannot distil"):
         distillation_loss(_params(LIN, 0), LIN, [(_params(CONV, 0), CONV)], torch.randn(2, 8, dtype=torch.float64))
 
@@ -109,10 +113,14 @@ def test_merging_client_layers_keeps_the_exact_update():
     """Grouped client layers (same geometry and compared widths) give the same step as the unmerged Eq. 3."""
     from lightning_methods.federated.distill import merge_teachers
 
-    glob = LayerSpec("g", "conv", 0, 2, 8, 6, (3, 3), padding=(1, 1), input_size=(6, 6))
-    same = LayerSpec("a", "conv", 3, 9, 16, 10, (3, 3), padding=(1, 1))  # two of these merge
-    other = LayerSpec("b", "conv", 1, 4, 4, 6, (3, 3), padding=(1, 1), bias=False)
-    dw = LayerSpec("d", "conv", 2, 5, 8, 8, (3, 3), padding=(1, 1), groups=8)
+    glob = LayerSpec(name="g", kind="conv", index=0, count=2, in_features=8, out_features=6, kernel=(3, 3),
+                     padding=(1, 1), input_size=(6, 6))
+    same = LayerSpec(name="a", kind="conv", index=3, count=9, in_features=16, out_features=10, kernel=(3, 3),
+                     padding=(1, 1))  # two of these merge
+    other = LayerSpec(name="b", kind="conv", index=1, count=4, in_features=4, out_features=6, kernel=(3, 3),
+                      padding=(1, 1), bias=False)
+    dw = LayerSpec(name="d", kind="conv", index=2, count=5, in_features=8, out_features=8, kernel=(3, 3), padding=(1,
+                   1), groups=8)
     teachers = [(_params(same, 1), same), (_params(same, 2), same), ({"weight": _params(other, 3)["weight"]}, other),
                 (_params(dw, 4), dw)]
     assert sorted(n for _, _, n in merge_teachers(teachers, glob)) == [1, 1, 2]

@@ -46,7 +46,7 @@ def test_kge_is_antisymmetric_and_a_difference_of_entropies():
 
 
 def _spec(name: str, kind: str) -> LayerSpec:
-    return LayerSpec(name, kind, 0, 1, 4, 4)
+    return LayerSpec(name=name, kind=kind, index=0, count=1, in_features=4, out_features=4)
 
 
 def test_kge_select_largest_positive_same_kind():

@@ -113,6 +113,6 @@ def test_map_to_global_by_kind_and_depth():
 
 
 def test_layer_params_without_bias():
-    spec = LayerSpec("dw", "conv", 0, 1, 4, 4, bias=False)
+    spec = LayerSpec(name="dw", kind="conv", index=0, count=1, in_features=4, out_features=4, bias=False)
     state = {"dw.weight": torch.ones(4, 1, 3, 3)}
     assert set(layer_params(state, spec)) == {"weight"}

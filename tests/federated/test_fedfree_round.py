@@ -58,9 +58,10 @@ def test_one_round_invariants_metrics_and_files(tmp_path, one_thread):
     assert record["server/clients_aligned"] == len(algo.sent) + (1 if "0" in json.dumps(record["aligned"]) else 0)
     assert 0 <= record["acc/min"] <= record["acc/mean"] <= record["acc/max"] <= 1
     assert summary["final_mean"] == pytest.approx(record["acc/mean"]) and summary["rounds"] == 1
-    run_dir = tmp_path / "run"
+    run_dir = runner.run_dir
+    assert run_dir == tmp_path / "run" / "fedfree"
     for name in ("history.csv", "clients.csv", "results.json", "partition.json", "accuracy.png", "config.yaml"):
-        assert (run_dir / name).is_file() or name == "config.yaml"
+        assert (run_dir / name).is_file(), name
     clients = json.loads((run_dir / "results.json").read_text())["clients"]
     assert [c["family"] for c in clients] == runner.families and all(c["final_acc"] is not None for c in clients)
     expect = {"acc/mean", "acc/min", "acc/max", "server/distill_loss", "server/clients_aligned", "server/aligned",
@@ -111,8 +112,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, one_thread, monkeypatch)
 
 def test_run_dir_of_other_settings_is_refused(tmp_path, one_thread):
     def runner(lr: float):
-        return make_runner(tmp_path, FedFree(k=2, pseudo_batch_size=16), num_clients=2,
-                           fingerprint={"federation": {"lr": lr}})
+        return make_runner(tmp_path, FedFree(k=2, pseudo_batch_size=16), num_clients=2, lr=lr)
 
     runner(0.01).run()
     with pytest.raises(ConfigMismatchError, match="federation.lr"):

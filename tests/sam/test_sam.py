@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from functools import partial
 
 import numpy as np
@@ -405,3 +406,46 @@ def test_benchmark_measure_runs():
                         variants=("sgd", "samon_freeze"))
     assert list(res) == ["sgd", "samon_freeze"] and res["sgd"]["ratio_vs_base"] == 1.0
     assert res["samon_freeze"]["ms_per_step"] > 0
+
+
+# ------------------------------------------------------------------------------------------ BatchNorm in pass 2
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 6 * 6, 3))
+
+
+def _sam_steps(net: torch.nn.Module, closure_factory, steps: int = 3) -> list[warnings.WarningMessage]:
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            opt.step(closure_factory(net, lambda: torch.nn.functional.cross_entropy(net(x), y)))
+    return [w for w in caught if "second (perturbed) pass" in str(w.message)]
+
+
+def test_a_plain_closure_that_updates_batchnorm_twice_warns_once():
+    def naive(net, loss_fn):
+        def closure():
+            net.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss.detach()
+        return closure
+
+    net = _bn_net()
+    warned = _sam_steps(net, naive)
+    assert len(warned) == 1 and "BatchNorm2d" in str(warned[0].message)
+    assert int(net[1].num_batches_tracked) == 6  # the documented behaviour: both passes of 3 steps counted
+
+
+def test_sam_closure_freezes_batchnorm_in_pass_two_without_a_warning():
+    net = _bn_net()
+    assert _sam_steps(net, sam_closure) == []
+    assert int(net[1].num_batches_tracked) == 3  # one update per step
+
+
+def test_no_warning_without_batchnorm_in_training_mode():
+    net = _bn_net().eval()
+    assert _sam_steps(net, lambda n, f: (lambda: (n.zero_grad(), f().backward())[1])) == []

@@ -4,6 +4,7 @@ precision / accumulation guards, SSAM mask callbacks and checkpoint resume."""
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import partial
 
 import pytest
@@ -67,7 +68,10 @@ def test_sam_step_through_lightning():
     rm0 = model.backbone.bn1.running_mean.clone()
     w0 = [p.detach().clone() for p in model.parameters()]
     t = trainer(callbacks=[rec, probe])
-    t.fit(model, loader(32, 16, batch=8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(model, loader(32, 16, batch=8))
+    assert not [w for w in caught if "second (perturbed) pass" in str(w.message)]  # ImageClassifier freezes BN
     assert t.global_step == 4  # one optimizer step per batch although the closure runs twice
     assert all(not torch.equal(a, b) for a, b in zip(w0, model.parameters()))
     tracked = [m for m, on in rec.calls if on]

@@ -28,7 +28,7 @@ REAL_BACKBONE = "vit_locality/cifar100_modern.yaml"
 def vit_locality_hook(config_path: Path, tmp_path: Path, data_root: Path) -> list[str]:
     rel = "vit_locality/" + config_path.name
     cfg = yaml.safe_load(config_path.read_text())
-    args = ["--trainer.callbacks.init_args.num_images=8", "--trainer.callbacks.init_args.num_map_images=1"]
+    args = ["--trainer.callbacks.init_args.settings.num_images=8", "--trainer.callbacks.init_args.num_map_images=1"]
     note_swap(rel, "locality probe 1000 -> 8 images")
     if rel != REAL_BACKBONE:
         args.append('--model.init_args.backbone_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}')

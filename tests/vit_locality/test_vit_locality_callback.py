@@ -20,6 +20,7 @@ from lightning_methods.callbacks import AttentionLocality
 from lightning_methods.datamodules import IndexedTensorDataset
 from lightning_methods.datamodules.transforms import normalize
 from lightning_methods.models import create_backbone
+from lightning_methods.vit_locality.settings import LocalitySettings
 
 from helpers import quiet_trainer, read_wandb_records, run_ddp
 
@@ -46,8 +47,8 @@ def test_probe_leaves_weights_norm_state_and_modes_unchanged(tmp_path):
     model = tiny_classifier(backbone=backbone)
     model.backbone[1].blocks[0].eval()
     before, after = Snapshot(), Snapshot()
-    probe = AttentionLocality(every_n_epochs=1, num_images=12, batch_size=5, num_map_images=0, out_dir=str(tmp_path),
-                              grid_size=8, num_prefix_tokens=1, patch_size=4)
+    settings = LocalitySettings(num_images=12, batch_size=5, grid_size=8, num_prefix_tokens=1, patch_size=4)
+    probe = AttentionLocality(settings=settings, every_n_epochs=1, num_map_images=0, out_dir=str(tmp_path))
     trainer = quiet_trainer(max_epochs=1, callbacks=[before, probe, after])
     trainer.fit(model, RandomImages())
     (s0, f0), (s1, f1) = before.states[0], after.states[0]
@@ -59,7 +60,8 @@ def test_probe_leaves_weights_norm_state_and_modes_unchanged(tmp_path):
 def test_training_is_identical_with_and_without_the_probe(tmp_path):
     """No weight, mode or RNG side effect: two epochs with a probe after each equal two epochs without."""
     finals = []
-    for callbacks in ([], [AttentionLocality(every_n_epochs=1, num_images=8, num_map_images=1, out_dir=str(tmp_path))]):
+    for callbacks in ([], [AttentionLocality(settings=LocalitySettings(num_images=8),
+                                             every_n_epochs=1, num_map_images=1, out_dir=str(tmp_path))]):
         model = tiny_classifier(seed=1)
         quiet_trainer(max_epochs=2, callbacks=callbacks).fit(model, RandomImages(cutmix_alpha=1.0,
                                                                                  augment="colorjitter"))
@@ -69,7 +71,8 @@ def test_training_is_identical_with_and_without_the_probe(tmp_path):
 
 def test_files_wandb_entries_and_state(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    probe = AttentionLocality(every_n_epochs=1, num_images=10, batch_size=4, num_map_images=2)
+    probe = AttentionLocality(settings=LocalitySettings(num_images=10, batch_size=4),
+                              every_n_epochs=1, num_map_images=2)
     logger = WandbLogger(project="locality-test", save_dir=str(tmp_path / "runs"), offline=True)
     model = tiny_classifier()
     trainer = quiet_trainer(max_epochs=2, callbacks=[probe], logger=logger, enable_checkpointing=True)
@@ -102,7 +105,7 @@ def test_files_wandb_entries_and_state(tmp_path, monkeypatch):
     images = [i for i in items if (i.key or "/".join(i.nested_key)).startswith("locality/mad_heatmap")]
     assert images and any("image" in i.value_json for i in images)
 
-    fresh = AttentionLocality(every_n_epochs=1, num_images=10, batch_size=4)
+    fresh = AttentionLocality(settings=LocalitySettings(num_images=10, batch_size=4), every_n_epochs=1)
     fresh.load_state_dict(probe.state_dict())
     assert fresh.history == probe.history and len(fresh.history) == 2 and fresh.state_key == probe.state_key
 
@@ -112,7 +115,8 @@ def test_resume_continues_the_history(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(max_epochs: int, folder: str, ckpt_path: str | None = None) -> AttentionLocality:
-        probe = AttentionLocality(every_n_epochs=1, num_images=6, num_map_images=0, out_dir=str(tmp_path / folder))
+        probe = AttentionLocality(settings=LocalitySettings(num_images=6),
+                                  every_n_epochs=1, num_map_images=0, out_dir=str(tmp_path / folder))
         ckpt = ModelCheckpoint(dirpath=tmp_path / folder / "ckpt", save_last=True)
         trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[probe, ckpt], enable_checkpointing=True)
         trainer.fit(tiny_classifier(seed=2), RandomImages(cutmix_alpha=1.0), ckpt_path=ckpt_path)
@@ -134,7 +138,8 @@ def _probe_in_process(rank: int, world: int, images: torch.Tensor, out: str) -> 
     trainer = SimpleNamespace(datamodule=dm, world_size=world, global_rank=rank, is_global_zero=rank == 0,
                               global_step=7, current_epoch=0, loggers=[], checkpoint_callback=None,
                               default_root_dir=out)
-    probe = AttentionLocality(num_images=11, seed=5, batch_size=2, num_map_images=0, out_dir=out)
+    probe = AttentionLocality(settings=LocalitySettings(num_images=11, seed=5, batch_size=2),
+                              num_map_images=0, out_dir=out)
     probe.on_fit_start(trainer, model)
     summary = probe.probe(trainer, model, epochs_done=1)
     if world > 1:
@@ -162,22 +167,29 @@ def test_same_numbers_under_two_process_ddp(tmp_path):
 
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="at most 40"):
-        quiet_trainer(max_epochs=1, callbacks=[AttentionLocality(num_images=1000, out_dir=str(tmp_path))]).fit(
+        quiet_trainer(max_epochs=1, callbacks=[AttentionLocality(settings=LocalitySettings(num_images=1000),
+                                                                 out_dir=str(tmp_path))]).fit(
             tiny_classifier(), RandomImages())
     from lightning_methods import ImageClassifier
 
     cnn = ImageClassifier(backbone="resnet8", num_classes=10)
     with pytest.raises(ValueError, match="no attention layers"):
-        quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[AttentionLocality(num_images=4,
-                                                                                        out_dir=str(tmp_path))]).fit(
-            cnn, RandomImages())
+        probe = AttentionLocality(settings=LocalitySettings(num_images=4), out_dir=str(tmp_path))
+        quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[probe]).fit(cnn, RandomImages())
     with pytest.raises(ValueError, match="every_n_epochs"):
         AttentionLocality(every_n_epochs=0)
+    with pytest.raises(ValueError, match="split must be"):
+        LocalitySettings(split="train")
+    with pytest.raises(ValueError, match="batch_size and num_images must be positive"):
+        LocalitySettings(num_images=0)
+    with pytest.raises(TypeError, match="settings must be a LocalitySettings"):
+        AttentionLocality(settings={"num_images": 10})
 
 
 def _fit_ddp(rank: int, world: int, out: str) -> dict:
     model = tiny_classifier(seed=4)
-    probe = AttentionLocality(every_n_epochs=1, num_images=9, batch_size=2, num_map_images=1, out_dir=out)
+    probe = AttentionLocality(settings=LocalitySettings(num_images=9, batch_size=2),
+                              every_n_epochs=1, num_map_images=1, out_dir=out)
     trainer = quiet_trainer(max_epochs=1, devices=world, strategy="ddp", callbacks=[probe])
     trainer.fit(model, RandomImages(cutmix_alpha=1.0))
     return {"history": probe.history, "state": {k: v.cpu() for k, v in model.backbone.state_dict().items()}}

@@ -117,13 +117,15 @@ def test_cutmix_makes_layer0_attention_more_local(tmp_path):
     from lightning_methods.callbacks import AttentionLocality
     from lightning_methods.datamodules import DigitsDataModule
     from lightning_methods.vit_locality import ViTLocalityClassifier
+    from lightning_methods.vit_locality.settings import LocalitySettings
 
     result = {}
     for alpha in (0.0, 1.0):
         torch.manual_seed(0)
         model = ViTLocalityClassifier(num_classes=10, backbone_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 4},
                                       optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05))
-        probe = AttentionLocality(every_n_epochs=1000, num_images=200, num_map_images=0, out_dir=str(tmp_path))
+        probe = AttentionLocality(settings=LocalitySettings(num_images=200),
+                                  every_n_epochs=1000, num_map_images=0, out_dir=str(tmp_path))
         dm = DigitsDataModule(batch_size=64, augment="crop", cutmix_alpha=alpha)
         quiet_trainer(max_epochs=60, callbacks=[probe]).fit(model, dm)
         result[alpha] = probe.history[-1]["min_mad_grid/layer0"]

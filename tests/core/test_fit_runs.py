@@ -1,0 +1,223 @@
+"""Run management of `lightning-methods fit / test / predict` after issues 21 (items 4, 5, 6, W&B names, noise) and 22
+(items 1, 2, 6): a resume keeps the run's identity and its learning-rate column, a finished run is not redone, an
+evaluation writes beside the run that owns the checkpoint (one record per checkpoint), one fit per run directory, one
+config per run directory, every documented logger works, SIGTERM is "interrupted", and the package's own noise is
+gone from stderr."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_methods import ImageClassifier
+from lightning_methods.cli import build_cli, main
+from lightning_methods.results.record import read_metrics_csv
+from lightning_methods.runs import ConfigMismatchError, RunLockedError
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK = str(REPO / "configs/quickstart.yaml")
+SMALL = ["--config", QUICK, "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+         "--trainer.limit_predict_batches=1", "--test_after_fit=off", "--trainer.enable_model_summary=false"]
+PROJECT = Path("runs/quickstart/lightning-methods-quickstart")
+
+
+def the_run() -> Path:
+    (last,) = PROJECT.glob("*/checkpoints/last.ckpt")
+    return last.parent.parent.resolve()
+
+
+def record(run: Path, name: str = "results.json") -> dict:
+    return json.loads((run / name).read_text())
+
+
+def test_resume_keeps_identity_and_lr_then_finished_runs_and_evaluations(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    real = ImageClassifier.on_train_epoch_start
+
+    def kill(self):
+        if self.current_epoch == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", kill)
+    with pytest.raises(SystemExit):
+        main(["fit", *SMALL, "--trainer.max_epochs=4"])
+    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", real)
+    run = the_run()
+    first = record(run)
+    assert first["status"] == "interrupted" and first["config_path"] == QUICK
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["trainer"]["logger"]["init_args"]["name"] == "quickstart-seed0"  # W&B run name: stem + seed
+    assert not (run / ".fit.lock").exists()  # released on the interrupt
+
+    # the printed resume command, exactly
+    last = run / "checkpoints/last.ckpt"
+    assert f"--config {run / 'config.yaml'} --ckpt_path {last}" in capsys.readouterr().out
+    build_cli(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(last)])
+    done = record(run)
+    assert done["status"] == "finished" and done["epochs_completed"] == 4
+    for key in ("config_path", "config_hash", "started"):  # the run's identity, as `table` groups and names it
+        assert done[key] == first[key], key
+    # train/lr of every epoch, the epoch before the resume included: cosine over T_max 12 from 0.05 (float32 logged)
+    rows = read_metrics_csv(run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        expected = 0.05 * (1 + math.cos(math.pi * r["epoch"] / 12)) / 2
+        assert r["train/lr"] == pytest.approx(expected, rel=2 ** -23) and r["lr"] == pytest.approx(expected, rel=1e-12)
+
+    # `--ckpt_path last` on the finished run: nothing is trained or tested again, the record is untouched
+    before = (run / "results.json").read_bytes()
+    capsys.readouterr()
+    assert build_cli(["fit", *SMALL, "--trainer.max_epochs=4", "--ckpt_path=last"]) is None
+    out = capsys.readouterr().out
+    assert f"run {run.name} has already finished" in out and "--trainer.max_epochs N" in out
+    assert f"lightning-methods test --config {run / 'config.yaml'} --ckpt_path" in out
+    assert (run / "results.json").read_bytes() == before
+
+    # test / predict with the ORIGINAL config write beside the run, into its W&B run, and say where
+    cli = build_cli(["test", *SMALL, f"--ckpt_path={last}"])
+    assert cli.trainer.loggers[0].version == run.name  # the run's W&B id, no new run
+    assert sorted(p.name for p in PROJECT.iterdir()) == [run.name]  # no new run directory
+    test_record = record(run, "results_test-last.json")
+    assert test_record["command"] == "test" and test_record["test"]["checkpoint"] == str(last)
+    assert (run / "metrics_test-last.csv").is_file() and (run / "results.json").read_bytes() == before
+    assert f"test results: {run / 'results_test-last.json'}" in capsys.readouterr().out
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    build_cli(["predict", *SMALL, "--ckpt_path=last"])  # `last` resolves to this run (its config, any max_epochs)
+    build_cli(["predict", *SMALL, f"--ckpt_path={best}"])
+    assert (run / "predictions-last.csv").is_file() and (run / f"predictions-{best.stem}.csv").is_file()
+    assert json.loads((run / f"predictions-{best.stem}.json").read_text())["checkpoint"] == str(best)
+
+    # a copied config with ANOTHER checkpoint file never overwrites the run's records: one record per checkpoint
+    copy, other = tmp_path / "copy", tmp_path / "elsewhere/last.ckpt"
+    copy.mkdir()
+    other.parent.mkdir()
+    shutil.copy(run / "config.yaml", copy / "config.yaml")
+    shutil.copy(best, other)
+    shutil.copy(str(best) + ".sha256", str(other) + ".sha256")
+    records = {p.name: p.read_bytes() for p in run.glob("results*.json")}
+    build_cli(["test", "--config", str(copy / "config.yaml"), f"--ckpt_path={other}"])
+    assert {p.name: p.read_bytes() for p in run.glob("results*.json") if p.name in records} == records
+    (new,) = [p for p in run.glob("results_test-last-*.json")]  # the other file's own record, named by its path
+    assert record(run, new.name)["test"]["checkpoint"] == str(other)
+
+
+def test_a_second_fit_in_the_run_directory_stops_naming_the_other_process(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *SMALL, "--trainer.max_epochs=1"])
+    run = the_run()
+    resume = ["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
+              "--trainer.max_epochs=2"]
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # another process holds the run directory with the package's own lock
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lightning_methods.runs import RunLock\n"
+                               f"RunLock({str(run)!r}, '.fit.lock').acquire()\nprint('locked', flush=True)\n"
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"in use by process {holder.pid} on "):
+            main(resume)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".fit.lock"} == files
+    # the holder is gone: its stale lock is replaced and the resume runs
+    build_cli(resume)
+    assert record(run)["epochs_completed"] == 2 and not (run / ".fit.lock").exists()
+
+
+def test_a_run_directory_belongs_to_one_configuration(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    ident = "--trainer.logger.init_args.id=shared"
+    main(["fit", *SMALL, "--trainer.max_epochs=1", ident])
+    run = (PROJECT / "shared").resolve()
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    lr = "--model.init_args.optimizer.init_args.lr=0.5"
+    with pytest.raises(ConfigMismatchError, match=r"differ in: model\.init_args\.optimizer\.init_args\.lr"):
+        main(["fit", *SMALL, "--trainer.max_epochs=1", ident, lr])
+    config = yaml.safe_load((run / "config.yaml").read_text())  # an old config.yaml edited and rerun
+    config["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.5
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigMismatchError, match=r"optimizer\.init_args\.lr.*nothing was written"):
+        main(["fit", "--config", str(edited)])
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files  # nothing written, no last-v1.ckpt
+    # the same settings in a fixed directory (no logger) are refused the same way, by the check at fit start
+    fixed = ["fit", *SMALL, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'fixed'}",
+             "--trainer.max_epochs=1"]
+    main(fixed)
+    with pytest.raises(ConfigMismatchError, match=r"differ in: model\.init_args\.optimizer\.init_args\.lr"):
+        main([*fixed, lr])
+
+
+LOGGERS = {
+    "wandb": [],
+    "csv": ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=logs"],
+    "tensorboard": ["--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+                    "--trainer.logger.init_args.save_dir=logs"],
+    "none": ["--trainer.logger=false", "--trainer.default_root_dir=plain"],
+}
+
+
+@pytest.mark.parametrize("kind", list(LOGGERS))
+def test_every_documented_logger(kind, tmp_path, monkeypatch, one_thread):
+    if kind == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                pytest.skip("TensorBoardLogger needs tensorboard or tensorboardX, neither is installed")
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *SMALL, "--trainer.max_epochs=2", *LOGGERS[kind]])
+    (last,) = Path(".").rglob("checkpoints/last.ckpt")
+    run = last.parent.parent
+    assert record(run)["status"] == "finished" and (run / "config.yaml").is_file()
+    assert [r["epoch"] for r in read_metrics_csv(run / "metrics.csv")] == [0, 1]
+    if kind == "csv":  # Lightning's per-step CSV log has its own folder; metrics.csv stays the run's epoch table
+        steps = (run / "csv/metrics.csv").read_text().splitlines()
+        assert "step" in steps[0] and len(steps) > 1 and (run / "csv/hparams.yaml").is_file()
+
+
+NOISE = ("args parameter is intended", "anonymous setting", "Tip:", "litlogger", "git root",
+         "exists and is not empty")
+
+
+def test_sigterm_is_interrupted_and_the_package_noise_is_gone(tmp_path):
+    """The console script as a user runs it: a SIGTERM stops the fit as "interrupted" (exit code 143), the printed
+    resume command finishes it, and neither stderr holds the warnings the package used to cause."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    script = Path(sys.executable).with_name("lightning-methods")
+    command = [str(script), "fit", *SMALL, "--trainer.max_epochs=200"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(f"{PROJECT}/*/metrics.csv")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    (run,) = [p.parent for p in tmp_path.glob(f"{PROJECT}/*/metrics.csv")]
+    rec = record(run)
+    assert rec["status"] == "interrupted" and "SIGTERM" in rec["error"], rec.get("error")
+    for text in NOISE:
+        assert text not in err, text
+    resume = f"--config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints/last.ckpt'}"
+    assert resume in out
+    done = subprocess.run([str(script), "fit", *resume.split(), "--trainer.max_epochs=3"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert record(run)["status"] == "finished" and record(run)["started"] == rec["started"]
+    for text in NOISE:
+        assert text not in done.stderr, text
