@@ -283,7 +283,8 @@ class ImageDataModule(LightningDataModule):
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
-        return DeviceBatchLoader(self.train_set, self.batch_size, device, True, True, self.seed, rank, world)
+        return DeviceBatchLoader(self.train_set, self.batch_size, device, shuffle=True, drop_last=True, seed=self.seed,
+                                 rank=rank, world_size=world)
 
     def val_dataloader(self) -> DataLoader:
         self._require("val_set")
@@ -310,6 +311,7 @@ class ImageDataModule(LightningDataModule):
         if training and (self.cutmix_alpha > 0 or self.mixup_alpha > 0):
             rng = np.random.default_rng(seed)
             batch["image"], batch["soft_target"] = mix_batch(
-                batch["image"], batch["target"], self.num_classes, self.cutmix_alpha, self.mixup_alpha, rng
+                batch["image"], batch["target"], self.num_classes, cutmix_alpha=self.cutmix_alpha,
+                mixup_alpha=self.mixup_alpha, rng=rng
             )
         return batch

@@ -297,7 +297,10 @@ class NoisyImageNetDataModule(FileSubsetMixin, NoisyLabelsMixin, ImageNetDataMod
             raise ValueError(f"noise_type={noise_type!r} is not available for ImageNet: instance noise needs every "
                              "training image in memory, cifarn is CIFAR's; use sym, pairflip or asym")
         ImageNetDataModule.__init__(self, val_split=val_split, **kwargs)
-        self._init_noise(noise_type, noise_rate, noise_seed, include_noise, None, None, None, label_file, train_subset)
+        self._init_noise(noise_type=noise_type, noise_rate=noise_rate, noise_seed=noise_seed,
+                         include_noise=include_noise,
+                         asym_grouping=None, cifarn_file=None, cifarn_key=None, label_file=label_file,
+                         train_subset=train_subset)
         if train_subset is not None:
             self._check_subset_support()
         if self.streaming:

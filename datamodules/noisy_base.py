@@ -53,6 +53,7 @@ class NoisyLabelsMixin:
 
     def _init_noise(
         self,
+        *,
         noise_type: NoiseType,
         noise_rate: float,
         noise_seed: int | None,

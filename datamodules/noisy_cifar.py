@@ -84,8 +84,10 @@ class _NoisyCIFAR(NoisyLabelsMixin):
         if asym_grouping not in (None, *self.asym_groupings):
             raise ValueError(f"{self.display_name} asym_grouping must be one of {self.asym_groupings}, got "
                              f"{asym_grouping!r}")
-        self._init_noise(noise_type, noise_rate, noise_seed, include_noise, asym_grouping or self.asym_groupings[0],
-                         cifarn_file, cifarn_key, label_file, train_subset)
+        self._init_noise(noise_type=noise_type, noise_rate=noise_rate, noise_seed=noise_seed,
+                         include_noise=include_noise,
+                         asym_grouping=asym_grouping or self.asym_groupings[0], cifarn_file=cifarn_file,
+                         cifarn_key=cifarn_key, label_file=label_file, train_subset=train_subset)
 
 
 class NoisyCIFAR100DataModule(_NoisyCIFAR, CIFAR100DataModule):

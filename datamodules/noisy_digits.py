@@ -57,8 +57,10 @@ class NoisyDigitsDataModule(NoisyLabelsMixin, ImageDataModule):
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.image_size, self.test_fraction = image_size, test_fraction
-        self._init_noise(noise_type, noise_rate, noise_seed, include_noise, None, None, None, label_file,
-                         train_subset)
+        self._init_noise(noise_type=noise_type, noise_rate=noise_rate, noise_seed=noise_seed,
+                         include_noise=include_noise,
+                         asym_grouping=None, cifarn_file=None, cifarn_key=None, label_file=label_file,
+                         train_subset=train_subset)
 
     def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         images, targets = load_digits_uint8(self.image_size)

@@ -94,4 +94,5 @@ def numerical_rank(features: torch.Tensor, rtol: float = 1e-3, max_columns: int 
     Raises:
         ValueError: fewer than 2 samples, an unknown mode or rtol outside (0, 1).
     """
-    return rank_from_spectrum(spectrum(features, mode, max_columns, max_rows, seed, dtype, device), rtol)
+    values = spectrum(features, mode, max_columns=max_columns, max_rows=max_rows, seed=seed, dtype=dtype, device=device)
+    return rank_from_spectrum(values, rtol)

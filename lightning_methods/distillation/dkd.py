@@ -37,6 +37,6 @@ class DKDClassifier(DistillationClassifier):
                            target: torch.Tensor) -> dict[str, torch.Tensor]:
         s, t = self.prepared_logits(logits, teacher_logits)
         tc = tckd_loss(s, t, target, self.temperature, "none")
-        nc = nckd_loss(s, t, target, self.temperature, self.nckd_topk(s.shape[1]), "none")
+        nc = nckd_loss(s, t, target, self.temperature, topk=self.nckd_topk(s.shape[1]), reduction="none")
         w = self.kd_warmup()
         return {"tckd": self.alpha * w * tc, "nckd": self.beta * w * nc}

@@ -40,7 +40,7 @@ class KDClassifier(DistillationClassifier):
         """KD split exactly as ``TCKD + (1 - p^t_y) NCKD`` (DKD's Eq. 3), per sample; NCKD over the top-k classes
         when a top-k is set. ``batch_mean_nckd``: the official DeepKD form ``mean(1 - p^t_y) * mean(NCKD)``."""
         tc = tckd_loss(s, t, target, self.temperature, "none")
-        nc = nckd_loss(s, t, target, self.temperature, self.nckd_topk(s.shape[1]), "none")
+        nc = nckd_loss(s, t, target, self.temperature, topk=self.nckd_topk(s.shape[1]), reduction="none")
         one_minus_p = 1.0 - teacher_target_prob(t, target, self.temperature)
         if batch_mean_nckd:
             return tc, one_minus_p.mean() * nc.mean().expand_as(nc)

@@ -57,15 +57,30 @@ def write_run_results(out_dir: str | Path, name: str, history: Sequence[Mapping[
     """Write ``history.csv``, ``clients.csv``, ``results.json`` and ``accuracy.png`` into ``out_dir``.
 
     ``source`` (the config files and seed of the command) is kept in ``results.json`` so that ``lightning-methods
-    table`` groups the runs over seeds and prints the paper's numbers named in the config."""
+    table`` groups the runs over seeds and prints the paper's numbers named in the config; ``environment`` records
+    where the numbers were computed (torch version and thread count, CPU, library versions: float results on the CPU
+    depend on all of them)."""
     out_dir = Path(out_dir)
     summary = {"algorithm": name, **summarize(history)}
     atomic_write_text(out_dir / "history.csv", to_csv(history))
     atomic_write_text(out_dir / "clients.csv", to_csv(clients))
     atomic_write_json(out_dir / "results.json", {"summary": summary, "clients": list(clients),
-                                                 "source": dict(source or {})})
+                                                 "source": dict(source or {}), "environment": environment()})
     plot_history(out_dir / "accuracy.png", name, history)
     return summary
+
+
+def environment() -> dict[str, Any]:
+    """torch's version and intra-op thread count, the CPU, the GPU (if any) and the library versions."""
+    import os
+
+    import torch
+
+    from lightning_methods.results.record import cpu_model, versions
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+            "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "versions": versions()}
 
 
 def plot_history(path: Path, name: str, history: Sequence[Mapping[str, Any]]) -> None:

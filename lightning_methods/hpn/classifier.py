@@ -97,8 +97,9 @@ class HPNClassifier(LossScaleMixin, ImageClassifier):
         elif prototype_file:
             protos = load_prototypes(prototype_file, k, prototype_dims)
         else:
-            protos = build_prototypes(k, prototype_dims, prototype_iterations, prototype_seed,
-                                      prototype_persistent_momentum, class_embeddings, semantic_neighbours)
+            protos = build_prototypes(k, prototype_dims, prototype_iterations, seed=prototype_seed,
+                                      persistent_momentum=prototype_persistent_momentum,
+                                      embeddings_file=class_embeddings, neighbours=semantic_neighbours)
         self.register_buffer("prototypes", protos)
         self._prototypes_ready = prototype_source == "auto"
         self.register_load_state_dict_pre_hook(_mark_prototypes_loaded)

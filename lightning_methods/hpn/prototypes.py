@@ -199,8 +199,9 @@ def build_prototypes(num_classes: int, dims: int, iterations: int = 10_000, seed
                      neighbours: int = 5) -> torch.Tensor:
     """:func:`optimize_prototypes` with the official lr, memoised per process (modules rebuilt with the same
     settings, e.g. in ``load_from_checkpoint`` or a sweep, do not optimise again). Returns a fresh copy."""
-    return _cached(num_classes, dims, iterations, seed, persistent_momentum,
-                   str(Path(embeddings_file).expanduser().resolve()) if embeddings_file else None, neighbours).clone()
+    file = str(Path(embeddings_file).expanduser().resolve()) if embeddings_file else None
+    return _cached(num_classes, dims, iterations, seed=seed, persistent_momentum=persistent_momentum,
+                   embeddings_file=file, neighbours=neighbours).clone()
 
 
 def prototype_filename(num_classes: int, dims: int) -> str:

@@ -125,7 +125,7 @@ class MultiBitModule:
 class _QuantMixin(MultiBitModule):
     """Shared part of the quantized Conv2d / Linear: weight quantizer (+ WBC) and input activation quantizer."""
 
-    def _init_quant(self, quantize_weights: bool = True, act_quant: ActQuant = "unsigned", wbc: bool = False,
+    def _init_quant(self, *, quantize_weights: bool = True, act_quant: ActQuant = "unsigned", wbc: bool = False,
                     wbc_eps: float = 1e-8, wbc_max_ratio: float | None = None,
                     clamp_full_precision: bool = False) -> None:
         if act_quant not in ("unsigned", "signed", "none"):
@@ -179,7 +179,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
                  wbc_eps: float = 1e-8, wbc_max_ratio: float | None = None, clamp_full_precision: bool = False,
                  **kwargs: Any) -> None:
         nn.Conv2d.__init__(self, *args, **kwargs)
-        self._init_quant(quantize_weights, act_quant, wbc, wbc_eps, wbc_max_ratio, clamp_full_precision)
+        self._init_quant(quantize_weights=quantize_weights, act_quant=act_quant, wbc=wbc, wbc_eps=wbc_eps,
+                         wbc_max_ratio=wbc_max_ratio, clamp_full_precision=clamp_full_precision)
 
     @staticmethod
     def _float_args(m: nn.Conv2d) -> tuple:
@@ -198,7 +199,8 @@ class QuantLinear(_QuantMixin, nn.Linear):
                  wbc_eps: float = 1e-8, wbc_max_ratio: float | None = None, clamp_full_precision: bool = False,
                  **kwargs: Any) -> None:
         nn.Linear.__init__(self, *args, **kwargs)
-        self._init_quant(quantize_weights, act_quant, wbc, wbc_eps, wbc_max_ratio, clamp_full_precision)
+        self._init_quant(quantize_weights=quantize_weights, act_quant=act_quant, wbc=wbc, wbc_eps=wbc_eps,
+                         wbc_max_ratio=wbc_max_ratio, clamp_full_precision=clamp_full_precision)
 
     @staticmethod
     def _float_args(m: nn.Linear) -> tuple:

@@ -153,7 +153,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
         topk: optional DeepKD top-k mask for NCKD (see :func:`nckd_loss`).
     """
     tc = tckd_loss(student_logits, teacher_logits, target, temperature, "none")
-    nc = nckd_loss(student_logits, teacher_logits, target, temperature, topk, "none")
+    nc = nckd_loss(student_logits, teacher_logits, target, temperature, topk=topk, reduction="none")
     return _reduce(alpha * tc + beta * nc, reduction)
 
 

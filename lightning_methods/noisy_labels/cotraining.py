@@ -151,8 +151,8 @@ class CoTrainingClassifier(ImageClassifier):
             e1, e2 = self.ema1(x), self.ema2(x)
         z1, z2 = self.net1(x), self.net2(x)
         t, w, ls = self.hparams.temperature, self.hparams.kd_weight, self.label_smoothing
-        loss1, _ = mutual_kd_loss(z1, y, z2.detach(), e2, t, w, ls)
-        loss2, _ = mutual_kd_loss(z2, y, z1.detach(), e1, t, w, ls)
+        loss1, _ = mutual_kd_loss(z1, y, z2.detach(), e2, temperature=t, weight=w, label_smoothing=ls)
+        loss2, _ = mutual_kd_loss(z2, y, z1.detach(), e1, temperature=t, weight=w, label_smoothing=ls)
         opt1.zero_grad(set_to_none=True)
         opt2.zero_grad(set_to_none=True)
         self.manual_backward(loss1 + loss2)

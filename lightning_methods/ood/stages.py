@@ -114,7 +114,12 @@ def build_rdm(cfg: RDMConfig, dim: int, num_classes: int | None) -> RDMModule:
             where = f"rdm.module.{_GROUPS[key]}.{key}" if key in _GROUPS else f"one of {sorted(allowed)}"
             raise ValueError(f"rdm.module.{key} is not an RDMModule argument; use {where} (RDMModule groups its "
                              "settings: sde, net, training, likelihood, and takes an optimizer)")
-    return RDMModule(dim=dim, num_classes=num_classes if cfg.conditional else None, **cfg.module)
+    module = dict(cfg.module)
+    optimizer = module.get("optimizer")
+    if isinstance(optimizer, Mapping) and "class_path" in optimizer:  # jsonargparse fills in every default,
+        init_args = {k: v for k, v in (optimizer.get("init_args") or {}).items() if k != "params"}  # params too
+        module["optimizer"] = {"class_path": optimizer["class_path"], "init_args": init_args}
+    return RDMModule(dim=dim, num_classes=num_classes if cfg.conditional else None, **module)
 
 
 def fit_rdm(cfg: RDMConfig, train: EmbeddingSet, preprocessor: FeaturePreprocessor, *, num_classes: int | None,

@@ -115,8 +115,9 @@ class SAM(Optimizer):
         model: nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
-        check_arguments(rho, perturb, adaptive, eta, xi, sam_every_k, sam_probability, sam_start_epoch,
-                        sam_end_epoch, freeze_non_norm_pass1, base_optimizer)
+        check_arguments(rho=rho, perturb=perturb, adaptive=adaptive, eta=eta, xi=xi, every_k=sam_every_k,
+                        prob=sam_probability, start=sam_start_epoch, end=sam_end_epoch, freeze=freeze_non_norm_pass1,
+                        base_optimizer=base_optimizer)
         super().__init__(params, dict(rho=rho))
         self.perturb, self.adaptive, self.p = perturb, adaptive, _parse_p(p)
         self.eta, self.normalize_bias, self.xi = eta, normalize_bias, xi

@@ -14,8 +14,8 @@ from lightning_methods.parameters import frozen_bn_stats, parameter_roles
 Roles = dict[torch.Tensor, tuple[str | None, bool | None]]
 
 
-def check_arguments(rho: float, perturb: str, adaptive: str | None, eta: float, xi: float, every_k: int, prob: float,
-                    start: int, end: int | None, freeze: bool, base_optimizer: object) -> None:
+def check_arguments(*, rho: float, perturb: str, adaptive: str | None, eta: float, xi: float, every_k: int,
+                    prob: float, start: int, end: int | None, freeze: bool, base_optimizer: object) -> None:
     """Clear errors for invalid arguments of :class:`lightning_methods.optim.SAM`."""
     if rho < 0:
         raise ValueError(f"rho must be >= 0, got {rho}")

@@ -5,6 +5,10 @@ of the command, where a run's files go, when it is finished and how to start it.
   :class:`~lightning_methods.runs.StagedRun`, beside the grid's ``<run>/state.json``); finished when its report stage
   is recorded; its record is ``<run>/ood/report/results.json`` (read by ``lightning-methods table`` through
   :mod:`lightning_methods.results.multistage`). Seed key: ``seed``.
+- ``fed`` (FedFree and its baselines, :mod:`lightning_methods.federated.cli`): the run's federated directory is
+  ``<run>/fed`` (one subdirectory per algorithm, each its own StagedRun); finished when ``comparison.csv`` (written
+  after the last algorithm) exists; one record per algorithm, ``<run>/fed/<algorithm>/results.json``. Seed keys:
+  ``data.seed`` (partition, data order) and ``federation.seed`` (models, families, server pseudo-data).
 
 The ``fit`` command is :mod:`lightning_methods.results.grid`'s own; a run's command is written on the first line of
 its ``run.yaml`` (``# command: ood``), so ``lightning-methods grid --run RUN_DIR`` knows it.
@@ -68,9 +72,37 @@ def _ood_run(config_file: Path, run_dir: Path) -> None:
     run_ood(["--config", str(config_file)])
 
 
+def _fed_resolve(args: list[str]) -> dict[str, Any]:
+    from lightning_methods.federated.cli import build_parser
+
+    parser = build_parser()
+    return yaml.safe_load(parser.dump(parser.parse_args(args), skip_none=False))
+
+
+def _fed_place(cfg: dict[str, Any], run_dir: Path) -> None:
+    cfg["run_dir"] = str(run_dir / "fed")
+    cfg.pop("config", None)
+    logger = cfg.get("logger")
+    if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger"):
+        logger.setdefault("init_args", {})["save_dir"] = str(run_dir)
+
+
+def _fed_run(config_file: Path, run_dir: Path) -> None:
+    from lightning_methods.federated.cli import run
+
+    run(["--config", str(config_file)])
+
+
+def _fed_record(run_dir: Path) -> Path:
+    files = sorted((run_dir / "fed").glob("*/results.json"))
+    return files[0] if files else run_dir / "fed" / "results.json"
+
+
 COMMANDS: dict[str, GridCommand] = {
     "ood": GridCommand("ood", ("seed",), _ood_resolve, _ood_place, _ood_finished, _ood_run,
                        lambda run_dir: run_dir / "ood" / "report" / "results.json"),
+    "fed": GridCommand("fed", ("data.seed", "federation.seed"), _fed_resolve, _fed_place,
+                       lambda run_dir: (run_dir / "fed" / "comparison.csv").is_file(), _fed_run, _fed_record),
 }
 
 

@@ -44,7 +44,7 @@ def test_config_parses(name):
     raw = yaml.safe_load(path.read_text())
     if "htfe8" in name:
         assert init.federation.families == list(HTFE_IMG8) and init.federation.rounds == 200
-        assert cfg.data.classes_per_client == (1 if name.startswith("cifar10_") else 10)
+        assert cfg.data.partition.classes_per_client == (1 if name.startswith("cifar10_") else 10)
         assert raw["logger"]["class_path"].endswith("WandbLogger")
     if "hmfl" in name:
         assert init.federation.families == ["fed_cnn"]
@@ -57,7 +57,7 @@ def test_config_first_round_on_fake_data(name, fake_cifar_root, tmp_path, monkey
     path = CONFIG_DIR / name
     raw = yaml.safe_load(path.read_text())
     args = ["--config", str(path), "--run_dir", str(tmp_path / "run"), "--progress", "false", "--logger", "null",
-            "--data.data_dir", str(fake_cifar_root[0]), "--data.download", "false", "--data.num_clients", "2",
+            "--data.data_dir", str(fake_cifar_root[0]), "--data.download", "false", "--data.partition.num_clients", "2",
             "--federation.rounds", "1", "--federation.local_epochs", "1",
             "--trainer", json.dumps({"accelerator": "cpu", "devices": 1, "precision": "32-true",
                                      "limit_train_batches": 1})]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_methods.datamodules import FederatedDataModule
+from lightning_methods.federated.partition import PartitionSettings
 
 
 def _order(dm: FederatedDataModule) -> list[int]:
@@ -17,8 +18,8 @@ def _order(dm: FederatedDataModule) -> list[int]:
 
 def test_cifar100_clients_batches_and_statistics(fake_cifar_root, tmp_path):
     root, arrays = fake_cifar_root
-    dm = FederatedDataModule("cifar100", data_dir=str(root), download=False, num_clients=4, classes_per_client=25,
-                             batch_size=8, seed=1)
+    dm = FederatedDataModule("cifar100", data_dir=str(root), download=False, batch_size=8, seed=1,
+                             partition=PartitionSettings(num_clients=4, classes_per_client=25))
     dm.prepare_data()
     dm.setup()
     assert dm.num_classes == 100 and sum(dm.train_sizes()) == 200 and sum(len(t) for t in dm.client_test) == 100
@@ -39,8 +40,8 @@ def test_cifar100_clients_batches_and_statistics(fake_cifar_root, tmp_path):
 
 def test_client_round_order_is_keyed_by_seed_client_round(fake_cifar_root):
     root, _ = fake_cifar_root
-    dm = FederatedDataModule("cifar10", data_dir=str(root), download=False, num_clients=2, partition="iid",
-                             batch_size=5, seed=0)
+    dm = FederatedDataModule("cifar10", data_dir=str(root), download=False, batch_size=5, seed=0,
+                             partition=PartitionSettings(num_clients=2, scheme="iid"))
     dm.set_client(1, round=2)
     first = _order(dm)
     dm.set_client(0, round=2)
@@ -48,14 +49,15 @@ def test_client_round_order_is_keyed_by_seed_client_round(fake_cifar_root):
     assert _order(dm) == first
     dm.set_client(1, round=3)
     assert _order(dm) != first and sorted(_order(dm)) == sorted(first)
-    fixed = FederatedDataModule("cifar10", data_dir=str(root), download=False, num_clients=2, partition="iid",
-                                batch_size=5, shuffle=False)
+    fixed = FederatedDataModule("cifar10", data_dir=str(root), download=False, batch_size=5, shuffle=False,
+                                partition={"num_clients": 2, "scheme": "iid"})  # a mapping works too
     fixed.set_client(1, 2)
     assert _order(fixed) == sorted(_order(fixed))  # HtFLlib: the fixed local order every epoch
 
 
 def test_normalisation_and_digits_offline():
-    dm = FederatedDataModule("digits", num_clients=3, partition="dirichlet", alpha=0.5, batch_size=16)
+    dm = FederatedDataModule("digits", partition=PartitionSettings(num_clients=3, scheme="dirichlet", alpha=0.5),
+                             batch_size=16)
     dm.setup()
     assert dm.num_classes == 10 and sum(dm.train_sizes()) + sum(len(t) for t in dm.client_test) == 1797
     batch = next(iter(dm.client_loader(0, "test")))
@@ -64,13 +66,14 @@ def test_normalisation_and_digits_offline():
 
 
 def test_missing_data_and_bad_client(tmp_path):
-    dm = FederatedDataModule("cifar100", data_dir=str(tmp_path / "nowhere"), download=False, num_clients=2)
+    dm = FederatedDataModule("cifar100", data_dir=str(tmp_path / "nowhere"), download=False,
+                             partition=PartitionSettings(num_clients=2))
     with pytest.raises(FileNotFoundError, match="CIFAR-100 is not available"):
         dm.prepare_data()
-    digits = FederatedDataModule("digits", num_clients=2)
+    digits = FederatedDataModule("digits", partition=PartitionSettings(num_clients=2))
     with pytest.raises(ValueError, match="client 5 does not exist"):
         digits.set_client(5)
     with pytest.raises(ValueError, match="dataset must be"):
         FederatedDataModule("svhn")
     with pytest.raises(ValueError, match="classes_per_client=11 is impossible"):
-        FederatedDataModule("digits", num_clients=2, classes_per_client=11).setup()
+        FederatedDataModule("digits", partition=PartitionSettings(num_clients=2, classes_per_client=11)).setup()
