@@ -1,16 +1,23 @@
 """federated section: the time split of one FedFree round (Du et al., NeurIPS 2025, OpenReview G10Y4vrhGF) in the
 in-process runtime, for the 20-client CIFAR-100 setting (configs/fedfree/cifar100_htfe8_20clients.yaml) on
-synthetic CIFAR-100-sized data.
+synthetic CIFAR-100-sized data, and the per-client fixed cost of a client-round with one reused Trainer (the
+runtime's default) against a fresh Trainer per client-round (the previous implementation; issue 25).
 
-Cases (every time is per round; ratio = share of the whole round, the first row):
+Cases (every time is per round; ratio = share of the section's first row):
 - one round: local training of every client, the server step, delivery of the aligned layers and evaluation;
-- client training: the 20 client-rounds (fresh Trainer each, fit, upload selection, weight copies);
+- the same round with a fresh Trainer per client-round (before issue 25);
+- client training: the 20 client-rounds (fit, upload selection, weight copies);
 - training steps only: forward / backward / optimizer step of every batch (GPU synchronised around each step);
-- client-round overhead: client training minus its steps (Trainer construction, loader start, weight transfer to
-  and from the device, Eq. 2 layer deltas) - target < 10% of client training;
+- client-round overhead: client training minus its steps (Trainer setup, loader start, weight transfer to and from
+  the device, Eq. 2 layer deltas), with the reused and with fresh Trainers - target < 10% of client training;
 - server: pseudo-data distillation + KGE alignment - target < 5% of the round;
 - evaluation: delivery of the aligned layers and every client's local test set;
 - round checkpoint: writing every client's weights (what makes a killed run resumable).
+
+The overhead share itself, measured interleaved (client-training phases of both variants alternate round by round,
+the order rotating, on the same clients; per-round shares, median and 25th-75th percentiles)::
+
+    python benchmarks/federated_cases.py --mode cpu --rounds 3 [--out overhead.json]
 
 Sizes: small mode (smoke test) 20 clients with the small families ``fed_cnn`` / ``fedavg_cnn`` / ``fed_resnet8``,
 one batch of 10 per client, 20 test images per client; CPU mode the paper's eight HtFE-img-8 families, two batches of
@@ -20,27 +27,31 @@ client (50,000 / 20 x 0.9), batch 10 as in the paper.
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lightning_methods.datamodules import FederatedDataModule
-from lightning_methods.federated import FederationInfo, FedFree
-from lightning_methods.federated.config import FederationConfig, assign_families
+from lightning_methods.federated.cli import build_parser
 from lightning_methods.federated.local import ClientRuntime
+from lightning_methods.federated.partition import PartitionSettings
 from lightning_methods.federated.runner import FederatedRunner
 from lightning_methods.models.fed_clients import HTFE_IMG8
 from lightning_methods.utils import atomic_torch_save
 
-from harness import Settings
+from harness import Settings, machine, settings
 
 
 class SyntheticFederated(FederatedDataModule):
     """Random uint8 32x32 images with 100 classes, partitioned like the CIFAR-100 configs."""
 
-    def __init__(self, n_train: int, n_test: int, **kwargs) -> None:
+    def __init__(self, n_train: int, n_test: int, **kwargs: Any) -> None:
         super().__init__("cifar100", **kwargs)
         self.n_train, self.n_test = n_train, n_test
 
@@ -64,49 +75,123 @@ def _sizes(s: Settings) -> dict:
 
 
 class RoundTimer:
-    """Builds the 20-client federation once; each :meth:`measure` runs one more round and keeps its split."""
+    """Builds the 20-client federation once (a runner from a parsed config, on synthetic data) with two client
+    runtimes over the same clients: one reused Trainer (the default) and a fresh Trainer per client-round."""
 
     def __init__(self, s: Settings) -> None:
         z = _sizes(s)
-        self.data = SyntheticFederated(z["train"], z["test"], num_clients=20, classes_per_client=10, batch_size=10)
-        self.fed = FederationConfig(rounds=1000, local_epochs=1, families=z["families"])
         accel = "gpu" if s.device.startswith("cuda") else "cpu"
         trainer = {"accelerator": accel, "devices": 1, "precision": s.precision, "limit_train_batches": z["batches"]}
-        self.runner = FederatedRunner(self.data, FedFree(k=2), self.fed, tempfile.mkdtemp(), trainer,
-                                      progress=False, profile_steps=True)
-        self.data.setup()
-        families = assign_families(self.fed.families, 20, self.fed.assignment, self.fed.seed)
-        self.runner.families = families
-        algo = self.runner.algorithm
-        algo.setup_server(FederationInfo(20, 100, families, 0, 512, "cifar", self.fed.rounds))
-        self.runner.runtime = ClientRuntime(self.data, algo, self.fed, families, trainer, profile_steps=True)
-        self.runner.clients = [self.runner.runtime.init_client(i) for i in range(20)]
-        self.round, self.split, self.images = 0, {}, sum(self.data.train_sizes())
+        parser = build_parser()
+        config = parser.parse_object({
+            "run_dir": tempfile.mkdtemp(), "progress": False, "profile_steps": True, "trainer": trainer,
+            "data": {"dataset": "cifar100", "batch_size": 10,
+                     "partition": {"num_clients": 20, "classes_per_client": 10}},
+            "federation": {"rounds": 1000, "local_epochs": 1, "families": z["families"]},
+            "algorithm": {"class_path": "lightning_methods.federated.FedFree", "init_args": {"k": 2}}})
+        self.runner = runner = FederatedRunner(parser, config)
+        runner.data = SyntheticFederated(z["train"], z["test"], batch_size=10,
+                                         partition=PartitionSettings(num_clients=20, classes_per_client=10))
+        runner.data.setup()
+        runner.families, info = runner.federation_info()
+        runner.algorithm.setup_server(info)
+        self.runtimes = {reuse: ClientRuntime(runner.data, runner.algorithm, runner.fed, runner.families,
+                                              trainer=trainer, profile_steps=True, reuse_trainer=reuse)
+                         for reuse in (True, False)}
+        runner.runtime = self.runtimes[True]
+        runner.clients = [runner.runtime.init_client(i) for i in range(20)]
+        self.round, self.split, self.images = 0, {}, sum(runner.data.train_sizes())
+        self.splits: dict[bool, dict[str, float]] = {}
 
-    def measure(self) -> float:
+    def measure(self, reuse: bool = True) -> float:
+        """One full round with the reused (or fresh) Trainers; keeps its split in ``self.splits[reuse]``."""
         self.round += 1
+        self.runner.runtime = self.runtimes[reuse]
         t0 = time.perf_counter()
         record = self.runner.run_round(self.round)
         total = time.perf_counter() - t0
         t1 = time.perf_counter()
         atomic_torch_save({"clients": self.runner.clients}, Path(self.runner.run_dir) / "bench_round.pt")
-        self.split = {"train": record["time/train"], "steps": record["time/steps"],
-                      "overhead": record["time/train"] - record["time/steps"], "server": record["time/server"],
-                      "eval": record["time/eval"], "checkpoint": time.perf_counter() - t1}
+        self.splits[reuse] = {"train": record["time/train"], "steps": record["time/steps"],
+                              "overhead": record["time/train"] - record["time/steps"],
+                              "server": record["time/server"], "eval": record["time/eval"],
+                              "checkpoint": time.perf_counter() - t1}
         return total
+
+    def client_phase(self, reuse: bool) -> dict[str, float]:
+        """Only the client training of one round (every client's fit), with the reused or fresh Trainers."""
+        self.round += 1
+        rt = self.runtimes[reuse]
+        train = steps = 0.0
+        for i, client in enumerate(self.runner.clients):
+            _, t = rt.fit(i, client, self.round)
+            train, steps = train + t["train"], steps + t["steps"]
+        return {"train": train, "steps": steps, "overhead": train - steps, "share": (train - steps) / train}
 
 
 def cases(s: Settings) -> list[tuple]:
     timer = RoundTimer(s)
-    part = lambda key: (lambda: timer.split[key])  # noqa: E731 - the split of the round the baseline just timed
+
+    def part(reuse: bool, key: str) -> Any:
+        return lambda: timer.splits[reuse][key]  # the split of the latest round of that variant
+
     z = _sizes(s)
     per_round = 20 * 10 * (z["batches"] if isinstance(z["batches"], int) else 225)
     return [
-        ("FedFree round, 20 clients (per round)", timer.measure, per_round),
-        ("client training, incl. overhead (per round)", part("train"), per_round),
-        ("training steps only (per round)", part("steps"), per_round),
-        ("client-round overhead (per round)", part("overhead"), per_round),
-        ("server: distillation + KGE alignment (per round)", part("server"), per_round),
-        ("evaluation incl. layer delivery (per round)", part("eval"), per_round),
-        ("round checkpoint write (per round)", part("checkpoint"), per_round),
+        ("FedFree round, 20 clients, one reused Trainer (per round)", timer.measure, per_round),
+        ("FedFree round, fresh Trainer per client-round (previous; per round)", lambda: timer.measure(False),
+         per_round),
+        ("client training, incl. overhead (per round)", part(True, "train"), per_round),
+        ("training steps only (per round)", part(True, "steps"), per_round),
+        ("client-round overhead, reused Trainer (per round)", part(True, "overhead"), per_round),
+        ("client-round overhead, fresh Trainers (previous; per round)", part(False, "overhead"), per_round),
+        ("server: distillation + KGE alignment (per round)", part(True, "server"), per_round),
+        ("evaluation incl. layer delivery (per round)", part(True, "eval"), per_round),
+        ("round checkpoint write (per round)", part(True, "checkpoint"), per_round),
     ]
+
+
+def quartiles(values: list[float]) -> dict[str, float]:
+    """Median and 25th / 75th percentiles (``statistics.quantiles``, inclusive method)."""
+    if len(values) == 1:
+        return {"median": values[0], "p25": values[0], "p75": values[0]}
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": statistics.median(values), "p25": q[0], "p75": q[2]}
+
+
+def overhead_interleaved(mode: str, rounds: int) -> dict[str, Any]:
+    """Client-round overhead share (overhead / client training) per round for both variants, interleaved: each round
+    runs the client phase of both, the order rotating; plus the per-round ratio of their overhead seconds."""
+    s = settings(mode)
+    timer = RoundTimer(s)
+    timer.client_phase(True)  # warm-up (allocator, kernels, the first Trainer): not recorded
+    timer.client_phase(False)
+    per: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+    for r in range(rounds):
+        for reuse in ((True, False) if r % 2 == 0 else (False, True)):
+            per[reuse].append(timer.client_phase(reuse))
+            print(f"round {r + 1} {'reused' if reuse else 'fresh '}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in per[reuse][-1].items()), flush=True)
+    ratio = [a["overhead"] / b["overhead"] for a, b in zip(per[True], per[False])]
+    return {"mode": mode, "rounds": rounds, "machine": machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "reused": {k: quartiles([p[k] for p in per[True]]) for k in ("share", "overhead", "train", "steps")},
+            "fresh": {k: quartiles([p[k] for p in per[False]]) for k in ("share", "overhead", "train", "steps")},
+            "overhead_ratio_reused_over_fresh": quartiles(ratio)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("small", "cpu", "full"), default="cpu")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    result = overhead_interleaved(args.mode, args.rounds)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--random_output", type=float, default=0.0,
+                        help="after training, add N(0, s^2) noise to every weight (a rougher flow)")
     parser.add_argument("--rdm", help="rdm.pt of a pipeline run (with --features)")
     parser.add_argument("--features", help="a cached feature file of the pipeline")
     ns = parser.parse_args(args)
@@ -64,9 +66,14 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     model.eval()
+    if ns.random_output:
+        with torch.no_grad():
+            for p in model.net.parameters():
+                p.add_(torch.randn(p.shape, generator=batch_gen) * ns.random_output)
     test = torch.cat([mixture(ns.samples, ns.dim, gen), mixture(ns.samples, ns.dim, gen, shift=1.0)])
     test = (test - mean) / std
-    return compare(model, test, f"{len(test)} mixture samples (half shifted), {ns.steps} training steps")
+    return compare(model, test, f"{len(test)} mixture samples (half shifted), {ns.steps} training steps, "
+                   f"weight noise {ns.random_output}")
 
 
 def compare(model: RDMModule, test: torch.Tensor, what: str) -> dict[str, float]:

@@ -140,6 +140,11 @@ class ResultsWriter(Callback):
         for logger in trainer.loggers:
             if type(logger) is CSVLogger and Path(logger.log_dir).absolute() == target:
                 logger.__class__ = _CSVLoggerInSubfolder
+                writer = logger.experiment  # created before the callbacks' setup: point it at the subfolder too
+                if trainer.is_global_zero and Path(getattr(writer, "log_dir", "")).absolute() == target:
+                    writer.log_dir = logger.log_dir
+                    writer.metrics_file_path = os.path.join(writer.log_dir, writer.NAME_METRICS_FILE)
+                    os.makedirs(writer.log_dir, exist_ok=True)
 
     def _monitor(self, trainer: Trainer) -> tuple[str, str]:
         ckpt = trainer.checkpoint_callback

@@ -248,12 +248,15 @@ class ImageNet200DataModule(ImageNetDataModule):
     num_classes = 200
 
     def __init__(self, classes_file: str | None = None, image_size: int = 64, eval_resize: int = 64,
-                 train_transform: TrainTransform = "pad_crop", **kwargs: Any) -> None:
-        if classes_file is None:
+                 train_transform: TrainTransform = "pad_crop", num_classes: int = 200, **kwargs: Any) -> None:
+        super().__init__(classes_file=classes_file, image_size=image_size, eval_resize=eval_resize,
+                         train_transform=train_transform, num_classes=num_classes, **kwargs)
+
+    def resolve_classes(self) -> list[str]:
+        if self.classes is None:
             raise ValueError("ImageNet200DataModule needs classes_file: a text file with the 200 wnids of ImageNet-200 "
                              "(one per line, e.g. Tiny-ImageNet's wnids.txt)")
-        super().__init__(classes_file=classes_file, image_size=image_size, eval_resize=eval_resize,
-                         train_transform=train_transform, **kwargs)
+        return self.classes
 
 
 class FileSubsetMixin:

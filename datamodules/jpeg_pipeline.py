@@ -1,7 +1,7 @@
 """The JPEG input pipeline of the ImageNet-scale DataModules: crop parameters, decoding, resizing, batching.
 
 Augmentation parameters are functions of seeds, never of the global RNG: the RandomResizedCrop box and the flip of a
-training sample are drawn from ``(seed, epoch, base index)`` (:func:`sample_crop_boxes`), from the image size read out
+training sample are drawn from ``(seed, epoch, base index)`` (:func:`sample_augmentation`), from the image size read out
 of the JPEG header. So a sample gets the same crop whatever the batch, the worker, the rank, the path (decode in
 workers or on the device) or a resume from a checkpoint.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from lightning_methods.utils.seeding import seeded_generator
+from lightning_methods.utils.seeding import mix_seed
 
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -117,48 +118,37 @@ def decode_rgb(data: bytes | torch.Tensor, name: str = "<bytes>") -> torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------------- crop boxes
-def sample_crop_boxes(sizes: torch.Tensor, generator: torch.Generator | None = None,
-                      scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO,
-                      attempts: int = ATTEMPTS) -> torch.Tensor:
-    """RandomResizedCrop boxes ``(top, left, height, width)`` for images of ``sizes`` ``(N, 2)`` = ``(H, W)``.
+def crop_box(height: int, width: int, rng: random.Random, scale: Sequence[float] = SCALE,
+             ratio: Sequence[float] = RATIO, attempts: int = ATTEMPTS) -> list[int]:
+    """A RandomResizedCrop box ``[top, left, height, width]`` for an image of ``height x width``.
 
     The rule of Szegedy et al. (Inception, arXiv 1409.4842) as torchvision implements it: up to ``attempts`` draws of
     an area fraction ``U(scale)`` and a log-uniform aspect ratio ``w / h`` in ``ratio``; the first box that fits
     (``1 <= w <= W``, ``1 <= h <= H``, sides rounded) is placed uniformly; if none fits, the center crop of the whole
-    image clamped to the ratio range. A fixed count of random numbers is drawn per image (vectorised)."""
-    sizes = sizes.to(torch.float64).reshape(-1, 2)
-    n = len(sizes)
-    H, W = sizes[:, 0:1], sizes[:, 1:2]
-    u = torch.rand(n, attempts, 4, generator=generator, dtype=torch.float64)
-    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
-    r = torch.exp(log_r)
-    w = torch.round(torch.sqrt(area * r))
-    h = torch.round(torch.sqrt(area / r))
-    ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
-    first = ok.to(torch.int8).argmax(1, keepdim=True)
-    found = ok.any(1)
-    h_sel, w_sel = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
-    top = torch.floor(u[..., 2].gather(1, first)[:, 0] * (H[:, 0] - h_sel + 1))
-    left = torch.floor(u[..., 3].gather(1, first)[:, 0] * (W[:, 0] - w_sel + 1))
-    # fallback: the whole image, clamped to the ratio range, centered
-    in_ratio = W[:, 0] / H[:, 0]
-    fw = torch.where(in_ratio > ratio[1], torch.round(H[:, 0] * ratio[1]), W[:, 0])
-    fh = torch.where(in_ratio < ratio[0], torch.round(W[:, 0] / ratio[0]), H[:, 0])
-    fh, fw = torch.minimum(fh, H[:, 0]), torch.minimum(fw, W[:, 0])
-    ftop, fleft = torch.floor((H[:, 0] - fh) / 2), torch.floor((W[:, 0] - fw) / 2)
-    box = torch.stack([torch.where(found, top, ftop), torch.where(found, left, fleft),
-                       torch.where(found, h_sel, fh), torch.where(found, w_sel, fw)], 1)
-    return box.to(torch.int64)
+    image clamped to the ratio range. Plain Python floats: per-sample tensor ops would cost more than the decode."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        target = area * rng.uniform(scale[0], scale[1])
+        r = math.exp(rng.uniform(log_lo, log_hi))
+        w, h = round(math.sqrt(target * r)), round(math.sqrt(target / r))
+        if 0 < w <= width and 0 < h <= height:
+            return [rng.randint(0, height - h), rng.randint(0, width - w), h, w]
+    in_ratio = width / height
+    w, h = width, height
+    if in_ratio < ratio[0]:
+        h = min(height, round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w = min(width, round(height * ratio[1]))
+    return [(height - h) // 2, (width - w) // 2, h, w]
 
 
 def sample_augmentation(seed: int, epoch: int, index: int, height: int, width: int, flip: bool = True,
                         scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO) -> tuple[list[int], bool]:
     """The crop box and the flip of one training sample, drawn from ``(seed, epoch, index)`` only."""
-    gen = seeded_generator(seed, epoch, index)
-    box = sample_crop_boxes(torch.tensor([[height, width]]), gen, scale, ratio)[0].tolist()
-    flipped = bool(torch.rand(1, generator=gen)[0] < 0.5) if flip else False
-    return box, flipped
+    rng = random.Random(mix_seed(seed, epoch, index))
+    box = crop_box(height, width, rng, scale, ratio)
+    return box, (rng.random() < 0.5) if flip else False
 
 
 # ---------------------------------------------------------------------------------------------------- transforms

@@ -34,6 +34,30 @@ def default_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+#: Packages whose public classes the parsers resolve by short name (``--model ImageClassifier``, ``--data
+#: DigitsDataModule``, ``class_path: NoisyDigitsDataModule``): jsonargparse finds only subclasses already imported, and
+#: the package ``__init__``s import lazily.
+SHORT_NAME_PACKAGES = (
+    "lightning_methods", "lightning_methods.datamodules", "lightning_methods.callbacks", "lightning_methods.optim",
+    "lightning_methods.distillation", "lightning_methods.noisy_labels", "lightning_methods.quantization",
+    "lightning_methods.hpn", "lightning_methods.vit_locality", "lightning_methods.ood",
+)
+
+
+def import_public_classes(packages: tuple[str, ...] = SHORT_NAME_PACKAGES) -> None:
+    """Import every public name of ``packages``, so their classes resolve by short name in a parser (a package whose
+    optional dependency is missing is left out)."""
+    import importlib
+
+    for package in packages:
+        try:
+            module = importlib.import_module(package)
+            for name in getattr(module, "__all__", ()):
+                getattr(module, name)
+        except ImportError:
+            continue
+
+
 #: The package's commands besides LightningCLI's fit / validate / test / predict. Each runs as ``lightning-methods
 #: <name> ...`` and as the console script ``lightning-methods-<name> ...``; its module (imported only when the command
 #: runs) has ``main(args: list[str] | None = None)`` and a module docstring whose first line is the help summary.
@@ -48,7 +72,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hpn-sweep": ("lightning_methods.hpn.sweep", "HPN multi-task sweep over the task weight t (accuracy, MAE)"),
     "locality": ("lightning_methods.vit_locality.cli", "attention-locality table from ViT checkpoints"),
     "probe": ("lightning_methods.tunnel.cli", "Tunnel Effect: layer-wise linear probes and rank of a checkpoint"),
-    "prepare-data": ("lightning_methods.imagenet.prepare", "ImageNet-scale data: sort val/, convert to streaming, demo"),
+    "prepare-data": ("lightning_methods.imagenet.prepare",
+                     "ImageNet-scale data: sort val/, convert to streaming, demo"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -143,7 +168,13 @@ def console(fn: Any, *args: Any) -> None:
     Lightning is imported only when such an error has to be printed."""
     try:
         fn(*args)
-    except (SystemExit, KeyboardInterrupt):
+    except SystemExit as exc:
+        if type(exc).__name__ == "SIGTERMException" and not exc.code:  # Lightning's SIGTERM stop: exit as a killed
+            print("[lightning-methods] stopped by SIGTERM; the run is recorded as interrupted",  # process does, not 0
+                  file=sys.stderr, flush=True)
+            raise SystemExit(143) from None
+        raise
+    except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - re-raised unless the package raised it
         from lightning_methods.cli_runs import print_package_error

@@ -10,15 +10,14 @@ from typing import Literal
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-import lightning_methods  # noqa: F401  (registers the package's classes for short class_path names)
-import lightning_methods.callbacks  # noqa: F401
-import lightning_methods.datamodules  # noqa: F401
 from lightning_methods import cli_runs
 from lightning_methods.callbacks.checkpoint import LatestCheckpoint
 from lightning_methods.callbacks.nonfinite_guard import NonFiniteGuard
-from lightning_methods.cli import default_precision
+from lightning_methods.cli import default_precision, import_public_classes
 from lightning_methods.results.cli_hooks import add_result_arguments, attach_run_config
 from lightning_methods.utils.wandb import finish_open_run, finish_runs, log_config, plain
+
+import_public_classes()  # short class names (--model ImageClassifier, --data DigitsDataModule) resolve
 
 
 class LoggerSaveConfigCallback(cli_runs.RunConfigCallback):

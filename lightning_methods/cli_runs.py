@@ -557,17 +557,10 @@ def print_package_error(exc: BaseException, file: Any = None) -> bool:
 
 def run_console(fn: Any, *args: Any) -> Any:
     """Run a console-script entry ``fn(*args)``: an error raised by lightning-methods code ends the process with exit
-    code 1 after :func:`print_package_error` (traceback, then the package's message framed as the last lines). A fit
-    stopped by SIGTERM (Lightning raises ``SIGTERMException``, a ``SystemExit`` without a code) exits with 143
-    (128 + SIGTERM), as a killed process does, never with 0."""
+    code 1 after :func:`print_package_error` (traceback, then the package's message framed as the last lines)."""
     try:
         return fn(*args)
-    except SystemExit as exc:
-        if type(exc).__name__ == "SIGTERMException" and not exc.code:
-            print(f"{PREFIX} stopped by SIGTERM; the run is recorded as interrupted", file=sys.stderr, flush=True)
-            raise SystemExit(143) from None
-        raise
-    except KeyboardInterrupt:
+    except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as exc:  # noqa: BLE001 - re-raised unless the package raised it
         if print_package_error(exc):

@@ -176,9 +176,11 @@ class FedFree(FedAlgorithm):
                info: ClientInfo) -> Payload:
         self.validate_client(net, info)
         specs = self.client_specs(net, info.family)
-        after = cpu_state(net)
+        # the live weights on the CPU (no copy of the whole model: only the k uploaded layers are cloned, since the
+        # network is shared by the clients of its family)
+        after = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         deltas = layer_deltas(before, after, specs, self.delta_normalization)
         chosen = select_critical_layers(deltas, specs, self.k)
-        arrays = {f"{s.name}.{key}": value for s in chosen for key, value in layer_params(after, s).items()}
+        arrays = {f"{s.name}.{key}": value.clone() for s in chosen for key, value in layer_params(after, s).items()}
         return Payload(arrays, {"num_examples": info.num_examples, "specs": [s.to_dict() for s in chosen],
                                 "deltas": {s.name: float(deltas[specs.index(s)]) for s in chosen}})

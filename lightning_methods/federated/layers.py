@@ -139,8 +139,11 @@ def layer_deltas(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.T
     for spec in specs:
         sq, numel = 0.0, 0
         for key in layer_params(after, spec):
-            diff = after[f"{spec.name}.{key}"].double() - before[f"{spec.name}.{key}"].double()
-            sq += float(diff.pow(2).sum())
+            # one float64 buffer, updated in place: the float32 operand is promoted exactly, and x * x is what
+            # pow(x, 2) computes, so the value equals (after.double() - before.double()).pow(2).sum() bit for bit
+            diff = after[f"{spec.name}.{key}"].double()
+            diff.sub_(before[f"{spec.name}.{key}"].to(diff.device))
+            sq += float(diff.mul_(diff).sum())
             numel += diff.numel()
         delta = math.sqrt(sq)
         if normalization == "count":

@@ -168,16 +168,20 @@ class FederatedRunner:
                          "best_acc": max(accs) if accs else None})
         return rows
 
+    def federation_info(self) -> tuple[list[str], FederationInfo]:
+        """Every client's family and the server's description of the federation (after the data's ``setup``)."""
+        families = assign_families(self.fed.families, self.data.num_clients, self.fed.assignment, self.fed.seed)
+        return families, FederationInfo(num_clients=self.data.num_clients, num_classes=self.data.num_classes,
+                                        families=families, seed=self.fed.seed, feature_dim=self.fed.feature_dim,
+                                        stem=self.fed.stem, rounds=self.fed.rounds)
+
     def run(self) -> dict[str, Any]:
         """Run (or resume) all rounds; returns the summary (final-round and best-over-rounds accuracies)."""
         from tqdm.auto import tqdm
 
         self.data.prepare_data()
         self.data.setup()
-        self.families = assign_families(self.fed.families, self.data.num_clients, self.fed.assignment, self.fed.seed)
-        info = FederationInfo(num_clients=self.data.num_clients, num_classes=self.data.num_classes,
-                              families=self.families, seed=self.fed.seed, feature_dim=self.fed.feature_dim,
-                              stem=self.fed.stem, rounds=self.fed.rounds)
+        self.families, info = self.federation_info()
         with StagedRun(self.run_dir, "federated", self.fingerprint, self.resume, self.config_text) as run:
             if run.is_writer:
                 self.data.write_statistics(self.run_dir / "partition.json")

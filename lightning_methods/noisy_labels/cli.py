@@ -20,11 +20,8 @@ from jsonargparse import ActionConfigFile
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
-import lightning_methods  # noqa: F401  (registers the package's classes for short class_path names)
-import lightning_methods.callbacks  # noqa: F401
-import lightning_methods.datamodules  # noqa: F401
 from lightning_methods.callbacks.nonfinite_guard import NonFiniteGuard
-from lightning_methods.cli import default_precision
+from lightning_methods.cli import default_precision, import_public_classes
 from lightning_methods.noisy_labels.config import SelectionConfig
 from lightning_methods.noisy_labels.runner import EarlyCuttingRunner
 from lightning_methods.utils.wandb import finish_open_run
@@ -32,6 +29,7 @@ from lightning_methods.utils.wandb import finish_open_run
 
 def build_parser() -> LightningArgumentParser:
     """The argument parser of ``lightning-methods-select``."""
+    import_public_classes()  # short class names in the config resolve
     parser = LightningArgumentParser(prog="lightning-methods select",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file (YAML/JSON).")

@@ -41,8 +41,18 @@ from lightning_methods.tunnel.settings import ProbeSettings
 from lightning_methods.utils import get_rank, safe_torch_load
 
 
+def _import_datamodules() -> None:
+    """Import every public DataModule: ``lightning_methods.datamodules`` is lazy, and jsonargparse resolves a short
+    class name (``--data CIFAR10DataModule``) only among the subclasses already imported."""
+    import lightning_methods.datamodules as datamodules
+
+    for name in datamodules.__all__:
+        getattr(datamodules, name)
+
+
 def build_parser() -> ArgumentParser:
     """The argument parser of ``lightning-methods probe``."""
+    _import_datamodules()
     parser = ArgumentParser(prog="lightning-methods probe", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML/JSON file with these options.")
     parser.add_argument("--ckpt", type=str, required=True, help="Checkpoint (.ckpt of the package) or state dict.")

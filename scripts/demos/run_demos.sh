@@ -7,7 +7,7 @@
 #   SEEDS="0 1 2 3 4" OMP_NUM_THREADS=2 DEMO_DIR=runs/demos_2t scripts/demos/run_demos.sh hpn
 #
 # Demos: quickstart, multibit (EMQ vs Any-Precision), hpn (task-weight sweep), early_cutting (select vs plain CE),
-# tunnel (MLP + TunnelProbe), threads (seed 0 of each demo again with 2 threads, into $DEMO_DIR/threads2/).
+# tunnel (MLP + TunnelProbe), ood (EncMin2L vs single encoders, AUROC x 100), threads (seed 0 of each demo again with 2 threads, into $DEMO_DIR/threads2/).
 # Output per demo: $DEMO_DIR/<demo>/table.md + table.csv (mean +- std over seeds, from `lightning-methods table`),
 # the runs (each with results.json: versions, device incl. CPU model and thread count, wall time), and one line per
 # demo in $DEMO_DIR/times.tsv: wall and CPU seconds of the whole demo and the 1-minute load average before and after.
@@ -78,13 +78,26 @@ demo_tunnel() {
   python scripts/demos/tunnel_summary.py "$OUT/tunnel" | tee "$OUT/tunnel/summary.md"
 }
 
+demo_ood() {  # EncMin2L against each encoder alone (its level-1 gate) on the union of shifts, and per shift type
+  timed ood lightning-methods grid --command ood --config configs/ood/digits_demo.yaml --seeds $SEEDS \
+    --grid_dir "$OUT/ood"
+  local d m metrics=()
+  for d in EncMin2L 'L1[cnn]' 'L1[rand_timm]' Monolithic-RDM 'Mahalanobis[cnn]'; do
+    metrics+=("ood/$d/union/auroc")
+  done
+  for m in near far covariate; do
+    for d in EncMin2L 'L1[cnn]' 'L1[rand_timm]'; do metrics+=("ood/$d/${m}_mean/auroc"); done
+  done
+  table "$OUT/ood" "$OUT/ood" -- "${metrics[@]}"
+}
+
 demo_threads() {  # seed 0 of each demo with 2 threads: how much the digits move with the thread count alone
   local t2="$OUT/threads2"
-  OMP_NUM_THREADS=2 SEEDS=0 DEMO_DIR="$t2" "$0" quickstart multibit hpn early_cutting tunnel
+  OMP_NUM_THREADS=2 SEEDS=0 DEMO_DIR="$t2" "$0" quickstart multibit hpn early_cutting tunnel ood
 }
 
 demos=("$@")
-[ ${#demos[@]} -gt 0 ] || demos=(quickstart multibit hpn early_cutting tunnel)
+[ ${#demos[@]} -gt 0 ] || demos=(quickstart multibit hpn early_cutting tunnel ood)
 for d in "${demos[@]}"; do
   echo "=== demo $d (OMP_NUM_THREADS=$OMP_NUM_THREADS, seeds $SEEDS, load $(load1)) ==="
   "demo_$d"

@@ -299,7 +299,9 @@ def test_hpn_sweep_over_two_task_weights(work):
     assert [float(r["task_weight"]) for r in rows] == [0.25, 0.9]
     assert all(0.0 <= float(r["test/acc"]) <= 1.0 and float(r["test/mae"]) >= 0.0 for r in rows)
     assert next(out.rglob("sweep.png")).is_file()
-    assert list(out.rglob("wandb/offline-run-*"))  # the config's W&B logger: one offline run per t, plus the plot's
+    # the config's W&B logger (save_dir runs/, offline): one run per t, and the sweep's picture in a run of its own
+    assert len(list((work / "runs" / "wandb").glob("offline-run-*"))) == 3
+    assert list((work / "runs" / "wandb").glob("offline-run-*/files/media/images/hpn/sweep_*.png"))
 
 
 def test_select_runs_its_rounds_with_progress(work):

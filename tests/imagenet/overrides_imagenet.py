@@ -4,8 +4,9 @@ the Early Cutting ``select`` configs and the FedFree ``fed`` config are covered 
 
 Swaps (printed in the session summary): 224 px -> 32 px crops (evaluation resize 36) and 1000 -> 4 classes (the tiny
 tree), the ViT's position embeddings for 32 px, the distillation teacher's torchvision weights -> a random-weight file
-of the same architecture in torchvision's format (a plain state dict), SSAM's 128 Fisher samples -> 4 and HPN's
-10,000 prototype steps -> 50.
+of the same architecture in torchvision's format (a plain state dict), SSAM's 128 Fisher samples -> 4, HPN's
+10,000 prototype steps -> 50, and for the multi-bit configs (quantizing the weights dominates the CPU time) bits
+[1, 2, 4, 8, 32] -> [2, 32] and ResNet-50 -> ResNet-18 (ResNet-50's conversion is tested in test_imagenet_models.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _tree = _load("imagenet_tiny_tree", "imagenet/imagenet_tiny_tree.py")
 _tiny = _load("vit_locality_tiny_files_for_imagenet", "vit_locality/vit_locality_tiny_files.py")
 
 CLASSES = 4
+_TEACHERS: dict[str, Path] = {}
 IMAGE, RESIZE = 32, 36
 #: select / fed configs of configs/imagenet/ (not ``fit`` configs)
 NOT_FIT = {"selection": "lightning-methods-select config: covered by tests/imagenet/test_imagenet_configs.py::"
@@ -75,9 +77,18 @@ def imagenet_hook(config_path: Path, tmp_path: Path, data_root: Path) -> list[st
         args.append(f'--model.init_args.backbone_kwargs={{"img_size": {IMAGE}}}')
         note_swap(rel, f"ViT position embeddings for {IMAGE} px")
     if model.get("teacher"):
-        teacher = write_teacher(tmp_path, model["teacher"], CLASSES)
+        teacher = _TEACHERS.get(model["teacher"])
+        if teacher is None or not teacher.is_file():  # one file per architecture and test session
+            teacher = _TEACHERS[model["teacher"]] = write_teacher(tmp_path, model["teacher"], CLASSES)
         args.append(f"--model.init_args.teacher_checkpoint={teacher}")
         note_swap(rel, "teacher torchvision weights -> a random-weight file in torchvision's format")
+    if "bits" in model:  # the quantized weights dominate the CPU time: 2 bit-widths instead of 5
+        args += ["--model.init_args.bits=[2, 32]", "--model.init_args.eval_bits=[2, 32]"]
+        note_swap(rel, "bits [1, 2, 4, 8, 32] -> [2, 32]")
+        if model["backbone"] == "imagenet_resnet50":
+            args.append("--model.init_args.backbone=imagenet_resnet18")
+            note_swap(rel, "backbone imagenet_resnet50 -> imagenet_resnet18 (ResNet-50's conversion: "
+                           "tests/imagenet/test_imagenet_models.py)")
     if "prototype_iterations" in model:
         args.append("--model.init_args.prototype_iterations=50")
         note_swap(rel, "prototype_iterations 10000 -> 50")

@@ -139,6 +139,25 @@ def test_quantize_imagenet_resnet18(method):
     assert not torch.equal(outs[1], outs[32])
 
 
+def test_quantize_imagenet_resnet50_bottlenecks():
+    """ResNet-50 (bottleneck blocks, a 1x1 downsample in every stage's first block): 3 quantized convolutions per
+    block, 4 float-weight downsample convolutions with plain BNs, float stem and classifier; forward at 2 / 32 bits."""
+    model = quantize_model(create_backbone("imagenet_resnet50", 10), [2, 32], shared_bn=False)
+    assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
+    quant = [m for m in model.modules() if isinstance(m, QuantConv2d) and m.quantize_weights]
+    shortcuts = [m for m in model.modules() if isinstance(m, QuantConv2d) and not m.quantize_weights]
+    assert len(quant) == 3 * 16 and len(shortcuts) == 4
+    assert all(type(model.get_submodule(f"layer{i}.0.downsample.1")) is nn.BatchNorm2d for i in (1, 2, 3, 4))
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        set_bits(model, 2)
+        low = model(x)
+        set_bits(model, 32)
+        full = model(x)
+    assert low.shape == full.shape == (1, 10) and torch.isfinite(low).all() and not torch.equal(low, full)
+
+
 @pytest.mark.parametrize(("name", "method"), [("imagenet_deit_tiny", "anyprecision"), ("imagenet_deit_tiny", "emq"),
                                            ("imagenet_vit_s16", "anyprecision")])  # ViT-S EMQ: same code, 4x the time
 def test_quantize_imagenet_vit(name, method):

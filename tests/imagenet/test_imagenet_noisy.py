@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import TinyNet, quiet_trainer
 from imagenet_tiny_tree import write_imagenet_tree, write_webvision_tree
 
 from lightning_methods import ImageClassifier
 from lightning_methods.callbacks import PredictionHistoryCallback
 from lightning_methods.datamodules import NoisyImageNetDataModule, WebVisionDataModule, make_noisy_labels
 from lightning_methods.noisy_labels import SelectionConfig, compute_early_cut
+
+from helpers import TinyNet, quiet_trainer
 
 SMALL = dict(num_classes=4, image_size=16, eval_resize=18, batch_size=8, eval_batch_size=16, num_workers=0)
 

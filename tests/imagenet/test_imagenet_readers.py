@@ -61,7 +61,7 @@ def test_class_subsets_and_class_list_order(tmp_path):
     for f, t in zip(dm.train_set.files + dm.test_set.files, torch.cat([dm.train_set.targets, dm.test_set.targets])):
         assert wnid(3 if t == 0 else 1) in f
     with pytest.raises(ValueError, match="classes_file"):
-        ImageNet200DataModule(data_dir=str(root))
+        ImageNet200DataModule(data_dir=str(root)).setup("fit")
 
 
 def test_num_classes_mismatch_and_missing_class_folder(tmp_path):

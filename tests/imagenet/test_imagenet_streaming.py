@@ -8,13 +8,15 @@ import os
 import lightning as L
 import pytest
 import torch
-from helpers import TinyNet, quiet_trainer, run_ddp
 from imagenet_tiny_tree import write_imagenet_tree
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_methods import ImageClassifier
 from lightning_methods.cli import main
 from lightning_methods.datamodules import ImageNetDataModule
+from lightning_methods.imagenet.prepare import main as prepare
+
+from helpers import TinyNet, quiet_trainer, run_ddp
 
 pytest.importorskip("litdata")
 
@@ -121,3 +123,15 @@ def test_streaming_needs_matching_classes_and_no_holdout(converted):
     with pytest.raises(ValueError, match="val_split"):
         ImageNetDataModule(str(root), streaming=str(conv), val_split=0.1, **SMALL).setup("fit")
     assert os.path.isfile(conv / "train" / "index.json")
+
+
+def test_demo_photos_prepare_convert_and_fit_through_streaming(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = prepare(["demo", "photos", "--per-class", "6", "--val-per-class", "2", "--size", "96"])
+    assert (summary["classes"], summary["train"], summary["val"]) == (4, 24, 8)
+    assert sorted(p.name for p in (tmp_path / "photos" / "train").iterdir()) == [
+        "china_bottom", "china_top", "flower_bottom", "flower_top"]
+    main(["prepare-data", "convert", "photos", "stream", "--num-workers", "1"])
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "imagenet", "demo_photos.yaml")
+    main(["fit", "--config", config, "--data.init_args.streaming", "stream", "--data.init_args.num_workers", "0",
+          "--trainer.fast_dev_run", "2", "--trainer.logger", "false", "--test_after_fit", "off"])

@@ -26,8 +26,11 @@ TINY = [
     "--encoders", json.dumps([{"name": "cnn", "backbone": "resnet8", "train": {"max_epochs": 1, "batch_size": 64}},
                               {"name": "rand_timm", "timm": "resnet10t", "pretrained": False, "input_size": 32,
                                "seed": 1}]),
-    "--diagnostics.corruptions", '["gaussian_noise"]', "--baselines.knn_k", "5",
+    "--diagnostics.corruptions", '["gaussian_noise"]', "--baselines.knn_k", "5", "--trainer.logger", "false",
 ]
+#: the first run logs to offline W&B like the shipped demo (the others skip its start-up time)
+WANDB = ["--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.WandbLogger",
+                                         "init_args": {"project": "ood-test", "offline": True}})]
 
 
 def _args(run_dir: Path, cache: Path, *extra: str) -> list[str]:
@@ -38,7 +41,7 @@ def _args(run_dir: Path, cache: Path, *extra: str) -> list[str]:
 def demo_run(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ood_pipeline")
-    result = run_ood(_args(root / "run", root / "cache"))
+    result = run_ood(_args(root / "run", root / "cache", *WANDB))
     return root, result
 
 
@@ -75,6 +78,22 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_run):
     state = json.loads((root / "run" / "state.json").read_text())
     assert {"encoder/cnn", "embed/cnn", "splits", "rdm/cnn/raw", "score/monolithic/standardize", "report"} <= set(
         state["stages"])
+    union = next(d for d in results["detectors"] if d["name"] == "EncMin2L")["metrics"]["union"]
+    assert 0.5 < union["auroc"] <= 1  # ID against every OOD set pooled
+    env = results["environment"]
+    assert env["threads"] == torch.get_num_threads() and env["torch"] == torch.__version__ and "cpu" in env
+    assert results["source"]["seed"] == 0 and results["source"]["config"][-1].endswith("digits_demo.yaml")
+    # one offline W&B run per stage in the run directory; the report's holds the ROC pictures
+    import time
+
+    from helpers import read_wandb_records
+
+    report_run = state["wandb_ids"]["report"]
+    run_file = next((root / "run" / "wandb").glob(f"offline-run-*-{report_run}/run-{report_run}.wandb"))
+    deadline = time.monotonic() + 30  # the W&B service may still be flushing the file on a busy machine
+    while "ood/plots/EncMin2L" not in " ".join(str(r) for r in read_wandb_records(run_file)):
+        assert time.monotonic() < deadline, "the ROC picture never reached the report's W&B run"
+        time.sleep(0.5)
 
 
 def test_rerun_recomputes_nothing_and_config_changes_are_refused(demo_run, monkeypatch):

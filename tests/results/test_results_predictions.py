@@ -50,7 +50,9 @@ def test_predict_command_writes_one_row_per_sample_matching_predict_step(tmp_pat
     cli = build_cli(["predict", *common, f"--trainer.default_root_dir={tmp_path / 'run'}", f"--ckpt_path={ckpt}",
                      "--predictions.probabilities=true", "--return_predictions=false"])
     model = ImageClassifier.load_from_checkpoint(ckpt)
-    rows = read_predictions(tmp_path / "run/predictions.csv")
+    # the checkpoint belongs to the fit's run: the predictions go beside it, named after the checkpoint (issue 21)
+    rows = read_predictions(tmp_path / "fit/predictions-last.csv")
+    assert not (tmp_path / "run").exists()
     data = DigitsDataModule(batch_size=64, seed=0)
     data.setup("predict")
     expected = expected_predictions(model, data.predict_dataloader(), lambda b: data.on_after_batch_transfer(b, 0))
@@ -61,7 +63,7 @@ def test_predict_command_writes_one_row_per_sample_matching_predict_step(tmp_pat
     assert np.allclose(rows["confidence"], expected["confidence"].numpy(), rtol=1e-7, atol=0)
     probs = np.stack([rows[f"prob_{c}"] for c in range(10)], axis=1)
     assert np.allclose(probs, expected["probs"].numpy(), rtol=1e-7, atol=1e-12)
-    summary = json.loads((tmp_path / "run/predictions.json").read_text())
+    summary = json.loads((tmp_path / "fit/predictions-last.json").read_text())
     assert summary["checkpoint"] == str(ckpt) and summary["files"][0]["rows"] == summary["files"][0]["dataset_size"]
     assert summary["files"][0]["accuracy"] == float(np.mean(rows["pred"] == rows["target"]))
     assert cli.trainer.predict_loop.num_dataloaders == 1

@@ -156,12 +156,13 @@ def test_failed_fit_is_recorded_and_a_resume_keeps_the_whole_history(tmp_path, o
     assert record["best"]["epoch"] == best["epoch"] and record["best"]["metrics"]["val/acc"] == pytest.approx(
         best["val/acc"])
 
-    # a validate command in the same directory never overwrites the fit's record
+    # a validate command in the same directory never overwrites the fit's record: one record per checkpoint
     trainer = quiet_trainer(limit_val_batches=2, callbacks=[ResultsWriter()], default_root_dir=run)
     metrics = trainer.validate(model, data, ckpt_path=record["checkpoints"]["best"], verbose=False)[0]
-    val = json.loads((run / "results_validate.json").read_text())
+    tag = Path(record["checkpoints"]["best"]).stem  # best-NNN: a checkpoint of this run's checkpoints/
+    val = json.loads((run / f"results_validate-{tag}.json").read_text())
     assert val["command"] == "validate" and val["validate"]["checkpoint"] == record["checkpoints"]["best"]
     assert val["validate"]["metrics"]["val/acc"] == pytest.approx(metrics["val/acc"])
     assert val["validate"]["metrics"]["val/acc"] == pytest.approx(record["best"]["metrics"]["val/acc"])
     assert json.loads((run / "results.json").read_text()) == record
-    assert (run / "metrics_validate.csv").is_file()
+    assert (run / f"metrics_validate-{tag}.csv").is_file()

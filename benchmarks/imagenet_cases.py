@@ -1,0 +1,218 @@
+"""Throughput of the ImageNet-scale input pipeline (a benchmark, not a test): runnable on its own.
+
+    python benchmarks/imagenet_cases.py                 # CPU section: images/s of the loaders
+    python benchmarks/imagenet_cases.py --gpu           # + GPU section (needs CUDA; about 2-4 minutes)
+
+The data: a JPEG tree of ImageNet-like photographs (crops of scikit-learn's two bundled photos, 300-427 x 375-640
+pixels, JPEG quality 90, 4 classes), written once into a temporary folder and converted with ``prepare-data convert``.
+
+CPU section, same tree, same worker count, rounds interleaved (the median of the rounds is reported):
+
+- ``ImageFolder + PIL``: torchvision ``ImageFolder`` with ``RandomResizedCrop(224), RandomHorizontalFlip(), ToTensor(),
+  Normalize`` per sample in DataLoader workers (float32 batches);
+- ``streaming + batched``: ``ImageNetDataModule(streaming=...)``: workers decode (libjpeg-turbo via torchvision), crop
+  and flip in uint8, batches are normalized at once in the main process (``on_after_batch_transfer``);
+- ``folder + batched``: the same pipeline reading the folder tree.
+
+GPU section: ResNet-50 (torchvision), bf16 autocast, channels-last, SGD steps/s fed (a) from the streaming pipeline with
+``decode_on_device=True`` (nvJPEG decode, crops and flips on the GPU) and (b) from one synthetic batch already on the
+GPU; the pipeline's cost is ``1 - (a) / (b)``.
+
+Prints a Markdown table and writes ``imagenet_benchmark.json`` (with versions, threads, CPU, load average and device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def write_photo_tree(root: Path, images: int, classes: int = 4, seed: int = 0) -> Path:
+    """``root/train/<class>/*.JPEG`` and a small ``root/val`` of ImageNet-sized crops of the sklearn photos."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", images), ("val", classes)):
+        for n in range(count):
+            c = n % classes
+            photo = photos[c % 2]
+            h, w = int(rng.integers(300, 428)), int(rng.integers(375, 641))
+            top, left = int(rng.integers(0, 427 - h + 1)), int(rng.integers(0, 640 - w + 1))
+            crop = photo[top : top + h, left : left + w]
+            if c >= 2:
+                crop = crop[:, ::-1]
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(crop)).save(buf, format="JPEG", quality=90)
+            (folder / f"img{n:06d}.JPEG").write_bytes(buf.getvalue())
+    return root
+
+
+def pil_loader(root: Path, batch: int, workers: int) -> Any:
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    data = datasets.ImageFolder(str(root / "train"), transform=tf)
+    return DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                      persistent_workers=workers > 0)
+
+
+def package_dm(root: Path, streaming: str | None, batch: int, workers: int, on_device: bool = False) -> Any:
+    from lightning_methods.datamodules import ImageNetDataModule
+
+    dm = ImageNetDataModule(str(root), streaming=streaming, num_classes=4, batch_size=batch, num_workers=workers,
+                            decode_on_device=on_device, pin_memory=on_device)
+    dm.setup("fit")
+    return dm
+
+
+def epoch_rate(loader: Any, finish: Any = None) -> float:
+    """Images per second of one pass over ``loader`` (``finish`` turns a raw batch into the normalized images)."""
+    start, seen = time.perf_counter(), 0
+    for batch in loader:
+        images = finish(batch) if finish is not None else batch[0]
+        seen += images.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def cpu_section(root: Path, conv: str, batch: int, workers: int, rounds: int) -> list[dict[str, Any]]:
+    cases: dict[str, tuple[Any, Any]] = {"ImageFolder + PIL transforms (workers)": (pil_loader(root, batch, workers),
+                                                                                    None)}
+    for name, streaming in (("streaming + batched uint8 pipeline", conv), ("folder + batched uint8 pipeline", None)):
+        dm = package_dm(root, streaming, batch, workers)
+        cases[name] = (dm.train_dataloader(), lambda b, dm=dm: dm.on_after_batch_transfer(b, 0)["image"])
+    for loader, finish in cases.values():  # warm-up: worker start, page cache
+        epoch_rate(loader, finish)
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (loader, finish) in cases.items():
+            rates[name].append(epoch_rate(loader, finish))
+    base = statistics.median(rates["ImageFolder + PIL transforms (workers)"])
+    rows = []
+    for name, values in rates.items():
+        med = statistics.median(values)
+        rows.append({"case": name, "images_per_s": round(med, 1), "per_worker": round(med / max(workers, 1), 1),
+                     "vs_pil": round(med / base, 2), "rounds": [round(v, 1) for v in values]})
+    return rows
+
+
+def gpu_section(conv: str, root: Path, batch: int, workers: int, steps: int, warmup: int) -> list[dict[str, Any]]:
+    import torchvision
+
+    device = torch.device("cuda")
+    model = torchvision.models.resnet50(num_classes=4).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    lossf = torch.nn.CrossEntropyLoss()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = lossf(model(x.contiguous(memory_format=torch.channels_last)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def batches() -> Any:
+        dm = package_dm(root, conv, batch, workers, on_device=True)
+        while True:
+            for b in dm.train_dataloader():
+                b = dm.on_after_batch_transfer(dm.transfer_batch_to_device(b, device, 0), 0)
+                yield b["image"], b["target"]
+
+    def rate(source: Any) -> float:
+        for _ in range(warmup):
+            step(*next(source))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(*next(source))
+        torch.cuda.synchronize()
+        return steps / (time.perf_counter() - start)
+
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 4, (batch,), device=device)
+
+    def synthetic() -> Any:
+        while True:
+            yield x, y
+
+    fed, synth = rate(batches()), rate(synthetic())
+    return [{"case": "ResNet-50 bf16 channels-last, fed by streaming + nvJPEG decode", "steps_per_s": round(fed, 2)},
+            {"case": "ResNet-50 bf16 channels-last, synthetic batch on the GPU", "steps_per_s": round(synth, 2)},
+            {"case": "pipeline cost", "fraction": round(1 - fed / synth, 3)}]
+
+
+def environment() -> dict[str, Any]:
+    import lightning
+    import litdata
+    import torchvision
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "lightning": lightning.__version__,
+           "litdata": litdata.__version__, "python": platform.python_version(), "cpu": cpu,
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "load_average": [round(v, 2) for v in os.getloadavg()]}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    return env
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=384, help="training images of the tree")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of every CPU case")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="also run the GPU section (CUDA)")
+    parser.add_argument("--gpu-images", type=int, default=2048)
+    parser.add_argument("--gpu-batch", type=int, default=128)
+    parser.add_argument("--gpu-workers", type=int, default=8)
+    parser.add_argument("--out", default="imagenet_benchmark.json")
+    opts = parser.parse_args(argv)
+    from lightning_methods.imagenet.prepare import convert
+
+    result: dict[str, Any] = {"environment": environment(), "settings": vars(opts)}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_photo_tree(Path(tmp) / "tree", opts.images)
+        convert(root, str(Path(tmp) / "conv"), num_workers=1, verify=False)
+        result["cpu"] = cpu_section(root, str(Path(tmp) / "conv"), opts.batch, opts.workers, opts.rounds)
+        print("| case | images/s | per worker | vs PIL |\n|---|---|---|---|")
+        for row in result["cpu"]:
+            print(f"| {row['case']} | {row['images_per_s']} | {row['per_worker']} | {row['vs_pil']}x |")
+        if opts.gpu:
+            if not torch.cuda.is_available():
+                sys.exit("--gpu needs a CUDA device")
+            groot = write_photo_tree(Path(tmp) / "gtree", opts.gpu_images)
+            convert(groot, str(Path(tmp) / "gconv"), num_workers=min(8, os.cpu_count() or 1), verify=False)
+            result["gpu"] = gpu_section(str(Path(tmp) / "gconv"), groot, opts.gpu_batch, opts.gpu_workers, 30, 5)
+            for row in result["gpu"]:
+                print(row)
+    result["environment"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    Path(opts.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
