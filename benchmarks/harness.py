@@ -1,14 +1,20 @@
 """Timing machinery of the throughput benchmarks: synthetic CIFAR-sized data, a raw PyTorch training loop, the same
-training through ImageClassifier + Trainer, and median-of-repeats measurement without per-step host syncs.
+training through ImageClassifier + Trainer, and interleaved measurement without per-step host syncs.
 
 Every measurement times ``steps`` optimizer steps after ``warmup`` untimed ones; the device is synchronized only at
-the two ends of the timed window.
+the two ends of the timed window. The cases of a section run round by round (:func:`interleave`), the order rotating
+each round, and each case's time is divided by the baseline's time of the same round: load on a shared machine that
+moves a whole round cancels in the ratio. A section reports the median of these per-round ratios, their 25th-75th
+percentile range and the number of rounds (:func:`ratio_stats`). :func:`environment` records what the figures were
+measured with (CPU, threads, ``OMP_WAIT_POLICY``, load average, library versions).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
+import os
 import platform
 import statistics
 import time
@@ -47,19 +53,32 @@ def small_settings() -> Settings:
     return Settings("cpu", "resnet8", "resnet8", 16, 2, 1, 1, 1, 256, "32-true")
 
 
+def quick_settings() -> Settings:
+    """A few minutes on 2 vCPUs for the core sections: resnet8 at batch 64, 4 timed steps, 5 interleaved rounds."""
+    return Settings("cpu", "resnet8", "resnet8", 64, 4, 2, 5, 1, 2048, "32-true")
+
+
 def cpu_settings() -> Settings:
     """For machines without a GPU: CIFAR ResNets at batch 128, enough steps for stable medians on a few cores."""
     return Settings("cpu", "resnet20", "resnet8", 128, 8, 3, 3, 1, 4096, "32-true")
 
 
 def settings(mode: str) -> Settings:
-    return {"small": small_settings, "cpu": cpu_settings, "full": full_settings}[mode]()
+    return {"small": small_settings, "quick": quick_settings, "cpu": cpu_settings, "full": full_settings,
+            "gpu": gpu_settings}[mode]()
 
 
 def full_settings() -> Settings:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     prec = "bf16-mixed" if dev == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
     return Settings(dev, "resnet18", "resnet20", 512, 50, 15, 3, 8, 50_000, prec)
+
+
+def gpu_settings() -> Settings:
+    """The GPU section (``--gpu``): ResNet-18 at batch 512, bf16, 30 timed steps, 3 rounds (under 5 minutes)."""
+    s = full_settings()
+    s.steps, s.warmup = 30, 10
+    return s
 
 
 def cpu_name() -> str:
@@ -78,9 +97,101 @@ def machine() -> str:
 
 
 def versions() -> str:
-    import lightning
+    return ", ".join(f"{k} {v}" for k, v in library_versions().items())
 
-    return f"torch {torch.__version__}, lightning {lightning.__version__}, python {platform.python_version()}"
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("lightning", "torchvision", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """What a figure was measured with: device, CPU model, logical cores, torch threads, ``OMP_WAIT_POLICY`` and
+    ``OMP_NUM_THREADS``, the 1/5/15-minute load average at the time of the call, and library versions."""
+    env: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpu": cpu_name(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "versions": library_versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    with contextlib.suppress(OSError, AttributeError):
+        env["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return env
+
+
+def rotation(n: int, round_index: int) -> list[int]:
+    """Order of the ``n`` cases in round ``round_index``: each round starts one case later (0 1 2, 1 2 0, 2 0 1, ...),
+    so every case runs in every position equally often and none always follows the same one."""
+    return [(round_index + k) % n for k in range(n)]
+
+
+def interleave(fns: list[Callable[[], float]], rounds: int, warmup: bool = True) -> list[list[float]]:
+    """Run every ``fn`` once per round in :func:`rotation` order; ``times[case][round]`` are the returned seconds.
+    With ``warmup``, one discarded call of each case first keeps one-time costs (allocator, kernels, thread pools,
+    compilation) out of the rounds."""
+    if rounds < 1 or not fns:
+        raise ValueError(f"need at least one case and one round, got {len(fns)} cases and rounds={rounds}")
+    if warmup:
+        for fn in fns:
+            fn()
+            release_garbage()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for i in rotation(len(fns), r):
+            times[i].append(fns[i]())
+            release_garbage()
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (``q`` in [0, 100]) of a non-empty list, as numpy's default."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def ratio_stats(times: list[float], baseline: list[float]) -> dict[str, float]:
+    """Per-round ratios ``times[r] / baseline[r]``: their median, 25th and 75th percentiles, the number of rounds,
+    and the median seconds of the case."""
+    if len(times) != len(baseline) or not times:
+        raise ValueError(f"need the same non-zero number of rounds, got {len(times)} and {len(baseline)}")
+    ratios = [t / b for t, b in zip(times, baseline)]
+    return {"ratio": statistics.median(ratios), "ratio_p25": percentile(ratios, 25),
+            "ratio_p75": percentile(ratios, 75), "rounds": len(ratios), "seconds": statistics.median(times)}
+
+
+def release_workers(obj: Any) -> None:
+    """Shut down the worker processes of every DataLoader in ``obj`` (a DataLoader, a Lightning CombinedLoader, or
+    lists / dicts of them). A persistent-worker iterator left alive is inherited by the workers the next case forks,
+    whose garbage collection then fails with "can only test a child process"."""
+    if isinstance(obj, torch.utils.data.DataLoader):
+        it = getattr(obj, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        obj._iterator = None
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            release_workers(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            release_workers(v)
+    elif hasattr(obj, "flattened"):  # lightning's CombinedLoader
+        release_workers(list(obj.flattened))
+
+
+def release_garbage() -> None:
+    """Collect the previous case's objects (and their loader workers) before the next case starts or forks."""
+    gc.collect()
 
 
 def cycle(loader: Any) -> Any:
@@ -155,8 +266,11 @@ def time_trainer(s: Settings, model: L.LightningModule, dm: L.LightningDataModul
     kw.update(trainer_kw)
     trainer = L.Trainer(callbacks=[timer, *(callbacks or [])], **kw)
     out = io.StringIO()
-    with contextlib.redirect_stderr(out) if quiet else contextlib.nullcontext():
-        trainer.fit(model, dm)
+    try:
+        with contextlib.redirect_stderr(out) if quiet else contextlib.nullcontext():
+            trainer.fit(model, dm)
+    finally:
+        release_workers(trainer.fit_loop._combined_loader)
     return timer.elapsed / (timer.batches - s.warmup)
 
 
@@ -192,7 +306,10 @@ def time_raw_loop(s: Settings, backbone: str, dm: SyntheticCIFAR, precision: str
         loss.backward()
         opt.step()
     sync(s.device)
-    return (time.perf_counter() - t0) / s.steps
+    elapsed = (time.perf_counter() - t0) / s.steps
+    it.close()
+    release_workers(loader)
+    return elapsed
 
 
 def classifier(backbone: str, optimizer: Callable | None = None, **kwargs: Any) -> ImageClassifier:
@@ -254,4 +371,7 @@ def time_input(s: Settings, kind: str, workers: int | None = None) -> float:
         if image.dtype == torch.uint8:  # the package path: batched crop / flip / normalize on the device
             image = normalize(random_hflip(random_crop(image, 4, gen), 0.5, gen), dm.mean, dm.std)
     sync(s.device)
-    return (time.perf_counter() - t0) / batches
+    elapsed = (time.perf_counter() - t0) / batches
+    it.close()
+    release_workers(loader)
+    return elapsed

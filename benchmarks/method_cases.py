@@ -74,3 +74,77 @@ def distillation_cases(s: Settings) -> list[Case]:
         ("DKD + DeepKD (batched)", kd("dkd", deepkd=True)),
         ("DKD + DeepKD (sequential)", kd("dkd", deepkd=True, streams="sequential")),
     ]
+
+
+def official_style_sam_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                            rho: float = 0.05) -> None:
+    """The two-step SAM of the reference implementation (davda54/sam), written out: ascent by
+    rho * g / ||g||, second forward-backward at the perturbed point, restore, base step. Written for this benchmark
+    (not copied); BatchNorm statistics update in both passes, as in the reference's README loop."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        grads = [p.grad for p in params if p.grad is not None]
+        scale = rho / (torch.norm(torch.stack([g.norm(2) for g in grads]), 2) + 1e-12)
+        eps = [p.grad * scale if p.grad is not None else None for p in params]
+        for p, e in zip(params, eps):
+            if e is not None:
+                p.add_(e)
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            if e is not None:
+                p.sub_(e)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def gpu_method_cases(s: Settings) -> list[Case]:
+    """The GPU section's method rows: SGD, the package's SAM and the official-style SAM step in the same raw loop
+    (no Lightning, same model and batch), then DeepKD with its three streams batched vs sequential."""
+    import time
+
+    from lightning_methods.optim import sam_closure
+    from lightning_methods.parameters import param_groups_by_role
+
+    from harness import sync
+
+    device = torch.device(s.device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s.batch_size, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 100, (s.batch_size,), generator=g).to(device)
+    autocast = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
+                       enabled=s.precision == "bf16-mixed")
+
+    def raw(kind: str) -> Callable[[], float]:
+        torch.manual_seed(0)
+        model = create_backbone(s.backbone, 100).to(device).train()
+        opt = (SAM(param_groups_by_role(model), SGD, rho=0.05) if kind == "package" else
+               SGD(param_groups_by_role(model)))
+
+        def step() -> None:
+            with autocast():
+                if kind == "sgd":
+                    torch.nn.functional.cross_entropy(model(x), y).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                elif kind == "package":
+                    opt.step(sam_closure(model, lambda: torch.nn.functional.cross_entropy(model(x), y)))
+                else:
+                    official_style_sam_step(model, opt, x, y)
+
+        def run() -> float:
+            for _ in range(s.warmup):
+                step()
+            sync(s.device)
+            t0 = time.perf_counter()
+            for _ in range(s.steps):
+                step()
+            sync(s.device)
+            return (time.perf_counter() - t0) / s.steps
+        return run
+
+    deepkd = {name: fn for name, fn in distillation_cases(s) if "DeepKD" in name and name.startswith("KD")}
+    return [("raw loop, SGD (baseline)", raw("sgd")), ("raw loop, lightning_methods SAM (rho 0.05)", raw("package")),
+            ("raw loop, official-style SAM step (rho 0.05)", raw("official")), *deepkd.items()]

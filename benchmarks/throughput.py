@@ -1,9 +1,18 @@
 """Training throughput of lightning-methods, as ratios against baselines measured in the same run.
 
+    python benchmarks/throughput.py --gpu           # the GPU section, one command, < 5 min (bf16, compile, ...)
     python benchmarks/throughput.py                 # full mode: GPU if present (ResNet-18, batch 512, bf16)
-    python benchmarks/throughput.py --mode cpu      # no GPU: CIFAR ResNets at batch 128 (a few minutes)
+    python benchmarks/throughput.py --mode cpu      # no GPU: CIFAR ResNets at batch 128
+    python benchmarks/throughput.py --mode quick --sections loop,input,optimizers,distillation,imports \
+        --json benchmarks/results/cpu_quick.json --write-docs docs/benchmarks.md   # what docs/benchmarks.md shows
     python benchmarks/throughput.py --mode small    # tiny CPU mode, seconds (used by the smoke test)
-    python benchmarks/throughput.py --sections optimizers,distillation --out table.md
+
+The cases of a section run interleaved, round by round in rotating order (``--rounds``, default: the mode's
+``repeats``); each row reports the median of the per-round ratios to the section's baseline, the 25th-75th
+percentile range and the number of rounds. On the CPU the script sets ``OMP_WAIT_POLICY=PASSIVE`` before torch is
+imported (unless set already): with few cores under other load, OpenMP's default active waiting made single steps
+10-25x slower in some rounds. ``--json`` saves rows and environment; ``--write-docs`` writes docs/benchmarks.md from
+every JSON file in ``benchmarks/results/`` (the doc is generated, never edited by hand).
 
 Sections (each with its own baseline, ratio = time per step / baseline time per step; images/s = batch / time):
 - loop:      raw PyTorch loop vs ImageClassifier + Trainer (same model, on-device augmentation, precision, data)
@@ -13,6 +22,8 @@ Sections (each with its own baseline, ratio = time per step / baseline time per 
 - input:     DataLoader workers (batched and, as "before", per-sample indexing) vs gpu_resident input while training
              a small CIFAR network
 - precision: fp32 vs bf16-mixed; channels_last off/on; torch.compile off/on (full mode, or --compile)
+- imports:   `python -c "import X"` in fresh interpreters: lightning_methods.optim and lightning vs torch
+- gpu_methods: SAM in a raw loop vs the official-style two-step SAM loop; DeepKD batched vs sequential streams
 - optimizers:   per-step cost of every optimizer against plain SGD on the same model
 - distillation: KD / DKD / DeepKD (teacher forward included) against the student trained with CE alone
              (the method cases live in benchmarks/method_cases.py)
@@ -25,9 +36,24 @@ Sections (each with its own baseline, ratio = time per step / baseline time per 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+
+def _cpu_mode(argv: list[str]) -> bool:
+    """Whether the command line asks for a CPU mode (decided before torch is imported)."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--mode=") else (argv[i + 1] if arg == "--mode" and
+                                                                          i + 1 < len(argv) else None)
+        if value is not None:
+            return value in ("small", "quick", "cpu")
+    return False
+
+
+if __name__ == "__main__" and _cpu_mode(sys.argv[1:]):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch's OpenMP runtime loads
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -35,8 +61,10 @@ from harness import (  # noqa: E402
     Settings,
     classifier,
     data,
+    environment,
+    interleave,
     machine,
-    median_time,
+    ratio_stats,
     settings,
     time_input,
     time_raw_loop,
@@ -94,9 +122,30 @@ def precision_section(s: Settings, with_compile: bool) -> list[tuple[str, Callab
     return cases
 
 
-CORE_SECTIONS = ("loop", "pipeline", "input", "precision", "optimizers", "distillation")
+def import_cases(s: Settings) -> list[tuple]:
+    """Import time in a fresh interpreter (``python -c "import X"``, wall clock, interpreter start included): the
+    package's optimizers and lightning against torch (what ``from lightning_methods.optim import SAMON`` costs)."""
+    import subprocess
+    import time
+
+    def fresh(module: str) -> Callable[[], float]:
+        def run() -> float:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", f"import {module}"], check=True, env={**os.environ})
+            return time.perf_counter() - t0
+        return run
+
+    return [("python -c 'import torch' (baseline)", fresh("torch"), 1),
+            ("python -c 'import lightning'", fresh("lightning"), 1),
+            ("python -c 'import lightning_methods.optim'", fresh("lightning_methods.optim"), 1),
+            ("python -c 'import lightning_methods'", fresh("lightning_methods"), 1)]
+
+
+CORE_SECTIONS = ("loop", "pipeline", "input", "precision", "optimizers", "distillation", "imports")
 FAMILY_SECTIONS = ("multibit", "federated", "ood", "vit_locality", "tunnel", "hpn")
 SECTIONS = CORE_SECTIONS + tuple(f for f in FAMILY_SECTIONS if (Path(__file__).parent / f"{f}_cases.py").is_file())
+GPU_SECTIONS = ("loop", "input", "precision", "gpu_methods")
+RESULTS = Path(__file__).parent / "results"
 
 
 def family_cases(section: str, s: Settings) -> list:
@@ -106,63 +155,170 @@ def family_cases(section: str, s: Settings) -> list:
     return importlib.import_module(f"{section}_cases").cases(s)
 
 
-def run(mode: str = "full", sections: tuple[str, ...] = SECTIONS,
-        with_compile: bool | None = None, verbose: bool = True) -> list[Row]:
-    """Measure the requested sections; returns one row per case with seconds/step, images/s and ratio."""
+def run(mode: str = "full", sections: tuple[str, ...] = SECTIONS, with_compile: bool | None = None,
+        verbose: bool = True, rounds: int | None = None) -> list[Row]:
+    """Measure the requested sections, each interleaved over ``rounds`` rounds (default: the mode's repeats);
+    returns one row per case with the median per-round ratio, its 25th-75th percentiles, ms per unit and images/s."""
     s = settings(mode)
-    with_compile = (mode == "full") if with_compile is None else with_compile
-    from method_cases import distillation_cases, optimizer_cases
+    rounds = rounds or s.repeats
+    with_compile = (mode in ("full", "gpu")) if with_compile is None else with_compile
+    from method_cases import distillation_cases, gpu_method_cases, optimizer_cases
 
     builders = {"loop": lambda: loop_section(s), "pipeline": lambda: pipeline_section(s),
                 "input": lambda: input_section(s),
                 "precision": lambda: precision_section(s, with_compile), "optimizers": lambda: optimizer_cases(s),
-                "distillation": lambda: distillation_cases(s)}
+                "distillation": lambda: distillation_cases(s), "imports": lambda: import_cases(s),
+                "gpu_methods": lambda: gpu_method_cases(s)}
     builders.update({f: (lambda f=f: family_cases(f, s)) for f in FAMILY_SECTIONS})
     rows: list[Row] = []
     for section in sections:
-        baseline = None
         cases = builders[section]()
-        cases[0][1]()  # discarded warm-up run: one-time costs (allocator, kernels, thread pools) stay out of the table
-        for name, fn, *items in cases:
-            sec = median_time(fn, s.repeats)
-            baseline = baseline or sec
+        times = interleave([c[1] for c in cases], rounds)
+        for (name, _fn, *items), t in zip(cases, times):
+            stats = ratio_stats(t, times[0])
             batch = items[0] if items else (256 if section == "pipeline" else s.batch_size)
-            row = {"section": section, "case": name, "ms_per_step": 1e3 * sec,
-                   "img_per_s": batch / sec, "ratio": sec / baseline}
+            row = {"section": section, "case": name, "ms_per_step": 1e3 * stats["seconds"],
+                   "img_per_s": batch / stats["seconds"], **{k: stats[k] for k in ("ratio", "ratio_p25", "ratio_p75",
+                                                                                     "rounds")}}
             rows.append(row)
             if verbose:
                 print(f"{section:12s} {name:52s} {row['ms_per_step']:9.2f} ms {row['img_per_s']:10.0f} img/s "
-                      f"x{row['ratio']:.3f}", flush=True)
+                      f"x{row['ratio']:.3f} [{row['ratio_p25']:.3f}-{row['ratio_p75']:.3f}] n={row['rounds']}",
+                      flush=True)
     return rows
 
 
-def markdown(rows: list[Row], mode: str) -> str:
+def record(rows: list[Row], mode: str, env: dict | None = None) -> dict:
+    """The JSON record of a run: rows, the mode's settings and the environment (before and after the run)."""
+    from dataclasses import asdict
+
+    return {"mode": mode, "settings": asdict(settings(mode)), "environment": env or environment(),
+            "environment_after": environment(), "rows": rows}
+
+
+def _env_line(env: dict) -> str:
+    v = env["versions"]
+    load = env.get("load_average")
+    return (f"{env['device'] if env['device'] != 'cpu' else 'CPU only'}: {env['cpu']}, {env['logical_cores']} logical "
+            f"cores, {env['torch_threads']} torch threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}; "
+            + ", ".join(f"{k} {val}" for k, val in v.items())
+            + (f"; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)" if load else "")
+            + f"; {env['date']}")
+
+
+def markdown(rows: list[Row], mode: str, env: dict | None = None, env_after: dict | None = None) -> str:
+    """A table per run: one row per case with the median per-round ratio, its 25th-75th percentile range and the
+    number of rounds; the environment line says what it was measured with."""
     s = settings(mode)
-    lines = [f"Machine: {machine()}. Software: {versions()}.",
-             f"Mode {mode}: backbone {s.backbone} (input section: {s.small_backbone}), batch {s.batch_size}, "
-             f"precision {s.precision} unless named, {s.steps} timed steps after {s.warmup} warm-up (pipeline section: "
-             f"batch 256, no model, {3 * s.steps} batches), median of {s.repeats}. "
-             "Ratio = time per step / the section's baseline (first row).", "",
-             "| section | case | ms / step | images / s | ratio |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['section']} | {r['case']} | {r['ms_per_step']:.2f} | {r['img_per_s']:.0f} | {r['ratio']:.3f} |"
-              for r in rows]
+    env = env or environment()
+    lines = [f"Measured with: {_env_line(env)}."]
+    if env_after and env_after.get("load_average"):
+        lines.append(f"Load average after the run: {' / '.join(f'{x:.1f}' for x in env_after['load_average'])}.")
+    lines += [f"Mode `{mode}`: backbone {s.backbone} (input section: {s.small_backbone}), batch {s.batch_size}, "
+              f"precision {s.precision} unless named, {s.steps} timed steps after {s.warmup} warm-up per call "
+              "(pipeline section: batch 256, no model). Ratio = time per unit / the section's baseline (first row) "
+              "in the same round; median over the rounds, with the 25th-75th percentile range.", "",
+              "| section | case | ratio (median) | 25th-75th pct | rounds | ms / unit | images / s |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['section']} | {r['case']} | {r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | "
+              f"{r['rounds']} | {r['ms_per_step']:.2f} | {r['img_per_s']:.0f} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+DOC_HEAD = """# Benchmarks
+
+<!-- Generated by `python benchmarks/throughput.py --write-docs docs/benchmarks.md` from the JSON records in
+benchmarks/results/. Do not edit by hand: rerun the benchmark and regenerate. -->
+
+Every figure is from `benchmarks/throughput.py` (machinery in `benchmarks/harness.py`, cases in
+`benchmarks/*_cases.py`). The cases of a section run **interleaved**: round by round, in an order that rotates each
+round, and each case's time is divided by the section baseline's time **of the same round**. A row gives the median
+of these per-round ratios, their 25th-75th percentile range and the number of rounds; load on a shared machine that
+slows a whole round cancels in the ratio, and the range shows what did not cancel. Read two ratios whose ranges
+overlap as equal. Claims about speed elsewhere in the docs point to a row here as `docs/benchmarks.md`,
+section / case.
+
+**GPU: not measured.** No GPU was available when these records were made; every table below ran on a CPU. The GPU
+section is one command, under 5 minutes on one GPU (bf16, `torch.compile`, gpu_resident vs DataLoader workers,
+Lightning vs the raw loop, SAM vs the official-style SAM step, DeepKD batched vs sequential streams):
+
+```bash
+python benchmarks/throughput.py --gpu --json benchmarks/results/gpu.json --write-docs docs/benchmarks.md
+```
+
+Regenerate the CPU record:
+
+```bash
+python benchmarks/throughput.py --mode quick --sections loop,input,optimizers,distillation,imports \\
+    --json benchmarks/results/cpu_quick.json --write-docs docs/benchmarks.md
+```
+"""
+
+
+def write_docs(path: str | Path, results: Path = RESULTS) -> str:
+    """Write the benchmarks doc from every JSON record in ``results`` (sorted by name); returns the text."""
+    import json
+
+    parts = [DOC_HEAD]
+    files = sorted(results.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no benchmark records (*.json) in {results}; run throughput.py with --json first")
+    for f in files:
+        rec = json.loads(f.read_text())
+        env = rec["environment"]
+        load = env.get("load_average")
+        parts.append(f"## {f.stem} (mode `{rec['mode']}`)\n")
+        if load and env.get("logical_cores") and load[0] > env["logical_cores"]:
+            parts.append(f"Measured **under load**: the machine was shared with other jobs (load average "
+                         f"{load[0]:.1f} on {env['logical_cores']} logical cores at the start). The ratios come from "
+                         "interleaved rounds and are usable; the absolute ms and images/s are slower than on an idle "
+                         "machine.\n")
+        parts.append(markdown(rec["rows"], rec["mode"], env, rec.get("environment_after")))
+    text = "\n".join(parts)
+    Path(path).write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["small", "cpu", "full"], default="full")
-    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--mode", choices=["small", "quick", "cpu", "full", "gpu"], default="full")
+    parser.add_argument("--gpu", action="store_true", help="the GPU section: --mode gpu --sections "
+                        + ",".join(GPU_SECTIONS) + " --compile (under 5 minutes on one GPU)")
+    parser.add_argument("--sections", default=None, help=f"comma-separated, from {','.join(SECTIONS)},gpu_methods")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the mode's repeats)")
     parser.add_argument("--compile", dest="with_compile", action="store_true", default=None,
-                        help="include the torch.compile case (default: full mode only)")
+                        help="include the torch.compile case (default: full and gpu modes)")
     parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--json", help="save rows and environment to this JSON file (e.g. benchmarks/results/x.json)")
+    parser.add_argument("--write-docs", metavar="DOC", help="write DOC (docs/benchmarks.md) from benchmarks/results/")
     args = parser.parse_args(argv)
-    print(f"# {machine()} | {versions()}", flush=True)
-    rows = run(args.mode, tuple(args.sections.split(",")), args.with_compile)
-    table = markdown(rows, args.mode)
+    if args.gpu:
+        args.mode, args.sections = "gpu", args.sections or ",".join(GPU_SECTIONS)
+    import torch
+
+    if args.mode in ("full", "gpu") and not torch.cuda.is_available() and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # CPU after all: restart so OpenMP reads it at load time
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    if args.sections is None and args.write_docs and not args.json:
+        write_docs(args.write_docs)
+        return
+    env = environment()
+    print(f"# {machine()} | {versions()} | OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} | "
+          f"load {env.get('load_average')}", flush=True)
+    rows = run(args.mode, tuple((args.sections or ",".join(SECTIONS)).split(",")), args.with_compile,
+               rounds=args.rounds)
+    rec = record(rows, args.mode, env)
+    table = markdown(rows, args.mode, env, rec["environment_after"])
     print(table)
     if args.out:
         Path(args.out).write_text(table)
+    if args.json:
+        import json
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rec, indent=1) + "\n")
+    if args.write_docs:
+        write_docs(args.write_docs)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def setup_streaming(dm: Any) -> None:
         raise ValueError("val_split > 0 holds out part of the training folder; with streaming data validate on the "
                          "converted val/ split (val_split=0)")
     dm.train_set = make_streaming_dataset(split_url(dm.streaming, "train"), "train", True, dm)
-    dm.test_set = make_streaming_dataset(split_url(dm.streaming, "val"), "eval", False, dm)
+    # evaluation keeps every sample (ranks may get one batch more or less; Lightning syncs metrics at epoch end)
+    dm.test_set = make_streaming_dataset(split_url(dm.streaming, "val"), "eval", False, dm, drop_last=False)
     dm.val_set = dm.test_set
 
 

@@ -18,9 +18,9 @@ Writing (rank zero):
 
 Reading (``Trainer.fit/validate/test/predict(ckpt_path=...)``, and the CLI before it builds anything):
 
-- the recorded checksum is verified (or, for a file without ``.sha256``, the digest stored inside it); a mismatch, a truncated file or NaN/inf weights raise
-  :class:`CorruptCheckpointError` / :class:`NonFiniteCheckpointError` naming the file and the newest intact checkpoint
-  beside it (with the exact ``--ckpt_path`` to resume from);
+- the recorded checksum is verified (or, for a file without ``.sha256``, the digest stored inside it); a mismatch, a
+  truncated file or NaN/inf weights raise :class:`CorruptCheckpointError` / :class:`NonFiniteCheckpointError` naming
+  the file and the newest intact checkpoint beside it (with the exact ``--ckpt_path`` to resume from);
 - files load with ``weights_only=True`` unless the caller passes ``weights_only=False`` explicitly (warns).
 
 How it is installed: :class:`lightning_methods.callbacks.LatestCheckpoint` (the CLI's ``--checkpoint.*`` group and the
@@ -157,6 +157,10 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}|".encode())
         for item in value:
             _feed(digest, item)
+    elif isinstance(value, (set, frozenset)):  # iteration order depends on string hashing, which differs per process
+        digest.update(f"E{len(value)}|".encode())
+        for text in sorted(repr(item) for item in value):
+            _feed(digest, text)
     elif isinstance(value, (str, bytes)):
         raw = value.encode() if isinstance(value, str) else value
         digest.update(f"{'S' if isinstance(value, str) else 'B'}{len(raw)}|".encode() + raw)
@@ -227,7 +231,8 @@ def write_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, keep_previ
                 "(or enable gradient clipping) and resume from the last good checkpoint."
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {**checkpoint, DIGEST_KEY: payload_digest(checkpoint)}  # a copy without .sha256 is verified too
+    if isinstance(checkpoint, Mapping):  # a copy without its .sha256 is verified by the digest inside
+        checkpoint = {**checkpoint, DIGEST_KEY: payload_digest(checkpoint)}
     fd, tmp_name = mkstemp_like_open(path)  # the umask's permissions, not mkstemp's 0600
     tmp = Path(tmp_name)
     try:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import random
+import socket
 import tempfile
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +147,33 @@ _LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RAN
 _LAUNCHER_PREFIXES = ("PL_", "TORCHELASTIC_", "SLURM_", "OMPI_", "PMI_", "LSB_", "JSM_")
 
 
+def free_port() -> int:
+    """A free TCP port for the rendezvous store, drawn below the kernel's ephemeral port range. A port from the
+    ephemeral range (what binding port 0 returns) is released before rank 0 binds it again, and in that window the
+    kernel may hand it out as the source port of any outgoing connection - even of rank 1's own connection attempt to
+    it, which then connects to itself. Ports below the range are never handed out that way."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    draw = random.Random()  # seeded from os.urandom, independent of the tests' seeding of the global generator
+    for _ in range(200):
+        port = draw.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found below the ephemeral range (starts at {low})")
+
+
 @contextlib.contextmanager
 def _worker_environment(port: int, world_size: int):
-    """The environment spawned workers inherit: launcher variables of the parent removed, a torchrun-like set added
-    (the store is hosted by the parent, as torchrun's agent does), restored on exit."""
+    """The environment spawned workers inherit: launcher variables of the parent removed, a torchrun-like set added,
+    restored on exit."""
     saved = {k: v for k, v in os.environ.items() if k in _LAUNCHER_VARS or k.startswith(_LAUNCHER_PREFIXES)}
     added = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size), "NODE_RANK": "0",
-             "LOCAL_WORLD_SIZE": str(world_size), "TORCHELASTIC_USE_AGENT_STORE": "True",
-             "TORCHELASTIC_RESTART_COUNT": "0", "OMP_NUM_THREADS": "1"}
+             "LOCAL_WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
     saved_omp = os.environ.get("OMP_NUM_THREADS")
     for key in saved:
         del os.environ[key]
@@ -190,22 +210,16 @@ def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> li
     strategy="ddp")`` joins the group without spawning. ``fn`` must be a module-level function; its return value
     must be picklable by ``torch.save``.
 
-    Deterministic set-up and tear-down: this process hosts the rendezvous store on a port the OS assigns and keeps
-    bound until the workers have exited (no window in which another process can take a port found free, and no
-    client that connects to itself), the workers are started with the spawn method (no fork of a process with
-    threads) in an environment without the parent's launcher variables, and every worker leaves the process group
-    after a barrier, so no rank exits while its peer still talks to it.
+    Deterministic set-up and tear-down: a fresh port per call, drawn outside the kernel's ephemeral range
+    (:func:`free_port`), workers started with the spawn method (no fork of a process with threads) in an environment
+    without the parent's launcher variables (``PL_GLOBAL_SEED`` of an earlier test included), and every worker leaves
+    the process group after a barrier, so no rank exits while its peer still talks to it (the gloo thread of the peer
+    would abort the process). ``fn`` may create and destroy process groups itself, one after another.
     """
-    from torch.distributed import TCPStore
-
-    store = TCPStore("127.0.0.1", 0, None, True, timedelta(minutes=5), wait_for_workers=False)
-    try:
-        with tempfile.TemporaryDirectory() as outdir, _worker_environment(store.port, world_size):
-            mp.start_processes(_ddp_worker, args=(fn, world_size, outdir, args), nprocs=world_size, join=True,
-                               start_method="spawn")
-            return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
-    finally:
-        del store
+    with tempfile.TemporaryDirectory() as outdir, _worker_environment(free_port(), world_size):
+        mp.start_processes(_ddp_worker, args=(fn, world_size, outdir, args), nprocs=world_size, join=True,
+                           start_method="spawn")
+        return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
 def read_wandb_records(path: str | Path) -> list:

@@ -214,6 +214,9 @@ class FederatedRunner:
                 summary = write_run_results(self.run_dir, self.algorithm.name, self.history, clients, self.source)
                 for lg in wandb_loggers([logger] if logger is not None else []):
                     lg.log_table(key="clients", columns=list(clients[0]), data=[list(r.values()) for r in clients])
+                    picture = self.run_dir / "accuracy.png"
+                    if picture.is_file():  # the accuracy-over-rounds picture of the files, in W&B too
+                        lg.log_image(key="accuracy", images=[str(picture)])
                     lg.log_metrics({f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
             finally:
                 bar.close()

@@ -19,8 +19,21 @@ from torch import nn
 from lightning_methods.models.registry import register_backbone
 
 #: (output channels, stride) of the 13 depthwise-separable blocks
-BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1), (512, 1),
-          (512, 1), (1024, 2), (1024, 1))
+BLOCKS = (
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
+)
 
 
 def _stem(out_ch: int) -> nn.Sequential:
@@ -29,8 +42,12 @@ def _stem(out_ch: int) -> nn.Sequential:
 
 def _separable(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_ch, in_ch, 3, stride, 1, groups=in_ch, bias=False), nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True),
-        nn.Conv2d(in_ch, out_ch, 1, 1, 0, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
+        nn.Conv2d(in_ch, in_ch, 3, stride, 1, groups=in_ch, bias=False),
+        nn.BatchNorm2d(in_ch),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(in_ch, out_ch, 1, 1, 0, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
     )
 
 

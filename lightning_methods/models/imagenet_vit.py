@@ -37,8 +37,9 @@ class ImageNetViT(VisionTransformer):
         **kwargs: further ``VisionTransformer`` arguments (``drop_path_rate``, ``drop_rate``, ...).
     """
 
-    def __init__(self, arch: str = "vit_small_patch16_224", num_classes: int = 1000, img_size: int = 224,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, arch: str = "vit_small_patch16_224", num_classes: int = 1000, img_size: int = 224, **kwargs: Any
+    ) -> None:
         if arch not in ARCHS:
             raise ValueError(f"unknown ViT architecture {arch!r}; known: {', '.join(ARCHS)}")
         super().__init__(img_size=img_size, num_classes=num_classes, **{**ARCHS[arch], **kwargs})

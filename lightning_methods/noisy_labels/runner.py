@@ -243,8 +243,8 @@ class EarlyCuttingRunner:
         seed_everything(self.seed + self.sel.rounds)
         tracker, ckpt = TestAccuracyTracker(), self._checkpoint(tag)
         model, dm, trainer = self._instantiate(tag, train_indices, [tracker, ckpt])
-        n = len(train_indices) if train_indices is not None else "all"
-        self._progress(f"stage {self._stage_count()} of {self._stage_count()}: final round on {n} selected samples, "
+        n = f"{len(train_indices)} selected" if train_indices is not None else "all"
+        self._progress(f"stage {self._stage_count()} of {self._stage_count()}: final round on {n} training samples, "
                        f"{trainer.max_epochs} epochs")
         if not self._fit(model, dm, trainer, ckpt, None, tracker):
             return None

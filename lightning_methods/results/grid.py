@@ -227,7 +227,7 @@ class GridProgress:
         self.k += 1
         self.skipped = run_finished(run_dir)
         self.run_start = time.monotonic()
-        state = "finished earlier, skipped" if self.skipped else f"{self.pending} runs left to train"
+        state = "finished earlier, skipped" if self.skipped else f"{self.pending} of {self.total} left to train"
         print(f"[grid] run {self.k} of {self.total}: {run_dir} ({state})", flush=True)
 
     def end(self, run_dir: Path, failed: bool = False) -> None:
@@ -238,7 +238,8 @@ class GridProgress:
         self.trained += 1
         self.seconds += took
         eta = self.seconds / self.trained * self.pending
-        left = f"about {format_seconds(eta)} left ({self.pending} runs)" if self.pending else "no runs left"
+        runs = f"{self.pending} run{'s' if self.pending > 1 else ''}"
+        left = f"about {format_seconds(eta)} left ({runs} to train)" if self.pending else "no runs left"
         print(f"[grid] run {self.k} of {self.total} {'failed' if failed else 'done'} in {format_seconds(took)}; "
               f"{format_seconds(time.monotonic() - self.start)} elapsed, {left}", flush=True)
 

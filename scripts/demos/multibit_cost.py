@@ -24,14 +24,18 @@ def main(root: str) -> None:
     if not rows:
         sys.exit(f"no multibit_cost.json under {root}")
     base = statistics.mean(s for s, _ in rows.get("digits_anyprecision", [(float("nan"), 0.0)]))
-    print("| config | runs | samples (train + scoring, all bit-widths) | relative to Any-Precision | time in training "
-          "and scoring (s) |")
+    print(
+        "| config | runs | samples (train + scoring, all bit-widths) | relative to Any-Precision | time in training "
+        "and scoring (s) |"
+    )
     print("|---|---|---|---|---|")
     for name, values in sorted(rows.items()):
         samples, times = [s for s, _ in values], [t for _, t in values]
         sd = statistics.stdev(times) if len(times) > 1 else 0.0
-        print(f"| {name} | {len(values)} | {statistics.mean(samples):.0f} | {statistics.mean(samples) / base:.2f} | "
-              f"{statistics.mean(times):.1f} +- {sd:.1f} |")
+        print(
+            f"| {name} | {len(values)} | {statistics.mean(samples):.0f} | {statistics.mean(samples) / base:.2f} | "
+            f"{statistics.mean(times):.1f} +- {sd:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 #   SEEDS="0 1 2 3 4" OMP_NUM_THREADS=2 DEMO_DIR=runs/demos_2t scripts/demos/run_demos.sh hpn
 #
 # Demos: quickstart, multibit (EMQ vs Any-Precision), hpn (task-weight sweep), early_cutting (select vs plain CE),
-# tunnel (MLP + TunnelProbe), ood (EncMin2L vs single encoders, AUROC x 100), threads (seed 0 of each demo again with 2 threads, into $DEMO_DIR/threads2/).
+# tunnel (MLP + TunnelProbe), ood (EncMin2L vs single encoders, AUROC x 100), fedfree (FedFree vs Local-only vs
+# FedAvg), threads (seed 0 of each demo again with 2 threads, into $DEMO_DIR/threads2/).
 # Output per demo: $DEMO_DIR/<demo>/table.md + table.csv (mean +- std over seeds, from `lightning-methods table`),
 # the runs (each with results.json: versions, device incl. CPU model and thread count, wall time), and one line per
 # demo in $DEMO_DIR/times.tsv: wall and CPU seconds of the whole demo and the 1-minute load average before and after.
@@ -91,13 +92,20 @@ demo_ood() {  # EncMin2L against each encoder alone (its level-1 gate) on the un
   table "$OUT/ood" "$OUT/ood" -- "${metrics[@]}"
 }
 
+demo_fedfree() {  # FedFree vs Local-only vs FedAvg (HmFL), final-round mean client accuracy (fractions of 1)
+  timed fedfree lightning-methods grid --command fed --config configs/fedfree/digits_demo.yaml --seeds $SEEDS \
+    --grid_dir "$OUT/fedfree"
+  table "$OUT/fedfree" "$OUT/fedfree" -- final_mean final_std best_weighted
+}
+
 demo_threads() {  # seed 0 of each demo with 2 threads: how much the digits move with the thread count alone
-  local t2="$OUT/threads2"
-  OMP_NUM_THREADS=2 SEEDS=0 DEMO_DIR="$t2" "$0" quickstart multibit hpn early_cutting tunnel ood
+  local t2="$OUT/threads2"  # THREAD_DEMOS picks the demos (default: all)
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=2 SEEDS=0 DEMO_DIR="$t2" "$0" ${THREAD_DEMOS:-quickstart multibit hpn early_cutting tunnel ood fedfree}
 }
 
 demos=("$@")
-[ ${#demos[@]} -gt 0 ] || demos=(quickstart multibit hpn early_cutting tunnel ood)
+[ ${#demos[@]} -gt 0 ] || demos=(quickstart multibit hpn early_cutting tunnel ood fedfree)
 for d in "${demos[@]}"; do
   echo "=== demo $d (OMP_NUM_THREADS=$OMP_NUM_THREADS, seeds $SEEDS, load $(load1)) ==="
   "demo_$d"

@@ -1,12 +1,18 @@
-"""The throughput harness in its small CPU mode: every case of every section runs and yields a finite ratio against
-its section's baseline (so the harness never rots). Speed itself is never asserted."""
+"""The benchmark harness: interleaving order, per-round ratio statistics on fake timers, the generated doc and the
+environment record, worker shutdown, and the small CPU mode end to end (every case of every section yields a finite
+ratio, so the harness never rots). Speed itself is never asserted."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -15,6 +21,7 @@ def _load(name: str):
     sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -22,15 +29,125 @@ def _load(name: str):
 def test_small_mode_measures_every_case(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     throughput = _load("throughput")
-    rows = throughput.run("small", verbose=False)
+    measured = tuple(s for s in throughput.SECTIONS if s != "imports")  # fresh interpreters: seconds each, see below
+    rows = throughput.run("small", sections=measured, verbose=False)
     sections = {r["section"] for r in rows}
-    assert sections == set(throughput.SECTIONS)
+    assert sections == set(measured)
     for section in sections:
         first = next(r for r in rows if r["section"] == section)
-        assert first["ratio"] == 1.0
+        assert first["ratio"] == first["ratio_p25"] == first["ratio_p75"] == 1.0 and first["rounds"] >= 1
     assert all(math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0 for r in rows)
     names = {r["case"] for r in rows}
     assert {"ImageClassifier + Trainer", "gpu_resident", "bf16-mixed", "SAM-ON + ascent-pass saving", "KOALA++",
             "DKD + DeepKD (batched)", "DKD + DeepKD (sequential)"} <= names
     table = throughput.markdown(rows, "small")
     assert "| ratio |" in table and "Machine:" in table
+
+
+def test_rotation_puts_every_case_in_every_position_once():
+    harness = _load("harness")
+    orders = [harness.rotation(4, r) for r in range(4)]
+    assert orders[0] == [0, 1, 2, 3] and orders[1] == [1, 2, 3, 0] and orders[3] == [3, 0, 1, 2]
+    for position in range(4):
+        assert sorted(order[position] for order in orders) == [0, 1, 2, 3]
+
+
+def test_interleave_runs_warmup_then_rounds_in_rotating_order():
+    harness = _load("harness")
+    calls = []
+
+    def case(i):
+        def fn():
+            calls.append(i)
+            return float(len(calls))
+        return fn
+
+    times = harness.interleave([case(0), case(1), case(2)], rounds=3)
+    assert calls == [0, 1, 2] + [0, 1, 2] + [1, 2, 0] + [2, 0, 1]
+    assert [len(t) for t in times] == [3, 3, 3]
+    assert times[0] == [4.0, 9.0, 11.0]  # the call number of case 0 in each round
+    with pytest.raises(ValueError, match="rounds=0"):
+        harness.interleave([case(0)], rounds=0)
+
+
+def test_per_round_ratios_cancel_load_that_moves_whole_rounds():
+    """A fake clock: the case costs 1.5x the baseline, and each round runs under a different load factor. Timing each
+    case on its own (the old median of repeats) mixes the loads; the per-round ratio is exactly 1.5."""
+    harness = _load("harness")
+    load = [1.0, 5.0, 1.0, 7.0, 2.0]
+    calls = []
+    cost = {"base": 0.2, "case": 0.3}
+
+    def timed(name):
+        def fn():
+            calls.append(name)
+            return cost[name] * load[(len(calls) - 1) // 2]  # two cases per round, the round sets the load
+        return fn
+
+    times = harness.interleave([timed("base"), timed("case")], rounds=5, warmup=False)
+    stats = harness.ratio_stats(times[1], times[0])
+    assert stats["ratio"] == pytest.approx(1.5) and stats["ratio_p25"] == pytest.approx(1.5)
+    assert stats["ratio_p75"] == pytest.approx(1.5) and stats["rounds"] == 5
+
+
+def test_ratio_statistics_are_median_and_quartiles_of_per_round_ratios():
+    harness = _load("harness")
+    base, case = [1.0, 2.0, 4.0, 1.0, 2.0], [2.0, 4.0, 8.0, 3.0, 1.0]  # ratios 2, 2, 2, 3, 0.5
+    stats = harness.ratio_stats(case, base)
+    ratios = [c / b for c, b in zip(case, base)]
+    assert stats["ratio"] == 2.0 and stats["rounds"] == 5 and stats["seconds"] == 3.0
+    assert stats["ratio_p25"] == pytest.approx(float(np.percentile(ratios, 25)))
+    assert stats["ratio_p75"] == pytest.approx(float(np.percentile(ratios, 75)))
+    assert harness.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    with pytest.raises(ValueError, match="same non-zero number of rounds"):
+        harness.ratio_stats([1.0], [1.0, 2.0])
+
+
+def test_environment_and_generated_doc_record_what_was_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    throughput = _load("throughput")
+    env = throughput.environment()
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["logical_cores"] >= 1 and env["cpu"]
+    assert {"python", "torch", "lightning", "torchvision", "numpy"} <= set(env["versions"])
+    env["load_average"] = [9.5, 8.0, 7.0]
+    rows = [{"section": "optimizers", "case": "SGD (baseline)", "ms_per_step": 10.0, "img_per_s": 1600.0, "ratio": 1.0,
+             "ratio_p25": 1.0, "ratio_p75": 1.0, "rounds": 5},
+            {"section": "optimizers", "case": "SAM", "ms_per_step": 20.5, "img_per_s": 780.0, "ratio": 2.04,
+             "ratio_p25": 1.98, "ratio_p75": 2.11, "rounds": 5}]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "cpu_quick.json").write_text(json.dumps({"mode": "quick", "environment": env, "rows": rows}))
+    text = throughput.write_docs(tmp_path / "benchmarks.md", results)
+    assert (tmp_path / "benchmarks.md").read_text() == text
+    assert "| optimizers | SAM | 2.040 | 1.980-2.110 | 5 | 20.50 | 780 |" in text
+    assert "OMP_WAIT_POLICY=PASSIVE" in text and "load average 9.5 / 8.0 / 7.0" in text
+    assert "under load" in text and "GPU: not measured" in text and "Do not edit by hand" in text
+    with pytest.raises(FileNotFoundError, match="no benchmark records"):
+        throughput.write_docs(tmp_path / "x.md", tmp_path / "empty")
+
+
+def test_cpu_mode_is_read_from_the_command_line_before_torch_loads():
+    throughput = _load("throughput")
+    assert throughput._cpu_mode(["--mode", "quick"]) and throughput._cpu_mode(["--mode=cpu", "--rounds", "3"])
+    assert not throughput._cpu_mode(["--gpu"]) and not throughput._cpu_mode(["--mode", "full"])
+
+
+def test_release_workers_shuts_down_persistent_workers():
+    harness = _load("harness")
+    loader = torch.utils.data.DataLoader(torch.arange(8.0), batch_size=4, num_workers=1, persistent_workers=True)
+    assert len(list(loader)) == 2
+    workers = list(loader._iterator._workers)
+    harness.release_workers({"train": [loader]})
+    assert loader._iterator is None and not any(w.is_alive() for w in workers)
+
+
+def test_import_cases_time_fresh_interpreters(monkeypatch):
+    throughput = _load("throughput")
+    ran = []
+    monkeypatch.setattr("subprocess.run", lambda cmd, **kw: ran.append(cmd))
+    cases = throughput.import_cases(throughput.settings("small"))
+    assert cases[0][0].endswith("(baseline)") and "import torch" in cases[0][0]
+    for _name, fn, items in cases:
+        assert fn() >= 0 and items == 1
+    assert [cmd[-1] for cmd in ran] == ["import torch", "import lightning", "import lightning_methods.optim",
+                                        "import lightning_methods"]

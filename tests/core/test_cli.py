@@ -105,3 +105,14 @@ def test_wandb_runs_land_in_the_directory_each_command_runs_in(tmp_path, monkeyp
         monkeypatch.chdir(tmp_path / name)
         main(args)
         assert len(list((tmp_path / name / "runs/quickstart/wandb").glob("offline-run-*/run-*.wandb"))) == 1
+
+
+def test_short_class_names_resolve(capsys):
+    """``--model ImageClassifier --data DigitsDataModule``: the package's classes resolve by short name although the
+    package ``__init__``s import lazily (``cli.import_public_classes``)."""
+    code, out = run_exit(["fit", "--model", "ImageClassifier", "--model.backbone", "resnet8", "--data",
+                          "DigitsDataModule", "--trainer.callbacks+=LatestCheckpoint", "--print_config"], capsys)
+    cfg = yaml.safe_load(out)
+    assert code == 0
+    assert cfg["model"]["class_path"] == "lightning_methods.ImageClassifier"
+    assert cfg["data"]["class_path"].endswith(".DigitsDataModule")

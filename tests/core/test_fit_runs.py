@@ -27,9 +27,18 @@ from lightning_methods.runs import ConfigMismatchError, RunLockedError
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = str(REPO / "configs/quickstart.yaml")
-SMALL = ["--config", QUICK, "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
-         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
-         "--trainer.limit_predict_batches=1", "--test_after_fit=off", "--trainer.enable_model_summary=false"]
+SMALL = [
+    "--config",
+    QUICK,
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.limit_predict_batches=1",
+    "--test_after_fit=off",
+    "--trainer.enable_model_summary=false",
+]
 PROJECT = Path("runs/quickstart/lightning-methods-quickstart")
 
 
@@ -77,7 +86,7 @@ def test_resume_keeps_identity_and_lr_then_finished_runs_and_evaluations(tmp_pat
     for r in rows:
         expected = 0.05 * (1 + math.cos(math.pi * r["epoch"] / 12)) / 2
         assert r["lr"] == pytest.approx(expected, rel=5e-9, abs=0)
-        assert r["train/lr"] == pytest.approx(expected, rel=2 ** -24 + 5e-9, abs=0)
+        assert r["train/lr"] == pytest.approx(expected, rel=2**-24 + 5e-9, abs=0)
 
     # `--ckpt_path last` on the finished run: nothing is trained or tested again, the record is untouched
     before = (run / "results.json").read_bytes()
@@ -120,13 +129,27 @@ def test_a_second_fit_in_the_run_directory_stops_naming_the_other_process(tmp_pa
     monkeypatch.chdir(tmp_path)
     main(["fit", *SMALL, "--trainer.max_epochs=1"])
     run = the_run()
-    resume = ["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
-              "--trainer.max_epochs=2"]
+    resume = [
+        "fit",
+        "--config",
+        str(run / "config.yaml"),
+        "--ckpt_path",
+        str(run / "checkpoints/last.ckpt"),
+        "--trainer.max_epochs=2",
+    ]
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     # another process holds the run directory with the package's own lock
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lightning_methods.runs import RunLock\n"
-                               f"RunLock({str(run)!r}, '.fit.lock').acquire()\nprint('locked', flush=True)\n"
-                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom lightning_methods.runs import RunLock\n"
+            f"RunLock({str(run)!r}, '.fit.lock').acquire()\nprint('locked', flush=True)\n"
+            "time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError, match=f"in use by process {holder.pid} on "):
@@ -156,9 +179,14 @@ def test_a_run_directory_belongs_to_one_configuration(tmp_path, monkeypatch, one
     with pytest.raises(ConfigMismatchError, match=r"optimizer\.init_args\.lr.*nothing was written"):
         main(["fit", "--config", str(edited)])
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files  # nothing written, no last-v1.ckpt
-    # the same settings in a fixed directory (no logger) are refused the same way, by the check at fit start
-    fixed = ["fit", *SMALL, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'fixed'}",
-             "--trainer.max_epochs=1"]
+    # a fixed run directory (no logger: default_root_dir) is refused the same way
+    fixed = [
+        "fit",
+        *SMALL,
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path / 'fixed'}",
+        "--trainer.max_epochs=1",
+    ]
     main(fixed)
     with pytest.raises(ConfigMismatchError, match=r"differ in: model\.init_args\.optimizer\.init_args\.lr"):
         main([*fixed, lr])
@@ -167,8 +195,10 @@ def test_a_run_directory_belongs_to_one_configuration(tmp_path, monkeypatch, one
 LOGGERS = {
     "wandb": [],
     "csv": ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=logs"],
-    "tensorboard": ["--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
-                    "--trainer.logger.init_args.save_dir=logs"],
+    "tensorboard": [
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir=logs",
+    ],
     "none": ["--trainer.logger=false", "--trainer.default_root_dir=plain"],
 }
 
@@ -194,8 +224,7 @@ def test_every_documented_logger(kind, tmp_path, monkeypatch, one_thread):
         assert "step" in steps[0] and len(steps) > 1 and (run / "csv/hparams.yaml").is_file()
 
 
-NOISE = ("args parameter is intended", "anonymous setting", "Tip:", "litlogger", "git root",
-         "exists and is not empty")
+NOISE = ("args parameter is intended", "anonymous setting", "Tip:", "litlogger", "git root", "exists and is not empty")
 
 
 def test_sigterm_is_interrupted_and_the_package_noise_is_gone(tmp_path, monkeypatch, capfd, one_thread):
@@ -229,3 +258,27 @@ def test_sigterm_is_interrupted_and_the_package_noise_is_gone(tmp_path, monkeypa
     err = capfd.readouterr().err + "\n".join(str(w.message) for w in caught)
     for text in NOISE:
         assert text not in err, text
+
+
+def test_check_run_config_allows_only_a_longer_resume_of_the_run_itself(tmp_path):
+    from lightning_methods.cli_runs import check_run_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    saved = {"trainer": {"max_epochs": 2, "logger": {"init_args": {"id": "a"}}}, "model": {"lr": 0.1}}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    longer = {
+        "trainer": {"max_epochs": 5, "logger": {"init_args": {"id": "b"}}},
+        "model": {"lr": 0.1},
+        "ckpt_path": "x",
+    }
+    check_run_config(run, longer, run / "checkpoints/last.ckpt")  # the run's own checkpoint: may train longer
+    check_run_config(run, longer, tmp_path / "ckpt/last.ckpt", ckpt_dir=tmp_path / "ckpt")  # its explicit dirpath
+    with pytest.raises(ConfigMismatchError, match=r"differ in: trainer\.max_epochs\. "):
+        check_run_config(run, longer, None)  # a fresh start with other settings
+    with pytest.raises(ConfigMismatchError, match=r"differ in: trainer\.max_epochs\. "):
+        check_run_config(run, longer, tmp_path / "elsewhere/last.ckpt")  # another run's checkpoint
+    other_lr = {**longer, "model": {"lr": 0.2}}
+    with pytest.raises(ConfigMismatchError, match=r"differ in: model\.lr\. "):
+        check_run_config(run, other_lr, run / "checkpoints/last.ckpt")
+    check_run_config(tmp_path / "new", other_lr, None)  # no run there yet: nothing to compare

@@ -83,8 +83,9 @@ def test_a_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=f"no space left on device while writing {path}") as info:
         write_checkpoint(state(2.0), path)
+    assert info.value.errno == 28 and type(info.value).__name__ == "DiskFullError"  # named in the package's words
     monkeypatch.undo()
     assert path.read_bytes() == before and read_checkpoint(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]

@@ -60,8 +60,14 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path, mask):
         write_checkpoint({"state_dict": {"w": torch.zeros(3)}}, tmp_path / "last.ckpt")  # overwrite: previous kept
     expected = 0o666 & ~mask
     assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
-    for name in ("a.txt", "results.json", "last.ckpt", "last.ckpt.sha256", "previous-last.ckpt",
-                 "previous-last.ckpt.sha256"):
+    for name in (
+        "a.txt",
+        "results.json",
+        "last.ckpt",
+        "last.ckpt.sha256",
+        "previous-last.ckpt",
+        "previous-last.ckpt.sha256",
+    ):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
 
 
@@ -72,15 +78,18 @@ def _tensor_data_offsets(path: Path) -> list[tuple[int, int]]:
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             if "/data/" in info.filename and info.compress_type == zipfile.ZIP_STORED and info.file_size:
-                name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+                name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
                 out.append((info.header_offset + 30 + name_len + extra_len, info.file_size))
     return out
 
 
 def test_a_copy_without_its_sidecar_is_verified_by_the_digest_inside(tmp_path):
     torch.manual_seed(0)
-    state = {"state_dict": {"w": torch.randn(64, 32), "b": torch.randn(32).to(torch.bfloat16)},
-             "epoch": 3, "hparams": {"lr": 0.1, "betas": (0.9, 0.99), "name": "x", "none": None}}
+    state = {
+        "state_dict": {"w": torch.randn(64, 32), "b": torch.randn(32).to(torch.bfloat16)},
+        "epoch": 3,
+        "hparams": {"lr": 0.1, "betas": (0.9, 0.99), "name": "x", "none": None},
+    }
     original = write_checkpoint(state, tmp_path / "run/last.ckpt")
     assert DIGEST_KEY not in state  # the caller's dict is not changed
     stored = torch.load(original, weights_only=True)
@@ -112,13 +121,19 @@ def test_a_copy_without_its_sidecar_is_verified_by_the_digest_inside(tmp_path):
 
 def test_payload_digest_tells_containers_and_values_apart():
     base = {"a": [1, 2], "t": torch.arange(4, dtype=torch.float32)}
-    variants = [{"a": (1, 2), "t": base["t"]}, {"a": [1, 2], "t": torch.arange(4, dtype=torch.float64)},
-                {"a": [1, 2], "t": base["t"].reshape(2, 2)}, {"a": [1, 3], "t": base["t"]},
-                {"a": ["1", 2], "t": base["t"]}, {"t": base["t"], "a": [1, 2]}]
+    variants = [
+        {"a": (1, 2), "t": base["t"]},
+        {"a": [1, 2], "t": torch.arange(4, dtype=torch.float64)},
+        {"a": [1, 2], "t": base["t"].reshape(2, 2)},
+        {"a": [1, 3], "t": base["t"]},
+        {"a": ["1", 2], "t": base["t"]},
+        {"t": base["t"], "a": [1, 2]},
+    ]
     digests = {payload_digest(v) for v in variants}
     assert payload_digest(base) not in digests and len(digests) == len(variants)
-    assert payload_digest(base) == payload_digest({"a": [1, 2], "t": torch.arange(4, dtype=torch.float32),
-                                                   DIGEST_KEY: "ignored"})
+    assert payload_digest(base) == payload_digest(
+        {"a": [1, 2], "t": torch.arange(4, dtype=torch.float32), DIGEST_KEY: "ignored"}
+    )
 
 
 @pytest.fixture

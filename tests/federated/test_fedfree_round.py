@@ -65,7 +65,7 @@ def test_one_round_invariants_metrics_and_files(tmp_path, one_thread):
     clients = json.loads((run_dir / "results.json").read_text())["clients"]
     assert [c["family"] for c in clients] == runner.families and all(c["final_acc"] is not None for c in clients)
     expect = {"acc/mean", "acc/min", "acc/max", "server/distill_loss", "server/clients_aligned", "server/aligned",
-              "time/server", "local_epochs"}
+              "time/server", "local_epochs", "accuracy/_type"}  # accuracy: the accuracy.png picture (an image)
     assert expect <= wandb_history_keys(tmp_path / "wandb", expect)
 
 

@@ -1,6 +1,7 @@
 """tests/core/test_configs.py hook for configs/imagenet/: the ``fit`` configs run with fast_dev_run on tiny trees
 written in the real on-disk formats (ILSVRC2012 class folders of real JPEG files, the Tiny-ImageNet release layout);
-the Early Cutting ``select`` configs and the FedFree ``fed`` config are covered by tests/imagenet/test_imagenet_configs.py.
+the Early Cutting ``select`` configs and the FedFree ``fed`` config are covered by
+tests/imagenet/test_imagenet_configs.py.
 
 Swaps (printed in the session summary): 224 px -> 32 px crops (evaluation resize 36) and 1000 -> 4 classes (the tiny
 tree), the ViT's position embeddings for 32 px, the distillation teacher's torchvision weights -> a random-weight file
@@ -34,10 +35,12 @@ CLASSES = 4
 _TEACHERS: dict[str, Path] = {}
 IMAGE, RESIZE = 32, 36
 #: select / fed configs of configs/imagenet/ (not ``fit`` configs)
-NOT_FIT = {"selection": "lightning-methods-select config: covered by tests/imagenet/test_imagenet_configs.py::"
-                        "test_select_configs_instantiate and ::test_select_config_runs_end_to_end",
-           "federation": "lightning-methods-fed config: covered by tests/imagenet/test_imagenet_configs.py::"
-                         "test_fed_config_first_round"}
+NOT_FIT = {
+    "selection": "lightning-methods-select config: covered by tests/imagenet/test_imagenet_configs.py::"
+    "test_select_configs_instantiate and ::test_select_config_runs_end_to_end",
+    "federation": "lightning-methods-fed config: covered by tests/imagenet/test_imagenet_configs.py::"
+    "test_fed_config_first_round",
+}
 
 
 def write_teacher(folder: Path, name: str, num_classes: int) -> Path:
@@ -70,8 +73,11 @@ def imagenet_hook(config_path: Path, tmp_path: Path, data_root: Path) -> list[st
             args += [f"--data.init_args.classes_file={wnids}", f"--data.init_args.num_classes={CLASSES}"]
             note_swap(rel, "ImageNet-200 classes file -> the tiny tree's 4 wnids")
         else:
-            args += [f"--data.init_args.num_classes={CLASSES}", f"--data.init_args.image_size={IMAGE}",
-                     f"--data.init_args.eval_resize={RESIZE}"]
+            args += [
+                f"--data.init_args.num_classes={CLASSES}",
+                f"--data.init_args.image_size={IMAGE}",
+                f"--data.init_args.eval_resize={RESIZE}",
+            ]
             note_swap(rel, f"ILSVRC2012 -> tiny tree ({CLASSES} classes), crops 224 -> {IMAGE} px")
     if "vit" in model["backbone"] or "deit" in model["backbone"]:
         args.append(f'--model.init_args.backbone_kwargs={{"img_size": {IMAGE}}}')
@@ -87,8 +93,11 @@ def imagenet_hook(config_path: Path, tmp_path: Path, data_root: Path) -> list[st
         note_swap(rel, "bits [1, 2, 4, 8, 32] -> [2, 32]")
         if model["backbone"] == "imagenet_resnet50":
             args.append("--model.init_args.backbone=imagenet_resnet18")
-            note_swap(rel, "backbone imagenet_resnet50 -> imagenet_resnet18 (ResNet-50's conversion: "
-                           "tests/imagenet/test_imagenet_models.py)")
+            note_swap(
+                rel,
+                "backbone imagenet_resnet50 -> imagenet_resnet18 (ResNet-50's conversion: "
+                "tests/imagenet/test_imagenet_models.py)",
+            )
     if "prototype_iterations" in model:
         args.append("--model.init_args.prototype_iterations=50")
         note_swap(rel, "prototype_iterations 10000 -> 50")

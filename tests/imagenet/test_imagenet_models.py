@@ -4,12 +4,11 @@ settings), and ``parameter_roles`` finds every BatchNorm / LayerNorm affine para
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 import torchvision
 from torch import nn
-
-import pytest
 
 from lightning_methods.layers.quantized import QuantConv2d, QuantLinear, SwitchableBatchNorm, set_bits
 from lightning_methods.models import available_backbones, create_backbone
@@ -17,9 +16,12 @@ from lightning_methods.models.imagenet_mobilenetv1 import BLOCKS
 from lightning_methods.parameters import parameter_roles
 from lightning_methods.quantization import quantize_model
 
-TORCHVISION = {"imagenet_resnet18": torchvision.models.resnet18, "imagenet_resnet34": torchvision.models.resnet34,
-               "imagenet_resnet50": torchvision.models.resnet50,
-               "imagenet_mobilenetv2": torchvision.models.mobilenet_v2}
+TORCHVISION = {
+    "imagenet_resnet18": torchvision.models.resnet18,
+    "imagenet_resnet34": torchvision.models.resnet34,
+    "imagenet_resnet50": torchvision.models.resnet50,
+    "imagenet_mobilenetv2": torchvision.models.mobilenet_v2,
+}
 TIMM = {"imagenet_vit_s16": "vit_small_patch16_224", "imagenet_deit_tiny": "deit_tiny_patch16_224"}
 ALL = [*TORCHVISION, *TIMM, "imagenet_mobilenetv1"]
 
@@ -83,8 +85,15 @@ def test_mobilenetv1_layout_and_parameter_count():
     assert n_params(model) == expected == 4_231_976  # the published MobileNet-V1 1.0 count (4.2M)
     keys = model.state_dict()
     # mdistiller's parameter names: model.<i>.<j> (14 conv blocks) and fc
-    assert {"model.0.0.weight", "model.0.1.running_mean", "model.13.0.weight", "model.13.3.weight",
-            "model.13.4.bias", "fc.weight", "fc.bias"} <= set(keys)
+    assert {
+        "model.0.0.weight",
+        "model.0.1.running_mean",
+        "model.13.0.weight",
+        "model.13.3.weight",
+        "model.13.4.bias",
+        "fc.weight",
+        "fc.bias",
+    } <= set(keys)
     assert keys["model.1.0.weight"].shape == (32, 1, 3, 3)  # depthwise
     x = torch.randn(1, 3, 224, 224)
     model.eval()
@@ -158,8 +167,10 @@ def test_quantize_imagenet_resnet50_bottlenecks():
     assert low.shape == full.shape == (1, 10) and torch.isfinite(low).all() and not torch.equal(low, full)
 
 
-@pytest.mark.parametrize(("name", "method"), [("imagenet_deit_tiny", "anyprecision"), ("imagenet_deit_tiny", "emq"),
-                                           ("imagenet_vit_s16", "anyprecision")])  # ViT-S EMQ: same code, 4x the time
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [("imagenet_deit_tiny", "anyprecision"), ("imagenet_deit_tiny", "emq"), ("imagenet_vit_s16", "anyprecision")],
+)  # ViT-S EMQ: same code, 4x the time
 def test_quantize_imagenet_vit(name, method):
     torch.manual_seed(0)
     model = create_backbone(name, 10, img_size=32)
@@ -191,9 +202,15 @@ def test_parameter_roles_find_every_norm_affine_parameter(name):
     kwargs = {"img_size": 32} if name in TIMM else {}
     model = create_backbone(name, 10, **kwargs)
     norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm))]
-    expected_layers = {"imagenet_resnet18": 20, "imagenet_resnet34": 36, "imagenet_resnet50": 53,
-                       "imagenet_mobilenetv2": 52, "imagenet_mobilenetv1": 27, "imagenet_vit_s16": 25,
-                       "imagenet_deit_tiny": 25}[name]
+    expected_layers = {
+        "imagenet_resnet18": 20,
+        "imagenet_resnet34": 36,
+        "imagenet_resnet50": 53,
+        "imagenet_mobilenetv2": 52,
+        "imagenet_mobilenetv1": 27,
+        "imagenet_vit_s16": 25,
+        "imagenet_deit_tiny": 25,
+    }[name]
     assert len(norms) == expected_layers  # BN per conv / LN: 2 per ViT block + the final one
     gammas = {id(m.weight) for m in norms}
     betas = {id(m.bias) for m in norms}

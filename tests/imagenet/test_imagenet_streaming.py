@@ -12,7 +12,7 @@ from imagenet_tiny_tree import write_imagenet_tree
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_methods import ImageClassifier
-from lightning_methods.cli import main
+from lightning_methods.cli import build_cli, main
 from lightning_methods.datamodules import ImageNetDataModule
 from lightning_methods.imagenet.prepare import main as prepare
 
@@ -133,5 +133,7 @@ def test_demo_photos_prepare_convert_and_fit_through_streaming(tmp_path, monkeyp
         "china_bottom", "china_top", "flower_bottom", "flower_top"]
     main(["prepare-data", "convert", "photos", "stream", "--num-workers", "1"])
     config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "imagenet", "demo_photos.yaml")
-    main(["fit", "--config", config, "--data.init_args.streaming", "stream", "--data.init_args.num_workers", "0",
-          "--trainer.fast_dev_run", "2", "--trainer.logger", "false", "--test_after_fit", "off"])
+    cli = build_cli(["fit", "--config", config, "--data.init_args.streaming", "stream", "--data.init_args.num_workers",
+                     "0", "--data.init_args.batch_size", "8", "--trainer.fast_dev_run", "2", "--trainer.logger",
+                     "false", "--test_after_fit", "off"])
+    assert cli.trainer.global_step == 2 and cli.datamodule.streaming == "stream"

@@ -90,9 +90,15 @@ def test_distillation_classifier_takes_a_torchvision_teacher(fake_download):
 
     calls, served = fake_download
     served["https://download.pytorch.org/models/resnet34-b627a593.pth"] = _state("imagenet_resnet34", seed=1)
-    module = DKDClassifier(backbone="imagenet_resnet18", teacher="imagenet_resnet34",
-                           teacher_checkpoint="torchvision:ResNet34_Weights.IMAGENET1K_V1", num_classes=1000,
-                           temperature=1.0, beta=0.5, warmup_epochs=1)
+    module = DKDClassifier(
+        backbone="imagenet_resnet18",
+        teacher="imagenet_resnet34",
+        teacher_checkpoint="torchvision:ResNet34_Weights.IMAGENET1K_V1",
+        num_classes=1000,
+        temperature=1.0,
+        beta=0.5,
+        warmup_epochs=1,
+    )
     reference = create_backbone("imagenet_resnet34", 1000)
     reference.load_state_dict(served["https://download.pytorch.org/models/resnet34-b627a593.pth"])
     assert module.teacher_sha256 == state_hash(reference)

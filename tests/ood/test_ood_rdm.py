@@ -152,24 +152,24 @@ def test_injected_optimizer_and_settings_survive_a_checkpoint(tmp_path, one_thre
     """The default optimizer is the RDM code's AdamW(2e-3, wd 0): an explicitly injected AdamW with those values trains
     to bit-identical weights; an injected optimizer and the settings dataclasses round-trip through a weights-only
     checkpoint."""
-    def fit(**kwargs):
+    def fit(run, **kwargs):
         torch.manual_seed(0)
         model = RDMModule(dim=2, training=TrainingSettings(warmup_steps=2), net=ScoreNetSettings(**TINY_RDM),
                           **kwargs)
-        trainer = quiet_trainer(max_epochs=2, enable_checkpointing=True, default_root_dir=tmp_path,
-                                callbacks=[L.pytorch.callbacks.ModelCheckpoint(tmp_path, "last")])
+        trainer = quiet_trainer(max_epochs=2, enable_checkpointing=True, default_root_dir=tmp_path / run,
+                                callbacks=[L.pytorch.callbacks.ModelCheckpoint(tmp_path / run, "last")])
         trainer.fit(model, datamodule=_dm(n=64, batch=32))
         return model, trainer
 
-    default, _ = fit()
-    explicit, _ = fit(optimizer=partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.0))
+    default, _ = fit("default")
+    explicit, _ = fit("explicit", optimizer=partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.0))
     for a, b in zip(default.state_dict().values(), explicit.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    sgd, trainer = fit(optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.5),
+    sgd, trainer = fit("sgd", optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.5),
                        likelihood={"state_dtype": "float32", "rtol": 1e-4})
     assert isinstance(trainer.optimizers[0], torch.optim.SGD) and trainer.optimizers[0].defaults["momentum"] == 0.5
     assert any(not torch.equal(a, b) for a, b in zip(default.state_dict().values(), sgd.state_dict().values()))
-    loaded = RDMModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    loaded = RDMModule.load_from_checkpoint(tmp_path / "sgd" / "last.ckpt", weights_only=True)
     assert loaded.likelihood_settings == LikelihoodSettings(state_dtype="float32", rtol=1e-4)
     assert loaded.net_settings == ScoreNetSettings(**TINY_RDM) and loaded.training_settings.warmup_steps == 2
     opt = loaded.configure_optimizers()["optimizer"]

@@ -34,8 +34,16 @@ def test_rows_files_and_figures(tmp_path):
     assert dets[0].metrics["a"]["auroc"] == 1.0 and dets[0].means["near"] == dets[0].metrics["a"]
     out = write_report(tmp_path, dets, groups, [{"encoder": "e", "variant": "raw", "eta2": 0.5}], {"note": 1})
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
-    assert [r["dataset"] for r in rows[:4]] == ["a", "b", "near_mean", "far_mean"]
-    assert float(rows[0]["auroc"]) == 100.0 and rows[2]["group"] == "near"
+    assert [r["dataset"] for r in rows[:5]] == ["a", "b", "union", "near_mean", "far_mean"]
+    assert float(rows[0]["auroc"]) == 100.0 and rows[3]["group"] == "near" and rows[2]["group"] == "union"
+    from sklearn.metrics import roc_auc_score  # the union: ID against both OOD sets pooled, ID positive
+
+    pooled = np.concatenate([dets[1].ood_conf["a"], dets[1].ood_conf["b"]])
+    truth = roc_auc_score(np.r_[np.ones(50), np.zeros(70)], np.r_[dets[1].id_conf, pooled])
+    assert dets[1].metrics["union"]["auroc"] == pytest.approx(truth, abs=1e-12)
+    # the same ID set against each: the pooled AUROC is the size-weighted mean of the per-set AUROCs
+    union = dets[0].metrics["union"]["auroc"]
+    assert union == pytest.approx((40 * dets[0].metrics["a"]["auroc"] + 30 * dets[0].metrics["b"]["auroc"]) / 70)
     summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert summary[0]["near/AUROC"] == "100.0" and summary[1]["detector"] == "kNN[e]"
     assert json.loads((tmp_path / "results.json").read_text())["note"] == 1

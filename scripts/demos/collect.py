@@ -1,0 +1,174 @@
+"""Write docs/demos.md from the outputs of scripts/demos/run_demos.sh: the tables of ``lightning-methods table``
+(and the multibit cost / tunnel per-layer summaries), where and how the runs ran (torch version, threads, CPU,
+from the runs' results.json), run times with the load average, and seed 0 with one thread against two threads.
+
+    python scripts/demos/collect.py [runs/demos] [docs/demos.md]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+DEMOS = (
+    (
+        "quickstart",
+        "Quickstart",
+        "`configs/quickstart.yaml` (ResNet-8, 12 epochs; test accuracy of the best checkpoint)",
+    ),
+    (
+        "multibit",
+        "EMQ vs Any-Precision",
+        "`configs/multibit/digits_emq.yaml` (bit-wise coresets, prune rate 0.5) and "
+        "`digits_anyprecision.yaml` (the same without coresets); test accuracy per bit-width (3 bits never trained)",
+    ),
+    (
+        "hpn",
+        "HPN multi-task sweep",
+        "`configs/hpn/digits_multitask.yaml` over the task weight t (digit accuracy %, ink MAE in lit pixels)",
+    ),
+    (
+        "early_cutting",
+        "Early Cutting vs plain CE",
+        "`lightning-methods select --config "
+        "configs/early_cutting/digits_sym40.yaml` (rows `seed*`, metric `test_acc_last`) against "
+        "`configs/early_cutting/digits_sym40_ce.yaml` (`test/acc`), 40% symmetric label noise, clean test set",
+    ),
+    ("tunnel", "Tunnel Effect", "`configs/tunnel/digits_mlp.yaml` (MLP depth 10 / width 128, 30 epochs, TunnelProbe)"),
+    ("ood", "EncMin2L OOD", "`lightning-methods ood --config configs/ood/digits_demo.yaml` (AUROC x 100)"),
+    ("fedfree", "FedFree", "`lightning-methods fed --config configs/fedfree/digits_demo.yaml` (final-round client "
+     "accuracy)"),
+)
+EXTRA = {"multibit": "cost.md", "tunnel": "summary.md"}
+
+
+def records(folder: Path) -> list[dict]:
+    """The fit records (results.json) and select summaries (summary.json) under ``folder``."""
+    out = []
+    for path in sorted(folder.rglob("results.json")):
+        data = json.loads(path.read_text())
+        if data.get("command") == "fit":
+            out.append(data)
+    for path in sorted(folder.rglob("summary.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "test_acc_last" in data:
+            data["_path"] = str(path)
+            out.append(data)
+    return out
+
+
+def times(root: Path) -> list[dict]:
+    path = root / "times.tsv"
+    return list(csv.DictReader(path.open(), delimiter="\t")) if path.is_file() else []
+
+
+def machine(root: Path) -> str:
+    for name, *_ in DEMOS:
+        for r in records(root / name):
+            if "versions" in r and "threads" in r.get("device", {}):
+                v, d = r["versions"], r["device"]
+                return (
+                    f"torch {v['torch']}, lightning {v['lightning']}, Python {v['python']}; CPU "
+                    f'"{d.get("cpu")}" ({d["cpus"]} logical CPUs), {d["threads"]} torch thread(s) per run'
+                )
+    return "unknown"
+
+
+def run_times(recs: list[dict]) -> str:
+    walls = [r["wall_time_s"] for r in recs if r.get("wall_time_s")]
+    if not walls:
+        return ""
+    return f"{len(walls)} fit runs, wall time per run {min(walls):.0f}-{max(walls):.0f} s"
+
+
+def threads_section(root: Path) -> list[str]:
+    two = root / "threads2"
+    if not two.is_dir():
+        return ["(not run: `scripts/demos/run_demos.sh threads`)"]
+    lines = ["| demo | metric | seed 0, 1 thread | seed 0, 2 threads |", "|---|---|---|---|"]
+    for name, title, _ in DEMOS:
+        one = {_key(r): r for r in records(root / name) if _seed(r) == 0}
+        for key, r2 in sorted({_key(r): r for r in records(two / name) if _seed(r) == 0}.items()):
+            r1 = one.get(key)
+            if r1 is None:
+                continue
+            for metric in _metrics(r2):
+                a, b = _value(r1, metric), _value(r2, metric)
+                if a is not None and b is not None:
+                    lines.append(f"| {title} ({key}) | {metric} | {a:.4g} | {b:.4g} |")
+    return lines
+
+
+def _seed(r: dict) -> int | None:
+    if "seed" in r:
+        return r["seed"]
+    source = r.get("source") or {}
+    return source.get("seed")
+
+
+def _key(r: dict) -> str:
+    if "config_path" in r:
+        info = r.get("info") or {}
+        over = info.get("overrides") or info.get("grid") or {}
+        return Path(r["config_path"]).stem + (f" {over}" if over else "")
+    return "select"
+
+
+def _metrics(r: dict) -> list[str]:
+    if "metrics" not in r:
+        return ["test_acc_last"]
+    return [k for k in sorted(r["metrics"]) if k.startswith("test/acc") and "top5" not in k or k == "test/mae"]
+
+
+def _value(r: dict, metric: str) -> float | None:
+    v = r.get("metrics", r).get(metric)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def main(root: str = "runs/demos", out: str = "docs/demos.md") -> None:
+    base = Path(root)
+    rows = times(base)
+    lines = [
+        "# The digits demos: numbers over seeds, times, thread sensitivity",
+        "",
+        "Generated by `python scripts/demos/collect.py` from the outputs of `scripts/demos/run_demos.sh` (which runs",
+        "`lightning-methods grid` / `select` and `lightning-methods table`); do not edit the numbers by hand, rerun:",
+        "",
+        "```bash",
+        "scripts/demos/run_demos.sh && scripts/demos/run_demos.sh threads && python scripts/demos/collect.py",
+        "```",
+        "",
+        f"Machine of these numbers: {machine(base)}.",
+        "",
+        "Each value is mean ± sample std over seeds 0, 1, 2 (seed_everything and the data seed: split, noise, order,",
+        "initialisation). Float results depend on the CPU's kernels, the thread count and library versions, so a",
+        "single run's digits are not a claim; the last section shows seed 0 again with two threads.",
+        "",
+    ]
+    for name, title, what in DEMOS:
+        folder = base / name
+        lines += [f"## {title}", "", what + ".", ""]
+        table = folder / "table.md"
+        lines += [table.read_text().strip(), ""] if table.is_file() else ["(not run yet)", ""]
+        if name in EXTRA and (folder / EXTRA[name]).is_file():
+            lines += [(folder / EXTRA[name]).read_text().strip(), ""]
+        t = [r for r in rows if r["demo"].startswith(name) and r["threads"] == "1"]
+        if t:
+            wall = sum(float(r["wall_s"]) for r in t)
+            cpu = sum(float(r["cpu_s"]) for r in t)
+            loads = [float(r["load1_before"]) for r in t] + [float(r["load1_after"]) for r in t]
+            lines += [
+                f"Time: {run_times(records(folder))}; the whole demo {wall:.0f} s wall, {cpu:.0f} s of CPU "
+                f"time (one thread per run) under a 1-minute load average of {min(loads):.1f}-{max(loads):.1f} "
+                "on 2 cores (other jobs running).",
+                "",
+            ]
+    lines += ["## One thread against two (seed 0)", ""] + threads_section(base) + [""]
+    Path(out).write_text("\n".join(lines))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
