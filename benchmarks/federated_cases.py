@@ -3,19 +3,15 @@ in-process runtime, for the 20-client CIFAR-100 setting (configs/fedfree/cifar10
 synthetic CIFAR-100-sized data, and the per-client fixed cost of a client-round with one reused Trainer (the
 runtime's default) against a fresh Trainer per client-round (the previous implementation; issue 25).
 
-Cases (every time is per round; ratio = share of the section's first row):
-- one round: local training of every client, the server step, delivery of the aligned layers and evaluation;
-- the same round with a fresh Trainer per client-round (before issue 25);
-- client training: the 20 client-rounds (fit, upload selection, weight copies);
-- training steps only: forward / backward / optimizer step of every batch (GPU synchronised around each step);
-- client-round overhead: client training minus its steps (Trainer setup, loader start, weight transfer to and from
-  the device, Eq. 2 layer deltas), with the reused and with fresh Trainers - target < 10% of client training;
-- server: pseudo-data distillation + KGE alignment - target < 5% of the round;
-- evaluation: delivery of the aligned layers and every client's local test set;
-- round checkpoint: writing every client's weights (what makes a killed run resumable).
+Harness cases (interleaved rounds; ratio = per-round time / the first case's time of the same round):
+- one round: local training of every client, the server step, delivery of the aligned layers and evaluation, with
+  one reused Trainer for all client-rounds (the runtime's default);
+- the same round with a fresh Trainer per client-round (the implementation before issue 25).
 
-The overhead share itself, measured interleaved (client-training phases of both variants alternate round by round,
-the order rotating, on the same clients; per-round shares, median and 25th-75th percentiles)::
+The client-round overhead (client training minus its training steps: Trainer setup, loader start, weight copies to
+and from the device, Eq. 2 layer deltas; target < 10% of client training) is measured by this file's own command:
+the client-training phases of both variants alternate round by round, the order rotating, on the same clients, and
+each round gives the share overhead / client training of each variant (median, 25th-75th percentiles)::
 
     python benchmarks/federated_cases.py --mode cpu --rounds 3 [--out overhead.json]
 
@@ -130,24 +126,16 @@ class RoundTimer:
 
 
 def cases(s: Settings) -> list[tuple]:
+    """The harness's interleaved cases: a full round with the reused Trainer (the baseline) and with a fresh Trainer
+    per client-round. The split of a round (client training, steps, overhead, server, evaluation, checkpoint) is in
+    each round's record (``history.csv`` of a run); the overhead share with its spread comes from :func:`main`."""
     timer = RoundTimer(s)
-
-    def part(reuse: bool, key: str) -> Any:
-        return lambda: timer.splits[reuse][key]  # the split of the latest round of that variant
-
     z = _sizes(s)
     per_round = 20 * 10 * (z["batches"] if isinstance(z["batches"], int) else 225)
     return [
         ("FedFree round, 20 clients, one reused Trainer (per round)", timer.measure, per_round),
         ("FedFree round, fresh Trainer per client-round (previous; per round)", lambda: timer.measure(False),
          per_round),
-        ("client training, incl. overhead (per round)", part(True, "train"), per_round),
-        ("training steps only (per round)", part(True, "steps"), per_round),
-        ("client-round overhead, reused Trainer (per round)", part(True, "overhead"), per_round),
-        ("client-round overhead, fresh Trainers (previous; per round)", part(False, "overhead"), per_round),
-        ("server: distillation + KGE alignment (per round)", part(True, "server"), per_round),
-        ("evaluation incl. layer delivery (per round)", part(True, "eval"), per_round),
-        ("round checkpoint write (per round)", part(True, "checkpoint"), per_round),
     ]
 
 

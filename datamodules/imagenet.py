@@ -30,10 +30,10 @@ from lightning_methods.datamodules.imagenet_files import (
     scan_image_folder,
 )
 from lightning_methods.datamodules.jpeg_dataset import EpochTaggedSampler, JpegFileDataset
-from lightning_methods.datamodules.jpeg_pipeline import RATIO, SCALE, decode_batch
+from lightning_methods.datamodules.jpeg_pipeline import RATIO, SCALE, decode_batch, normalize_uint8
 from lightning_methods.datamodules.label_noise import NoiseType
 from lightning_methods.datamodules.noisy_base import NoisyLabelsMixin
-from lightning_methods.datamodules.transforms import device_augment, mix_batch, normalize
+from lightning_methods.datamodules.transforms import device_augment, mix_batch
 from lightning_methods.utils.seeding import mix_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -227,7 +227,7 @@ class ImageNetDataModule(ImageDataModule):
         seed = mix_seed(self.seed, self.trainer.global_step, self.trainer.global_rank) if training else 0
         if training and self.train_transform == "pad_crop" and self.augment != "none":
             image = device_augment(image, self.augment, torch.Generator(device=image.device).manual_seed(seed))
-        batch["image"] = normalize(image, self.mean, self.std)
+        batch["image"] = normalize_uint8(image, self.mean, self.std)
         if training and (self.cutmix_alpha > 0 or self.mixup_alpha > 0):
             batch["image"], batch["soft_target"] = mix_batch(batch["image"], batch["target"], self.num_classes,
                                                              self.cutmix_alpha, self.mixup_alpha,

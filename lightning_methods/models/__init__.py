@@ -1,4 +1,4 @@
-"""Backbones for 32x32 inputs and ``create_backbone(name, num_classes)``.
+"""Backbones for 32x32 inputs (and ImageNet-size ones named ``imagenet_*``) and ``create_backbone(name, num_classes)``.
 
 Every backbone returns logits from ``forward`` and pooled features from ``forward_features``; ``num_features`` is
 the width of those features. Names are case-insensitive; the names of the shared CIFAR-100 distillation zoo

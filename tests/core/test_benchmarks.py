@@ -150,4 +150,4 @@ def test_import_cases_time_fresh_interpreters(monkeypatch):
     for _name, fn, items in cases:
         assert fn() >= 0 and items == 1
     assert [cmd[-1] for cmd in ran] == ["import torch", "import lightning", "import lightning_methods.optim",
-                                        "import lightning_methods"]
+                                        "from lightning_methods.optim import SAMON"]

@@ -81,3 +81,14 @@ def test_top_level_help_lists_the_commands(capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert all(f"  {name}" in out for name in cli.COMMANDS) and "fit" in out
+
+
+@pytest.mark.parametrize("args,says", [(["--lr", "inf"], "--lr must be a finite number"),
+                                       (["--lr", "-0.1"], "--lr must be > 0"),
+                                       (["--momentum", "nan"], "--momentum must be a finite number"),
+                                       (["--iterations", "-1"], "--iterations must be >= 0")])
+def test_prototypes_refuses_bad_values_before_optimising(args, says, tmp_path):
+    out = tmp_path / "p.npy"
+    with pytest.raises(SystemExit, match=says):
+        cli.main(["prototypes", "--classes", "4", "--dims", "3", "--iterations", "10000000", "--out", str(out), *args])
+    assert not out.exists()

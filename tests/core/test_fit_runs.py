@@ -22,6 +22,7 @@ import yaml
 
 from lightning_methods import ImageClassifier
 from lightning_methods.cli import build_cli, main
+from lightning_methods.results.aggregate import run_label, source_config
 from lightning_methods.results.record import read_metrics_csv
 from lightning_methods.runs import ConfigMismatchError, RunLockedError
 
@@ -79,6 +80,7 @@ def test_resume_keeps_identity_and_lr_then_finished_runs_and_evaluations(tmp_pat
     assert done["status"] == "finished" and done["epochs_completed"] == 4
     for key in ("config_path", "config_hash", "started"):  # the run's identity, as `table` groups and names it
         assert done[key] == first[key], key
+    assert run_label(done) == "quickstart" and source_config(done) == QUICK  # the row name and its `# paper:` file
     # train/lr of every epoch, the epoch before the resume included: cosine over T_max 12 from 0.05. The CSV keeps 9
     # significant digits (<= 5e-9 relative); train/lr is logged as float32 (<= 2^-24 relative more)
     rows = read_metrics_csv(run / "metrics.csv")

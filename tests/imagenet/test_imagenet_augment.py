@@ -142,3 +142,14 @@ def test_decode_on_cuda_equals_decode_on_cpu(tmp_path):
     diff = (cpu - cuda).abs()
     assert diff.mean() < 1.0 and math.isfinite(diff.max().item())
     assert diff.max() <= 16
+
+
+def test_fused_normalization_matches_the_plain_formula():
+    from lightning_methods.datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
+    from lightning_methods.datamodules.jpeg_pipeline import normalize_uint8
+    from lightning_methods.datamodules.transforms import normalize
+
+    x = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 4, 1)
+    fused, plain = normalize_uint8(x, IMAGENET_MEAN, IMAGENET_STD), normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    # both are a few float32 operations on values of magnitude <= 2.7: a few ulps of 2.7 apart at most
+    assert torch.allclose(fused, plain, rtol=0, atol=8 * torch.finfo(torch.float32).eps * 2.7)

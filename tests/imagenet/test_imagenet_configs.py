@@ -280,3 +280,27 @@ def test_fed_config_first_round(tmp_path, monkeypatch):
         ]
     )
     assert summaries[0]["rounds"] == 1 and 0 <= summaries[0]["final_mean"] <= 1
+
+
+def test_emq_imagenet_config_trains_on_bitwise_coresets(tmp_path, monkeypatch):
+    """EMQ on the ImageNet DataModule past its warm-up epoch: every bit-width scores the file-backed training set and
+    trains on its own 40% coreset (prune rate 0.6), stored in the checkpoint."""
+    from lightning_methods.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    root = tree.write_imagenet_tree(tmp_path / "imagenet", classes=4, per_class=6, val_per_class=1)
+    main(["fit", "--config", str(CONFIG_DIR / "imagenet_resnet18_emq.yaml"), "--trainer.max_epochs=2",
+          "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.logger=false",
+          f"--trainer.default_root_dir={tmp_path / 'run'}", "--test_after_fit=off", "--trainer.enable_progress_bar=false",
+          f"--data.init_args.data_dir={root}", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
+          "--data.init_args.eval_batch_size=4", "--data.init_args.num_classes=4", "--data.init_args.image_size=32",
+          "--data.init_args.eval_resize=36", "--model.init_args.backbone=resnet8", "--model.init_args.bits=[2, 32]",
+          "--model.init_args.eval_bits=[2, 32]"])
+    (last,) = (tmp_path / "run").rglob("last.ckpt")
+    ckpt = torch.load(last, weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("BitwiseCoresetCallback")]
+    assert state["n"] == 24 and state["refresh_epoch"] == 1
+    for bits in (2, 32):
+        subset = torch.as_tensor(state["subsets"][bits])
+        assert len(subset) == round(0.4 * 24) and len(set(subset.tolist())) == len(subset)
+        assert 0 <= int(subset.min()) and int(subset.max()) < 24
