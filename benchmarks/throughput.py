@@ -1,10 +1,10 @@
 """Training throughput of lightning-methods, as ratios against baselines measured in the same run.
 
-    python benchmarks/throughput.py --gpu           # the GPU section, one command, < 5 min (bf16, compile, ...)
+    python benchmarks/throughput.py --gpu           # the GPU section (bf16, compile, ...), sized for < 5 min
     python benchmarks/throughput.py                 # full mode: GPU if present (ResNet-18, batch 512, bf16)
     python benchmarks/throughput.py --mode cpu      # no GPU: CIFAR ResNets at batch 128
-    python benchmarks/throughput.py --mode quick --sections loop,input,optimizers,distillation,imports \
-        --json benchmarks/results/cpu_quick.json --write-docs docs/benchmarks.md   # what docs/benchmarks.md shows
+    python benchmarks/throughput.py --mode quick --sections loop,optimizers,distillation --rounds 3 \\
+        --json benchmarks/results/cpu_quick.json --write-docs docs/benchmarks.md   # a record of docs/benchmarks.md
     python benchmarks/throughput.py --mode small    # tiny CPU mode, seconds (used by the smoke test)
 
 The cases of a section run interleaved, round by round in rotating order (``--rounds``, default: the mode's
@@ -174,7 +174,9 @@ def run(mode: str = "full", sections: tuple[str, ...] = SECTIONS, with_compile: 
     rows: list[Row] = []
     for section in sections:
         cases = builders[section]()
-        times = interleave([c[1] for c in cases], rounds)
+        # small: a smoke test; gpu: every call already runs untimed warm-up steps (compilation included), and the
+        # section must stay within its time budget
+        times = interleave([c[1] for c in cases], rounds, warmup=mode not in ("small", "gpu"))
         for (name, _fn, *items), t in zip(cases, times):
             stats = ratio_stats(t, times[0])
             batch = items[0] if items else (256 if section == "pipeline" else s.batch_size)
@@ -240,18 +242,22 @@ overlap as equal. Claims about speed elsewhere in the docs point to a row here a
 section / case.
 
 **GPU: not measured.** No GPU was available when these records were made; every table below ran on a CPU. The GPU
-section is one command, under 5 minutes on one GPU (bf16, `torch.compile`, gpu_resident vs DataLoader workers,
-Lightning vs the raw loop, SAM vs the official-style SAM step, DeepKD batched vs sequential streams):
+section is one command (bf16, `torch.compile`, gpu_resident vs DataLoader workers, Lightning vs the raw loop, SAM vs
+the official-style SAM step, DeepKD batched vs sequential streams), sized for under 5 minutes on one GPU (3 rounds of
+30 timed steps per case, ResNet-18 at batch 512) but not yet run on one:
 
 ```bash
 python benchmarks/throughput.py --gpu --json benchmarks/results/gpu.json --write-docs docs/benchmarks.md
 ```
 
-Regenerate the CPU record:
+Regenerate the CPU records below, then this page:
 
 ```bash
-python benchmarks/throughput.py --mode quick --sections loop,input,optimizers,distillation,imports \\
-    --json benchmarks/results/cpu_quick.json --write-docs docs/benchmarks.md
+python benchmarks/throughput.py --mode quick --sections loop,optimizers,distillation --rounds 3 \\
+    --json benchmarks/results/cpu_quick.json
+python benchmarks/throughput.py --mode quick --sections imports --rounds 3 \\
+    --json benchmarks/results/cpu_quick_imports.json
+python benchmarks/throughput.py --write-docs docs/benchmarks.md
 ```
 """
 
@@ -264,8 +270,15 @@ def write_docs(path: str | Path, results: Path = RESULTS) -> str:
     files = sorted(results.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"no benchmark records (*.json) in {results}; run throughput.py with --json first")
-    for f in files:
-        rec = json.loads(f.read_text())
+    records = [(f, json.loads(f.read_text())) for f in files]
+    recorded = {r["section"] for _f, rec in records for r in rec["rows"]}
+    missing = [x for x in SECTIONS if x not in recorded]
+    if missing:
+        parts.append("Sections without a record here (their figures are not claimed anywhere until one is made): "
+                     + ", ".join(f"`{x}`" for x in missing) + ". Add one with `python benchmarks/throughput.py "
+                     "--mode cpu --sections NAME --json benchmarks/results/NAME.json --write-docs docs/benchmarks.md`."
+                     "\n")
+    for f, rec in records:
         env = rec["environment"]
         load = env.get("load_average")
         parts.append(f"## {f.stem} (mode `{rec['mode']}`)\n")
@@ -284,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["small", "quick", "cpu", "full", "gpu"], default="full")
     parser.add_argument("--gpu", action="store_true", help="the GPU section: --mode gpu --sections "
-                        + ",".join(GPU_SECTIONS) + " --compile (under 5 minutes on one GPU)")
+                        + ",".join(GPU_SECTIONS) + " --compile (sized for under 5 minutes on one GPU)")
     parser.add_argument("--sections", default=None, help=f"comma-separated, from {','.join(SECTIONS)},gpu_methods")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the mode's repeats)")
     parser.add_argument("--compile", dest="with_compile", action="store_true", default=None,

@@ -34,9 +34,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "lightning_methods.datamodules.digits_regression": ("DigitsRegressionDataModule", "digit_regression_values"),
         "lightning_methods.datamodules.federated": ("FederatedDataModule",),
         "lightning_methods.datamodules.cinic10": ("CINIC10DataModule", "read_cinic_split"),
-        "lightning_methods.datamodules.imagenet": (
-            "ImageNet200DataModule", "ImageNetDataModule", "NoisyImageNetDataModule", "WebVisionDataModule",
-        ),
+        "lightning_methods.datamodules.imagenet": ("ImageNet200DataModule", "ImageNetDataModule"),
+        "lightning_methods.datamodules.imagenet_noisy": ("NoisyImageNetDataModule", "WebVisionDataModule"),
         "lightning_methods.datamodules.imagenet_files": ("read_class_list", "read_val_ground_truth"),
     },
 )

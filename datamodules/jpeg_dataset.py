@@ -140,18 +140,18 @@ class JpegFileDataset(IndexedTensorDataset):
 
     # ------------------------------------------------------------------------------------------ items
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        return self.__getitems__([key])
+        """One sample (unbatched: ``image`` ``(3, S, S)`` in the decoding modes, ``jpeg`` bytes otherwise); ``key``
+        is a position or ``(position, epoch)``."""
+        pos, epoch = (int(key), 0) if not isinstance(key, (tuple, list)) else (int(key[0]), int(key[1]))
+        path = self.files[pos]
+        sample = encode_sample(read_bytes(path), self.targets[pos], self.indices[pos], self.mode, self.seed, epoch,
+                               self.image_size, self.eval_resize, self.flip, self.scale, self.ratio, path)
+        sample.update({k: v[pos] for k, v in self.extras.items()})
+        return sample
 
     def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> dict[str, Any]:
-        samples = []
-        for key in keys:
-            pos, epoch = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
-            path = self.files[pos]
-            sample = encode_sample(read_bytes(path), self.targets[pos], self.indices[pos], self.mode, self.seed,
-                                   epoch, self.image_size, self.eval_resize, self.flip, self.scale, self.ratio, path)
-            sample.update({k: v[pos] for k, v in self.extras.items()})
-            samples.append(sample)
-        return collate_samples(samples, self.image_size)
+        """A whole batch (the DataLoader's fetch path): samples collated by :func:`collate_samples`."""
+        return collate_samples([self[key] for key in keys], self.image_size)
 
 
 def encode_sample(data: bytes, target: Any, index: Any, mode: str, seed: int, epoch: int, size: int,

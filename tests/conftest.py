@@ -47,6 +47,15 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _no_leftover_seed(monkeypatch):
+    """Lightning's seed_everything leaves PL_GLOBAL_SEED / PL_SEED_WORKERS in os.environ; DDP set-up re-seeds from
+    them and DataLoader workers read them, so a test's result (and its run_ddp workers') would depend on which test ran
+    before it. Every test starts without them."""
+    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _wandb_isolation(tmp_path, monkeypatch):
     """Each test gets its own W&B directory, and no W&B run outlives the test that opened it (a WandbLogger would
     otherwise reuse it in a later test)."""

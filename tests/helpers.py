@@ -140,11 +140,12 @@ def write_teacher_file(directory: str | Path, arch: str, num_classes: int, seed:
     return path
 
 
-# Variables through which a launcher (torchrun, SLURM, MPI, LSF) or an earlier test (Lightning's seed_everything sets
-# PL_GLOBAL_SEED, which DDP setup re-seeds from) would change how the workers of run_ddp form their group.
+# Variables through which a launcher (torchrun, SLURM, MPI, LSF) would change how the workers of run_ddp form their
+# group. (Seeds an earlier test left behind, PL_GLOBAL_SEED and PL_SEED_WORKERS, are removed for every test by
+# conftest.py, so the workers see the same seeding environment as the test that spawns them.)
 _LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "WORLD_SIZE",
                   "LOCAL_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE")
-_LAUNCHER_PREFIXES = ("PL_", "TORCHELASTIC_", "SLURM_", "OMPI_", "PMI_", "LSB_", "JSM_")
+_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "SLURM_", "OMPI_", "PMI_", "LSB_", "JSM_")
 
 
 def free_port() -> int:
@@ -212,7 +213,7 @@ def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> li
 
     Deterministic set-up and tear-down: a fresh port per call, drawn outside the kernel's ephemeral range
     (:func:`free_port`), workers started with the spawn method (no fork of a process with threads) in an environment
-    without the parent's launcher variables (``PL_GLOBAL_SEED`` of an earlier test included), and every worker leaves
+    without the parent's launcher variables, and every worker leaves
     the process group after a barrier, so no rank exits while its peer still talks to it (the gloo thread of the peer
     would abort the process). ``fn`` may create and destroy process groups itself, one after another.
     """

@@ -1,6 +1,6 @@
-"""Loading frozen CIFAR-100 teachers for :class:`lightning_methods.DistillationClassifier`.
+"""Loading frozen CIFAR-100 and ImageNet teachers for :class:`lightning_methods.DistillationClassifier`.
 
-Accepted teacher checkpoints (never downloaded implicitly):
+Accepted teacher checkpoints (nothing is downloaded unless a ``torchvision:`` weights name asks for it):
 
 - the widely shared CIFAR-100 teacher files of CRD / mdistiller (``cifar_teachers.tar`` from the mdistiller
   release "checkpoints"): a dict whose ``"model"`` key holds the state dict, laid out as

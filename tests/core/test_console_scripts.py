@@ -37,6 +37,10 @@ TINY = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--tr
         "--trainer.enable_progress_bar", "false"]
 RUNS = Path("runs") / "quickstart" / "lightning-methods-quickstart"  # README: where the quickstart's runs live
 
+#: each test (and the quickstart fixture) runs several fresh interpreters: about a minute on an idle 2-core machine,
+#: several on a loaded one; the limit only catches hangs
+pytestmark = pytest.mark.timeout(1200)
+
 
 def script(name: str) -> Path:
     """The installed console script ``name`` of this interpreter's environment."""
@@ -90,7 +94,7 @@ def test_every_command_help_exits_0_and_names_the_command(work):
     interpreter)."""
     missing = [name for name in COMMANDS if not (BIN / f"lightning-methods-{name}").is_file()]
     cases = help_cases(missing)
-    procs = parallel([case[0] for case in cases], work)
+    procs = parallel([case[0] for case in cases], work, timeout=300)
     bad = []
     for (args, expected), proc in zip(cases, procs):
         usage = next((line for line in proc.stdout.splitlines() if line.startswith("usage:")), "")

@@ -80,3 +80,31 @@ def test_help_and_table_errors(tmp_path, capsys):
     assert exit_info.value.code == 0 and "lightning-methods-fed table" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no results.json"):
         main(["table", str(tmp_path)])
+
+
+@pytest.mark.filterwarnings("ignore:.*cover only")
+def test_grid_over_seeds_and_table_of_a_fed_config(tmp_path, monkeypatch, one_thread):
+    """``lightning-methods grid --command fed`` runs a fed config over seeds (each seed in its own run directory, both
+    seed keys set) and ``lightning-methods table`` gives one row per algorithm with the mean over the seeds, as
+    scripts/demos/run_demos.sh does for the digits demo."""
+    from fedfree_testing import tiny_config
+
+    from lightning_methods.results import grid, table
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_config(tmp_path, compare_with=[{"class_path": "lightning_methods.federated.LocalOnly"}])
+    grid.main(["--command", "fed", "--config", str(path), "--seeds", "0", "1", "--grid_dir", str(tmp_path / "g")])
+    finals = {}
+    for seed in (0, 1):
+        fed_dir = tmp_path / "g" / "fed" / f"seed{seed}" / "fed"
+        for algorithm in ("fedfree", "local"):
+            record = json.loads((fed_dir / algorithm / "results.json").read_text())
+            assert record["source"]["seed"] == seed and record["environment"]["threads"] == 1
+            finals.setdefault(algorithm, []).append(record["summary"]["final_mean"])
+        resolved = yaml.safe_load((fed_dir / "fedfree" / "config.yaml").read_text())
+        assert resolved["data"]["seed"] == resolved["federation"]["seed"] == seed
+    result = table.main([str(tmp_path / "g"), "--metrics", "final_mean", "--no_plot"])
+    rows = {r.label.rsplit(":", 1)[-1]: r for r in result.rows}
+    assert set(rows) == {"fedfree", "local"} and all(r.n == 2 for r in rows.values())
+    for algorithm, values in finals.items():  # the table's mean is the mean of the two seeds' final-round accuracy
+        assert rows[algorithm].stats["final_mean"][0] == pytest.approx(100 * sum(values) / 2)

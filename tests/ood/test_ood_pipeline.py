@@ -69,15 +69,16 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_run):
     fused = next(d for d in results["detectors"] if d["name"] == "EncMin2L")
     assert set(fused["means"]) == {"near", "far", "covariate"}
     assert fused["means"]["far"]["auroc"] > 0.9  # measured 0.99 with these tiny RDMs (photo patches vs digits)
-    assert fused["params"] == 6 * next(d for d in results["detectors"] if d["name"] == "RDM[cnn/raw]")["params"]
+    one_rdm = next(d for d in results["detectors"] if d["name"] == "RDM[cnn/standardize]")["params"]
+    assert fused["params"] == 4 * one_rdm  # 2 encoders x 2 variants
     assert results["parameter_ratio_monolithic_over_encmin2l"] > 0
-    assert len(results["diagnostics"]) == 6 and 0 <= results["eta2"]["cnn"] <= 1
+    assert len(results["diagnostics"]) == 4 and 0 <= results["eta2"]["cnn"] <= 1
     assert set(results["splits"]) == {"rdm_train", "calib_1", "calib_2"}
     header = (report / "metrics.csv").read_text().splitlines()[0]
     assert header == "detector,kind,params,dataset,group,auroc,fpr95,aupr_in,aupr_out"
     state = json.loads((root / "run" / "state.json").read_text())
-    assert {"encoder/cnn", "embed/cnn", "splits", "rdm/cnn/raw", "score/monolithic/standardize", "report"} <= set(
-        state["stages"])
+    assert {"encoder/cnn", "embed/cnn", "splits", "rdm/cnn/standardize", "score/monolithic/standardize",
+            "report"} <= set(state["stages"])
     union = next(d for d in results["detectors"] if d["name"] == "EncMin2L")["metrics"]["union"]
     assert 0.5 < union["auroc"] <= 1  # ID against every OOD set pooled
     env = results["environment"]
@@ -141,7 +142,7 @@ def test_interrupted_rdm_fit_resumes_to_the_same_weights(demo_run, monkeypatch):
     real, interrupted = EncMin2LPipeline.make_trainer, []
 
     def make_trainer(self, stage=None, **kwargs):
-        if stage == "rdm-cnn-raw" and not interrupted:  # only the first fit of this RDM
+        if stage == "rdm-cnn-standardize" and not interrupted:  # only the first fit of this RDM
             interrupted.append(stage)
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), Interrupt()]
         return real(self, stage, **kwargs)
@@ -151,11 +152,11 @@ def test_interrupted_rdm_fit_resumes_to_the_same_weights(demo_run, monkeypatch):
     with pytest.raises(SystemExit):  # Lightning shuts down gracefully on Ctrl-C and exits
         run_ood(args)
     state = json.loads((root / "run4" / "state.json").read_text())
-    assert "embed/cnn" in state["stages"] and "rdm/cnn/raw" not in state["stages"]
-    assert (root / "run4" / "rdm" / "cnn__raw" / "last.ckpt").is_file()
+    assert "embed/cnn" in state["stages"] and "rdm/cnn/standardize" not in state["stages"]
+    assert (root / "run4" / "rdm" / "cnn__standardize" / "last.ckpt").is_file()
     assert run_ood(args)["status"] == "paused"
-    resumed = torch.load(root / "run4" / "rdm" / "cnn__raw" / "rdm.pt", weights_only=True)["state_dict"]
-    reference = torch.load(root / "run" / "rdm" / "cnn__raw" / "rdm.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(root / "run4" / "rdm" / "cnn__standardize" / "rdm.pt", weights_only=True)["state_dict"]
+    reference = torch.load(root / "run" / "rdm" / "cnn__standardize" / "rdm.pt", weights_only=True)["state_dict"]
     for key, value in reference.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
 
@@ -213,7 +214,7 @@ def test_corrupt_or_deleted_cache_entries_and_stage_outputs(demo_run, monkeypatc
     entry.unlink()
     assert run_ood(_args(run, cache))["table"] == result["table"] and len(calls) == 1
     # stage outputs: a flipped byte in a score file stops the report stage, naming the file ...
-    scores = run / "scores" / "cnn__raw.pt"
+    scores = run / "scores" / "cnn__standardize.pt"
     raw = bytearray(scores.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     scores.write_bytes(bytes(raw))
@@ -222,7 +223,7 @@ def test_corrupt_or_deleted_cache_entries_and_stage_outputs(demo_run, monkeypatc
         run_ood(_args(run, cache))
     # ... and refresh scores again; a deleted RDM is refitted (from its finished last.ckpt) to the same weights
     assert run_ood(_args(run, cache, "--cache_policy", "refresh"))["table"] == result["table"]
-    package = run / "rdm" / "cnn__raw" / "rdm.pt"
+    package = run / "rdm" / "cnn__standardize" / "rdm.pt"
     before = torch.load(package, weights_only=True)["state_dict"]
     package.unlink()
     (run / "splits.pt").unlink()

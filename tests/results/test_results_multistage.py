@@ -24,7 +24,9 @@ def test_federated_runs_over_two_seeds_make_one_row_per_algorithm(tmp_path, one_
     finals: dict[str, list[float]] = {"FedFree": [], "Local": []}
     for seed in (0, 1):
         summaries = fed_run(["--config", str(config), "--run_dir", str(tmp_path / f"s{seed}"), "--progress", "false",
-                             "--data.num_clients", "2", "--data.seed", str(seed), "--federation.rounds", "1",
+                             "--data.partition.num_clients", "2", "--data.seed", str(seed),
+                             "--federation.rounds", "1",
+                             "--compare_with", json.dumps([{"class_path": "lightning_methods.federated.LocalOnly"}]),
                              "--trainer", json.dumps({"accelerator": "cpu", "devices": 1, "precision": "32-true",
                                                       "limit_train_batches": 2})])
         for summary in summaries:
