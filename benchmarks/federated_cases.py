@@ -74,7 +74,7 @@ class RoundTimer:
     """Builds the 20-client federation once (a runner from a parsed config, on synthetic data) with two client
     runtimes over the same clients: one reused Trainer (the default) and a fresh Trainer per client-round."""
 
-    def __init__(self, s: Settings) -> None:
+    def __init__(self, s: Settings, num_clients: int = 20) -> None:
         z = _sizes(s)
         accel = "gpu" if s.device.startswith("cuda") else "cpu"
         trainer = {"accelerator": accel, "devices": 1, "precision": s.precision, "limit_train_batches": z["batches"]}
@@ -82,12 +82,13 @@ class RoundTimer:
         config = parser.parse_object({
             "run_dir": tempfile.mkdtemp(), "progress": False, "profile_steps": True, "trainer": trainer,
             "data": {"dataset": "cifar100", "batch_size": 10,
-                     "partition": {"num_clients": 20, "classes_per_client": 10}},
+                     "partition": {"num_clients": num_clients, "classes_per_client": 10}},
             "federation": {"rounds": 1000, "local_epochs": 1, "families": z["families"]},
             "algorithm": {"class_path": "lightning_methods.federated.FedFree", "init_args": {"k": 2}}})
         self.runner = runner = FederatedRunner(parser, config)
         runner.data = SyntheticFederated(z["train"], z["test"], batch_size=10,
-                                         partition=PartitionSettings(num_clients=20, classes_per_client=10))
+                                         partition=PartitionSettings(num_clients=num_clients,
+                                                                     classes_per_client=10))
         runner.data.setup()
         runner.families, info = runner.federation_info()
         runner.algorithm.setup_server(info)
@@ -95,7 +96,7 @@ class RoundTimer:
                                               trainer=trainer, profile_steps=True, reuse_trainer=reuse)
                          for reuse in (True, False)}
         runner.runtime = self.runtimes[True]
-        runner.clients = [runner.runtime.init_client(i) for i in range(20)]
+        runner.clients = [runner.runtime.init_client(i) for i in range(num_clients)]
         self.round, self.split, self.images = 0, {}, sum(runner.data.train_sizes())
         self.splits: dict[bool, dict[str, float]] = {}
 
@@ -147,11 +148,11 @@ def quartiles(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "p25": q[0], "p75": q[2]}
 
 
-def overhead_interleaved(mode: str, rounds: int) -> dict[str, Any]:
+def overhead_interleaved(mode: str, rounds: int, num_clients: int = 20) -> dict[str, Any]:
     """Client-round overhead share (overhead / client training) per round for both variants, interleaved: each round
     runs the client phase of both, the order rotating; plus the per-round ratio of their overhead seconds."""
     s = settings(mode)
-    timer = RoundTimer(s)
+    timer = RoundTimer(s, num_clients)
     timer.client_phase(True)  # warm-up (allocator, kernels, the first Trainer): not recorded
     timer.client_phase(False)
     per: dict[bool, list[dict[str, float]]] = {True: [], False: []}
@@ -161,7 +162,9 @@ def overhead_interleaved(mode: str, rounds: int) -> dict[str, Any]:
             print(f"round {r + 1} {'reused' if reuse else 'fresh '}: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in per[reuse][-1].items()), flush=True)
     ratio = [a["overhead"] / b["overhead"] for a, b in zip(per[True], per[False])]
-    return {"mode": mode, "rounds": rounds, "machine": machine(), "torch": torch.__version__,
+    families = [timer.runner.families.count(f) for f in sorted(set(timer.runner.families))]
+    return {"mode": mode, "rounds": rounds, "clients": num_clients, "family_counts": dict(zip(
+            sorted(set(timer.runner.families)), families)), "machine": machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "reused": {k: quartiles([p[k] for p in per[True]]) for k in ("share", "overhead", "train", "steps")},
             "fresh": {k: quartiles([p[k] for p in per[False]]) for k in ("share", "overhead", "train", "steps")},
@@ -172,9 +175,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("small", "cpu", "full"), default="cpu")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=20, help="clients (20: the 20-client setting; 8: one per "
+                        "HtFE-img-8 family, for a quicker estimate)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
-    result = overhead_interleaved(args.mode, args.rounds)
+    result = overhead_interleaved(args.mode, args.rounds, args.clients)
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -88,6 +88,19 @@ class ImageNetDataModule(ImageDataModule):
         num_workers: int = 8,
         **kwargs: Any,
     ) -> None:
+        if class_subset is not None and classes_file is not None:
+            raise ValueError("give class_subset or classes_file, not both")
+        # the real class count before save_hyperparameters (in the base) records ``num_classes``: the hparams, the
+        # model's linked num_classes and a logger's merged hparams must all agree
+        classes: list[str] | None = None
+        if classes_file is not None:
+            classes = read_class_list(classes_file)
+        elif isinstance(class_subset, (list, tuple)):
+            classes = list(class_subset)
+        if classes is not None:
+            num_classes = len(classes)
+        elif isinstance(class_subset, int):
+            num_classes = class_subset
         super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
         if self.augment not in ("standard", "crop", "none"):
             raise ValueError(f"augment={self.augment!r} is a CIFAR policy; ImageNet DataModules take 'standard', "
@@ -99,8 +112,6 @@ class ImageNetDataModule(ImageDataModule):
             raise ValueError(f"train_transform must be 'random_resized_crop' or 'pad_crop', got {train_transform!r}")
         if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
-        if class_subset is not None and classes_file is not None:
-            raise ValueError("give class_subset or classes_file, not both")
         self.data_dir = Path(data_dir).expanduser()
         self.streaming, self.streaming_cache_dir = streaming, streaming_cache_dir
         self.image_size, self.eval_resize = image_size, eval_resize
@@ -108,16 +119,11 @@ class ImageNetDataModule(ImageDataModule):
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.train_transform = train_transform
         self.class_subset, self.classes_file = class_subset, classes_file
-        self.classes: list[str] | None = None
-        if classes_file is not None:
-            self.classes = read_class_list(classes_file)
-        elif isinstance(class_subset, (list, tuple)):
-            self.classes = list(class_subset)
-        if self.classes is not None:
-            num_classes = len(self.classes)
-        elif isinstance(class_subset, int):
-            num_classes = class_subset
+        self.classes = classes
         self.num_classes = num_classes
+        if self.hparams.get("num_classes") != num_classes:  # a subclass's own default (ImageNet-200: 200) was saved
+            self.hparams["num_classes"] = num_classes
+            self._hparams_initial["num_classes"] = num_classes  # what a logger records and merges with the model's
         self.full_train_set: JpegFileDataset | None = None
 
     # ------------------------------------------------------------------------------------------ data
@@ -163,7 +169,8 @@ class ImageNetDataModule(ImageDataModule):
         target = extras.pop("target")
         full = self._dataset(files, target, extras=extras)
         train_pos, val_pos = self.holdout_split(len(files))
-        self.train_set = full.subset(train_pos)
+        # ``train_set[i]`` gives a training sample as the workers decode it (SSAM-F's Fisher pass draws from it)
+        self.train_set = full.subset(train_pos, self.train_item_mode())
         eval_files, eval_labels = self.eval_files(classes)
         self.test_set = self._dataset(eval_files, eval_labels)
         self.val_set = full.subset(val_pos, "eval") if len(val_pos) else self.test_set
@@ -176,9 +183,15 @@ class ImageNetDataModule(ImageDataModule):
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
-    def train_mode(self) -> str:
+    def train_item_mode(self) -> str:
+        """The decoded training sample: ``train`` (RandomResizedCrop + flip) or ``eval`` (the evaluation crop, for
+        ``pad_crop``, whose augmentation runs on the device, and ``augment="none"``)."""
         random_crop = self.train_transform == "random_resized_crop" and self.augment != "none"
-        return ("train" if random_crop else "eval") + ("_bytes" if self.device_decode() else "")
+        return "train" if random_crop else "eval"
+
+    def train_mode(self) -> str:
+        """What the training loader ships: :meth:`train_item_mode`, as bytes when decoding on the device."""
+        return self.train_item_mode() + ("_bytes" if self.device_decode() else "")
 
     def _file_loader(self, dataset: JpegFileDataset, train: bool) -> DataLoader:
         mode = self.train_mode() if train else "eval_bytes" if self.device_decode() else "eval"

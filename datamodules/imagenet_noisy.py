@@ -62,7 +62,7 @@ class NoisyImageNetDataModule(FileSubsetMixin, NoisyLabelsMixin, ImageNetDataMod
         if noise_type in ("instance", "cifarn"):
             raise ValueError(f"noise_type={noise_type!r} is not available for ImageNet: instance noise needs every "
                              "training image in memory, cifarn is CIFAR's; use sym, pairflip or asym")
-        ImageNetDataModule.__init__(self, val_split=val_split, **kwargs)
+        super().__init__(val_split=val_split, **kwargs)
         self._init_noise(noise_type=noise_type, noise_rate=noise_rate, noise_seed=noise_seed,
                          include_noise=include_noise,
                          asym_grouping=None, cifarn_file=None, cifarn_key=None, label_file=label_file,

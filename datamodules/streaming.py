@@ -67,7 +67,9 @@ def streaming_dataset_class() -> Any:
 
     class StreamingJpegDataset(litdata.StreamingDataset):
         """Streaming samples decoded / augmented (or shipped as bytes) per ``mode``, keyed ``(seed, epoch, index)``.
-        ``mode`` can be changed with :meth:`set_mode` before a loader iterates."""
+        ``mode`` can be changed with :meth:`set_mode` before a loader iterates; an int index (random access, as
+        ``dataset[i]`` of SSAM-F's Fisher pass) always gives a decoded sample (a ``*_bytes`` mode without the
+        ``_bytes``) with the augmentation of epoch 0, as the folder path's ``dataset[i]``."""
 
         def __init__(self, input_dir: str, mode: str = "eval", image_size: int = 224, eval_resize: int = 256,
                      aug_seed: int = 0, scale: tuple = (0.08, 1.0), ratio: tuple = (0.75, 4 / 3), flip: bool = True,
@@ -81,10 +83,12 @@ def streaming_dataset_class() -> Any:
 
         def __getitem__(self, index: Any) -> dict[str, Any]:
             item = super().__getitem__(index)
-            return encode_sample(item["jpeg"], int(item["label"]), int(item["index"]), self.mode, self.aug_seed,
-                                 int(self.current_epoch), self.image_size, self.eval_resize, self.aug_flip,
-                                 self.aug_scale, self.aug_ratio, name=f"{self.input_dir.url or self.input_dir.path}"
-                                 f"[{item['index']}]")
+            direct = isinstance(index, int)  # random access: the folder path's ``dataset[i]`` (epoch 0)
+            mode = self.mode.removesuffix("_bytes") if direct else self.mode
+            return encode_sample(item["jpeg"], int(item["label"]), int(item["index"]), mode, self.aug_seed,
+                                 0 if direct else int(self.current_epoch), self.image_size, self.eval_resize,
+                                 self.aug_flip, self.aug_scale, self.aug_ratio,
+                                 name=f"{self.input_dir.url or self.input_dir.path}[{item['index']}]")
 
     _CLASS = StreamingJpegDataset
     return _CLASS
@@ -100,7 +104,7 @@ def setup_streaming(dm: Any) -> None:
     if dm.val_split > 0:
         raise ValueError("val_split > 0 holds out part of the training folder; with streaming data validate on the "
                          "converted val/ split (val_split=0)")
-    dm.train_set = make_streaming_dataset(split_url(dm.streaming, "train"), "train", True, dm)
+    dm.train_set = make_streaming_dataset(split_url(dm.streaming, "train"), dm.train_item_mode(), True, dm)
     # evaluation keeps every sample (ranks may get one batch more or less; Lightning syncs metrics at epoch end)
     dm.test_set = make_streaming_dataset(split_url(dm.streaming, "val"), "eval", False, dm, drop_last=False)
     dm.val_set = dm.test_set

@@ -7,7 +7,8 @@ tenth of client training): before each fit its fit loop is replaced by a fresh o
 epoch, step and batch counters start from zero exactly as in a new Trainer, and ``fit`` attaches the new module and
 the client's loaders as usual. ``reuse_trainer=False`` builds a fresh Trainer per client-round instead (the previous
 behaviour; both give bit-identical rounds: tested). Each client-round runs under
-:class:`~lightning_methods.callbacks.nonfinite_guard.NonFiniteGuard`: a client whose loss or weights become NaN / inf
+:class:`~lightning_methods.callbacks.nonfinite_guard.NonFiniteGuard` (:class:`ClientRoundGuard`: the loss every step,
+the weights once per client-round): a client whose loss or weights become NaN / inf
 stops the run with :class:`~lightning_methods.callbacks.nonfinite_guard.NonFiniteTrainingError` naming the client
 and round, before anything of that round is recorded.
 
@@ -82,6 +83,25 @@ class StepTimer(Callback):
         self.total += self._now() - self._t0
 
 
+class ClientRoundGuard(NonFiniteGuard):
+    """:class:`NonFiniteGuard` for client-rounds: the loss after every step (as the guard does), the weights and
+    buffers once, at the end of the client-round (what the upload, the server and the round checkpoint receive) -
+    not also at the end of each epoch - with a one-pass test per tensor: a float sum is NaN / inf when an element is
+    (it can also overflow for weights near 1e38 / numel, which a diverging client reaches only on its way to inf)."""
+
+    def __init__(self) -> None:
+        super().__init__(param_check_every_n_steps=0)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        pass  # the end-of-training check below covers the client-round; the per-step loss check runs every step
+
+    def _params_bad(self, pl_module: Any) -> torch.Tensor:
+        sums = [t.detach().sum() for _, t in self._state(pl_module)]
+        if not sums:
+            return torch.zeros((), dtype=torch.bool, device=pl_module.device)
+        return ~torch.isfinite(torch.stack([s.to(pl_module.device, torch.float32) for s in sums])).all()
+
+
 def reset_fit_loop(trainer: Trainer) -> None:
     """Give ``trainer`` a fresh fit loop (epoch, batch, step and scheduler progress at zero, no stop request), as
     ``Trainer.__init__`` builds it, so that the next ``fit`` runs exactly like the first fit of a new Trainer."""
@@ -130,7 +150,7 @@ class ClientRuntime:
         with ``reuse_trainer=False``), with a step timer and a non-finite guard."""
         self._timer.total = 0.0
         if self._trainer is None or not self.reuse_trainer:
-            self._trainer = Trainer(**self.trainer_kwargs, callbacks=[self._timer, NonFiniteGuard()])
+            self._trainer = Trainer(**self.trainer_kwargs, callbacks=[self._timer, ClientRoundGuard()])
         else:
             reset_fit_loop(self._trainer)
         return self._trainer

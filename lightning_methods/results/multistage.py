@@ -92,6 +92,8 @@ def _ood_record(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     of the configs' ``# paper:`` lines), the resolved config from the run's ``config.yaml``."""
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
     stem = Path(source["config"][-1]).stem if source.get("config") else path.parent.parent.name
+    if stem == "run" and (path.parents[2] / "run.yaml").is_file():  # a grid run: <grid>/<config>/<seed>/ood/...
+        stem = path.parents[3].name
     metrics: dict[str, float] = {}
     for det in data["detectors"]:
         for name, values in [*(det.get("metrics") or {}).items(),

@@ -186,13 +186,15 @@ def test_fit_exits_0_and_writes_the_documented_run_directory(quickstart, work):
 
 
 def test_test_of_a_run_checkpoint_writes_beside_that_run(quickstart):
-    """Issue 21 item 4: ``test`` with the original config on a run's checkpoint records its results beside that run
-    (``results_test.json``, the fit's ``results.json`` untouched) and creates no new run directory."""
+    """Issue 21 item 4: ``test`` with the original config on a run's checkpoint records its results beside that run,
+    one record per checkpoint (``results_test-last.json``, docs/results.md; the fit's ``results.json`` untouched),
+    says where, and creates no new run directory."""
     proc, run_dir = quickstart["test"], quickstart["run_dir"]
     assert proc.returncode == 0, proc.out[-3000:]
     assert "test/acc" in proc.out
     assert quickstart["runs_after_eval"] == quickstart["runs_before_eval"], "test/predict made a new run directory"
-    record = json.loads((run_dir / "results_test.json").read_text())
+    record = json.loads((run_dir / "results_test-last.json").read_text())
+    assert str(run_dir / "results_test-last.json") in proc.out  # the printed path
     assert record["command"] == "test" and 0.0 <= record["metrics"]["test/acc"] <= 1.0
     assert json.loads((run_dir / "results.json").read_text())["command"] == "fit"
 
@@ -201,13 +203,13 @@ def test_predict_of_a_run_checkpoint_writes_predictions_beside_that_run(quicksta
     proc, run_dir = quickstart["predict"], quickstart["run_dir"]
     assert proc.returncode == 0, proc.out[-3000:]
     assert quickstart["runs_after_eval"] == quickstart["runs_before_eval"], "test/predict made a new run directory"
-    rows = _rows(run_dir / "predictions.csv")
+    rows = _rows(run_dir / "predictions-last.csv")  # per checkpoint beside the fit (docs/results.md)
     assert len(rows) == 2 * 64  # limit_predict_batches x batch_size, one row per sample
     assert {"index", "target", "pred", "confidence"} <= set(rows[0])
     indices = [int(r["index"]) for r in rows]
     assert indices == sorted(set(indices))  # sorted by index, no duplicates
     assert all(0.0 <= float(r["confidence"]) <= 1.0 and 0 <= int(r["pred"]) < 10 for r in rows)
-    assert (run_dir / "predictions.json").is_file()
+    assert json.loads((run_dir / "predictions-last.json").read_text())
 
 
 def test_the_printed_resume_command_on_a_finished_run_changes_nothing(quickstart):

@@ -85,3 +85,23 @@ def test_non_finite_server_state_stops_before_the_round_is_recorded(tmp_path, on
     with pytest.raises(NonFiniteTrainingError, match=r"round 1: server aggregation: NaN or inf in state\.global_state"):
         make_runner(tmp_path, BrokenServer(k=2, pseudo_batch_size=16), num_clients=2).run()
     _no_round_recorded(tmp_path / "run" / "fedfree")
+
+
+def test_client_round_guard_sees_a_non_finite_buffer_with_a_finite_loss():
+    """A BatchNorm statistic can overflow while the training loss stays finite (batch statistics are used in
+    training): the end-of-client-round check looks at every parameter and buffer."""
+    import torch
+
+    from lightning_methods.federated.client import FedClientModule
+    from lightning_methods.federated.local import ClientRoundGuard
+    from lightning_methods.models.fed_clients import create_client_net
+
+    module = FedClientModule(create_client_net("fed_resnet8", 10), num_classes=10)
+    guard = ClientRoundGuard()
+    assert not bool(guard._params_bad(module))
+    bn = next(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var[0] = float("inf")
+    assert bool(guard._params_bad(module))
+    bn.running_var[0] = 1.0
+    next(module.parameters()).data.view(-1)[3] = float("nan")
+    assert bool(guard._params_bad(module))

@@ -291,7 +291,8 @@ def test_emq_imagenet_config_trains_on_bitwise_coresets(tmp_path, monkeypatch):
     root = tree.write_imagenet_tree(tmp_path / "imagenet", classes=4, per_class=6, val_per_class=1)
     main(["fit", "--config", str(CONFIG_DIR / "imagenet_resnet18_emq.yaml"), "--trainer.max_epochs=2",
           "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.logger=false",
-          f"--trainer.default_root_dir={tmp_path / 'run'}", "--test_after_fit=off", "--trainer.enable_progress_bar=false",
+          f"--trainer.default_root_dir={tmp_path / 'run'}", "--test_after_fit=off",
+          "--trainer.enable_progress_bar=false",
           f"--data.init_args.data_dir={root}", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
           "--data.init_args.eval_batch_size=4", "--data.init_args.num_classes=4", "--data.init_args.image_size=32",
           "--data.init_args.eval_resize=36", "--model.init_args.backbone=resnet8", "--model.init_args.bits=[2, 32]",

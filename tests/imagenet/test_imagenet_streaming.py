@@ -57,6 +57,24 @@ def test_converted_and_folder_data_give_the_same_samples(converted):
         assert stream[key][0] == target and torch.equal(stream[key][1], image)
 
 
+def test_streaming_train_item_is_the_folder_training_sample(converted):
+    """``train_set[i]`` (SSAM-F's Fisher pass) gives the decoded, unbatched training sample of the folder path, also
+    after the training loader set a bytes mode (decoding on the device)."""
+    root, conv = converted
+    folder = ImageNetDataModule(str(root), **SMALL)
+    folder.setup("fit")
+    by_index = {int(folder.train_set[i]["index"]): folder.train_set[i] for i in range(len(folder.train_set))}
+    dm = ImageNetDataModule(str(root), streaming=str(conv), decode_on_device=True, **SMALL)
+    dm.setup("fit")
+    dm.train_dataloader()  # sets the streaming data set to train_bytes
+    assert dm.train_set.mode == "train_bytes"
+    for i in range(len(dm.train_set)):
+        item = dm.train_set[i]
+        assert "jpeg" not in item and item["image"].shape == (3, 24, 24) and item["target"].ndim == 0
+        expected = by_index[int(item["index"])]
+        assert int(item["target"]) == int(expected["target"]) and torch.equal(item["image"], expected["image"])
+
+
 def test_every_sample_once_per_epoch_in_a_new_order(converted):
     root, conv = converted
     dm = ImageNetDataModule(str(root), streaming=str(conv), **SMALL)
