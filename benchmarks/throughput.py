@@ -270,14 +270,19 @@ def write_docs(path: str | Path, results: Path = RESULTS) -> str:
     files = sorted(results.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"no benchmark records (*.json) in {results}; run throughput.py with --json first")
-    records = [(f, json.loads(f.read_text())) for f in files]
+    loaded = [(f, json.loads(f.read_text())) for f in files]
+    records = [(f, rec) for f, rec in loaded if isinstance(rec, dict) and {"rows", "environment", "mode"} <= set(rec)]
+    others = [f.name for f, rec in loaded if (f, rec) not in records]
     recorded = {r["section"] for _f, rec in records for r in rec["rows"]}
     missing = [x for x in SECTIONS if x not in recorded]
     if missing:
-        parts.append("Sections without a record here (their figures are not claimed anywhere until one is made): "
+        parts.append("Sections without a table here yet: "
                      + ", ".join(f"`{x}`" for x in missing) + ". Add one with `python benchmarks/throughput.py "
                      "--mode cpu --sections NAME --json benchmarks/results/NAME.json --write-docs docs/benchmarks.md`."
                      "\n")
+    if others:
+        parts.append("Other files in `benchmarks/results/` (written by their own scripts, not tables of this harness): "
+                     + ", ".join(f"`{n}`" for n in others) + ".\n")
     for f, rec in records:
         env = rec["environment"]
         load = env.get("load_average")

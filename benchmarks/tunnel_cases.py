@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 
@@ -59,7 +60,7 @@ def cases(s: Settings) -> list[tuple]:
     model = create_backbone("vgg19_3fc", 10, width=z["width"]).to(device).eval()
     points = probe_points(model, example=torch.zeros(1, 3, 32, 32))
     data_id = ProbeData("synthetic", _dataset(z["train"], 0), _dataset(z["test"], 1), 10)
-    prepare = image_preparer(MEAN, STD, device)
+    prepare = image_preparer(SimpleNamespace(mean=MEAN, std=STD), device)  # anything with the DataModule's mean/std
     settings = ProbeSettings(max_train_samples=None, probe_epochs=z["epochs"], pool_size=z["pool"],
                              feature_dtype=z["dtype"], extract_batch_size=min(256, s.batch_size * 2),
                              memory_budget_gb=None)
@@ -86,7 +87,8 @@ def cases(s: Settings) -> list[tuple]:
     def probes() -> float:
         if not features:
             features.update(extract(points).features)
-        return timed(lambda: train_linear_probes(features, split.targets, 10, z["epochs"], 512, device=device))
+        return timed(lambda: train_linear_probes(features, split.targets, 10, solver="adam", epochs=z["epochs"],
+                                                     batch_size=512, device=device))
 
     def ranks() -> float:
         if not features:

@@ -8,8 +8,8 @@ in a ``ConfigRecord``, so heterogeneous layers (names, shapes, kinds) travel unc
 
 One round, in both runtimes:
 
-1. every client applies its pending download (round 1: :meth:`FedAlgorithm.initial_download`), trains locally with a
-   fresh Trainer on :meth:`FedAlgorithm.make_module`, and returns :meth:`FedAlgorithm.upload`;
+1. every client applies its pending download (round 1: :meth:`FedAlgorithm.initial_download`), trains locally (a quiet
+   Trainer with a fresh fit loop) on :meth:`FedAlgorithm.make_module`, and returns :meth:`FedAlgorithm.upload`;
 2. the server runs :meth:`FedAlgorithm.aggregate` on all uploads;
 3. every client receives :meth:`FedAlgorithm.download` (applied at once), then is evaluated on its local test set
    (HtFLlib evaluates at this point too: after the server's update, before the next local training).

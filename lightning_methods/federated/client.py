@@ -1,4 +1,4 @@
-"""Local training and evaluation of one client: the LightningModule a fresh Trainer fits for one client-round.
+"""Local training and evaluation of one client: the LightningModule a quiet Trainer fits for one client-round.
 
 :class:`FedClientModule` is an :class:`~lightning_methods.ImageClassifier` over a client network with the common
 512-d feature + head interface (:class:`~lightning_methods.models.fed_clients.FedClientNet`), trained with plain

@@ -6,8 +6,8 @@
   node its round-1 initial download, ``aggregate_train`` runs ``aggregate`` (FedFree: pseudo-data distillation and
   KGE alignment), ``configure_evaluate`` sends each node its own download (FedFree: the selected global layer, or
   nothing), ``aggregate_evaluate`` computes the accuracy summary.
-- :func:`make_client_app` runs the client side with :class:`~.local.ClientRuntime` (a fresh quiet Trainer per
-  round), keeping the client's weights and state in ``context.state`` between rounds.
+- :func:`make_client_app` runs the client side with :class:`~.local.ClientRuntime` (one quiet Trainer, a fresh
+  fit loop per client-round), keeping the client's weights and state in ``context.state`` between rounds.
 - Heterogeneous payloads travel natively: tensors of any names and shapes in an ``ArrayRecord``, metadata (layer
   names, kinds, shapes, KGE) as a JSON string in a ``ConfigRecord``; the client's ``partition-id`` (node config) is
   its client id, learned by the strategy with one ``query`` message per node.

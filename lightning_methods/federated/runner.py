@@ -1,11 +1,12 @@
 """The in-process federated runtime: clients train one after another on one device, the server step runs in the
 same process, every round is checkpointed, and a killed run resumes from its last completed round.
 
-Per round (see :mod:`.algorithm`): for each client a fresh quiet ``Trainer`` (no logger, checkpointing, progress bar
-or model summary) fits the algorithm's LightningModule for ``local_epochs`` on the client's data; the client's upload
-goes to the server; after :meth:`~.algorithm.FedAlgorithm.aggregate` every client applies its download and is
-evaluated on its local test set. Metrics go to the run's logger (one W&B run for the whole federation, step = round)
-and to ``history.csv``; the per-client table goes to ``clients.csv`` and a W&B table at the end.
+Per round (see :mod:`.algorithm`): for each client the runtime's quiet ``Trainer`` (no logger, checkpointing,
+progress bar or model summary; one Trainer, a fresh fit loop per client-round, see :mod:`.local`) fits the
+algorithm's LightningModule for ``local_epochs`` on the client's data; the client's upload goes to the server;
+after :meth:`~.algorithm.FedAlgorithm.aggregate` every client applies its download and is evaluated on its local
+test set. Metrics go to the run's logger (one W&B run for the whole federation, step = round) and to ``history.csv``;
+the per-client table goes to ``clients.csv`` and a W&B table at the end.
 
 Memory: the weights (and extra state) of all clients live on the CPU between rounds - about ``sum over clients of
 4 bytes x parameters`` (HtFE-img-8, 20.7M parameters per client on average: ~1.7 GB for 20 clients, ~8.3 GB

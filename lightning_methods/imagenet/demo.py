@@ -37,7 +37,7 @@ def _save(array: np.ndarray, path: Path) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def write_demo_tree(out: str | Path, per_class: int = 48, val_per_class: int = 16, size: int = 160,
+def write_demo_tree(out: str | Path, per_class: int = 32, val_per_class: int = 8, size: int = 128,
                     seed: int = 0) -> dict[str, Any]:
     """Write the demo tree under ``out`` (see the module docstring); returns counts."""
     out = Path(out).expanduser()

@@ -155,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify", action="store_true", help="skip decoding every image once before converting")
     d = sub.add_parser("demo", help="an ImageNet-layout tree of crops of scikit-learn's sample photographs")
     d.add_argument("out", type=Path, help="output folder (train/ and val/ are written inside)")
-    d.add_argument("--per-class", type=int, default=48, help="training crops per photograph")
-    d.add_argument("--val-per-class", type=int, default=16, help="validation crops per photograph")
-    d.add_argument("--size", type=int, default=160, help="side of the written crops")
+    d.add_argument("--per-class", type=int, default=32, help="training crops per photograph")
+    d.add_argument("--val-per-class", type=int, default=8, help="validation crops per photograph")
+    d.add_argument("--size", type=int, default=128, help="side of the written crops")
     d.add_argument("--seed", type=int, default=0, help="seed of the crop positions")
     return parser
 

@@ -38,10 +38,39 @@ DEMOS = (
     ),
     ("tunnel", "Tunnel Effect", "`configs/tunnel/digits_mlp.yaml` (MLP depth 10 / width 128, 30 epochs, TunnelProbe)"),
     ("ood", "EncMin2L OOD", "`lightning-methods ood --config configs/ood/digits_demo.yaml` (AUROC x 100)"),
-    ("fedfree", "FedFree", "`lightning-methods fed --config configs/fedfree/digits_demo.yaml` (final-round client "
-     "accuracy)"),
+    (
+        "fedfree",
+        "FedFree",
+        "`lightning-methods fed --config configs/fedfree/digits_demo.yaml` (final-round client accuracy)",
+    ),
 )
 EXTRA = {"multibit": "cost.md", "tunnel": "summary.md"}
+#: What each demo can and cannot show (written with the runs in front of us; the numbers above are generated).
+NOTES = {
+    "multibit": (
+        "EMQ trains on 60% of Any-Precision's training samples here (2 full warm-up epochs, then coresets of half "
+        "the data for 10 epochs) but scores the whole training set at every refresh (every 2 epochs: forward passes "
+        "only), so its forward passes exceed Any-Precision's; the demo shows the coreset mechanics and the accuracy "
+        "per bit-width, not a speed-up. Any-Precision (`digits_anyprecision.yaml`) has a row above only for the "
+        "seeds that finished: if it has none, its runs did not finish in the session that generated this file "
+        "(about 50 minutes of wall time per run on the loaded 2-core machine), and the demo cannot yet say whether "
+        "EMQ is close to it."
+    ),
+    "hpn": "t = 0.01 leaves the classification term too weak to learn in 15 epochs; see docs/methods/hpn.md.",
+    "early_cutting": (
+        "Compare `test_acc_last` of the select runs (`seed*` rows) with `test/acc` of `digits_sym40_ce`: both are "
+        "the clean test accuracy after the last epoch."
+    ),
+    "tunnel": (
+        "The probe of the output layer (`fc10`, the logits) reaches the model's own test accuracy: the linear probes "
+        "are fitted to convergence (L-BFGS)."
+    ),
+}
+VIT_NOTE = (
+    "## ViT locality\n\nNo digits demo: the ViT-locality configs need CIFAR / Tiny-ImageNet and many epochs, so the "
+    "paper's effect (CutMix lowers the early-layer MAD) is not measured in this project; docs/methods/vit_locality.md "
+    "gives the paper's numbers only.\n"
+)
 
 
 def records(folder: Path) -> list[dict]:
@@ -111,8 +140,8 @@ def _seed(r: dict) -> int | None:
 def _key(r: dict) -> str:
     if "config_path" in r:
         info = r.get("info") or {}
-        over = info.get("overrides") or info.get("grid") or {}
-        return Path(r["config_path"]).stem + (f" {over}" if over else "")
+        over = info.get("combination") or {}
+        return (info.get("name") or Path(r["config_path"]).stem) + (f" {over}" if over else "")
     return "select"
 
 
@@ -125,6 +154,76 @@ def _metrics(r: dict) -> list[str]:
 def _value(r: dict, metric: str) -> float | None:
     v = r.get("metrics", r).get(metric)
     return float(v) if isinstance(v, (int, float)) else None
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [
+        {k.lower() if k in ("Config", "Setting") else k: v for k, v in row.items()}
+        for row in csv.DictReader(path.open(encoding="utf-8-sig"))
+    ]
+
+
+def _pm(row: dict, metric: str, digits: int = 1) -> str:
+    mean, std = row.get(f"{metric} mean"), row.get(f"{metric} std")
+    if not mean:
+        return "n/a"
+    return f"{float(mean):.{digits}f} ± {float(std or 0):.{digits}f}"
+
+
+def summaries(base: Path) -> dict[str, str]:
+    """Short generated texts for the marked places in README.md and docs/methods/*.md."""
+    out: dict[str, str] = {}
+    for name, extra in (("multibit", "cost.md"), ("tunnel", "summary.md")):
+        parts = [(base / name / f).read_text().strip() for f in ("table.md", extra) if (base / name / f).is_file()]
+        if name == "tunnel":
+            parts = parts[1:] if len(parts) > 1 else parts
+        out[name] = "\n\n".join(parts)
+    for name in ("hpn", "early_cutting"):
+        path = base / name / "table.md"
+        out[name] = path.read_text().strip() if path.is_file() else "(not run yet)"
+    bits = (1, 2, 3, 4, 8, 32)
+    for row in _csv_rows(base / "multibit" / "table.csv"):
+        accs = " / ".join(_pm(row, f"test/acc_bit{b}") for b in bits)
+        out[f"readme_multibit_{row['config']}"] = f"{row['config']} ({row['n']} seeds): {accs} % at 1/2/3/4/8/32 bits"
+    out["readme_multibit"] = "; ".join(v for k, v in sorted(out.items()) if k.startswith("readme_multibit_")) + (
+        " (3 bits never trained; mean ± std, one CPU thread; cost and times in docs/demos.md)"
+    )
+    hpn = []
+    for row in _csv_rows(base / "hpn" / "table.csv"):
+        hpn.append(f"{row['setting']}: {_pm(row, 'test/acc')} / {_pm(row, 'test/mae', 3)}")
+    out["readme_hpn"] = "; ".join(hpn) if hpn else "(not run yet)"
+    tunnel = base / "tunnel" / "summary.md"
+    if tunnel.is_file():
+        lines = tunnel.read_text().splitlines()
+        rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and line[2].isdigit()]
+        ranks = " ".join(f"{float(r[3].split('+-')[0]):.0f}" for r in rows)
+        accs = [float(r[2].split("+-")[0]) for r in rows]
+        out["readme_tunnel"] = (
+            f"{lines[0].split(';')[1].strip()}; mean numerical rank per layer {ranks}; mean probe "
+            f"accuracy {min(accs):.1f}-{max(accs):.1f}% at every layer (the logits: "
+            f"{rows[-1][2].strip()}) - the rank falls in the last layers."
+        )
+    return out
+
+
+def fill(path: Path, texts: dict[str, str]) -> None:
+    """Replace the text between ``<!-- demos:KEY -->`` and ``<!-- /demos:KEY -->`` (or after a lone opening marker)
+    with ``texts[KEY]``."""
+    import re
+
+    text = path.read_text()
+    for key, value in texts.items():
+        start, end = f"<!-- demos:{key} -->", f"<!-- /demos:{key} -->"
+        if start not in text:
+            continue
+        new = f"{start}{value}{end}"
+        if end in text:
+            text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m, new=new: new, text, flags=re.S)
+        else:
+            text = text.replace(start, new)
+    path.write_text(text)
 
 
 def main(root: str = "runs/demos", out: str = "docs/demos.md") -> None:
@@ -154,6 +253,8 @@ def main(root: str = "runs/demos", out: str = "docs/demos.md") -> None:
         lines += [table.read_text().strip(), ""] if table.is_file() else ["(not run yet)", ""]
         if name in EXTRA and (folder / EXTRA[name]).is_file():
             lines += [(folder / EXTRA[name]).read_text().strip(), ""]
+        if name in NOTES:
+            lines += [NOTES[name], ""]
         t = [r for r in rows if r["demo"].startswith(name) and r["threads"] == "1"]
         if t:
             wall = sum(float(r["wall_s"]) for r in t)
@@ -165,9 +266,19 @@ def main(root: str = "runs/demos", out: str = "docs/demos.md") -> None:
                 "on 2 cores (other jobs running).",
                 "",
             ]
-    lines += ["## One thread against two (seed 0)", ""] + threads_section(base) + [""]
+    lines += [VIT_NOTE, "## One thread against two (seed 0)", ""] + threads_section(base) + [""]
     Path(out).write_text("\n".join(lines))
     print(f"wrote {out}")
+    texts = summaries(base)
+    for doc in (
+        "README.md",
+        "docs/methods/multibit.md",
+        "docs/methods/hpn.md",
+        "docs/methods/tunnel_effect.md",
+        "docs/methods/early_cutting.md",
+    ):
+        if Path(doc).is_file():
+            fill(Path(doc), texts)
 
 
 if __name__ == "__main__":

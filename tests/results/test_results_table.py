@@ -123,3 +123,19 @@ def test_wandb_project_as_input(tmp_path, monkeypatch):
     assert row.name == "samon" and row.n == 3 and row.paper == {"test/acc": 84.2}
     assert row.stats["test/acc"] == pytest.approx((100 * accs.mean(), 100 * accs.std(ddof=1)))
     assert aggregate.curves(row, "val/acc")[1] == pytest.approx([50 * accs.mean(), 100 * accs.mean()])
+
+
+def test_curves_go_to_a_wandb_run_when_asked(tmp_path, monkeypatch):
+    """``--wandb_project P --wandb_mode offline``: the curves picture is logged into a new (offline) W&B run
+    ``table-<output folder>`` whose files hold the image; without the option nothing goes to W&B."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed_everything: 0\n")
+    for seed, acc in enumerate(RHO_ACC[0.5]):
+        write_run(tmp_path / "runs", f"s{seed}", cfg, 0.5, seed, acc)
+    out = tmp_path / "out"
+    table_main([str(tmp_path / "runs"), "--output", str(out), "--wandb_project", "p", "--wandb_mode", "offline"])
+    images = list(out.glob("wandb/offline-run-*/files/media/images/table/curves_*.png"))
+    assert len(images) == 1 and images[0].stat().st_size > 1000
+    table_main([str(tmp_path / "runs"), "--output", str(tmp_path / "plain")])
+    assert not (tmp_path / "plain" / "wandb").exists()
