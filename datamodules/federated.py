@@ -144,6 +144,18 @@ class FederatedDataModule(ImageDataModule):
         self.train_set, self.test_set = self.client_train[self.client], self.client_test[self.client]
         self.val_set = self.test_set
 
+    @property
+    def image_size(self) -> int:
+        """Height = width of the images the clients see: after ``setup`` the shape of the loaded training images,
+        before it the source's native size (64 for Tiny-ImageNet, 32 for CIFAR and the upscaled digits)."""
+        if not self.client_train:
+            return 64 if self.dataset == "tinyimagenet" else 32
+        height, width = (int(v) for v in self.client_train[0].images.shape[-2:])
+        if height != width:
+            raise ValueError(f"federated client models need square images; {self.dataset} under {self.data_dir} "
+                             f"has {height}x{width} images")
+        return height
+
     def write_statistics(self, path: str | Path) -> Path:
         """Write the per-client partition statistics as JSON (call after ``setup``)."""
         return atomic_write_json(path, {"dataset": self.dataset, "partition": self.partition.scheme,

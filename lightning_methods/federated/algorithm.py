@@ -60,6 +60,9 @@ class FederationInfo:
     feature_dim: int = 512
     stem: str = "cifar"
     rounds: int = 1
+    #: input height = width of the images (32 for CIFAR, 64 for Tiny-ImageNet): the CNN families' flattened width
+    #: and the traced layer input sizes of FedFree's layer inventory depend on it
+    image_size: int = 32
 
 
 @dataclass
@@ -77,6 +80,7 @@ class ClientInfo:
     weight_decay: float = 0.0
     feature_dim: int = 512
     stem: str = "cifar"
+    image_size: int = 32
 
 
 @dataclass
@@ -95,7 +99,8 @@ def build_net(family: str, info: FederationInfo | ClientInfo, seed: int, feature
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return create_client_net(family, info.num_classes, feature_dim=feature_dim, stem=stem)
+        return create_client_net(family, info.num_classes, feature_dim=feature_dim, stem=stem,
+                                 input_size=info.image_size)
 
 
 def cpu_state(net: nn.Module) -> dict[str, torch.Tensor]:

@@ -94,7 +94,7 @@ class FedFree(FedAlgorithm):
     def setup_server(self, info: FederationInfo) -> None:
         super().setup_server(info)
         net = build_net(self.global_family, info, self.global_seed(), info.feature_dim, info.stem)
-        self.global_specs = layer_specs(net)
+        self.global_specs = layer_specs(net, (3, info.image_size, info.image_size))
         self.global_state = cpu_state(net)
 
     def server_state_dict(self) -> dict[str, Any]:
@@ -151,21 +151,21 @@ class FedFree(FedAlgorithm):
                 "aligned": aligned}
 
     # ------------------------------------------------------------------------------------------ client side
-    def client_specs(self, net: nn.Module, family: str) -> list[LayerSpec]:
-        """The client's layer inventory (traced once per family and cached)."""
+    def client_specs(self, net: nn.Module, family: str, image_size: int = 32) -> list[LayerSpec]:
+        """The client's layer inventory (traced once per family on ``image_size`` inputs and cached)."""
         if family not in self._specs:
-            self._specs[family] = layer_specs(net)
+            self._specs[family] = layer_specs(net, (3, image_size, image_size))
         return self._specs[family]
 
     def validate_client(self, net: nn.Module, info: ClientInfo) -> None:
-        specs = self.client_specs(net, info.family)
+        specs = self.client_specs(net, info.family, info.image_size)
         if self.k > len(specs):
             raise ValueError(f"k={self.k} critical layers requested but client family {info.family} has only "
                              f"{len(specs)} Conv2d/Linear layers; lower algorithm.init_args.k")
 
     def apply_download(self, net: nn.Module, extra: dict[str, Any], payload: Payload, info: ClientInfo) -> None:
         name = payload.meta["local_name"]
-        spec = next(s for s in self.client_specs(net, info.family) if s.name == name)
+        spec = next(s for s in self.client_specs(net, info.family, info.image_size) if s.name == name)
         state = net.state_dict()
         new = project_layer(payload.arrays, layer_params(state, spec), self.projection_fill)
         with torch.no_grad():
@@ -175,7 +175,7 @@ class FedFree(FedAlgorithm):
     def upload(self, before: Mapping[str, torch.Tensor], net: nn.Module, extra: dict[str, Any],
                info: ClientInfo) -> Payload:
         self.validate_client(net, info)
-        specs = self.client_specs(net, info.family)
+        specs = self.client_specs(net, info.family, info.image_size)
         # the live weights on the CPU (no copy of the whole model: only the k uploaded layers are cloned, since the
         # network is shared by the clients of its family)
         after = {k: v.detach().cpu() for k, v in net.state_dict().items()}

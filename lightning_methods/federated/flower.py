@@ -131,7 +131,7 @@ def federation_info(config_args: tuple[str, ...]) -> tuple[Any, FederationInfo]:
     families = assign_families(fed.families, n, fed.assignment, fed.seed)
     return init.algorithm, FederationInfo(num_clients=n, num_classes=init.data.num_classes, families=families,
                                           seed=fed.seed, feature_dim=fed.feature_dim, stem=fed.stem,
-                                          rounds=fed.rounds)
+                                          rounds=fed.rounds, image_size=getattr(init.data, "image_size", 32))
 
 
 # ---------------------------------------------------------------------------------------------- server

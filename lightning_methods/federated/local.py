@@ -160,7 +160,8 @@ class ClientRuntime:
         return ClientInfo(client_id=i, family=self.families[i], num_classes=self.data.num_classes,
                           num_examples=len(self.data.client_train[i]), round=round,
                           seed=mix_seed(f.seed, CLIENT_INIT_KEY, i), lr=f.lr, momentum=f.momentum,
-                          weight_decay=f.weight_decay, feature_dim=f.feature_dim, stem=f.stem)
+                          weight_decay=f.weight_decay, feature_dim=f.feature_dim, stem=f.stem,
+                          image_size=getattr(self.data, "image_size", 32))
 
     def init_client(self, i: int, payload: Payload | None = None) -> dict[str, Any]:
         """Client ``i`` before round 1: seeded initialisation, then the server's initial download ``payload``

@@ -174,7 +174,8 @@ class FederatedRunner:
         families = assign_families(self.fed.families, self.data.num_clients, self.fed.assignment, self.fed.seed)
         return families, FederationInfo(num_clients=self.data.num_clients, num_classes=self.data.num_classes,
                                         families=families, seed=self.fed.seed, feature_dim=self.fed.feature_dim,
-                                        stem=self.fed.stem, rounds=self.fed.rounds)
+                                        stem=self.fed.stem, rounds=self.fed.rounds,
+                                        image_size=getattr(self.data, "image_size", 32))
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) all rounds; returns the summary (final-round and best-over-rounds accuracies)."""

@@ -2,7 +2,7 @@
 
 Subcommands:
 
-  sort-val VAL_DIR --ground-truth FILE   move the flat ILSVRC2012 validation images into val/<wnid>/ folders, from
+  sort-val VAL_DIR --ground_truth FILE   move the flat ILSVRC2012 validation images into val/<wnid>/ folders, from
                                          LOC_val_solution.csv or the devkit's ILSVRC2012_validation_ground_truth.txt
                                          (with its meta.mat, --meta; default: beside the file)
   convert SRC OUT                        write SRC/train and SRC/val (class folders) in litdata's streaming format
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sort-val", help="sort the flat ILSVRC2012 validation folder into class folders")
     s.add_argument("val_dir", type=Path, help="the folder with ILSVRC2012_val_*.JPEG")
-    s.add_argument("--ground-truth", required=True, type=Path,
+    s.add_argument("--ground_truth", required=True, type=Path,
                    help="LOC_val_solution.csv or the devkit's ILSVRC2012_validation_ground_truth.txt")
     s.add_argument("--meta", type=Path, default=None, help="the devkit's meta.mat (default: beside the ground truth)")
     s.add_argument("--expected", type=int, default=50000, help="images the ground truth must list (0: any)")
@@ -149,14 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", type=Path, help="the folder with train/<class>/ and val/<class>/")
     c.add_argument("out", help="output folder or s3:// URL (train/ and val/ are written inside)")
     c.add_argument("--splits", nargs="+", default=["train", "val"], help="sub-folders to convert")
-    c.add_argument("--classes-file", default=None, help="class list (label order); default: sorted train folders")
-    c.add_argument("--chunk-bytes", default="64MB", help="litdata chunk size")
-    c.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="conversion processes")
-    c.add_argument("--no-verify", action="store_true", help="skip decoding every image once before converting")
+    c.add_argument("--classes_file", default=None, help="class list (label order); default: sorted train folders")
+    c.add_argument("--chunk_bytes", default="64MB", help="litdata chunk size")
+    c.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="conversion processes")
+    c.add_argument("--no_verify", action="store_true", help="skip decoding every image once before converting")
     d = sub.add_parser("demo", help="an ImageNet-layout tree of crops of scikit-learn's sample photographs")
     d.add_argument("out", type=Path, help="output folder (train/ and val/ are written inside)")
-    d.add_argument("--per-class", type=int, default=32, help="training crops per photograph")
-    d.add_argument("--val-per-class", type=int, default=8, help="validation crops per photograph")
+    d.add_argument("--per_class", type=int, default=32, help="training crops per photograph")
+    d.add_argument("--val_per_class", type=int, default=8, help="validation crops per photograph")
     d.add_argument("--size", type=int, default=128, help="side of the written crops")
     d.add_argument("--seed", type=int, default=0, help="seed of the crop positions")
     return parser

@@ -111,6 +111,8 @@ def _resnet(depth: int, num_classes: int, stem: Stem) -> tuple[nn.Module, str]:
     return ResNet(block, layers, num_classes), "linear"
 
 
+#: Builders ``(num_classes, stem) -> (backbone, classifier attribute)``. Every family but the CNNs ends in global
+#: average pooling and runs on any input size; the CNNs' flattened width depends on it (``create_client_net``).
 _BUILDERS: dict[str, Callable[[int, Stem], tuple[nn.Module, str]]] = {
     "fed_cnn": lambda c, s: (FedCNN(c, hidden=(512,)), "fc"),
     "fedavg_cnn": lambda c, s: (FedCNN(c, hidden=()), "fc"),
@@ -129,7 +131,7 @@ def client_families() -> list[str]:
 
 
 def create_client_net(name: str, num_classes: int, feature_dim: int = 512, stem: Stem = "cifar",
-                      **kwargs: Any) -> FedClientNet:
+                      input_size: int = 32, **kwargs: Any) -> FedClientNet:
     """Build a client family by name (see the module docstring).
 
     Args:
@@ -137,6 +139,9 @@ def create_client_net(name: str, num_classes: int, feature_dim: int = 512, stem:
         num_classes: size of the head.
         feature_dim: width of the shared feature space.
         stem: ``"cifar"`` (stride-1 3x3 stems) or ``"imagenet"`` (HtFLlib's torchvision models).
+        input_size: input height = width (32 for CIFAR, 64 for Tiny-ImageNet). Only the CNNs depend on it: their
+            flattened width is ``64 * s * s`` with ``s = ((input_size - 4) // 2 - 4) // 2`` (1600 at 32 px, 10816 at
+            64 px, HtFLlib's ``FedAvgCNN`` ``dim`` values); the other families end in global average pooling.
         **kwargs: for ``fed_cnn`` / ``fedavg_cnn`` only, FedCNN arguments (``hidden``, ``channels``, ...).
 
     Raises:
@@ -146,11 +151,11 @@ def create_client_net(name: str, num_classes: int, feature_dim: int = 512, stem:
         raise ValueError(f"unknown client family {name!r}; known: {', '.join(client_families())}")
     if stem not in ("cifar", "imagenet"):
         raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
-    if kwargs:
-        if not name.endswith("cnn"):
-            raise ValueError(f"{name} takes no extra arguments, got {sorted(kwargs)}")
+    if kwargs and not name.endswith("cnn"):
+        raise ValueError(f"{name} takes no extra arguments, got {sorted(kwargs)}")
+    if name.endswith("cnn"):
         kwargs.setdefault("hidden", (512,) if name == "fed_cnn" else ())
-        backbone, attr = FedCNN(num_classes, **kwargs), "fc"
+        backbone, attr = FedCNN(num_classes, input_size=input_size, **kwargs), "fc"
     else:
         backbone, attr = _BUILDERS[name](num_classes, stem)
     return FedClientNet(backbone, attr, num_classes, feature_dim)

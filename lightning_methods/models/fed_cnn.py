@@ -2,8 +2,9 @@
 ``fedavg_cnn`` (2 conv + 2 FC, McMahan et al.'s FedAvg CNN as in PFLlib / HtFLlib ``FedAvgCNN``).
 
 Layout (HtFLlib ``FedAvgCNN`` / ``CNN``): ``conv1`` = Conv 5x5 (3->32, no padding) + ReLU + 2x2 max-pool, ``conv2``
-= Conv 5x5 (32->64) + ReLU + 2x2 max-pool, flatten (64*5*5 = 1600 for 32x32 inputs), ``fc1`` = the hidden
-Linear + ReLU layers ending at ``feature_dim`` = 512, ``fc`` = the classifier.
+= Conv 5x5 (32->64) + ReLU + 2x2 max-pool, flatten (64*5*5 = 1600 for 32x32 inputs, 64*13*13 = 10816 for 64x64
+Tiny-ImageNet: HtFLlib's ``dim``), ``fc1`` = the hidden Linear + ReLU layers ending at ``feature_dim`` = 512, ``fc`` =
+the classifier.
 
 FedFree (Du et al., NeurIPS 2025, Table A1) describes its global and HmFL model as "CNN with 2 conv + 3 FC, about
 3.2M parameters". No layout of HtFLlib reaches 3.2M with 2 conv + 3 FC; ``fed_cnn`` adds one 512->512 hidden layer to

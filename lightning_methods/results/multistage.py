@@ -4,7 +4,8 @@
 ``lightning-methods select`` writes ``<run_dir>/summary.json``; both keep ``source`` (:func:`command_source`: the
 config files and the seed of the command) so that their runs group over seeds and show the paper's numbers named on
 the config's ``# paper:`` lines (``final_mean``, ``test_acc_max_over_all_epochs_and_rounds``, ...).
-:func:`adapt` turns either file into the fields of a record (:func:`~lightning_methods.results.record.read_record` adds the format); the resolved
+:func:`adapt` turns either file into the fields of a record (:func:`~lightning_methods.results.record.read_record`
+adds the format); the resolved
 config comes from ``config.yaml`` beside the file (written by :class:`~lightning_methods.runs.StagedRun`).
 """
 

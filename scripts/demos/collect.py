@@ -259,9 +259,10 @@ def main(root: str = "runs/demos", out: str = "docs/demos.md") -> None:
         if t:
             wall = sum(float(r["wall_s"]) for r in t)
             cpu = sum(float(r["cpu_s"]) for r in t)
-            loads = [float(r["load1_before"]) for r in t] + [float(r["load1_after"]) for r in t]
+            loads = [float(r[k]) for r in t for k in ("load1_before", "load1_after") if r[k]]
             lines += [
-                f"Time: {run_times(records(folder))}; the whole demo {wall:.0f} s wall, {cpu:.0f} s of CPU "
+                f"Time: {run_times(records(folder))}; the commands {wall:.0f} s of wall time summed (some ran in "
+                f"parallel), {cpu:.0f} s of CPU "
                 f"time (one thread per run) under a 1-minute load average of {min(loads):.1f}-{max(loads):.1f} "
                 "on 2 cores (other jobs running).",
                 "",

@@ -71,7 +71,7 @@ demo_early_cutting() {
   timed early_cutting_ce lightning-methods grid --config configs/early_cutting/digits_sym40_ce.yaml --seeds $SEEDS \
     --grid_dir "$OUT/early_cutting/ce"
   table "$OUT/early_cutting" "$OUT/early_cutting/select" "$OUT/early_cutting/ce" -- test_acc_last test/acc \
-    test_acc_at_best_val tracked_test/acc_at_best_val
+    test_acc_at_best_val
 }
 
 demo_tunnel() {

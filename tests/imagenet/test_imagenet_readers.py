@@ -79,7 +79,7 @@ def test_sort_val_from_official_ground_truth(tmp_path, fmt):
     gt = root / ("LOC_val_solution.csv" if fmt == "csv" else
                  "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
     assert devkit_ids(4) != [1, 2, 3, 4]  # the devkit's ids are not the sorted order: the mapping is exercised
-    main(["prepare-data", "sort-val", str(root / "val"), "--ground-truth", str(gt), "--expected", "12"])
+    main(["prepare-data", "sort-val", str(root / "val"), "--ground_truth", str(gt), "--expected", "12"])
     answers = {Path(p).name: c for p, c in read_answers(root).items() if p.startswith("val/")}
     sorted_files = {p.name: p.parent.name for p in (root / "val").glob("*/*.JPEG")}
     assert sorted_files == {name: wnid(c) for name, c in answers.items()}
@@ -88,7 +88,7 @@ def test_sort_val_from_official_ground_truth(tmp_path, fmt):
     dm.setup("fit")
     assert labels_of(dm.test_set) == answers
     # idempotent: a second run finds everything in place
-    main(["prepare-data", "sort-val", str(root / "val"), "--ground-truth", str(gt), "--expected", "12"])
+    main(["prepare-data", "sort-val", str(root / "val"), "--ground_truth", str(gt), "--expected", "12"])
     assert {p.name: p.parent.name for p in (root / "val").glob("*/*.JPEG")} == sorted_files
 
 
@@ -101,7 +101,7 @@ def test_ground_truth_errors_name_the_file(tmp_path):
     short = tmp_path / "short.csv"
     short.write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(PrepareError, match="ILSVRC2012_val_00000004.JPEG is not listed in the ground truth"):
-        main(["prepare-data", "sort-val", str(root / "val"), "--ground-truth", str(short), "--expected", "0"])
+        main(["prepare-data", "sort-val", str(root / "val"), "--ground_truth", str(short), "--expected", "0"])
     bad = tmp_path / "bad.csv"
     bad.write_text(lines[0] + "\nILSVRC2012_val_00000001,tench 1 2 3 4\n")
     with pytest.raises(ValueError, match=f"{bad}, line 2"):
@@ -121,7 +121,7 @@ def test_corrupt_jpeg_is_named(tmp_path):
     with pytest.raises(BadImageError, match=str(bad)):
         list(dm.train_dataloader())
     with pytest.raises(PrepareError, match=str(bad)):
-        main(["prepare-data", "convert", str(root), str(tmp_path / "out"), "--num-workers", "1"])
+        main(["prepare-data", "convert", str(root), str(tmp_path / "out"), "--num_workers", "1"])
 
 
 def test_webvision_lists_first_classes_and_ilsvrc12_eval(tmp_path):

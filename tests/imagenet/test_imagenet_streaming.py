@@ -29,7 +29,7 @@ def converted(tmp_path_factory):
     data set has several chunks to shard)."""
     tmp = tmp_path_factory.mktemp("stream")
     root = write_imagenet_tree(tmp / "tree", classes=4, per_class=6, val_per_class=2)
-    main(["prepare-data", "convert", str(root), str(tmp / "conv"), "--num-workers", "1", "--chunk-bytes", "3kb"])
+    main(["prepare-data", "convert", str(root), str(tmp / "conv"), "--num_workers", "1", "--chunk_bytes", "3kb"])
     return root, tmp / "conv"
 
 
@@ -145,11 +145,11 @@ def test_streaming_needs_matching_classes_and_no_holdout(converted):
 
 def test_demo_photos_prepare_convert_and_fit_through_streaming(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    summary = prepare(["demo", "photos", "--per-class", "6", "--val-per-class", "2", "--size", "96"])
+    summary = prepare(["demo", "photos", "--per_class", "6", "--val_per_class", "2", "--size", "96"])
     assert (summary["classes"], summary["train"], summary["val"]) == (4, 24, 8)
     assert sorted(p.name for p in (tmp_path / "photos" / "train").iterdir()) == [
         "china_bottom", "china_top", "flower_bottom", "flower_top"]
-    main(["prepare-data", "convert", "photos", "stream", "--num-workers", "1"])
+    main(["prepare-data", "convert", "photos", "stream", "--num_workers", "1"])
     config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "imagenet", "demo_photos.yaml")
     cli = build_cli(["fit", "--config", config, "--data.init_args.streaming", "stream", "--data.init_args.num_workers",
                      "0", "--data.init_args.batch_size", "8", "--trainer.fast_dev_run", "2", "--trainer.logger",
