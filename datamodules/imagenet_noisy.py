@@ -19,7 +19,7 @@ from lightning_methods.datamodules.imagenet_files import (
 )
 from lightning_methods.datamodules.jpeg_dataset import JpegFileDataset
 from lightning_methods.datamodules.label_noise import NoiseType
-from lightning_methods.datamodules.noisy_base import NoisyLabelsMixin, load_index_file
+from lightning_methods.datamodules.noisy_base import NoisyLabelsMixin, subset_positions
 
 
 class FileSubsetMixin:
@@ -145,9 +145,4 @@ class WebVisionDataModule(FileSubsetMixin, ImageNetDataModule):
         if indices is None:
             self.train_set = full
             return
-        idx = load_index_file(indices) if isinstance(indices, (str, Path)) else torch.as_tensor(indices).long()
-        idx = torch.unique(idx.reshape(-1))
-        keep = torch.isin(full.indices, idx)
-        if int(keep.sum()) != len(idx):
-            raise ValueError(f"{len(idx) - int(keep.sum())} train_subset indices are not in the training split")
-        self.train_set = full.subset(keep.nonzero().flatten())
+        self.train_set = full.subset(subset_positions(full.indices, indices))

@@ -45,6 +45,25 @@ def load_index_file(path: str | Path) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values), dtype=torch.long).reshape(-1)
 
 
+def subset_positions(base_indices: torch.Tensor, indices: Any) -> torch.Tensor:
+    """Positions in a training split (whose samples carry ``base_indices``) of the samples named by ``indices``: a
+    sequence or the path of a ``.npy`` / ``.pt`` / ``.json`` / text file of base indices (duplicates ignored).
+
+    Raises:
+        ValueError: an index that is not in the split (a validation-split index, or out of range).
+    """
+    idx = load_index_file(indices) if isinstance(indices, (str, Path)) else torch.as_tensor(indices).long()
+    idx = torch.unique(idx.reshape(-1))
+    keep = torch.isin(base_indices, idx)
+    if int(keep.sum()) != len(idx):
+        missing = idx[~torch.isin(idx, base_indices)]
+        raise ValueError(
+            f"{len(missing)} train_subset indices are not in the training split (e.g. {missing[:5].tolist()}): "
+            "base indices of the validation split or out of range"
+        )
+    return keep.nonzero().flatten()
+
+
 class NoisyLabelsMixin:
     """Mixin for :class:`ImageDataModule` subclasses; call :meth:`_init_noise` in ``__init__``."""
 
@@ -167,17 +186,7 @@ class NoisyLabelsMixin:
         if indices is None:
             self.train_set = full
             return
-        idx = load_index_file(indices) if isinstance(indices, (str, Path)) else torch.as_tensor(indices).long()
-        idx = torch.unique(idx.reshape(-1))
-        keep = torch.isin(full.indices, idx)
-        if int(keep.sum()) != len(idx):
-            missing = idx[~torch.isin(idx, full.indices)]
-            raise ValueError(
-                f"{len(missing)} train_subset indices are not in the training split (e.g. {missing[:5].tolist()}): "
-                "base indices of the validation split or out of range"
-            )
-        pos = keep.nonzero().flatten()
-        self.train_set = self._subset_dataset(full, pos)
+        self.train_set = self._subset_dataset(full, subset_positions(full.indices, indices))
         if self.noise_stats:
             self._record_noise_stats()
 

@@ -24,10 +24,7 @@ from jsonargparse import ActionConfigFile
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
-import lightning_methods  # noqa: F401  (registers the package's classes for short class_path names)
-import lightning_methods.callbacks  # noqa: F401
-import lightning_methods.datamodules  # noqa: F401
-from lightning_methods.cli import default_precision
+from lightning_methods.cli import default_precision, import_public_classes
 from lightning_methods.ood.config import (
     BaselineConfig,
     DiagnosticsConfig,
@@ -45,6 +42,7 @@ from lightning_methods.utils.wandb import finish_open_run
 
 def build_parser() -> LightningArgumentParser:
     """The argument parser of ``lightning-methods-ood``."""
+    import_public_classes()  # short class names (``class_path: DigitsDataModule``) resolve like in `fit`
     parser = LightningArgumentParser(prog="lightning-methods ood",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file (YAML/JSON).")

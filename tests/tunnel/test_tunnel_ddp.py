@@ -29,7 +29,10 @@ def probe_once() -> dict:
     model = create_backbone("mlp", 5, depth=5, width=24)
     data = ProbeData("toy", synthetic(61, 5, 0), synthetic(33, 5, 1), 5)  # odd sizes: the sampler pads shards
     ood = class_subset(ProbeData("toy8", synthetic(45, 8, 2), synthetic(27, 8, 3), 8), 4, seed=1)
+    # Adam: its per-epoch sample orders are a function of the index, so the two layouts are bit-identical; the L-BFGS
+    # default sums the full-batch loss in row order, which differs between the gathered and the local features
     settings = ProbeSettings(max_train_samples=57, probe_epochs=4, probe_batch_size=16, extract_batch_size=8,
+                             probe_solver="adam",
                              feature_dtype="float16", ood_classes=4)
     prepare = image_preparer(SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3), torch.device("cpu"))
     return TunnelProber(settings).run(model, data, prepare, ood).to_dict()
@@ -46,7 +49,7 @@ def fit_with_probe(devices: int) -> dict:
     model = ImageClassifier("mlp", 10, backbone_kwargs={"depth": 4, "width": 16},
                             optimizer=lambda p: torch.optim.SGD(p, lr=0.0))  # same weights with 1 or 2 processes
     probe = TunnelProbe(settings=ProbeSettings(max_train_samples=301, max_test_samples=99, probe_epochs=3,
-                                               extract_batch_size=32, ood_classes=3),
+                                               extract_batch_size=32, ood_classes=3, probe_solver="adam"),
                         ood_data=DigitsDataModule(), log_wandb=False)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
