@@ -1,5 +1,5 @@
 """federated section: the time split of one FedFree round (Du et al., NeurIPS 2025, OpenReview G10Y4vrhGF) in the
-in-process runtime, for the 20-client CIFAR-100 setting (configs/fedfree/cifar100_htfe8_20clients.yaml) on
+in-process runtime, for the 20-client CIFAR-100 setting (configs/federated/cifar100_htfe8_20clients.yaml) on
 synthetic CIFAR-100-sized data, and the per-client fixed cost of a client-round with one reused Trainer (the
 runtime's default) against a fresh Trainer per client-round (the previous implementation; issue 25).
 

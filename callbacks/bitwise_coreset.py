@@ -3,7 +3,7 @@
 Kim, An, Jeon, Ko. *Efficient Multi-bit Quantization Network Training via Weight Bias Correction and Bit-wise Coreset
 Sampling*. NeurIPS 2025, arXiv 2510.20673. The concept is the paper's; the recipe (EL2N by default, top scores, refresh
 schedule, warm-up, batch layout) is our choice, see ``lightning_methods.quantization.coreset`` and
-docs/methods/multibit.md.
+docs/methods/quantization.md.
 
 How it plugs into Lightning (works with ``MultiBitClassifier`` and any DataModule whose training set is indexable):
 

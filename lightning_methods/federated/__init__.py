@@ -11,8 +11,8 @@ mapping), :mod:`.distill` (Gaussian pseudo-data layer distillation, Eqs. 3-5), :
 projection, Eqs. 6-7); partitioners in :mod:`.partition`.
 
 Family parts elsewhere: client families ``fed_*`` in ``lightning_methods/models/fed_clients.py`` (512-d feature +
-head), DataModule :class:`lightning_methods.datamodules.FederatedDataModule`, configs ``configs/fedfree/``, doc
-``docs/methods/fedfree.md``, tests ``tests/federated/``, benchmark ``benchmarks/federated_cases.py``. The runner
+head), DataModule :class:`lightning_methods.datamodules.FederatedDataModule`, configs ``configs/federated/``, doc
+``docs/methods/federated.md``, tests ``tests/federated/``, benchmark ``benchmarks/federated_cases.py``. The runner
 (:mod:`.runner`), the command (:mod:`.cli`, ``lightning-methods-fed``) and the Flower apps (:mod:`.flower`, extra
 ``[federated]``) are imported on demand, not here.
 """

@@ -2,8 +2,8 @@
 
 Usage::
 
-    lightning-methods-fed --config configs/fedfree/cifar100_htfe8_20clients.yaml --data.data_dir DIR
-    lightning-methods fed --config configs/fedfree/digits_demo.yaml           # offline demo, FedFree vs Local-only
+    lightning-methods-fed --config configs/federated/cifar100_htfe8_20clients.yaml --data.data_dir DIR
+    lightning-methods fed --config configs/federated/digits_demo.yaml           # offline demo, FedFree vs Local-only
     lightning-methods-fed table runs/fedfree/cifar100_htfe8_20clients runs/fedfree/cifar100_htfe8_20clients_fedgh
 
 The config holds ``run_dir``, ``data`` (:class:`~lightning_methods.datamodules.FederatedDataModule`),

@@ -3,7 +3,7 @@ pseudo-data X ~ N(0, I) match the outputs of the client layers mapped onto it; n
 
 Du et al., "FedFree: Breaking Knowledge-sharing Barriers through Layer-wise Alignment in Heterogeneous Federated
 Learning" (NeurIPS 2025; OpenReview G10Y4vrhGF). The paper gives the objective in prose; the exact forms here are
-our choice (documented in docs/methods/fedfree.md):
+our choice (documented in docs/methods/federated.md):
 
 - ``L_D(g) = mean over mapped client layers theta of ||theta(X) - g(X)||^2``, the squared L2 norm over output units
   / channels averaged over pseudo-samples and spatial positions (``reduction="sum_units"``), minimised by ``steps``

@@ -15,7 +15,7 @@
 Both apps are built from the same ``lightning-methods-fed`` config, so the partition (seeded), the client families
 and every setting agree with the in-process runner. For ``flwr run``, point a Flower app's ``pyproject.toml`` at
 ``lightning_methods.federated.flower:server_app`` / ``:client_app`` and set ``config`` (the YAML path) and optionally
-``overrides`` (extra command-line arguments) in ``[tool.flwr.app.config]``; see docs/methods/fedfree.md.
+``overrides`` (extra command-line arguments) in ``[tool.flwr.app.config]``; see docs/methods/federated.md.
 """
 
 from __future__ import annotations

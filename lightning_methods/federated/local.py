@@ -137,7 +137,7 @@ class ClientRuntime:
         if not (devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1)):
             raise ValueError(f"trainer.devices={devices!r}: clients train one after another on one device each; "
                              "set trainer.devices to 1 (or [gpu_id]), or run clients in parallel with the Flower "
-                             "runtime (one SuperNode per device, docs/methods/fedfree.md)")
+                             "runtime (one SuperNode per device, docs/methods/federated.md)")
         accel = str(self.trainer_kwargs["accelerator"])
         self.device = torch.device("cuda" if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
         self.profile_steps, self.reuse_trainer = profile_steps, reuse_trainer

@@ -16,7 +16,7 @@ Elsewhere in the family: the callbacks :class:`lightning_methods.callbacks.Predi
 (``callbacks/prediction_history.py``) and :class:`lightning_methods.callbacks.TestAccuracyTracker`
 (``callbacks/accuracy_tracker.py``); the DataModules ``NoisyCIFAR10DataModule``, ``NoisyCIFAR100DataModule``,
 ``NoisyDigitsDataModule`` (``datamodules/noisy_*.py``) with the noise generators in ``datamodules/label_noise.py``;
-configs in ``configs/early_cutting/``; the doc ``docs/methods/early_cutting.md``; tests in ``tests/noisy_labels/``.
+configs in ``configs/noisy_labels/``; the doc ``docs/methods/noisy_labels.md``; tests in ``tests/noisy_labels/``.
 """
 
 from lightning_methods._lazy import lazy_exports

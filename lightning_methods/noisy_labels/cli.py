@@ -2,7 +2,7 @@
 
 Yuan et al., "Enhancing Sample Selection Against Label Noise by Cutting Mislabeled Easy Examples", arXiv 2502.08227.
 
-    lightning-methods-select --config configs/early_cutting/cifar100_sym40.yaml --data.init_args.data_dir DIR
+    lightning-methods-select --config configs/noisy_labels/cifar100_sym40.yaml --data.init_args.data_dir DIR
 
 The config has the sections of a ``lightning-methods fit`` config (``trainer``, ``model``, ``data``, each
 LightningCLI-style with ``class_path`` / ``init_args``) plus ``selection`` (see :class:`SelectionConfig`),

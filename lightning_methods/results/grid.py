@@ -1,6 +1,6 @@
 """Run configs over seeds and a grid of overrides, one run after another; resumable; or emit a W&B sweep / commands.
 
-    lightning-methods grid --config configs/sam_on/cifar100_wrn28_10_{sam,samon}.yaml \\
+    lightning-methods grid --config configs/sam/cifar100_wrn28_10_{sam,samon}.yaml \\
         --seeds 0 1 2 --grid_dir runs/grid/sam_vs_samon [--set model.init_args.optimizer.init_args.rho=0.5,1.0] \\
         [-- --data.init_args.data_dir DIR --trainer.max_epochs 200]
 

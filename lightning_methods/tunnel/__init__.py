@@ -21,7 +21,7 @@ Shared pieces: ``lightning_methods.analysis`` (feature hooks, ``numerical_rank``
 ``mlp*`` / ``vgg*_3fc`` (``models/mlp.py``, ``models/vgg_fc3.py``). Family parts: the callback
 ``lightning_methods.callbacks.TunnelProbe``, the DataModule ``lightning_methods.datamodules.CINIC10DataModule``,
 the command ``lightning-methods probe`` (``tunnel/cli.py``), configs ``configs/tunnel/``, the doc
-``docs/methods/tunnel_effect.md``, tests ``tests/tunnel/`` and the benchmark ``benchmarks/tunnel_cases.py``.
+``docs/methods/tunnel.md``, tests ``tests/tunnel/`` and the benchmark ``benchmarks/tunnel_cases.py``.
 """
 
 from lightning_methods._lazy import lazy_exports

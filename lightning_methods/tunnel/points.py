@@ -1,7 +1,7 @@
 """Probe points of a backbone in forward order: one per weight layer, read after its nonlinearity (Masarczyk et al.,
 *The Tunnel Effect*, NeurIPS 2023, arXiv 2305.19753: "every layer" = the output of each conv or FC layer).
 
-Conventions (fixed across datasets, documented in docs/methods/tunnel_effect.md):
+Conventions (fixed across datasets, documented in docs/methods/tunnel.md):
 
 - models with a ``probe_points()`` method (``mlp*``, ``vgg*_3fc``) list their own points: VGG-19 (``vgg19_3fc``)
   has 19 (16 conv + 3 FC), an MLP one per linear layer;

@@ -1,7 +1,7 @@
 """Settings of a tunnel probe (Masarczyk et al., *The Tunnel Effect*, NeurIPS 2023, arXiv 2305.19753): which layers,
 how many samples, how features are stored, the linear-probe and rank settings, and the tunnel-start threshold.
 Defaults follow the reimplementation DHLSmith/jons-tunnel-effect where it fixes them, our choices elsewhere
-(docs/methods/tunnel_effect.md lists the source of each)."""
+(docs/methods/tunnel.md lists the source of each)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ DEMOS = (
     (
         "multibit",
         "EMQ vs Any-Precision",
-        "`configs/multibit/digits_emq.yaml` (bit-wise coresets, prune rate 0.5) and "
+        "`configs/quantization/digits_emq.yaml` (bit-wise coresets, prune rate 0.5) and "
         "`digits_anyprecision.yaml` (the same without coresets); test accuracy per bit-width (3 bits never trained)",
     ),
     (
@@ -33,15 +33,15 @@ DEMOS = (
         "early_cutting",
         "Early Cutting vs plain CE",
         "`lightning-methods select --config "
-        "configs/early_cutting/digits_sym40.yaml` (rows `seed*`, metric `test_acc_last`) against "
-        "`configs/early_cutting/digits_sym40_ce.yaml` (`test/acc`), 40% symmetric label noise, clean test set",
+        "configs/noisy_labels/digits_sym40.yaml` (rows `seed*`, metric `test_acc_last`) against "
+        "`configs/noisy_labels/digits_sym40_ce.yaml` (`test/acc`), 40% symmetric label noise, clean test set",
     ),
     ("tunnel", "Tunnel Effect", "`configs/tunnel/digits_mlp.yaml` (MLP depth 10 / width 128, 30 epochs, TunnelProbe)"),
     ("ood", "EncMin2L OOD", "`lightning-methods ood --config configs/ood/digits_demo.yaml` (AUROC x 100)"),
     (
         "fedfree",
         "FedFree",
-        "`lightning-methods fed --config configs/fedfree/digits_demo.yaml` (final-round client accuracy)",
+        "`lightning-methods fed --config configs/federated/digits_demo.yaml` (final-round client accuracy)",
     ),
 )
 EXTRA = {"multibit": "cost.md", "tunnel": "summary.md"}
@@ -281,10 +281,10 @@ def main(root: str = "runs/demos", out: str = "docs/demos.md") -> None:
     texts = summaries(base)
     for doc in (
         "README.md",
-        "docs/methods/multibit.md",
+        "docs/methods/quantization.md",
         "docs/methods/hpn.md",
-        "docs/methods/tunnel_effect.md",
-        "docs/methods/early_cutting.md",
+        "docs/methods/tunnel.md",
+        "docs/methods/noisy_labels.md",
     ):
         if Path(doc).is_file():
             fill(Path(doc), texts)

@@ -48,8 +48,8 @@ demo_quickstart() {
 }
 
 demo_multibit() {
-  timed multibit lightning-methods grid --config configs/multibit/digits_emq.yaml \
-    configs/multibit/digits_anyprecision.yaml --seeds $SEEDS --grid_dir "$OUT/multibit"
+  timed multibit lightning-methods grid --config configs/quantization/digits_emq.yaml \
+    configs/quantization/digits_anyprecision.yaml --seeds $SEEDS --grid_dir "$OUT/multibit"
   table "$OUT/multibit" "$OUT/multibit" -- test/acc_bit1 test/acc_bit2 test/acc_bit3 test/acc_bit4 test/acc_bit8 \
     test/acc_bit32
   python scripts/demos/multibit_cost.py "$OUT/multibit" | tee "$OUT/multibit/cost.md"
@@ -64,11 +64,11 @@ demo_hpn() {
 demo_early_cutting() {
   local s
   for s in $SEEDS; do
-    timed "early_cutting_select_seed$s" lightning-methods select --config configs/early_cutting/digits_sym40.yaml \
+    timed "early_cutting_select_seed$s" lightning-methods select --config configs/noisy_labels/digits_sym40.yaml \
       --seed_everything "$s" --data.init_args.seed "$s" --run_dir "$OUT/early_cutting/select/seed$s" \
       --trainer.logger.init_args.save_dir "$OUT/early_cutting/wandb"
   done
-  timed early_cutting_ce lightning-methods grid --config configs/early_cutting/digits_sym40_ce.yaml --seeds $SEEDS \
+  timed early_cutting_ce lightning-methods grid --config configs/noisy_labels/digits_sym40_ce.yaml --seeds $SEEDS \
     --grid_dir "$OUT/early_cutting/ce"
   table "$OUT/early_cutting" "$OUT/early_cutting/select" "$OUT/early_cutting/ce" -- test_acc_last test/acc \
     test_acc_at_best_val
@@ -93,7 +93,7 @@ demo_ood() {  # EncMin2L against each encoder alone (its level-1 gate) on the un
 }
 
 demo_fedfree() {  # FedFree vs Local-only vs FedAvg (HmFL), final-round mean client accuracy (fractions of 1)
-  timed fedfree lightning-methods grid --command fed --config configs/fedfree/digits_demo.yaml --seeds $SEEDS \
+  timed fedfree lightning-methods grid --command fed --config configs/federated/digits_demo.yaml --seeds $SEEDS \
     --grid_dir "$OUT/fedfree"
   table "$OUT/fedfree" "$OUT/fedfree" -- final_mean final_std best_weighted
 }

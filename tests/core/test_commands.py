@@ -40,9 +40,9 @@ def test_a_package_error_exits_1_with_its_message_last(monkeypatch, capsys):
     assert "lightning-methods: error:" in capsys.readouterr().err.strip().splitlines()[-2]
 
 
-@pytest.mark.parametrize("command,config", [("fed", "configs/fedfree/digits_demo.yaml"),
+@pytest.mark.parametrize("command,config", [("fed", "configs/federated/digits_demo.yaml"),
                                             ("ood", "configs/ood/digits_demo.yaml"),
-                                            ("select", "configs/early_cutting/digits_sym40.yaml")])
+                                            ("select", "configs/noisy_labels/digits_sym40.yaml")])
 def test_fit_on_a_config_of_another_command_names_it(command, config):
     path = str(REPO / config)
     with pytest.raises(SystemExit, match=f"run: lightning-methods {command} --config {path}$"):

@@ -120,7 +120,7 @@ def test_list_exits_0_with_whole_plain_descriptions_and_absolute_config_paths(wo
 
 def test_fit_on_a_config_of_another_command_names_that_command(work):
     """One line naming the command instead of the parser's list of unknown keys (all three kinds: test_commands.py)."""
-    config = REPO / "configs/fedfree/digits_demo.yaml"
+    config = REPO / "configs/federated/digits_demo.yaml"
     proc = run(["lightning-methods", "fit", "--config", str(config)], work, ok=False)
     assert proc.returncode != 0
     assert proc.out.strip().splitlines()[-1].endswith(f"run: lightning-methods fed --config {config}"), proc.out
@@ -316,7 +316,7 @@ def test_hpn_sweep_over_two_task_weights(work):
 
 def test_select_runs_its_rounds_with_progress(work):
     run_dir = work / "select"
-    proc = run(["lightning-methods-select", "--config", str(REPO / "configs/early_cutting/digits_sym40.yaml"),
+    proc = run(["lightning-methods-select", "--config", str(REPO / "configs/noisy_labels/digits_sym40.yaml"),
                 "--run_dir", str(run_dir), "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
                 "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
                 "--trainer.logger", "false", "--selection.rounds", "1", "--selection.warm_up_epochs", "1",

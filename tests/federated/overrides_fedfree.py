@@ -1,4 +1,4 @@
-"""tests/test_configs.py hook for configs/fedfree/: these are ``lightning-methods-fed`` configs (a federated runner
+"""tests/test_configs.py hook for configs/federated/: these are ``lightning-methods-fed`` configs (a federated runner
 config, not a ``fit`` config), covered by tests/federated/test_fedfree_configs.py (every one is parsed and
 instantiated, and its first round runs on fake data)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from config_overrides import register
 
 
-@register("fedfree/")
+@register("federated/")
 def fedfree_hook(config_path: Path, tmp_path: Path, data_root: Path) -> list[str] | None:
     return None
 

@@ -1,4 +1,4 @@
-"""Every configs/fedfree/*.yaml parses (all classes instantiate) and its first round runs on fake data.
+"""Every configs/federated/*.yaml parses (all classes instantiate) and its first round runs on fake data.
 
 The first-round run keeps each config's algorithm, partition scheme and settings and shrinks the federation to two
 clients with small families (``fedavg_cnn``, ``fed_resnet8``; FedKD's mentee ``fed_resnet8``; the heterogeneous
@@ -18,7 +18,7 @@ from lightning_methods.federated.cli import build_parser, main, run
 from lightning_methods.federated.config import FederationConfig
 from lightning_methods.models.fed_clients import HTFE_IMG8
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "fedfree"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "federated"
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 
 

@@ -36,7 +36,7 @@ def test_resnet_counts_match_the_paper_table(name):
 
 def test_documented_mismatches_with_the_paper_table():
     """3.5M is torchvision's MobileNetV2 with its 1000-class classifier; no GoogLeNet layout has 6.8M; the
-    2 conv + 3 FC CNN reaches 3.2M only with a 1536-wide hidden layer (docs/methods/fedfree.md)."""
+    2 conv + 3 FC CNN reaches 3.2M only with a 1536-wide hidden layer (docs/methods/federated.md)."""
     with torch.device("meta"):
         import torchvision
 

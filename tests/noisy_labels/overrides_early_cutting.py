@@ -1,4 +1,4 @@
-"""tests/core/test_configs.py hook for configs/early_cutting/: the plain-CE baselines are ``fit`` configs and run
+"""tests/core/test_configs.py hook for configs/noisy_labels/: the plain-CE baselines are ``fit`` configs and run
 there; the multi-round Early Cutting configs (those with a ``selection:`` section) are ``lightning-methods-select``
 configs, covered by tests/noisy_labels/test_early_cutting_select.py (every one is parsed and instantiated; two run end
 to end)."""
@@ -12,7 +12,7 @@ import yaml
 from config_overrides import register
 
 
-@register("early_cutting/")
+@register("noisy_labels/")
 def early_cutting_hook(config_path: Path, tmp_path: Path, data_root: Path) -> list[str] | None:
     if "selection" in (yaml.safe_load(config_path.read_text()) or {}):
         return None

@@ -29,9 +29,9 @@ from lightning_methods.results.record import find_records
 from helpers import write_fake_cifar
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted(p for p in (REPO / "configs" / "early_cutting").glob("*.yaml")
+CONFIGS = sorted(p for p in (REPO / "configs" / "noisy_labels").glob("*.yaml")
                  if "selection" in (yaml.safe_load(p.read_text()) or {}))
-DIGITS = REPO / "configs" / "early_cutting" / "digits_sym40.yaml"
+DIGITS = REPO / "configs" / "noisy_labels" / "digits_sym40.yaml"
 QUIET = ["--trainer.logger=false", "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false"]
 
 
@@ -123,7 +123,7 @@ def test_select_command_runs_end_to_end(tmp_path, monkeypatch):
     _learnable_fake_cifar10(tmp_path / "data")
     run = tmp_path / "run"
     summary = run_select([
-        "--config", str(REPO / "configs/early_cutting/cifar10_sym40.yaml"),
+        "--config", str(REPO / "configs/noisy_labels/cifar10_sym40.yaml"),
         f"--data.init_args.data_dir={tmp_path}/data",
         "--data.init_args.download=false", "--data.init_args.num_workers=0", "--data.init_args.batch_size=16",
         "--data.init_args.eval_batch_size=128", SMALL, "--trainer.max_epochs=4",
@@ -134,7 +134,7 @@ def test_select_command_runs_end_to_end(tmp_path, monkeypatch):
     ])
     assert summary["status"] == "done" and summary["final"]["status"] == "done"
     (record,) = find_records([run])  # what `lightning-methods table` reads: the config named, its seed, the metrics
-    assert record["config_path"][-1].endswith("configs/early_cutting/cifar10_sym40.yaml") and record["seed"] == 1
+    assert record["config_path"][-1].endswith("configs/noisy_labels/cifar10_sym40.yaml") and record["seed"] == 1
     assert record["metrics"]["test_acc_last"] == summary["test_acc_last"]
     stats = json.loads((run / "round0" / "stats.json").read_text())
     fkl, removed, selected = (np.load(run / "round0" / f"{n}.npy") for n in ("fkl", "removed", "selected"))

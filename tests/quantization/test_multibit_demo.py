@@ -1,4 +1,4 @@
-"""The digits demo as a user runs it (configs/multibit/digits_emq.yaml): EMQ learns every bit-width, 4- and 8-bit
+"""The digits demo as a user runs it (configs/quantization/digits_emq.yaml): EMQ learns every bit-width, 4- and 8-bit
 stay within a few points of 32-bit, the run leaves the cost file, the W&B entries and a checkpoint that
 ``lightning-methods test`` evaluates at any list of bit-widths. The full demo is slow; a 3-epoch version runs by
 default."""
@@ -17,7 +17,7 @@ from lightning_methods.quantization import union_fraction
 from helpers import read_wandb_records
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs/multibit/digits_emq.yaml")
+CONFIG = str(REPO / "configs/quantization/digits_emq.yaml")
 
 
 def wandb_history_keys(root: Path) -> set[str]:

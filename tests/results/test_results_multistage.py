@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_federated_runs_over_two_seeds_make_one_row_per_algorithm(tmp_path, one_thread):
     config = tmp_path / "digits_demo.yaml"
     config.write_text("# paper: final_mean=52.91 (a number for the test)\n"
-                      + (REPO / "configs/fedfree/digits_demo.yaml").read_text())
+                      + (REPO / "configs/federated/digits_demo.yaml").read_text())
     finals: dict[str, list[float]] = {"FedFree": [], "Local": []}
     for seed in (0, 1):
         summaries = fed_run(["--config", str(config), "--run_dir", str(tmp_path / f"s{seed}"), "--progress", "false",

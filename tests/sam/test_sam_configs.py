@@ -1,4 +1,4 @@
-"""configs/sam_on/: the paper's setup and per-variant rho in every file, files consistent across backbones and
+"""configs/sam/: the paper's setup and per-variant rho in every file, files consistent across backbones and
 augmentations, and every optimizer / callback section buildable (the fast_dev_run fits are in test_configs.py via
 tests/overrides_sam.py)."""
 
@@ -19,7 +19,7 @@ from lightning_methods.parameters import param_groups_by_role
 
 from helpers import TinyNet
 
-DIR = Path(__file__).resolve().parents[2] / "configs" / "sam_on"
+DIR = Path(__file__).resolve().parents[2] / "configs" / "sam"
 MODELS = {"wrn28_10": "wrn_28_10", "resnet56": "resnet56"}
 # variant: (optimizer class, perturb, adaptive, p, rho); rho = best value of the SAM-ON teaser figure (WRN-28-10,
 # CIFAR-100) or, for no-norm, the rho of the all-parameter run; SSAM: rho of the SSAM README (WRN-28-10, CIFAR-100)
