@@ -9,7 +9,8 @@ the classifier.
 FedFree (Du et al., NeurIPS 2025, Table A1) describes its global and HmFL model as "CNN with 2 conv + 3 FC, about
 3.2M parameters". No layout of HtFLlib reaches 3.2M with 2 conv + 3 FC; ``fed_cnn`` adds one 512->512 hidden layer to
 ``FedAvgCNN`` (1600->512->512->C: 1.19M parameters for 100 classes). ``hidden=(1536,)`` (1600->1536->512->C, 3.35M)
-matches the stated size if that matters more than the layer widths (our choice; documented in docs/methods/federated.md).
+matches the stated size if that matters more than the layer widths (our choice; documented in
+docs/methods/federated.md).
 Both are registered with the common 512-d feature + head interface in :mod:`.fed_clients`.
 """
 

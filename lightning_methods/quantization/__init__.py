@@ -13,7 +13,8 @@ quantizers and ``set_bits`` live in ``lightning_methods.layers`` (``layers/quant
 ``resnet20x5`` in ``lightning_methods/models/preact_resnet.py``.
 
 Family files: callback ``lightning_methods.callbacks.BitwiseCoresetCallback`` (callbacks/bitwise_coreset.py),
-DataModules: the package's CIFAR / digits DataModules; configs ``configs/quantization/``; doc ``docs/methods/quantization.md``;
+DataModules: the package's CIFAR / digits DataModules; configs ``configs/quantization/``;
+doc ``docs/methods/quantization.md``;
 tests ``tests/quantization/``; benchmark section ``benchmarks/quantization_cases.py``.
 """
 

@@ -18,6 +18,7 @@ from lightning_methods.classifier import as_dict_batch
 from lightning_methods.layers.quantized import check_bits, set_bits
 from lightning_methods.quantization.bn import batchnorms, bn_stats, load_bn_stats, recalibrate_bn
 from lightning_methods.quantization.data import calibration_batches
+from lightning_methods.quantization.plots import write_bit_accuracy
 
 
 class PerBitEvaluation:
@@ -78,7 +79,7 @@ class PerBitEvaluation:
             self.bit_loss[f"{stage}_{b}"].update(F.cross_entropy(logits.float(), batch["target"]), weight=n)
         set_bits(self.backbone, previous)
 
-    def _log_eval(self, stage: str) -> None:
+    def _log_eval(self, stage: str) -> dict[int, torch.Tensor]:
         accs, losses = {}, {}
         for b in self.eval_bits:
             accs[b] = self.bit_acc[f"{stage}_{b}"].compute()
@@ -92,9 +93,15 @@ class PerBitEvaluation:
         self.log(f"{stage}/acc", torch.stack([accs[b] for b in trained]).mean(), prog_bar=stage == "val")
         self.log(f"{stage}/loss", torch.stack([losses[b] for b in trained]).mean(), prog_bar=stage == "val")
         self._bn_bank, self._bn_base = {}, None
+        return accs
 
     def on_test_epoch_start(self) -> None:
         self._prepare_eval_bn()
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
+        accs = self._log_eval("test")
+        trainer = self._trainer
+        writes_results = trainer is not None and any(type(c).__name__ == "ResultsWriter" for c in trainer.callbacks)
+        if writes_results and trainer.is_global_zero:
+            # a run with result files (the CLI's): bit_accuracy_test.json / .png beside results.json, and in W&B
+            write_bit_accuracy(trainer, {b: float(a) for b, a in accs.items()})

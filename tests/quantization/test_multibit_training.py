@@ -3,6 +3,7 @@ per-bit batches from the subsets, refresh schedule, cost counters, per-bit metri
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import pytest
@@ -122,6 +123,20 @@ def test_per_bit_metrics_and_test_eval_bits(one_thread, tmp_path):
     metrics = trainer.test(model, TinyImages(), verbose=False)[0]
     assert {"test/acc_bit2", "test/acc_bit5"} <= set(metrics)
     assert torch.equal(torch.stack(before), model.backbone.layers[0].bn0.running_mean)
+
+
+def test_test_writes_the_per_bit_accuracy_files_of_a_results_run(one_thread, tmp_path):
+    """With a ResultsWriter (every CLI run), ``test`` writes bit_accuracy_test.json / .png in the run directory; the
+    JSON holds the logged per-bit accuracies."""
+    from lightning_methods.callbacks import ResultsWriter
+
+    model = tiny_model(eval_bits=[1, 32])
+    trainer = quiet_trainer(default_root_dir=tmp_path, callbacks=[ResultsWriter(dirpath=str(tmp_path))])
+    metrics = trainer.test(model, TinyImages(), verbose=False)[0]
+    data = json.loads((tmp_path / "bit_accuracy_test.json").read_text())
+    assert data["bits"] == [1, 32]
+    assert data["accuracy"] == pytest.approx([metrics["test/acc_bit1"], metrics["test/acc_bit32"]], abs=1e-7)
+    assert (tmp_path / "bit_accuracy_test.png").stat().st_size > 0
 
 
 def _run(tmp_path, epochs, ckpt=None):
