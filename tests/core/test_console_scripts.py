@@ -157,9 +157,10 @@ def quickstart(work) -> dict:
     state["fit_metrics"] = _rows(run_dir / "metrics.csv")
     state["runs_before_eval"] = sorted(p.name for p in (work / RUNS).iterdir())
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    state["test"], state["predict"] = parallel(
-        [["lightning-methods", sub, "--config", str(QUICK), "--ckpt_path", str(ckpt), *TINY]
-         for sub in ("test", "predict")], work)
+    # one after the other: both log into the run's own W&B run, which one process at a time may hold
+    state["test"], state["predict"] = (
+        run(["lightning-methods", sub, "--config", str(QUICK), "--ckpt_path", str(ckpt), *TINY], work, ok=False)
+        for sub in ("test", "predict"))
     state["runs_after_eval"] = sorted(p.name for p in (work / RUNS).iterdir())
     cwd, argv = state["resume"]
     state["again"] = run([*argv[:1], *argv[1:], "--trainer.enable_progress_bar", "false"], cwd, ok=False)

@@ -93,7 +93,7 @@ def test_flower_simulation_runtime_equals_the_in_process_round(tmp_path):
 
 def _documented_pyproject() -> str:
     """The ``pyproject.toml`` of a Flower app as docs/methods/federated.md gives it (the block naming the apps)."""
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "methods" / "fedfree.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "methods" / "federated.md").read_text()
     blocks = [b for b in re.findall(r"```toml\n(.*?)```", doc, flags=re.S) if "[tool.flwr.app.components]" in b]
     assert len(blocks) == 1, "docs/methods/federated.md should hold one Flower app pyproject.toml block"
     return blocks[0]
