@@ -52,7 +52,7 @@ def test_small_mode_measures_every_case(section, tmp_path, monkeypatch):
     assert all(math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0 for r in rows)
     assert EXPECTED_CASES.get(section, set()) <= {r["case"] for r in rows}
     table = throughput.markdown(rows, "small")
-    assert "| ratio |" in table and "Machine:" in table
+    assert "| ratio (median) | 25th-75th pct | rounds |" in table and "Measured with:" in table
 
 
 def test_rotation_puts_every_case_in_every_position_once():
