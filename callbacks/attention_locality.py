@@ -116,8 +116,16 @@ class AttentionLocality(Callback):
     # ------------------------------------------------------------------------------------------------ the probe
     def measure(self, pl_module: LightningModule, images: torch.Tensor, keep_maps: int = 0) -> dict:
         x = normalize(images, *self._stats)
-        return attention_locality(self.model(pl_module), x, self.batch_size, self.include_cls, self.renormalize,
-                                  self.method, keep_maps=keep_maps, **self.geometry)
+        return attention_locality(
+            self.model(pl_module),
+            x,
+            self.batch_size,
+            include_cls=self.include_cls,
+            renormalize=self.renormalize,
+            method=self.method,
+            keep_maps=keep_maps,
+            **self.geometry,
+        )
 
     def probe(self, trainer: Trainer, pl_module: LightningModule, epochs_done: int | None = None) -> dict[str, float]:
         """Measure, gather over ranks, log and write; returns the logged summary (without the prefix).
@@ -148,7 +156,7 @@ class AttentionLocality(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({f"locality/{k}": v for k, v in summary.items()}, step=trainer.global_step)
-            self._write(trainer, pl_module, mad, ent, res, summary, epoch)
+            self._write(trainer, pl_module, mad, ent=ent, res=res, summary=summary, epoch=epoch)
         return summary
 
     # ------------------------------------------------------------------------------------------------ outputs

@@ -141,12 +141,21 @@ class BitwiseCoresetCallback(Callback):
             self.refresh(trainer, pl_module, epoch)
         n = len(loader.dataset) if hasattr(loader, "dataset") else len(loader.images)
         if n != self.n:
-            raise ValueError(f"the training set has {n} samples but the coresets were chosen from {self.n}: resume "
-                             "with the data of the checkpoint, or start a new run")
+            raise ValueError(
+                f"the training set has {n} samples but the coresets were chosen from {self.n}: resume "
+                "with the data of the checkpoint, or start a new run"
+            )
         subsets = [self.subsets[b] for b in pl_module.train_order]
         # every coreset sample once per epoch: the DataModule's drop_last does not apply (the last step is partial)
-        order = bitwise_epoch_order(subsets, n, loader.batch_size, self.seed, epoch, trainer.global_rank,
-                                    trainer.world_size)
+        order = bitwise_epoch_order(
+            subsets,
+            n,
+            loader.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
         pl_module.bitwise_batches = True
         return bitwise_loader(loader, order, len(subsets), trainer.global_rank, trainer.world_size)
 
@@ -168,8 +177,18 @@ class BitwiseCoresetCallback(Callback):
             a = self.score_ema
             new = {b: a * self.scores[b] + (1 - a) * new[b] if b in self.scores else new[b] for b in bits}
         size = coreset_size(n, self.prune_rate)
-        self.subsets = {b: select_coreset(new[b], index, size, targets, self.stratified, self.random_fraction,
-                                          seeded_generator(self.seed, epoch, b, 1)) for b in bits}
+        self.subsets = {
+            b: select_coreset(
+                new[b],
+                index,
+                size,
+                targets=targets,
+                stratified=self.stratified,
+                random_fraction=self.random_fraction,
+                generator=seeded_generator(self.seed, epoch, b, 1),
+            )
+            for b in bits
+        }
         self.scores, self.n, self.refresh_epoch = new, n, epoch
         if hasattr(pl_module, "cost"):
             pl_module.cost.add_time("score", time.perf_counter() - start)

@@ -161,8 +161,14 @@ class PredictionHistoryCallback(Callback):
         transform = ds.transform if self.history_transform == "train" else None
         ds = IndexedTensorDataset(ds.images, ds.targets, ds.indices, transform, ds.extras)
         bs = self.batch_size or getattr(dm, "eval_batch_size", 256)
-        return sharded_loader(ds, bs, getattr(dm, "num_workers", 0) if transform is not None else 0, collate_dict,
-                              trainer.global_rank, trainer.world_size)
+        return sharded_loader(
+            ds,
+            bs,
+            getattr(dm, "num_workers", 0) if transform is not None else 0,
+            collate_fn=collate_dict,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
 
     @torch.no_grad()
     def predict_training_set(self, trainer: Trainer, pl_module: LightningModule, epoch: int

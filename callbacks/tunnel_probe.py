@@ -89,8 +89,14 @@ class TunnelProbe(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         backbone = self._backbone(pl_module)
         points = self.prober.points(backbone)  # unknown names fail now, not after training
-        self.prober.check_memory(backbone, points, self._id_data(trainer), self._ood, self._prepare(trainer,
-                                 pl_module), self._forward(pl_module))
+        self.prober.check_memory(
+            backbone,
+            points,
+            self._id_data(trainer),
+            ood_data=self._ood,
+            prepare=self._prepare(trainer, pl_module),
+            forward=self._forward(pl_module),
+        )
 
     # ------------------------------------------------------------------------------------------------ hooks
     def _due(self, trainer: Trainer) -> bool:
@@ -148,9 +154,16 @@ class TunnelProbe(Callback):
                 "train_augment": getattr(trainer.datamodule, "augment", None)}
         # validation hooks run under inference mode: the probes need autograd
         with torch.inference_mode(False), torch.enable_grad():
-            report = self.prober.run(self._backbone(pl_module), self._id_data(trainer),
-                                     self._prepare(trainer, pl_module), self._ood, pl_module.device,
-                                     self._forward(pl_module), trainer.precision_plugin.forward_context, meta)
+            report = self.prober.run(
+                self._backbone(pl_module),
+                self._id_data(trainer),
+                self._prepare(trainer, pl_module),
+                ood_data=self._ood,
+                device=pl_module.device,
+                forward=self._forward(pl_module),
+                context=trainer.precision_plugin.forward_context,
+                meta=meta,
+            )
         self.history.append({"epoch": epoch, "global_step": step, "report": report.to_dict()})
         out = self._dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:

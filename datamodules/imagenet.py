@@ -240,9 +240,14 @@ class ImageNetDataModule(ImageDataModule):
             image = device_augment(image, self.augment, torch.Generator(device=image.device).manual_seed(seed))
         batch["image"] = normalize_uint8(image, self.mean, self.std)
         if training and (self.cutmix_alpha > 0 or self.mixup_alpha > 0):
-            batch["image"], batch["soft_target"] = mix_batch(batch["image"], batch["target"], self.num_classes,
-                                                             self.cutmix_alpha, self.mixup_alpha,
-                                                             np.random.default_rng(seed))
+            batch["image"], batch["soft_target"] = mix_batch(
+                batch["image"],
+                batch["target"],
+                self.num_classes,
+                cutmix_alpha=self.cutmix_alpha,
+                mixup_alpha=self.mixup_alpha,
+                rng=np.random.default_rng(seed),
+            )
         return batch
 
 

@@ -131,9 +131,19 @@ class JpegFileDataset(IndexedTensorDataset):
     def subset(self, pos: torch.Tensor, mode: str | None = None) -> JpegFileDataset:
         """The samples at ``pos`` (positions into this dataset), keeping their base indices."""
         pos = torch.as_tensor(pos).long()
-        return JpegFileDataset([self.files[i] for i in pos.tolist()], self.targets[pos], self.indices[pos],
-                               mode or self.mode, self.image_size, self.eval_resize, self.seed, self.scale,
-                               self.ratio, self.flip, {k: v[pos] for k, v in self.extras.items()})
+        return JpegFileDataset(
+            [self.files[i] for i in pos.tolist()],
+            self.targets[pos],
+            self.indices[pos],
+            mode=mode or self.mode,
+            image_size=self.image_size,
+            eval_resize=self.eval_resize,
+            seed=self.seed,
+            scale=self.scale,
+            ratio=self.ratio,
+            flip=self.flip,
+            extras={k: v[pos] for k, v in self.extras.items()},
+        )
 
     def with_mode(self, mode: str) -> JpegFileDataset:
         return self.subset(torch.arange(len(self)), mode)
@@ -144,8 +154,20 @@ class JpegFileDataset(IndexedTensorDataset):
         is a position or ``(position, epoch)``."""
         pos, epoch = (int(key), 0) if not isinstance(key, (tuple, list)) else (int(key[0]), int(key[1]))
         path = self.files[pos]
-        sample = encode_sample(read_bytes(path), self.targets[pos], self.indices[pos], self.mode, self.seed, epoch,
-                               self.image_size, self.eval_resize, self.flip, self.scale, self.ratio, path)
+        sample = encode_sample(
+            read_bytes(path),
+            self.targets[pos],
+            self.indices[pos],
+            mode=self.mode,
+            seed=self.seed,
+            epoch=epoch,
+            size=self.image_size,
+            eval_resize=self.eval_resize,
+            flip=self.flip,
+            scale=self.scale,
+            ratio=self.ratio,
+            name=path,
+        )
         sample.update({k: v[pos] for k, v in self.extras.items()})
         return sample
 
@@ -159,17 +181,23 @@ def encode_sample(data: bytes, target: Any, index: Any, mode: str, seed: int, ep
                   ratio: Sequence[float] = RATIO, name: str = "<bytes>") -> dict[str, Any]:
     """One sample as the loaders ship it (see the module docstring for ``mode``); the training crop and flip are
     drawn from ``(seed, epoch, index)``."""
-    out: dict[str, Any] = {"target": torch.as_tensor(target, dtype=torch.long),
-                           "index": torch.as_tensor(index, dtype=torch.long)}
+    out: dict[str, Any] = {
+        "target": torch.as_tensor(target, dtype=torch.long),
+        "index": torch.as_tensor(index, dtype=torch.long),
+    }
     if mode == "train":
-        out["image"] = train_image(data, seed, epoch, int(index), size, flip, scale, ratio, name=name)
+        out["image"] = train_image(
+            data, seed, epoch, index=int(index), size=size, flip=flip, scale=scale, ratio=ratio, name=name
+        )
     elif mode == "eval":
         out["image"] = eval_resize_crop(decode_rgb(data, name), eval_resize, size)
     else:
         data, h, w = rgb_jpeg_bytes(data, name)
         out["jpeg"] = data
         if mode == "train_bytes":
-            box, flipped = sample_augmentation(seed, epoch, int(index), h, w, flip, scale, ratio)
+            box, flipped = sample_augmentation(
+                seed, epoch, int(index), height=h, width=w, flip=flip, scale=scale, ratio=ratio
+            )
             out["box"], out["flip"] = torch.tensor(box, dtype=torch.long), torch.tensor(flipped)
     return out
 

@@ -169,7 +169,7 @@ def train_image(data: bytes, seed: int, epoch: int, index: int, size: int, flip:
                 ) -> torch.Tensor:
     """One training sample decoded in a worker: RandomResizedCrop to ``size`` and flip, uint8 ``(3, size, size)``."""
     data, h, w = rgb_jpeg_bytes(data, name)
-    box, flipped = sample_augmentation(seed, epoch, index, h, w, flip, scale, ratio)
+    box, flipped = sample_augmentation(seed, epoch, index, height=h, width=w, flip=flip, scale=scale, ratio=ratio)
     image = crop_resize(decode_rgb(data, name), box, size)
     return image.flip(-1) if flipped else image
 

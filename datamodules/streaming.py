@@ -85,10 +85,20 @@ def streaming_dataset_class() -> Any:
             item = super().__getitem__(index)
             direct = isinstance(index, int)  # random access: the folder path's ``dataset[i]`` (epoch 0)
             mode = self.mode.removesuffix("_bytes") if direct else self.mode
-            return encode_sample(item["jpeg"], int(item["label"]), int(item["index"]), mode, self.aug_seed,
-                                 0 if direct else int(self.current_epoch), self.image_size, self.eval_resize,
-                                 self.aug_flip, self.aug_scale, self.aug_ratio,
-                                 name=f"{self.input_dir.url or self.input_dir.path}[{item['index']}]")
+            return encode_sample(
+                item["jpeg"],
+                int(item["label"]),
+                int(item["index"]),
+                mode=mode,
+                seed=self.aug_seed,
+                epoch=0 if direct else int(self.current_epoch),
+                size=self.image_size,
+                eval_resize=self.eval_resize,
+                flip=self.aug_flip,
+                scale=self.aug_scale,
+                ratio=self.aug_ratio,
+                name=f"{self.input_dir.url or self.input_dir.path}[{item['index']}]",
+            )
 
     _CLASS = StreamingJpegDataset
     return _CLASS

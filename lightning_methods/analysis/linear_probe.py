@@ -137,12 +137,37 @@ def train_linear_probes(
         if solver == "lbfgs":
             n = _check(features, targets, num_classes)
             dev = torch.device(device) if device is not None else features[next(iter(features))].device
-            return {name: _fit_lbfgs(name, f, targets, num_classes, n, weight_decay=weight_decay, max_iter=max_iter,
-                                     tol=tol, chunk=batch_size, device=dev, dtype=dtype,
-                                     init=None if init is None else init[name])
-                    for name, f in features.items()}
-        return _train(features, targets, num_classes, epochs, batch_size, lr, weight_decay, seed, device, dtype, init,
-                      epoch_orders)
+            return {
+                name: _fit_lbfgs(
+                    name,
+                    f,
+                    targets,
+                    num_classes,
+                    n,
+                    weight_decay=weight_decay,
+                    max_iter=max_iter,
+                    tol=tol,
+                    chunk=batch_size,
+                    device=dev,
+                    dtype=dtype,
+                    init=None if init is None else init[name],
+                )
+                for name, f in features.items()
+            }
+        return _train(
+            features,
+            targets,
+            num_classes,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            init=init,
+            epoch_orders=epoch_orders,
+        )
 
 
 def _fit_lbfgs(name: str, features: torch.Tensor, targets: torch.Tensor, num_classes: int, n: int, *,

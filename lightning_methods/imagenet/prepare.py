@@ -170,8 +170,15 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         counts = sort_val(opts.val_dir, opts.ground_truth, opts.meta, opts.expected or None, opts.copy)
         result: dict[str, Any] = {"classes": len(counts), "images": sum(counts.values())}
     elif opts.command == "convert":
-        result = convert(opts.src, opts.out, tuple(opts.splits), opts.classes_file, opts.chunk_bytes,
-                         opts.num_workers, not opts.no_verify)
+        result = convert(
+            opts.src,
+            opts.out,
+            tuple(opts.splits),
+            classes_file=opts.classes_file,
+            chunk_bytes=opts.chunk_bytes,
+            num_workers=opts.num_workers,
+            verify=not opts.no_verify,
+        )
         result = {k: v for k, v in result.items() if k != "classes"}
     else:
         from lightning_methods.imagenet.demo import write_demo_tree

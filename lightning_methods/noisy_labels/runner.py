@@ -187,7 +187,7 @@ class EarlyCuttingRunner:
         self._progress(f"stage {r + 1} of {self._stage_count()}: selection round {r} on {n} training samples, up to "
                        f"{trainer.max_epochs} epochs (stops when the selection reaches keep rate "
                        f"{sel.keep_rate_of(r):g})")
-        if not self._fit(model, dm, trainer, ckpt, history, tracker):
+        if not self._fit(model, dm, trainer, ckpt=ckpt, history=history, tracker=tracker):
             return None
         n_train = len(dm.train_set)
         stats: dict[str, Any] = {"round": r, "n_train": n_train, "keep_rate": sel.keep_rate_of(r), "k": sel.k_of(r),
@@ -246,7 +246,7 @@ class EarlyCuttingRunner:
         n = f"{len(train_indices)} selected" if train_indices is not None else "all"
         self._progress(f"stage {self._stage_count()} of {self._stage_count()}: final round on {n} training samples, "
                        f"{trainer.max_epochs} epochs")
-        if not self._fit(model, dm, trainer, ckpt, None, tracker):
+        if not self._fit(model, dm, trainer, ckpt=ckpt, history=None, tracker=tracker):
             return None
         stats = {"n_train": len(dm.train_set), **self._noise_stats(dm, "train", dm.train_set.indices),
                  **{f"test_{k}": v for k, v in tracker.summary().items()}, "status": "done"}

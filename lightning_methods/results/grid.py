@@ -190,7 +190,7 @@ def prepare(config_path: str, fit_args: list[str], sets: dict[str, list[str]], s
                     gs.set_key(cfg, "results.info", {"grid": str(run.run_dir.parent), "config": str(
                         Path(config_path).resolve()), "name": name, "combination": dict(combo), "seed": seed,
                         "run": stage})
-                    _wandb_settings(cfg, run, name, stage, gs.combo_name(combo, names), run_dir)
+                    _wandb_settings(cfg, run, name, stage=stage, combo=gs.combo_name(combo, names), run_dir=run_dir)
                 if not run_finished(run_dir):
                     header = f"{HEADER}{command}\n" if command != "fit" else ""
                     atomic_write_text(run_dir / "run.yaml", header + yaml.safe_dump(cfg, sort_keys=False))
@@ -299,12 +299,22 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
     if ns.mode == "sweep":
         if ns.command != "fit":
             parser.error(f"--mode sweep runs `fit` only; run --command {ns.command} grids with --mode run or commands")
-        return _write_sweeps(ns.config, fit_args, sets, ns.seeds, ns.seed_keys, grid_dir)
+        return _write_sweeps(ns.config, fit_args, sets, seeds=ns.seeds, seed_keys=ns.seed_keys, grid_dir=grid_dir)
     records, commands, failures = [], [], []
     prepared: list[tuple[StagedRun, list[tuple[str, Path]]]] = []
     try:
         for config_path in ns.config:  # every configuration first, so the progress knows the number of runs
-            prepared.append(prepare(config_path, fit_args, sets, ns.seeds, ns.seed_keys, grid_dir, ns.command))
+            prepared.append(
+                prepare(
+                    config_path,
+                    fit_args,
+                    sets,
+                    seeds=ns.seeds,
+                    seed_keys=ns.seed_keys,
+                    grid_dir=grid_dir,
+                    command=ns.command,
+                )
+            )
         progress = GridProgress([d for _, runs in prepared for _, d in runs])
         for run, runs in prepared:
             for stage, run_dir in runs:
@@ -347,8 +357,16 @@ def _write_sweeps(configs: list[str], fit_args: list[str], sets: dict[str, list[
         seed_key = next((k for k in seed_keys if gs.has_key(base, k)), "seed_everything")
         ckpt = base.get("checkpoint") or {}
         name = gs.safe_name(Path(config_path).stem)
-        sweep = gs.sweep_definition(name, str(Path(config_path).resolve()), fit_args, sets, seeds, seed_key,
-                                    ckpt.get("monitor") or "val/acc", ckpt.get("mode") or "max")
+        sweep = gs.sweep_definition(
+            name,
+            str(Path(config_path).resolve()),
+            fit_args,
+            sets=sets,
+            seeds=seeds,
+            seed_key=seed_key,
+            monitor=ckpt.get("monitor") or "val/acc",
+            mode=ckpt.get("mode") or "max",
+        )
         path = grid_dir / name / "sweep.yaml"
         atomic_write_text(path, yaml.safe_dump(sweep, sort_keys=False))
         print(f"W&B sweep for {config_path}: {path}\n  wandb sweep {path}   # then: wandb agent <sweep id>")

@@ -99,10 +99,24 @@ def _fed_record(run_dir: Path) -> Path:
 
 
 COMMANDS: dict[str, GridCommand] = {
-    "ood": GridCommand("ood", ("seed",), _ood_resolve, _ood_place, _ood_finished, _ood_run,
-                       lambda run_dir: run_dir / "ood" / "report" / "results.json"),
-    "fed": GridCommand("fed", ("data.seed", "federation.seed"), _fed_resolve, _fed_place,
-                       lambda run_dir: (run_dir / "fed" / "comparison.csv").is_file(), _fed_run, _fed_record),
+    "ood": GridCommand(
+        "ood",
+        ("seed",),
+        _ood_resolve,
+        place=_ood_place,
+        finished=_ood_finished,
+        run=_ood_run,
+        record=lambda run_dir: run_dir / "ood" / "report" / "results.json",
+    ),
+    "fed": GridCommand(
+        "fed",
+        ("data.seed", "federation.seed"),
+        _fed_resolve,
+        place=_fed_place,
+        finished=lambda run_dir: (run_dir / "fed" / "comparison.csv").is_file(),
+        run=_fed_run,
+        record=_fed_record,
+    ),
 }
 
 

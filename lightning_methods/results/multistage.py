@@ -80,11 +80,15 @@ def adapt(path: str | Path, data: Any) -> dict[str, Any] | None:
         config["algorithm"] = algorithm  # one results.json per algorithm: compare_with runs share the config file
         primary = source.get("algorithm", algorithm) == algorithm  # the config's paper numbers are its algorithm's
         metrics = {k: summary.get(k) for k in FEDERATED_METRICS}
-        return _record(path, source, f"{stem}:{algorithm}", "finished", metrics, config, primary)
+        return _record(
+            path, source, f"{stem}:{algorithm}", status="finished", metrics=metrics, config=config, paper_config=primary
+        )
     if path.name == "summary.json" and any(k in data for k in SELECTION_METRICS) and "rounds" in data:
         status = "finished" if data.get("status") == "done" else str(data.get("status"))
         metrics = {k: data.get(k) for k in SELECTION_METRICS}
-        return _record(path, source, stem, status, metrics, _resolved_config(path.parent), True)
+        return _record(
+            path, source, stem, status=status, metrics=metrics, config=_resolved_config(path.parent), paper_config=True
+        )
     return None
 
 
@@ -97,11 +101,21 @@ def _ood_record(path: Path, data: dict[str, Any]) -> dict[str, Any]:
         stem = path.parents[3].name
     metrics: dict[str, float] = {}
     for det in data["detectors"]:
-        for name, values in [*(det.get("metrics") or {}).items(),
-                             *((f"{g}_mean", v) for g, v in (det.get("means") or {}).items())]:
+        for name, values in [
+            *(det.get("metrics") or {}).items(),
+            *((f"{g}_mean", v) for g, v in (det.get("means") or {}).items()),
+        ]:
             for m in OOD_METRICS:
                 if isinstance(values.get(m), (int, float)):
                     metrics[f"ood/{det['name']}/{name}/{m}"] = 100.0 * float(values[m])
-    record = _record(path, source, stem, "finished", metrics, _resolved_config(path.parent.parent), True)
+    record = _record(
+        path,
+        source,
+        stem,
+        status="finished",
+        metrics=metrics,
+        config=_resolved_config(path.parent.parent),
+        paper_config=True,
+    )
     record["environment"] = data.get("environment")
     return record

@@ -119,8 +119,17 @@ class TunnelProber:
         loader = sharded_loader(subset(dataset, pos), s.extract_batch_size, collate_fn=collate_dict)
         n_local = len(loader.sampler) if loader.sampler is not None else len(pos)
         calls, t0 = forward.calls, time.perf_counter()
-        fs = extract_features(backbone, points, loader, n_local, prepare, forward, s.pool_size, s.feature_dtype,
-                              context=context)
+        fs = extract_features(
+            backbone,
+            points,
+            loader,
+            n_samples=n_local,
+            prepare=prepare,
+            forward=forward,
+            pool_size=s.pool_size,
+            dtype=s.feature_dtype,
+            context=context,
+        )
         stats["forward_passes"][split] = forward.calls - calls
         stats["batches"][split] = len(loader)
         stats["samples"][split] = len(pos)
@@ -162,7 +171,7 @@ class TunnelProber:
         s = self.settings
         device = torch.device(device) if device is not None else next(backbone.parameters()).device
         points = list(points) if points is not None else self.points(backbone)
-        dims, est = self.check_memory(backbone, points, id_data, ood_data, prepare, forward)
+        dims, est = self.check_memory(backbone, points, id_data, ood_data=ood_data, prepare=prepare, forward=forward)
         world, rank = get_world_size(), get_rank()
         owned = {p.name for i, p in enumerate(points) if i % world == rank}
         counter = _Counter(forward or backbone)
@@ -171,27 +180,56 @@ class TunnelProber:
         rank_dtype = torch.float64 if s.rank_dtype == "float64" else torch.float32
         runs = [("id", id_data)] + ([("ood", ood_data)] if ood_data is not None else [])
         for tag, data in runs:
-            train = self._features(backbone, points, data.train, f"{tag}_train", prepare, counter, context, owned,
-                                   device, stats)
+            train = self._features(
+                backbone,
+                points,
+                data.train,
+                split=f"{tag}_train",
+                prepare=prepare,
+                forward=counter,
+                context=context,
+                owned=owned,
+                device=device,
+                stats=stats,
+            )
             t0 = time.perf_counter()
             probes = self._train_probes(train, data.num_classes, device) if owned else {}
             for name, probe in probes.items():
                 results[name][f"train_acc_{tag}"] = probe.train_acc
             del train
             stats["seconds"][f"probes_{tag}"] = time.perf_counter() - t0
-            test = self._features(backbone, points, data.test, f"{tag}_test", prepare, counter, context, owned,
-                                  device, stats)
+            test = self._features(
+                backbone,
+                points,
+                data.test,
+                split=f"{tag}_test",
+                prepare=prepare,
+                forward=counter,
+                context=context,
+                owned=owned,
+                device=device,
+                stats=stats,
+            )
             for name, acc in probe_accuracy(probes, test.features, test.targets).items():
                 results[name][f"acc_{tag}"] = acc
             if tag == "id":
                 t0 = time.perf_counter()
                 for name in results:
-                    results[name]["rank"] = numerical_rank(test.features[name], s.rank_rtol, s.rank_max_columns,
-                                                           s.rank_mode, seed=s.seed, dtype=rank_dtype, device=device)
+                    results[name]["rank"] = numerical_rank(
+                        test.features[name],
+                        s.rank_rtol,
+                        s.rank_max_columns,
+                        s.rank_mode,
+                        seed=s.seed,
+                        dtype=rank_dtype,
+                        device=device,
+                    )
                 stats["seconds"]["rank"] = time.perf_counter() - t0
             del test, probes
         results = _merge(results)
-        report = self._report(points, dims, results, id_data, ood_data, stats, est, meta)
+        report = self._report(
+            points, dims, results, id_data=id_data, ood_data=ood_data, stats=stats, est=est, meta=meta
+        )
         return broadcast_object(report)
 
     def _report(self, points: Sequence[ProbePoint], dims: dict[str, int], results: dict[str, dict[str, Any]],

@@ -110,8 +110,17 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
         if cache.is_file() and not opts.no_cache:
             record = json.loads(cache.read_text())
         else:
-            record = checkpoint_record(path, evalset, opts.num_images, opts.seed, opts.batch_size, opts.include_cls,
-                                       not opts.no_renormalize, not opts.no_accuracy, device)
+            record = checkpoint_record(
+                path,
+                evalset,
+                opts.num_images,
+                seed=opts.seed,
+                batch_size=opts.batch_size,
+                include_cls=opts.include_cls,
+                renormalize=not opts.no_renormalize,
+                accuracy=not opts.no_accuracy,
+                device=device,
+            )
             atomic_write_json(cache, record)
         record.update(checkpoint=str(path), condition=label or record["condition"])
         print(f"{record['condition']:<16} {path}")
