@@ -91,7 +91,7 @@ def streaming_dataset_class() -> Any:
                 int(item["index"]),
                 mode=mode,
                 seed=self.aug_seed,
-                epoch=0 if direct else int(self.current_epoch),
+                epoch=0 if direct else int(self.current_epoch) - 1,  # litdata counts epochs from 1
                 size=self.image_size,
                 eval_resize=self.eval_resize,
                 flip=self.aug_flip,

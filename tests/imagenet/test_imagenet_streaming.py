@@ -75,6 +75,33 @@ def test_streaming_train_item_is_the_folder_training_sample(converted):
         assert int(item["target"]) == int(expected["target"]) and torch.equal(item["image"], expected["image"])
 
 
+def _train_crops(loader, set_epoch=None) -> list[dict[int, torch.Tensor]]:
+    epochs = []
+    for epoch in range(2):
+        if set_epoch is not None:
+            set_epoch(epoch)  # what Lightning's fit loop does for the folder path's sampler
+        epochs.append({int(i): img for b in loader for i, img in zip(b["index"], b["image"], strict=True)})
+    return epochs
+
+
+def test_streaming_training_crops_equal_the_folder_path_epoch_by_epoch(converted):
+    """Both paths draw a sample's crop and flip from ``(seed, epoch, index)`` with 0-based epochs (litdata counts its
+    epochs from 1), so training on the converted data sees exactly the folder path's training images."""
+    root, conv = converted
+    folder = ImageNetDataModule(str(root), **SMALL)
+    folder.setup("fit")
+    loader = folder.train_dataloader()
+    expected = _train_crops(loader, loader.sampler.set_epoch)
+    dm = ImageNetDataModule(str(root), streaming=str(conv), **SMALL)
+    dm.setup("fit")
+    got = _train_crops(dm.train_dataloader())
+    for epoch in range(2):
+        assert got[epoch].keys() == expected[epoch].keys() == set(range(24))
+        for index, image in expected[epoch].items():
+            assert torch.equal(got[epoch][index], image), (epoch, index)
+    assert any(not torch.equal(expected[0][i], expected[1][i]) for i in expected[0])  # a new crop each epoch
+
+
 def test_every_sample_once_per_epoch_in_a_new_order(converted):
     root, conv = converted
     dm = ImageNetDataModule(str(root), streaming=str(conv), **SMALL)
