@@ -179,37 +179,16 @@ class TunnelProber:
         results: dict[str, dict[str, Any]] = {p.name: {} for p in points if p.name in owned}
         rank_dtype = torch.float64 if s.rank_dtype == "float64" else torch.float32
         runs = [("id", id_data)] + ([("ood", ood_data)] if ood_data is not None else [])
+        common = dict(prepare=prepare, forward=counter, context=context, owned=owned, device=device, stats=stats)
         for tag, data in runs:
-            train = self._features(
-                backbone,
-                points,
-                data.train,
-                split=f"{tag}_train",
-                prepare=prepare,
-                forward=counter,
-                context=context,
-                owned=owned,
-                device=device,
-                stats=stats,
-            )
+            train = self._features(backbone, points, data.train, split=f"{tag}_train", **common)
             t0 = time.perf_counter()
             probes = self._train_probes(train, data.num_classes, device) if owned else {}
             for name, probe in probes.items():
                 results[name][f"train_acc_{tag}"] = probe.train_acc
             del train
             stats["seconds"][f"probes_{tag}"] = time.perf_counter() - t0
-            test = self._features(
-                backbone,
-                points,
-                data.test,
-                split=f"{tag}_test",
-                prepare=prepare,
-                forward=counter,
-                context=context,
-                owned=owned,
-                device=device,
-                stats=stats,
-            )
+            test = self._features(backbone, points, data.test, split=f"{tag}_test", **common)
             for name, acc in probe_accuracy(probes, test.features, test.targets).items():
                 results[name][f"acc_{tag}"] = acc
             if tag == "id":
