@@ -194,6 +194,51 @@ def test_a_run_directory_belongs_to_one_configuration(tmp_path, monkeypatch, one
         main([*fixed, lr])
 
 
+def _ddp_fit(rank: int, world_size: int, workdir: str) -> list:
+    """Three fits of the run ``shared`` under DDP (2 gloo ranks, torchrun-style): while another live process holds
+    the run directory's lock, after it is gone, and with a changed setting. Returns each attempt's error per rank."""
+    os.chdir(workdir)
+    os.environ["WANDB_MODE"] = "offline"
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.logger.init_args.id=shared"]
+    outcomes = []
+    for extra in ([], [], ["--model.init_args.optimizer.init_args.lr=0.5"]):
+        try:
+            build_cli(["fit", *SMALL, "--trainer.max_epochs=1", *ddp, *extra])
+            outcomes.append(None)
+        except (RunLockedError, ConfigMismatchError) as err:
+            outcomes.append((type(err).__name__, str(err)))
+        if not outcomes[-1]:
+            continue
+        if rank == 0 and len(outcomes) == 1:  # the other process finished: its lock file goes away
+            (Path(workdir) / PROJECT / "shared" / ".fit.lock").unlink()
+        import torch.distributed as dist
+
+        dist.barrier()
+    return outcomes
+
+
+def test_the_fit_lock_and_the_config_check_under_ddp(tmp_path):
+    """Rank zero takes the lock and checks the config; every rank stops with the same error (no rank is left waiting
+    in a collective), and a fit that may run runs on both ranks and releases the lock."""
+    import socket
+
+    from helpers import run_ddp
+
+    run = tmp_path / PROJECT / "shared"
+    run.mkdir(parents=True)
+    (run / ".fit.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive: this test
+    locked, ran, changed = zip(*run_ddp(_ddp_fit, args=(str(tmp_path),)))
+    assert [e[0] for e in locked] == ["RunLockedError"] * 2
+    assert all(f"in use by process {os.getpid()} on " in e[1] for e in locked)
+    assert ran == (None, None)
+    assert record(run)["status"] == "finished" and not (run / ".fit.lock").exists()
+    assert record(run)["device"]["world_size"] == 2
+    assert [r["epoch"] for r in read_metrics_csv(run / "metrics.csv")] == [0]
+    assert [e[0] for e in changed] == ["ConfigMismatchError"] * 2
+    assert all("model.init_args.optimizer.init_args.lr" in e[1] for e in changed)
+    assert not (run / ".fit.lock").exists() and not list(run.rglob("last-v1.ckpt"))
+
+
 LOGGERS = {
     "wandb": [],
     "csv": ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=logs"],
@@ -207,14 +252,6 @@ LOGGERS = {
 
 @pytest.mark.parametrize("kind", list(LOGGERS))
 def test_every_documented_logger(kind, tmp_path, monkeypatch, one_thread):
-    if kind == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            try:
-                import tensorboardX  # noqa: F401
-            except ImportError:
-                pytest.skip("TensorBoardLogger needs tensorboard or tensorboardX, neither is installed")
     monkeypatch.chdir(tmp_path)
     main(["fit", *SMALL, "--trainer.max_epochs=2", *LOGGERS[kind]])
     (last,) = Path(".").rglob("checkpoints/last.ckpt")
@@ -224,6 +261,12 @@ def test_every_documented_logger(kind, tmp_path, monkeypatch, one_thread):
     if kind == "csv":  # Lightning's per-step CSV log has its own folder; metrics.csv stays the run's epoch table
         steps = (run / "csv/metrics.csv").read_text().splitlines()
         assert "step" in steps[0] and len(steps) > 1 and (run / "csv/hparams.yaml").is_file()
+    if kind == "tensorboard":  # tensorboard is in the dev extra: its event file holds the epoch metrics
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (events,) = run.glob("events.out.tfevents.*")
+        scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+        assert {"train/loss_epoch", "val/acc", "epoch"} <= set(scalars), scalars
 
 
 NOISE = ("args parameter is intended", "anonymous setting", "Tip:", "litlogger", "git root", "exists and is not empty")
