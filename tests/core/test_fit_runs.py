@@ -283,6 +283,10 @@ def test_sigterm_is_interrupted_and_the_package_noise_is_gone(tmp_path, monkeypa
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob(f"{PROJECT}/*/metrics.csv")) and time.monotonic() < deadline:
         time.sleep(0.2)
+    (early,) = [p.parent for p in tmp_path.glob(f"{PROJECT}/*/metrics.csv")]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunLockedError, match=f"in use by process {proc.pid} on "):  # a real second fit, same run
+        main(["fit", "--config", str(early / "config.yaml"), "--ckpt_path", str(early / "checkpoints/last.ckpt")])
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err[-2000:]
@@ -298,7 +302,7 @@ def test_sigterm_is_interrupted_and_the_package_noise_is_gone(tmp_path, monkeypa
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        build_cli(["fit", *resume.split(), "--trainer.max_epochs=3"])
+        build_cli(["fit", *resume.split(), f"--trainer.max_epochs={rec['epochs_completed'] + 1}"])
     assert record(run)["status"] == "finished" and record(run)["started"] == rec["started"]
     err = capfd.readouterr().err + "\n".join(str(w.message) for w in caught)
     for text in NOISE:
