@@ -99,28 +99,35 @@ def cpu_seconds() -> float:
 
 def epoch_rate(loader: Any, finish: Any = None) -> tuple[float, float]:
     """``(images per second, images per CPU-second)`` of one pass over ``loader`` (``finish`` turns a raw batch into
-    the normalized images). The loaders' workers are not persistent, so they are reaped (and counted) at the end."""
-    import gc
-
+    the normalized images). The loaders' workers are not persistent: they are shut down and reaped (so counted) at
+    the end. No ``gc.collect()`` inside the timed span: a full collection of this interpreter's heap costs about
+    0.2 s of CPU, a per-epoch constant of the benchmark, not of either loader. Each batch is released before the next
+    is made, as Lightning's loop does: a float batch still alive makes the next one fault in fresh pages (0.2 ms per
+    224 px image instead of 0.03 ms for the conversion)."""
     cpu, start, seen = cpu_seconds(), time.perf_counter(), 0
     iterator = iter(loader)
-    for batch in iterator:
-        images = finish(batch) if finish is not None else batch[0]
-        seen += images.shape[0]
+    for batch in iterator:  # each batch of images is dropped before the next is made, as in a training loop
+        seen += (finish(batch) if finish is not None else batch[0]).shape[0]
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:  # joins (reaps) the workers now, so their CPU time is in RUSAGE_CHILDREN
+        shutdown()
     del iterator
-    gc.collect()
     wall = time.perf_counter() - start
     return seen / wall, seen / max(cpu_seconds() - cpu, 1e-9)
 
 
-def cpu_section(root: Path, conv: str, batch: int, workers: int, rounds: int) -> list[dict[str, Any]]:
+PIL_CASE = "ImageFolder + PIL transforms (workers)"
+
+
+def cpu_loaders(root: Path, conv: str, batch: int, workers: int) -> dict[str, tuple[Any, Any]]:
+    """The three loaders of the CPU comparison, as ``{name: (loader, finish)}`` (``finish`` turns a raw batch into
+    the normalized images; ``None``: the loader's first element already is)."""
     from torch.utils.data import DataLoader
 
     from lightning_methods.datamodules.base import collate_dict
     from lightning_methods.datamodules.jpeg_dataset import EpochTaggedSampler
 
-    cases: dict[str, tuple[Any, Any]] = {"ImageFolder + PIL transforms (workers)": (pil_loader(root, batch, workers),
-                                                                                    None)}
+    cases: dict[str, tuple[Any, Any]] = {PIL_CASE: (pil_loader(root, batch, workers), None)}
     stream = package_dm(root, conv, batch, workers)
     cases["streaming + batched uint8 pipeline"] = (stream.train_dataloader(),
                                                    lambda b: stream.on_after_batch_transfer(b, 0)["image"])
@@ -129,19 +136,58 @@ def cpu_section(root: Path, conv: str, batch: int, workers: int, rounds: int) ->
         DataLoader(folder.train_set.with_mode("train"), batch_size=batch, sampler=EpochTaggedSampler(
             len(folder.train_set)), num_workers=workers, drop_last=True, collate_fn=collate_dict),
         lambda b: folder.on_after_batch_transfer(b, 0)["image"])
+    return cases
+
+
+def cpu_section(root: Path, conv: str, batch: int, workers: int, rounds: int) -> list[dict[str, Any]]:
+    cases = cpu_loaders(root, conv, batch, workers)
     for loader, finish in cases.values():  # warm-up: page cache, imports in the workers
         epoch_rate(loader, finish)
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, (loader, finish) in cases.items():
             rates[name].append(epoch_rate(loader, finish))
-    base = statistics.median(r[1] for r in rates["ImageFolder + PIL transforms (workers)"])
+    base = statistics.median(r[1] for r in rates[PIL_CASE])
     rows = []
     for name, values in rates.items():
         wall, per_cpu = statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
         rows.append({"case": name, "images_per_s": round(wall, 1), "images_per_cpu_s": round(per_cpu, 1),
                      "vs_pil_per_core": round(per_cpu / base, 2), "rounds_per_cpu_s": [round(v[1], 1) for v in values]})
     return rows
+
+
+_KEEP: list[Any] = []  # the temporary trees of :func:`cases`, removed when the process ends
+
+
+def cases(s: Any) -> list[tuple]:
+    """Section ``imagenet`` of ``benchmarks/throughput.py``: the three loaders of the CPU comparison on one photo
+    tree at 224 px, one epoch per call, interleaved by the harness. A case returns the **CPU-seconds** (main process
+    and its reaped workers) per batch, so the ratio to the PIL baseline is per core: 0.5 means twice the images per
+    CPU-second. Sizes: small mode 64 images, batch 16, in-process; CPU modes 512 images, batch 32, one worker; GPU
+    mode 2048 images, batch 128, up to 8 workers."""
+    from lightning_methods.imagenet.prepare import convert
+
+    if s.n_train <= 256:
+        images, batch, workers = 64, 16, 0
+    elif s.device == "cpu":
+        images, batch, workers = 512, 32, 1
+    else:
+        images, batch, workers = 2048, 128, min(8, os.cpu_count() or 1)
+    tmp = tempfile.TemporaryDirectory()
+    _KEEP.append(tmp)
+    root = write_photo_tree(Path(tmp.name) / "tree", images)
+    convert(root, str(Path(tmp.name) / "conv"), num_workers=1, verify=False)
+
+    def per_batch(loader: Any, finish: Any) -> float:
+        return batch / epoch_rate(loader, finish)[1]
+
+    where = f"{workers} worker{'s' if workers != 1 else ''}" if workers else "in-process"
+    out = []
+    for name, (loader, finish) in cpu_loaders(root, str(Path(tmp.name) / "conv"), batch, workers).items():
+        label = f"{name.replace(' (workers)', '')}, {where}: CPU-seconds per batch of {batch}"
+        out.append((label + (" (baseline)" if name == PIL_CASE else ""),
+                    lambda loader=loader, finish=finish: per_batch(loader, finish), batch))
+    return out
 
 
 def gpu_section(conv: str, root: Path, batch: int, workers: int, steps: int, warmup: int) -> list[dict[str, Any]]:

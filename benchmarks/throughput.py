@@ -28,7 +28,7 @@ Sections (each with its own baseline, ratio = time per step / baseline time per 
 - distillation: KD / DKD / DeepKD (teacher forward included) against the student trained with CE alone
              (the method cases live in benchmarks/method_cases.py)
 - family sections (one file each, ``benchmarks/<section>_cases.py`` with ``cases(s: Settings) -> list[Case]``):
-  quantization, federated, ood, vit_locality, tunnel, hpn. A case is ``(name, fn)`` or ``(name, fn, items)``:
+  quantization, federated, ood, vit_locality, tunnel, hpn, imagenet. A case is ``(name, fn)`` or ``(name, fn, items)``:
   ``fn()`` returns seconds per timed unit (a step unless the name says otherwise, e.g. "per epoch", "per round"),
   ``items`` is the number of samples one unit processes (default: the batch size), for the images/s column.
 """
@@ -143,7 +143,7 @@ def import_cases(s: Settings) -> list[tuple]:
 
 
 CORE_SECTIONS = ("loop", "pipeline", "input", "precision", "optimizers", "distillation", "imports")
-FAMILY_SECTIONS = ("quantization", "federated", "ood", "vit_locality", "tunnel", "hpn")
+FAMILY_SECTIONS = ("quantization", "federated", "ood", "vit_locality", "tunnel", "hpn", "imagenet")
 SECTIONS = CORE_SECTIONS + tuple(f for f in FAMILY_SECTIONS if (Path(__file__).parent / f"{f}_cases.py").is_file())
 GPU_SECTIONS = ("loop", "input", "precision", "gpu_methods")
 RESULTS = Path(__file__).parent / "results"

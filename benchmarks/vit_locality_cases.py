@@ -18,7 +18,6 @@ PNGs do not grow); full mode the real ViT-Lite at the section batch size and 1,0
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,7 +42,6 @@ def cases(s: Settings) -> list[tuple]:
     batch = s.batch_size if s.device.startswith("cuda") else min(s.batch_size, 32)
     n_probe = 16 if small else (1000 if s.device.startswith("cuda") else 200)
     steps_per_epoch = CIFAR_TRAIN // batch
-    baseline_times: list[float] = []
 
     def model() -> ViTLocalityClassifier:
         return ViTLocalityClassifier(backbone="vit_lite_7_4", num_classes=100, backbone_kwargs=kwargs,
@@ -54,10 +52,7 @@ def cases(s: Settings) -> list[tuple]:
             m = model()
             for block in m.backbone.blocks:
                 block.attn.fused_attn = fused
-            sec = time_trainer(s, m, data(s, batch_size=batch, gpu_resident=True))
-            if fused:
-                baseline_times.append(sec)
-            return sec
+            return time_trainer(s, m, data(s, batch_size=batch, gpu_resident=True))
         return run
 
     def probe_seconds() -> float:
@@ -79,9 +74,8 @@ def cases(s: Settings) -> list[tuple]:
             return time.perf_counter() - t0
 
     def amortised() -> float:
-        # the baseline row's own measurements (the harness runs the baseline once untimed, then `repeats` times)
-        base = statistics.median(baseline_times[-s.repeats:]) if baseline_times else step(True)()
-        return base + probe_seconds() * max(1.0, 1000 / n_probe) / (10 * steps_per_epoch)
+        # its own step in the same round (the ratio is per round; the baseline's earlier calls include its warm-up)
+        return step(True)() + probe_seconds() * max(1.0, 1000 / n_probe) / (10 * steps_per_epoch)
 
     vit = "ViT-Lite-7/4" if not small else "2-block ViT"
     return [

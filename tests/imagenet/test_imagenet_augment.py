@@ -153,3 +153,51 @@ def test_fused_normalization_matches_the_plain_formula():
     fused, plain = normalize_uint8(x, IMAGENET_MEAN, IMAGENET_STD), normalize(x, IMAGENET_MEAN, IMAGENET_STD)
     # both are a few float32 operations on values of magnitude <= 2.7: a few ulps of 2.7 apart at most
     assert torch.allclose(fused, plain, rtol=0, atol=8 * torch.finfo(torch.float32).eps * 2.7)
+
+
+def _encoded(fmt: str, **kwargs) -> tuple[bytes, np.ndarray]:
+    rng = np.random.default_rng(7)
+    base = np.clip(rng.normal(128, 60, (37, 53, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(base).convert(kwargs.pop("mode", "RGB"))
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kwargs)
+    return out.getvalue(), np.array(Image.open(io.BytesIO(out.getvalue())).convert("RGB"))
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "444", "422", "gray", "cmyk", "png"])
+def test_both_cpu_decoders_give_pillows_pixels(kind, monkeypatch):
+    """simplejpeg (the streaming extra) and torchvision's decoder are both libjpeg-turbo with default settings: the
+    same pixels as Pillow's, bit for bit; CMYK JPEGs and PNGs go to torchvision."""
+    from lightning_methods.datamodules import jpeg_pipeline
+
+    options = {"baseline": {}, "progressive": {"progressive": True}, "444": {"subsampling": 0},
+               "422": {"subsampling": 1}, "gray": {"mode": "L"}, "cmyk": {"mode": "CMYK"}}
+    data, pil = _encoded("PNG") if kind == "png" else _encoded("JPEG", quality=85, **options[kind])
+    assert jpeg_pipeline._simplejpeg() is not None, "simplejpeg comes with the streaming extra"
+    fast = decode_rgb(data)
+    monkeypatch.setattr(jpeg_pipeline, "_SIMPLEJPEG", False)  # torchvision.io only
+    plain = decode_rgb(data)
+    assert fast.shape == plain.shape == (3, *pil.shape[:2])
+    assert torch.equal(plain, fast)
+    if kind != "cmyk":  # Pillow inverts Adobe CMYK JPEGs on its own; libjpeg-turbo's conversion is the reference
+        assert torch.equal(fast, torch.from_numpy(pil).permute(2, 0, 1))
+
+
+def test_resizes_equal_torchvisions_on_decoder_views():
+    """crop_resize / eval_resize_crop call torch's uint8 kernel on the decoder's channels-last view; torchvision's
+    resized_crop / resize + center_crop on a contiguous copy give the same pixels (upscaling and downscaling boxes,
+    portrait, landscape, square and already-sized images)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from lightning_methods.datamodules.jpeg_pipeline import eval_resize_crop
+
+    rng = np.random.default_rng(3)
+    for h, w in ((61, 90), (90, 61), (64, 64), (28, 40)):
+        view = torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
+        assert not view.is_contiguous()
+        image = view.contiguous()
+        for box in ([0, 0, h, w], [3, 5, h // 3, w // 2], [h // 2, w // 4, h - h // 2, 7]):
+            expect = TF.resized_crop(image, *box, [24, 24], antialias=True)
+            assert torch.equal(crop_resize(view, box, 24), expect), (h, w, box)
+        expect = TF.center_crop(TF.resize(image, [28], antialias=True), [24, 24])
+        assert torch.equal(eval_resize_crop(view, 28, 24), expect), (h, w)
