@@ -12,9 +12,15 @@ other jobs on the machine):
 
 - ``ImageFolder + PIL``: torchvision ``ImageFolder`` with ``RandomResizedCrop(224), RandomHorizontalFlip(), ToTensor(),
   Normalize`` per sample in DataLoader workers (float32 batches);
-- ``streaming + batched``: ``ImageNetDataModule(streaming=...)``: workers decode (libjpeg-turbo via torchvision), crop
-  and flip in uint8, batches are normalized at once in the main process (``on_after_batch_transfer``);
-- ``folder + batched``: the same pipeline reading the folder tree.
+- ``streaming + batched``: ``ImageNetDataModule(streaming=...)``: workers decode (libjpeg-turbo via simplejpeg, or
+  torchvision without it), crop and flip in uint8, batches are normalized at once in the main process
+  (``on_after_batch_transfer``);
+- ``streaming bytes, decoded in the training process``: ``decode_on_device=True`` on the CPU: the workers only read
+  the JPEG bytes and draw the crops; ``on_after_batch_transfer`` decodes, crops and flips the batch with
+  ``decode_threads`` threads (up to 4) of the main process, then normalizes it;
+- ``folder + batched``: the workers' pipeline reading the folder tree.
+
+Section ``imagenet`` of ``benchmarks/throughput.py`` runs the same loaders through the harness (:func:`cases`).
 
 GPU section: ResNet-50 (torchvision), bf16 autocast, channels-last, SGD steps/s fed (a) from the streaming pipeline with
 ``decode_on_device=True`` (nvJPEG decode, crops and flips on the GPU) and (b) from one synthetic batch already on the
@@ -78,11 +84,13 @@ def pil_loader(root: Path, batch: int, workers: int) -> Any:
     return DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
 
 
-def package_dm(root: Path, streaming: str | None, batch: int, workers: int, on_device: bool = False) -> Any:
+def package_dm(root: Path, streaming: str | None, batch: int, workers: int, on_device: bool = False,
+               threads: int | None = None) -> Any:
     from lightning_methods.datamodules import ImageNetDataModule
 
     dm = ImageNetDataModule(str(root), streaming=streaming, num_classes=4, batch_size=batch, num_workers=workers,
-                            decode_on_device=on_device, pin_memory=on_device)
+                            decode_on_device=on_device, decode_threads=threads,
+                            pin_memory=on_device and torch.cuda.is_available())
     dm.setup("fit")
     return dm
 
@@ -131,6 +139,10 @@ def cpu_loaders(root: Path, conv: str, batch: int, workers: int) -> dict[str, tu
     stream = package_dm(root, conv, batch, workers)
     cases["streaming + batched uint8 pipeline"] = (stream.train_dataloader(),
                                                    lambda b: stream.on_after_batch_transfer(b, 0)["image"])
+    threads = max(1, min(4, os.cpu_count() or 1))
+    raw = package_dm(root, conv, batch, workers, on_device=True, threads=threads)
+    cases[f"streaming bytes, decoded in the training process by {threads} threads"] = (
+        raw.train_dataloader(), lambda b: raw.on_after_batch_transfer(b, 0)["image"])
     folder = package_dm(root, None, batch, workers)
     cases["folder + batched uint8 pipeline"] = (
         DataLoader(folder.train_set.with_mode("train"), batch_size=batch, sampler=EpochTaggedSampler(

@@ -11,7 +11,8 @@ Training: RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)) and a horizontal
 ``(seed, epoch, index)``, then normalization with the ImageNet mean / std. Evaluation: resize the shorter side to
 ``eval_resize`` (256), center crop ``image_size`` (224). With ``decode_on_device`` (default: when training on CUDA)
 workers only read bytes and the JPEG decoding, cropping and flipping run batched on the device
-(``torchvision.io.decode_jpeg(device="cuda")``), uint8 until normalization; otherwise they run in the workers.
+(``torchvision.io.decode_jpeg(device="cuda")``; on a CPU trainer, ``decode_threads`` threads of the training process),
+uint8 until normalization; otherwise they run in the workers.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ class ImageNetDataModule(ImageDataModule):
             ``val/`` inside); needs the ``streaming`` extra (litdata).
         image_size: training crop and evaluation center-crop side (224).
         eval_resize: shorter side before the evaluation center crop (256).
-        decode_on_device: decode and augment on the training device (default: when it is a CUDA device).
+        decode_on_device: decode and augment on the training device (default: when it is a CUDA device). On a CPU
+            trainer this decodes in the training process with ``decode_threads`` threads instead of in the workers.
+        decode_threads: threads that decode a batch when ``decode_on_device`` runs on the CPU (default: torch's
+            intra-op thread count).
         num_classes: classes of the tree (checked against its class folders; ``class_subset`` / ``classes_file``
             set it).
         class_subset: the first ``k`` classes (sorted wnids) or a list of wnids, in label order.
@@ -77,6 +81,7 @@ class ImageNetDataModule(ImageDataModule):
         image_size: int = 224,
         eval_resize: int = 256,
         decode_on_device: bool | None = None,
+        decode_threads: int | None = None,
         num_classes: int = 1000,
         class_subset: list[str] | int | None = None,
         classes_file: str | None = None,
@@ -115,7 +120,9 @@ class ImageNetDataModule(ImageDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.streaming, self.streaming_cache_dir = streaming, streaming_cache_dir
         self.image_size, self.eval_resize = image_size, eval_resize
-        self.decode_on_device = decode_on_device
+        if decode_threads is not None and decode_threads < 1:
+            raise ValueError(f"decode_threads must be at least 1, got {decode_threads}")
+        self.decode_on_device, self.decode_threads = decode_on_device, decode_threads
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.train_transform = train_transform
         self.class_subset, self.classes_file = class_subset, classes_file
@@ -230,7 +237,8 @@ class ImageNetDataModule(ImageDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if "jpeg" in batch:
             host = {k: batch.pop(k) for k in HOST_KEYS if k in batch}
-            batch["image"] = decode_batch(host, self.image_size, batch["target"].device, self.eval_resize)
+            batch["image"] = decode_batch(host, self.image_size, batch["target"].device, self.eval_resize,
+                                          threads=self.decode_threads or torch.get_num_threads())
         image = batch["image"]
         if image.dtype != torch.uint8:
             return batch

@@ -12,7 +12,8 @@ Two paths produce the same training batches:
 - on the device (``decode_on_device=True``, the default on CUDA): workers only read the file bytes and draw the crop
   box and the flip; the batch carries the concatenated bytes (``"jpeg"``, kept on the host) with ``"jpeg_offsets"``,
   ``"box"`` and ``"flip"``, and :func:`decode_batch` decodes it with ``torchvision.io.decode_jpeg(device=...)``
-  (nvJPEG on CUDA), crops and resizes each image in uint8 and flips it there.
+  (nvJPEG on CUDA), crops and resizes each image in uint8 and flips it there; on a CPU "device" it decodes with the
+  workers' functions in a pool of threads of the training process (no inter-process hand-over of decoded images).
 
 Evaluation uses the standard resize of the shorter side to ``eval_resize`` (256) and a center crop of ``image_size``
 (224).
@@ -26,6 +27,7 @@ import math
 import platform
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -247,16 +249,37 @@ def unpack_jpegs(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor
 
 
 def decode_batch(batch: dict[str, Any], size: int, device: torch.device | str,
-                 eval_resize: int | None = None) -> torch.Tensor:
+                 eval_resize: int | None = None, threads: int = 1) -> torch.Tensor:
     """Decode a batch of packed JPEG bytes on ``device`` and crop it: training batches (with ``"box"`` /
     ``"flip"``) get their RandomResizedCrop + flip, evaluation batches the resize / center crop. uint8 ``(N, 3, size,
-    size)`` on ``device``."""
+    size)`` on ``device``.
+
+    On CUDA the images are decoded together by nvJPEG. On the CPU each image is decoded and cropped by the workers'
+    own functions (:func:`decode_rgb`, :func:`crop_resize`, :func:`eval_resize_crop`: the same pixels as the worker
+    path), by ``threads`` threads of this process: the decoder and the resize release the GIL, so the batch scales
+    with the threads without the inter-process hand-over of worker processes."""
     data = unpack_jpegs(batch["jpeg"], batch["jpeg_offsets"])
     if not data:
         return torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
-    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    boxes = flips = None
     if "box" in batch:
         boxes = batch["box"].tolist() if isinstance(batch["box"], torch.Tensor) else batch["box"]
+        flips = batch["flip"].tolist() if isinstance(batch["flip"], torch.Tensor) else batch["flip"]
+    if torch.device(device).type == "cpu":
+
+        def one(i: int) -> torch.Tensor:
+            image = decode_rgb(memoryview(data[i].numpy()), f"batch image {i}")
+            if boxes is None:
+                return eval_resize_crop(image, eval_resize or size, size)
+            out = crop_resize(image, boxes[i], size)
+            return out.flip(-1) if flips[i] else out
+
+        if threads > 1 and len(data) > 1:
+            with ThreadPoolExecutor(max_workers=min(threads, len(data))) as pool:
+                return torch.stack(list(pool.map(one, range(len(data)))))
+        return torch.stack([one(i) for i in range(len(data))])
+    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    if boxes is not None:
         out = torch.stack([crop_resize(img, box, size) for img, box in zip(images, boxes)])
         flip = batch["flip"].to(out.device).view(-1, 1, 1, 1)
         return torch.where(flip, out.flip(-1), out)

@@ -114,12 +114,15 @@ def _batches(dm, train: bool):
     return [dm.on_after_batch_transfer(dm.transfer_batch_to_device(b, torch.device("cpu"), 0), 0) for b in loader]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("train", [True, False])
-def test_device_path_equals_worker_path_on_cpu(tmp_path, train):
+def test_device_path_equals_worker_path_on_cpu(tmp_path, train, threads):
+    """decode_on_device on a CPU trainer decodes in the training process with ``decode_threads`` threads: the same
+    batches as the worker path, whatever the thread count."""
     root = write_imagenet_tree(tmp_path / "in", classes=3, per_class=4, val_per_class=2)
     kwargs = dict(data_dir=str(root), num_classes=3, image_size=24, eval_resize=28, batch_size=4, num_workers=0)
     worker = _batches(ImageNetDataModule(decode_on_device=False, **kwargs), train)
-    device = _batches(ImageNetDataModule(decode_on_device=True, **kwargs), train)
+    device = _batches(ImageNetDataModule(decode_on_device=True, decode_threads=threads, **kwargs), train)
     assert len(worker) == len(device) == (3 if train else 2)  # 12 training images, 6 validation images
     for a, b in zip(worker, device):
         assert set(a) == set(b) == {"image", "target", "index"}
@@ -201,3 +204,8 @@ def test_resizes_equal_torchvisions_on_decoder_views():
             assert torch.equal(crop_resize(view, box, 24), expect), (h, w, box)
         expect = TF.center_crop(TF.resize(image, [28], antialias=True), [24, 24])
         assert torch.equal(eval_resize_crop(view, 28, 24), expect), (h, w)
+
+
+def test_decode_threads_must_be_positive():
+    with pytest.raises(ValueError, match="decode_threads must be at least 1, got 0"):
+        ImageNetDataModule(decode_threads=0)
