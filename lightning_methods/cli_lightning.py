@@ -73,6 +73,9 @@ class LightningMethodsCLI(LightningCLI):
 
     def before_fit(self) -> None:
         cli_runs.check_trainer_settings(self.trainer, self.model)  # gradient_clip_val, accumulate_grad_batches
+        for callback in self.trainer.callbacks:  # lock the run before any logger starts (cli_runs)
+            if isinstance(callback, cli_runs.RunConfigCallback):
+                callback.take_run_before_fit(self.trainer)
 
     def after_instantiate_classes(self) -> None:
         attach_run_config(self)  # the resolved config goes into results.json

@@ -453,6 +453,33 @@ class RunConfigCallback(SaveConfigCallback):
     whose ``config.yaml`` has other settings (see the module docstring)."""
 
     _lock: RunLock | None = None
+    _refused: tuple[type, str] | None = None  # the refusal found before the fit started, raised in ``setup``
+
+    def take_run_before_fit(self, trainer: Trainer) -> None:
+        """Lock the run directory and check its config before ``trainer.fit`` (the CLI's ``before_fit``), on rank zero,
+        when the directory is known without starting the logger's experiment (a given W&B id, CSV / TensorBoard
+        versions, no logger). Lightning starts the loggers' experiments before any callback's ``setup``: a fit that
+        is refused here never starts one, so a refused second fit of a run opens no second W&B run with its id. The
+        refusal is raised in :meth:`setup`, on every rank (a new W&B run, whose id is drawn when it starts, is locked
+        there)."""
+        loggers = trainer.loggers
+        if trainer.fast_dev_run or trainer.global_rank != 0 or (loggers and loggers[0].version is None):
+            return
+        try:
+            self._lock_and_check(trainer, self.config.get("ckpt_path"))
+        except (ConfigMismatchError, RuntimeError) as err:
+            self._release()
+            self._refused = (type(err), str(err))
+            trainer.loggers = []  # no experiment for a fit that will not run
+
+    def _lock_and_check(self, trainer: Trainer, ckpt_path: Any) -> None:
+        from lightning_methods.results.record import run_directory
+
+        run_dir = run_directory(trainer)
+        self._lock = RunLock(run_dir, FIT_LOCK, "a fit's run directory").acquire()
+        ckpt = trainer.checkpoint_callback
+        check_run_config(run_dir, yaml.safe_load(self.parser.dump(self.config, skip_unset=False)), ckpt_path,
+                         getattr(ckpt, "dirpath", None))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         stage = str(getattr(stage, "value", stage))
@@ -464,17 +491,12 @@ class RunConfigCallback(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
     def _take_run(self, trainer: Trainer, ckpt_path: Any) -> None:
-        """Lock the run directory and check its config (rank zero decides; every rank raises the same error)."""
-        from lightning_methods.results.record import run_directory
-
-        error = None
-        if trainer.is_global_zero:
-            run_dir = run_directory(trainer)
+        """Lock the run directory and check its config, unless :meth:`take_run_before_fit` did (rank zero decides;
+        every rank raises the same error)."""
+        error, self._refused = self._refused, None
+        if trainer.is_global_zero and error is None and self._lock is None:
             try:
-                self._lock = RunLock(run_dir, FIT_LOCK, "a fit's run directory").acquire()
-                ckpt = trainer.checkpoint_callback
-                check_run_config(run_dir, yaml.safe_load(self.parser.dump(self.config, skip_unset=False)),
-                                 ckpt_path, getattr(ckpt, "dirpath", None))
+                self._lock_and_check(trainer, ckpt_path)
             except (ConfigMismatchError, RuntimeError) as err:
                 self._release()
                 error = (type(err), str(err))

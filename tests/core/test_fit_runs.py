@@ -181,6 +181,7 @@ def test_a_run_directory_belongs_to_one_configuration(tmp_path, monkeypatch, one
     with pytest.raises(ConfigMismatchError, match=r"optimizer\.init_args\.lr.*nothing was written"):
         main(["fit", "--config", str(edited)])
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files  # nothing written, no last-v1.ckpt
+    assert len([p for p in tmp_path.rglob("*run-*-shared") if p.is_dir()]) == 1  # no W&B run for a refused fit
     # a fixed run directory (no logger: default_root_dir) is refused the same way
     fixed = [
         "fit",
@@ -287,6 +288,8 @@ def test_sigterm_is_interrupted_and_the_package_noise_is_gone(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RunLockedError, match=f"in use by process {proc.pid} on "):  # a real second fit, same run
         main(["fit", "--config", str(early / "config.yaml"), "--ckpt_path", str(early / "checkpoints/last.ckpt")])
+    # refused before its logger started: the running fit's W&B run is the only one with this id
+    assert len([p for p in tmp_path.rglob(f"*run-*-{early.name}") if p.is_dir()]) == 1
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err[-2000:]
