@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parser.parse_args(argv)
     from lightning_methods.imagenet.prepare import convert
 
-    result: dict[str, Any] = {"environment": environment(), "settings": vars(opts)}
+    settings = {k: v for k, v in vars(opts).items() if k != "out"}  # no machine paths in a record
+    result: dict[str, Any] = {"environment": environment(), "settings": settings}
     with tempfile.TemporaryDirectory() as tmp:
         root = write_photo_tree(Path(tmp) / "tree", opts.images)
         convert(root, str(Path(tmp) / "conv"), num_workers=1, verify=False)
