@@ -175,14 +175,15 @@ def cases(s: Any) -> list[tuple]:
     """Section ``imagenet`` of ``benchmarks/throughput.py``: the three loaders of the CPU comparison on one photo
     tree at 224 px, one epoch per call, interleaved by the harness. A case returns the **CPU-seconds** (main process
     and its reaped workers) per batch, so the ratio to the PIL baseline is per core: 0.5 means twice the images per
-    CPU-second. Sizes: small mode 64 images, batch 16, in-process; CPU modes 512 images, batch 32, one worker; GPU
-    mode 2048 images, batch 128, up to 8 workers."""
+    CPU-second. Sizes: small mode 64 images, batch 16, in-process; CPU modes 2048 images, batch 32, one worker
+    (each epoch starts its worker, about 50-60 ms of CPU per epoch and loader: a short epoch would weigh that more
+    than an ImageNet epoch does); GPU mode 2048 images, batch 128, up to 8 workers."""
     from lightning_methods.imagenet.prepare import convert
 
     if s.n_train <= 256:
         images, batch, workers = 64, 16, 0
     elif s.device == "cpu":
-        images, batch, workers = 512, 32, 1
+        images, batch, workers = 2048, 32, 1
     else:
         images, batch, workers = 2048, 128, min(8, os.cpu_count() or 1)
     tmp = tempfile.TemporaryDirectory()
@@ -267,7 +268,8 @@ def environment() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=384, help="training images of the tree")
+    parser.add_argument("--images", type=int, default=2048,
+                        help="training images of the tree (one epoch per round; each epoch starts its workers)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of every CPU case")
     parser.add_argument("--rounds", type=int, default=3)
@@ -275,8 +277,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gpu-images", type=int, default=2048)
     parser.add_argument("--gpu-batch", type=int, default=128)
     parser.add_argument("--gpu-workers", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the training process (1: no OpenMP team whose waiting would count "
+                             "as CPU time of the loaders)")
     parser.add_argument("--out", default="imagenet_benchmark.json")
     opts = parser.parse_args(argv)
+    torch.set_num_threads(opts.threads)
     from lightning_methods.imagenet.prepare import convert
 
     settings = {k: v for k, v in vars(opts).items() if k != "out"}  # no machine paths in a record

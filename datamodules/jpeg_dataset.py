@@ -14,12 +14,13 @@ training loader instead asks for whole batches through ``__getitems__`` with ``(
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Sampler, get_worker_info
 
 from lightning_methods.datamodules.base import IndexedTensorDataset, epoch_permutation
 from lightning_methods.datamodules.jpeg_pipeline import (
@@ -212,6 +213,19 @@ def collate_samples(samples: list[dict[str, Any]], size: int = 0) -> dict[str, A
         values = [s[key] for s in samples]
         if key == "jpeg":
             batch["jpeg"], batch["jpeg_offsets"] = pack_jpegs(values)
+        elif key == "image" and get_worker_info() is not None:
+            batch[key] = torch.stack(values, out=shared_empty((len(values), *values[0].shape), values[0].dtype))
         else:
             batch[key] = torch.stack(values)
     return batch
+
+
+def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in shared memory: a worker that builds its batch there hands it to the training
+    process without copying it (what torch's ``default_collate`` does for tensors, with the same storage method; a
+    torch without it gets ordinary memory, which the DataLoader then copies into shared memory as before)."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    storage = new_shared(math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 
 import numpy as np
@@ -156,6 +157,108 @@ def test_fused_normalization_matches_the_plain_formula():
     fused, plain = normalize_uint8(x, IMAGENET_MEAN, IMAGENET_STD), normalize(x, IMAGENET_MEAN, IMAGENET_STD)
     # both are a few float32 operations on values of magnitude <= 2.7: a few ulps of 2.7 apart at most
     assert torch.allclose(fused, plain, rtol=0, atol=8 * torch.finfo(torch.float32).eps * 2.7)
+
+
+def test_normalized_cpu_batches_reuse_memory_only_once_nothing_holds_it():
+    """On the CPU a normalized batch goes into memory of an earlier batch only when no tensor, view, detached tensor,
+    NumPy array or autograd record refers to that batch any more: a batch still in use is never written over."""
+    from lightning_methods.datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
+    from lightning_methods.datamodules.jpeg_pipeline import _BATCH_MEMORY, normalize_uint8
+    from lightning_methods.datamodules.transforms import normalize
+
+    if _BATCH_MEMORY.use_count is None:
+        pytest.skip("this torch exposes no storage use count: every batch is allocated afresh")
+
+    def batch(v: int) -> torch.Tensor:
+        return (torch.arange(2 * 3 * 4 * 5) % 7 + v).to(torch.uint8).view(2, 3, 4, 5)
+
+    def norm(v: int) -> torch.Tensor:
+        return normalize_uint8(batch(v), IMAGENET_MEAN, IMAGENET_STD)
+
+    def expected(v: int) -> torch.Tensor:  # the plain formula, in fresh memory
+        return normalize(batch(v), IMAGENET_MEAN, IMAGENET_STD)
+
+    tol = dict(rtol=0, atol=8 * torch.finfo(torch.float32).eps * 2.7)  # as in the test above
+    first = norm(1)
+    address = first.data_ptr()
+    del first
+    second = norm(2)
+    assert second.data_ptr() == address  # released memory is taken again: the kept buffer
+    assert address in [s.data_ptr() for s in _BATCH_MEMORY.buffers[(2, 3, 4, 5)]]
+    assert torch.allclose(second, expected(2), **tol)
+    del second
+    holders = {"tensor": lambda t: t, "view": lambda t: t[1:], "detached": lambda t: t.detach(),
+               "numpy": lambda t: t.numpy()}
+    for v, (name, hold) in enumerate(holders.items(), start=10):
+        out = norm(v)
+        kept = hold(out)
+        del out
+        later = [norm(v + 100 + k) for k in range(3)]  # more batches than the memory kept for one shape
+        whole = expected(v)
+        reference = whole[1:] if name == "view" else whole
+        assert torch.allclose(torch.as_tensor(kept), reference, **tol), name
+        assert all(torch.allclose(t, expected(v + 100 + k), **tol) for k, t in enumerate(later)), name
+        del kept, later
+    weight = torch.ones(1, requires_grad=True)
+    out = norm(50)
+    loss = (out * weight).sum()  # autograd keeps ``out`` for the weight's gradient
+    del out
+    others = [norm(60 + k) for k in range(3)]
+    del others
+    loss.backward()
+    assert torch.allclose(weight.grad, expected(50).sum().view(1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_never_writes_into_its_parents_batch_memory():
+    """The reused buffers are shared with forked children (so that forking the DataLoader's workers does not make
+    them copy-on-write): a child must start without them, or its batches would land in the parent's memory."""
+    import ctypes
+
+    from lightning_methods.datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
+    from lightning_methods.datamodules.jpeg_pipeline import _BATCH_MEMORY, normalize_uint8
+
+    if _BATCH_MEMORY.use_count is None:
+        pytest.skip("this torch exposes no storage use count: every batch is allocated afresh")
+    zeros, full = torch.zeros(2, 3, 4, 6, dtype=torch.uint8), torch.full((2, 3, 4, 6), 255, dtype=torch.uint8)
+    out = normalize_uint8(zeros, IMAGENET_MEAN, IMAGENET_STD)
+    address, nbytes = out.data_ptr(), out.nbytes
+    del out  # free again in the parent: a child that inherited the buffers would take it
+    before = ctypes.string_at(address, nbytes)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            normalize_uint8(full, IMAGENET_MEAN, IMAGENET_STD)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert ctypes.string_at(address, nbytes) == before  # the parent's memory as it left it
+    assert normalize_uint8(full, IMAGENET_MEAN, IMAGENET_STD).data_ptr() == address  # and still its own buffer
+
+
+def test_worker_batches_are_built_in_shared_memory(tmp_path):
+    """A worker stacks the images of a batch straight into shared memory (no copy when the batch is handed over);
+    the batches equal those built in the training process."""
+    from torch.utils.data import DataLoader
+
+    from lightning_methods.datamodules.base import collate_dict
+    from lightning_methods.datamodules.jpeg_dataset import EpochTaggedSampler
+
+    root = write_imagenet_tree(tmp_path / "in", classes=2, per_class=4, val_per_class=1)
+    dm = ImageNetDataModule(str(root), num_classes=2, image_size=24, eval_resize=28, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    data = dm.train_set.with_mode("train")
+
+    def batches(workers: int) -> list[dict]:
+        loader = DataLoader(data, batch_size=4, sampler=EpochTaggedSampler(len(data)), num_workers=workers,
+                            collate_fn=collate_dict)
+        return list(loader)
+
+    here, there = batches(0), batches(1)
+    assert len(here) == len(there) == 2
+    for a, b in zip(here, there):
+        assert b["image"].is_shared() and not a["image"].is_shared()
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "target", "index"))
 
 
 def _encoded(fmt: str, **kwargs) -> tuple[bytes, np.ndarray]:
