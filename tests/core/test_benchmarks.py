@@ -162,3 +162,27 @@ def test_import_cases_time_fresh_interpreters(monkeypatch):
         assert fn() >= 0 and items == 1
     assert [cmd[-1] for cmd in ran] == ["import torch", "import lightning", "import lightning_methods.optim",
                                         "from lightning_methods.optim import SAMON"]
+
+
+def test_imagenet_gpu_section_runs_its_three_cases(tmp_path):
+    """The GPU section of ``benchmarks/imagenet_cases.py`` (recorded only on a GPU machine) runs end to end here with
+    a small model (MobileNetV3-Small) on the CPU: a synthetic batch, the ``decode_on_device`` loader (decoded by
+    threads of this process on a CPU) and the loader whose worker decodes; each row has a finite rate and the two fed
+    rows a pipeline cost."""
+    pytest.importorskip("litdata")
+    cases = _load("imagenet_cases")
+    from lightning_methods.imagenet.prepare import convert
+
+    root = cases.write_photo_tree(tmp_path / "tree", 8)
+    convert(root, str(tmp_path / "conv"), num_workers=1, verify=False)
+    rows = cases.gpu_section(str(tmp_path / "conv"), root, batch=2, workers=1, steps=1, warmup=1, device="cpu",
+                             arch="mobilenet_v3_small")
+    assert [r["case"].split(", ")[-1] for r in rows] == [
+        "synthetic batch on the device", "fed by streaming + nvJPEG decode (decode_on_device=True)",
+        "fed by streaming + decode in 1 workers (decode_on_device=False)"]
+    assert all(math.isfinite(r["steps_per_s"]) and r["steps_per_s"] > 0 for r in rows)
+    synth = rows[0]["steps_per_s"]
+    for r in rows[1:]:  # rates are rounded to 0.01, costs to 0.001: the cost recomputed from the rounded rates
+        fed = r["steps_per_s"]
+        slack = 0.0005 + 0.005 / synth + 0.005 * fed / synth**2
+        assert r["pipeline_cost"] == pytest.approx(1 - fed / synth, abs=slack) and r["pipeline_cost"] < 1
