@@ -52,6 +52,24 @@ def soft_cross_entropy(logits: torch.Tensor, soft_target: torch.Tensor, label_sm
     return -(soft_target * F.log_softmax(logits, dim=-1)).sum(-1)
 
 
+class StepClosure:
+    """The closure of one optimizer step (the closure contract): each call runs ``run(closure, call)``, ``call`` being
+    the index of this evaluation within the step; ``calls`` counts them and ``first_loss`` (with whatever else ``run``
+    records on the closure) holds what the first one produced.
+
+    A callable object rather than a function that reads its own attributes: such a function refers to itself through
+    its closure cell, a reference cycle that kept each step's batch - and its activations' inputs - alive until the
+    cyclic garbage collector ran, several steps later (issue 23: in a CPU fit no batch memory could be reused)."""
+
+    def __init__(self, run: Any) -> None:
+        self.run, self.calls, self.first_loss = run, 0, None
+
+    def __call__(self) -> torch.Tensor:
+        call = self.calls
+        self.calls += 1
+        return self.run(self, call)
+
+
 class ImageClassifier(LightningModule):
     """Image classification with injected optimizer and scheduler.
 
@@ -158,12 +176,10 @@ class ImageClassifier(LightningModule):
         return self.per_sample_loss(logits, batch), logits
 
     # ----------------------------------------------------------------------------------------------- training
-    def make_closure(self, batch: Mapping[str, torch.Tensor], optimizer: Any) -> Any:
+    def make_closure(self, batch: Mapping[str, torch.Tensor], optimizer: Any) -> StepClosure:
         """Build the closure of the contract for ``batch``; ``closure.first_loss`` holds the pass-1 mean loss."""
 
-        def closure() -> torch.Tensor:
-            call = closure.calls
-            closure.calls += 1
+        def run(closure: StepClosure, call: int) -> torch.Tensor:
             self.closure_call = call
             ctx = frozen_bn_stats(self) if call > 0 and self.bn_bypass_second_pass else contextlib.nullcontext()
             with ctx:
@@ -176,9 +192,7 @@ class ImageClassifier(LightningModule):
                 self.train_metrics.update(logits.detach(), batch["target"])
             return losses.detach()
 
-        closure.calls = 0
-        closure.first_loss = None
-        return closure
+        return StepClosure(run)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         batch = as_dict_batch(batch)

@@ -90,6 +90,26 @@ def quiet_trainer(**overrides: Any) -> L.Trainer:
     return L.Trainer(**args)
 
 
+class BatchesFreed(L.Callback):
+    """Records a weak reference to every training batch's images and checks at each batch start that the images of
+    the batch before the previous one are gone. Run the fit with the cyclic garbage collector off (``gc.disable()``):
+    then only reference counting frees a batch, and a reference cycle in the step (a closure that refers to itself)
+    keeps it alive. ``checked`` counts the batches found freed."""
+
+    def __init__(self) -> None:
+        self.refs: list[Any] = []
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        import weakref
+
+        if len(self.refs) >= 2:
+            assert self.refs[-2]() is None, f"the images of training batch {len(self.refs) - 2} are still alive"
+            self.checked += 1
+        self.refs.append(weakref.ref(batch["image"]))
+
+
 class LinearModule(L.LightningModule):
     """The smallest LightningModule: a 4 -> 2 linear layer trained with cross-entropy and SGD (lr 0.1) on the
     ``(x, y)`` batches of :func:`tiny_loader`."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_methods.classifier import ImageClassifier, soft_cross_entropy
+from lightning_methods.classifier import ImageClassifier, StepClosure, soft_cross_entropy
 from lightning_methods.layers.quantized import ActQuant, SwitchableBatchNorm, check_bits, set_bits
 from lightning_methods.parameters import frozen_bn_stats
 from lightning_methods.quantization.convert import quantize_model
@@ -200,12 +200,10 @@ class MultiBitClassifier(PerBitEvaluation, ImageClassifier):
         set_bits(self.backbone, self.train_order[0])
         return top_losses, top_logits, means  # type: ignore[return-value]
 
-    def make_closure(self, batch: dict[str, torch.Tensor], optimizer: Any) -> Any:
+    def make_closure(self, batch: dict[str, torch.Tensor], optimizer: Any) -> StepClosure:
         chunks = self.chunks(batch)
 
-        def closure() -> torch.Tensor:
-            call = closure.calls
-            closure.calls += 1
+        def run(closure: StepClosure, call: int) -> torch.Tensor:
             self.closure_call = call
             optimizer.zero_grad(set_to_none=True)
             ctx = frozen_bn_stats(self) if call > 0 and self.bn_bypass_second_pass else contextlib.nullcontext()
@@ -217,10 +215,8 @@ class MultiBitClassifier(PerBitEvaluation, ImageClassifier):
                 self.train_metrics.update(logits, chunks[0]["target"])
             return losses
 
-        closure.calls = 0
-        closure.first_loss = None
-        closure.bit_losses = {}
-        closure.first_batch = chunks[0]
+        closure = StepClosure(run)
+        closure.bit_losses, closure.first_batch = {}, chunks[0]
         return closure
 
     def log_training_step(self, batch: Mapping[str, torch.Tensor], closure: Any) -> None:

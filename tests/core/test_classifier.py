@@ -106,6 +106,36 @@ def test_bn_bypass_can_be_switched_off_as_in_the_official_sam_scripts():
     assert int(net.bn.num_batches_tracked) == 2  # both passes updated the running statistics
 
 
+class FreshBatches(torch.utils.data.Dataset):
+    """Batches made on access (a list of batches would keep every one alive)."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> dict:
+        return batches(1, seed=i)[0]
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_a_step_frees_its_batch_by_reference_counting(passes):
+    """The step's closure is no reference cycle: with the cyclic garbage collector off, each batch is freed once the
+    next steps run (a closure function that read its own attributes kept every batch until the collector ran)."""
+    import gc
+
+    from helpers import BatchesFreed
+
+    freed = BatchesFreed()
+    opt = TwoPassSGD if passes == 2 else torch.optim.SGD
+    model = ImageClassifier(TinyNet(4), 4, optimizer=lambda p: opt(p, lr=0.1))
+    gc.collect()
+    gc.disable()
+    try:
+        trainer(max_epochs=1, callbacks=[freed]).fit(model, DataLoader(FreshBatches(), batch_size=None))
+    finally:
+        gc.enable()
+    assert freed.checked == 4  # batches 0-3, checked at the starts of batches 2-5
+
+
 def test_optimizer_that_skips_the_closure_is_reported():
     model = ImageClassifier(TinyNet(4), 4, optimizer=lambda p: LazyOptimizer(p, lr=0.1))
     with pytest.raises(RuntimeError, match="did not evaluate the closure"):

@@ -209,3 +209,20 @@ def test_gpu_resident_loader_and_grand_scores(one_thread):
         seen = torch.cat([chunks[k] for _, _, chunks in rec.chunks])
         assert torch.equal(seen.sort().values, positions[coreset.subsets[bits]])  # each sample exactly once
         assert len(coreset.scores[bits]) == 48 and (coreset.scores[bits] > 0).all()
+
+
+def test_a_multibit_step_frees_its_batch_by_reference_counting(one_thread):
+    """The multi-bit closure (which also keeps the batch's first chunk for logging) is no reference cycle: with the
+    cyclic garbage collector off, each batch is freed once the next steps run."""
+    import gc
+
+    from helpers import BatchesFreed
+
+    freed, model = BatchesFreed(), tiny_model()
+    gc.collect()
+    gc.disable()
+    try:
+        quiet_trainer(max_epochs=1, callbacks=[freed]).fit(model, TinyImages(n_train=40))
+    finally:
+        gc.enable()
+    assert freed.checked == 3  # 5 batches of 8: batches 0-2, checked at the starts of batches 2-4
