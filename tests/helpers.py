@@ -223,6 +223,23 @@ def _ddp_worker(rank: int, fn: Callable, world_size: int, outdir: str, args: tup
         dist.destroy_process_group()
 
 
+def leave_process_group() -> None:
+    """Leave the default process group from inside a :func:`run_ddp` worker that created it: a barrier, a pause,
+    then ``destroy_process_group()``.
+
+    The pause is for torch 2.13: a gloo worker thread frees each finished collective's state under the GIL, and a
+    group destroyed before that - when the last DDP wrapper holding it is freed, its threads joined with the GIL held
+    - leaves both waiting forever (a hang in about one run in three of the SAM DDP test). Sleeping releases the GIL
+    so the threads finish first."""
+    import time
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    time.sleep(0.2)
+    dist.destroy_process_group()
+
+
 def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned CPU processes and return their results.
 
