@@ -8,6 +8,7 @@ import pickle
 import random
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -218,26 +219,13 @@ def _ddp_worker(rank: int, fn: Callable, world_size: int, outdir: str, args: tup
 
     if dist.is_available() and dist.is_initialized():
         # Leave the group together: a rank that exits while its peer still holds the group's connections makes the
-        # peer's gloo thread throw outside Python (std::terminate, SIGABRT), depending on timing.
+        # peer's gloo thread throw outside Python (std::terminate, SIGABRT), depending on timing. Then pause before
+        # destroying it: a gloo thread frees each finished collective's state under the GIL, and with torch 2.13 a
+        # group destroyed first (its threads joined with the GIL held) left both waiting forever (the SAM DDP test
+        # hung in about one run in three). Sleeping releases the GIL so the threads finish.
         dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
-
-
-def leave_process_group() -> None:
-    """Leave the default process group from inside a :func:`run_ddp` worker that created it: a barrier, a pause,
-    then ``destroy_process_group()``.
-
-    The pause is for torch 2.13: a gloo worker thread frees each finished collective's state under the GIL, and a
-    group destroyed before that - when the last DDP wrapper holding it is freed, its threads joined with the GIL held
-    - leaves both waiting forever (a hang in about one run in three of the SAM DDP test). Sleeping releases the GIL
-    so the threads finish first."""
-    import time
-
-    import torch.distributed as dist
-
-    dist.barrier()
-    time.sleep(0.2)
-    dist.destroy_process_group()
 
 
 def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> list[Any]:
@@ -252,7 +240,9 @@ def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> li
     (:func:`free_port`), workers started with the spawn method (no fork of a process with threads) in an environment
     without the parent's launcher variables, and every worker leaves
     the process group after a barrier, so no rank exits while its peer still talks to it (the gloo thread of the peer
-    would abort the process). ``fn`` may create and destroy process groups itself, one after another.
+    would abort the process). ``fn`` may create and destroy process groups itself, one after another; a ``fn`` that
+    wraps a model in ``DistributedDataParallel`` leaves its last group to this teardown (the wrapper, freed when
+    ``fn`` returns, would otherwise be what destroys the group, without the pause the teardown makes).
     """
     with tempfile.TemporaryDirectory() as outdir, _worker_environment(free_port(), world_size):
         mp.start_processes(_ddp_worker, args=(fn, world_size, outdir, args), nprocs=world_size, join=True,

@@ -18,7 +18,7 @@ import lightning_methods.optim.koala_base as koala_base
 from lightning_methods import ImageClassifier
 from lightning_methods.optim import KOALAM, KOALAV, KOALAPlusPlus, global_loss_moments
 
-from helpers import TinyNet, leave_process_group, quiet_trainer, run_ddp
+from helpers import TinyNet, quiet_trainer, run_ddp
 
 CLASSES = {"KOALAPlusPlus": KOALAPlusPlus, "KOALAV": KOALAV, "KOALAM": KOALAM}
 
@@ -128,8 +128,7 @@ def _ddp_worker(rank: int, world_size: int) -> dict:
                 x, y = data(100 * rank + step)  # different data on every rank
                 opt.step(closure_for(model, opt, x, y))
             out[name, sync] = [p.detach().clone() for p in model.parameters()]
-    leave_process_group()
-    return out
+    return out  # run_ddp leaves the group (after the DDP wrapper is freed)
 
 
 def test_ddp_replicas_stay_identical():

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_methods.optim import SAMON, SSAM, fisher_scores, global_topk_mask, sam_closure
 from lightning_methods.parameters import frozen_bn_stats, param_groups_by_role
 
-from helpers import TinyNet, leave_process_group, run_ddp
+from helpers import TinyNet, run_ddp
 
 SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 
@@ -52,8 +52,7 @@ def _worker(rank, world_size):
     out["mask_fisher"] = [m.clone() for m in ssam.masks()]
     ssam.step(sam_closure(model, lambda: F.cross_entropy(ddp(x), y)))
     out["params"] = [p.detach().clone() for p in model.parameters()]
-    leave_process_group()
-    return out
+    return out  # run_ddp leaves the group (after the DDP wrapper is freed)
 
 
 def test_ddp_perturbations_weights_and_masks_identical():
