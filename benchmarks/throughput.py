@@ -250,6 +250,9 @@ the official-style SAM step, DeepKD batched vs sequential streams), sized for un
 python benchmarks/throughput.py --gpu --json benchmarks/results/gpu.json --write-docs docs/benchmarks.md
 ```
 
+`bash benchmarks/gpu_check.sh` runs it (2 rounds) after the other GPU-only checks (`pytest -m gpu`, the ImageNet
+pipeline's GPU section, the photo demo through nvJPEG), each under a time limit.
+
 Regenerate the CPU records below, then this page:
 
 ```bash

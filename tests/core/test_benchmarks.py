@@ -7,6 +7,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -186,3 +189,44 @@ def test_imagenet_gpu_section_runs_its_three_cases(tmp_path):
         fed = r["steps_per_s"]
         slack = 0.0005 + 0.005 / synth + 0.005 * fed / synth**2
         assert r["pipeline_cost"] == pytest.approx(1 - fed / synth, abs=slack) and r["pipeline_cost"] < 1
+
+
+def _gpu_check(out: Path, smoke: bool, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_SMOKE": "1" if smoke else "0",
+           "GPU_CHECK_WHEELS": str(tmp_path / "no_wheels"), "TMPDIR": str(tmp_path)}
+    return subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(out)], cwd=BENCH.parent, env=env,
+                          capture_output=True, text=True, timeout=280)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs the whole check")
+def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+    result = _gpu_check(tmp_path / "out", smoke=False, tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "no CUDA device here" in result.stdout
+    assert "no CUDA device here" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_gpu_check_runs_every_step_in_smoke_mode(tmp_path):
+    """``benchmarks/gpu_check.sh``, the prepared GPU check, with ``GPU_CHECK_SMOKE=1`` on this CPU: every step runs
+    (tiny sizes) and leaves the files that the device tool brings back - at most 8, named in letters, digits, '.',
+    '_' and '-' - so the script stays in step with the tests, benchmarks and CLI it calls."""
+    out = tmp_path / "out"
+    result = _gpu_check(out, smoke=True, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = (out / "summary.txt").read_text()
+    steps = [line for line in summary.splitlines() if ": exit " in line]
+    assert [line.split(":")[0] for line in steps] == [
+        "pytest -m gpu", "imagenet_cases.py --images 64 --rounds 1 --batch 16", "demo",
+        "throughput.py --mode small --sections loop"], summary
+    assert all(": exit 0 in " in line for line in steps), summary
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["demo.log", "demo_results.json", "gpu.json", "imagenet_gpu.json", "imagenet_gpu.log",
+                     "pytest_gpu.log", "summary.txt", "throughput.log"]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
+    demo = json.loads((out / "demo_results.json").read_text())
+    assert demo["status"] == "finished" and 0 <= demo["test"]["metrics"]["test/acc"] <= 1
+    assert {row["case"] for row in json.loads((out / "imagenet_gpu.json").read_text())["cpu"]} >= {
+        "ImageFolder + PIL transforms (workers)", "streaming + batched uint8 pipeline"}
+    throughput = json.loads((out / "gpu.json").read_text())
+    assert throughput["mode"] == "small" and {row["section"] for row in throughput["rows"]} == {"loop"}
+    assert not list(tmp_path.glob("tmp.*")), "the demo's temporary folder is removed"

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The prepared GPU check: everything in this repository that only a GPU can show, as one command of about 5 minutes
+# on one H100 / H200 (9 1/2 minutes at most: each step has its own time limit).
+#
+#   bash benchmarks/gpu_check.sh --prepare      # here, with pip and the registries: the wheels that the GPU
+#                                               # image lacks, and this package's own wheel, into .whl/
+#   bash benchmarks/gpu_check.sh [OUT]          # on the GPU machine, in the repository root (.whl/ carried along);
+#                                               # OUT: the folder for the results (default: $OUT, else ./gpu_check)
+#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh OUT   # the same steps on a CPU with tiny sizes (tests the script)
+#
+# The GPU image holds torch, torchvision, lightning, timm, scikit-learn, matplotlib and pytest, but not litdata (and
+# its boto3), simplejpeg, jsonargparse or wandb: --prepare downloads the first ones for the image's Python (3.12;
+# GPU_CHECK_PYTHON_VERSION to change) at the versions installed here; nothing in the check needs wandb.
+#
+# Steps, in the order of what they settle (OUT gets at most 8 files, as the device tool brings back):
+#   1. summary.txt         the device, the versions, then one line per step: exit code and seconds
+#   2. pytest_gpu.log      pytest -m gpu: bf16-mixed training with SGD / SAM-ON / KOALA++, channels_last + compile,
+#                          nvJPEG decoding against libjpeg-turbo (issue 23)
+#   3. imagenet_gpu.json   benchmarks/imagenet_cases.py --gpu: ResNet-50 bf16 channels-last steps/s fed synthetic /
+#      imagenet_gpu.log    by streaming + nvJPEG / by streaming + CPU workers (issue 23 target: pipeline under 5%)
+#   4. demo_results.json   the ImageNet photo demo through `lightning-methods fit` on the GPU (streaming data,
+#      demo.log            decode_on_device=True, the default on CUDA): a short real training run
+#   5. gpu.json            benchmarks/throughput.py --gpu: docs/benchmarks.md's GPU section (bf16, torch.compile,
+#      throughput.log      gpu_resident vs workers, Lightning vs the raw loop, SAM and DeepKD steps), 2 rounds
+#
+# Afterwards, here: copy imagenet_gpu.json and gpu.json into benchmarks/results/ (imagenet_pipeline_gpu.json,
+# gpu.json), run `python benchmarks/throughput.py --write-docs docs/benchmarks.md`, and put the figures with the
+# device name into docs/imagenet.md section 6.
+set -uo pipefail
+
+WHEELS=(litdata boto3 botocore s3transfer jmespath simplejpeg jsonargparse docstring-parser typeshed-client)
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    py=${PYTHON:-python}
+    pins=$("$py" -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' \
+        "${WHEELS[@]}") || { echo "gpu_check: install the package with its extras first (pip install -e \".[streaming]\")" >&2; exit 2; }
+    rm -rf .whl build && mkdir -p .whl  # build/: no stale modules in the wheel
+    "$py" -m pip wheel -q --no-deps --no-build-isolation -w .whl . || exit 1
+    # shellcheck disable=SC2086
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_CHECK_PYTHON_VERSION:-3.12}" \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+        -d .whl $pins || exit 1
+    ls .whl && du -sh .whl
+    echo "device tool: run(command=\"bash benchmarks/gpu_check.sh\", carry=[\".whl\"], timeout_s=600)"
+    exit 0
+fi
+
+out=${1:-${OUT:-gpu_check}}
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+summary="$out/summary.txt"
+py=$(realpath -s "$(command -v "${PYTHON:-python3}")") || { echo "gpu_check: no ${PYTHON:-python3}" >&2; exit 2; }
+smoke=${GPU_CHECK_SMOKE:-0}
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline
+wheels=${GPU_CHECK_WHEELS:-.whl}  # the wheels of --prepare (none: the packages must be installed already)
+if compgen -G "$wheels/*.whl" > /dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
+        "$wheels"/*.whl || { echo "gpu_check: installing the wheels of $wheels/ failed" | tee "$summary"; exit 2; }
+    export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/gpu_check_site/bin:$PATH
+fi
+
+{
+    date -u "+%Y-%m-%d %H:%M:%S UTC"
+    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$py" - <<'EOF'
+import importlib.metadata as md, os, platform, torch
+versions = []
+for name in ["torch", "torchvision", "lightning", "timm", "litdata", "simplejpeg", "lightning-methods"]:
+    try:
+        versions.append(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        versions.append(f"{name} missing")
+print("python", platform.python_version(), "|", ", ".join(versions))
+cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+print("device:", cuda, "| CPU cores:", os.cpu_count())
+EOF
+} > "$summary" 2>&1
+cat "$summary"
+if [[ "$smoke" != 1 ]] && ! "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check: no CUDA device here (GPU_CHECK_SMOKE=1 runs the steps on a CPU with tiny sizes)" | tee -a "$summary"
+    exit 2
+fi
+
+step() {  # step NAME SECONDS LOG COMMAND...: run under a time limit, log, and record the exit code and time
+    local name=$1 limit=$2 log=$3 start rc
+    shift 3
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+    rc=$?
+    echo "$name: exit $rc in $(( $(date +%s) - start )) s (limit $limit s)$([[ $rc == 124 ]] && echo ', TIMED OUT')" \
+        | tee -a "$summary"
+}
+
+if [[ "$smoke" == 1 ]]; then
+    tests=(tests/core/test_gpu.py)  # the nvJPEG test needs CUDA; the others skip themselves without it
+    imagenet=(--images 64 --rounds 1 --batch 16)
+    throughput=(--mode small --sections loop)
+else
+    tests=(tests/core/test_gpu.py tests/imagenet/test_imagenet_augment.py)
+    imagenet=(--gpu --images 512 --rounds 1)
+    throughput=(--gpu --rounds 2)
+fi
+step "pytest -m gpu" 150 "$out/pytest_gpu.log" "$py" -P -m pytest -m gpu -q -p no:cacheprovider "${tests[@]}"
+step "imagenet_cases.py ${imagenet[*]}" 150 "$out/imagenet_gpu.log" \
+    "$py" benchmarks/imagenet_cases.py "${imagenet[@]}" --out "$out/imagenet_gpu.json"
+
+demo=$(mktemp -d)
+cli="$py -m lightning_methods.cli"
+step "demo: prepare-data demo, convert, fit" 60 "$out/demo.log" bash -c "cd '$demo' \\
+    && $cli prepare-data demo data/demo_photos \\
+    && $cli prepare-data convert data/demo_photos data/demo_photos_streaming --num_workers 1 \\
+    && $cli fit --config '$(pwd)/configs/imagenet/demo_photos.yaml' \\
+       --data.init_args.streaming data/demo_photos_streaming --trainer.logger false"
+cp "$demo/results.json" "$out/demo_results.json" 2> /dev/null
+rm -rf "$demo"
+
+step "throughput.py ${throughput[*]}" 200 "$out/throughput.log" \
+    "$py" benchmarks/throughput.py "${throughput[@]}" --json "$out/gpu.json"
+ls -l "$out" >> "$summary"
