@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check: everything in this repository that only a GPU can show, as one command of about 5 minutes
-# on one H100 / H200 (9 1/2 minutes at most: each step has its own time limit).
+# The prepared GPU check: everything in this repository that only a GPU can show, as one command of about 6 minutes
+# on one H100 / H200 (each step has its own time limit; pass the device tool timeout_s=600).
 #
 #   bash benchmarks/gpu_check.sh --prepare      # here, with pip and the registries: the wheels that the GPU
 #                                               # image lacks, and this package's own wheel, into .whl/
@@ -12,16 +12,19 @@
 # its boto3), simplejpeg, jsonargparse or wandb: --prepare downloads the first ones for the image's Python (3.12;
 # GPU_CHECK_PYTHON_VERSION to change) at the versions installed here; nothing in the check needs wandb.
 #
-# Steps, in the order of what they settle (OUT gets at most 8 files, as the device tool brings back):
-#   1. summary.txt         the device, the versions, then one line per step: exit code and seconds
-#   2. pytest_gpu.log      pytest -m gpu: bf16-mixed training with SGD / SAM-ON / KOALA++, channels_last + compile,
+# Steps, in the order of what they settle; OUT gets 8 files (what the device tool brings back at most):
+#   summary.txt            the device and the versions, then one line per step: exit code and seconds
+#   pytest_gpu.log         pytest -m gpu: bf16-mixed training with SGD / SAM-ON / KOALA++, channels_last + compile,
 #                          nvJPEG decoding against libjpeg-turbo (issue 23)
-#   3. imagenet_gpu.json   benchmarks/imagenet_cases.py --gpu: ResNet-50 bf16 channels-last steps/s fed synthetic /
-#      imagenet_gpu.log    by streaming + nvJPEG / by streaming + CPU workers (issue 23 target: pipeline under 5%)
-#   4. demo_results.json   the ImageNet photo demo through `lightning-methods fit` on the GPU (streaming data,
-#      demo.log            decode_on_device=True, the default on CUDA): a short real training run
-#   5. gpu.json            benchmarks/throughput.py --gpu: docs/benchmarks.md's GPU section (bf16, torch.compile,
-#      throughput.log      gpu_resident vs workers, Lightning vs the raw loop, SAM and DeepKD steps), 2 rounds
+#   imagenet_gpu.json/.log benchmarks/imagenet_cases.py --gpu: ResNet-50 bf16 channels-last steps/s fed synthetic /
+#                          by streaming + nvJPEG / by streaming + CPU workers (issue 23 target: pipeline under 5%)
+#   runs.log               real runs of `lightning-methods`: the ImageNet photo demo (prepare-data demo, convert, fit
+#   runs_results.json      through the streaming path, nvJPEG decode: the default on CUDA), then two of the papers'
+#                          ImageNet configs as shipped (224 px, bf16, SAM-ON ResNet-50, Any-Precision DeiT-Tiny) for
+#                          2 steps, a validation, a checkpoint and a test on the photo classes; each run's
+#                          results.json status and test metrics
+#   gpu.json, throughput.log  benchmarks/throughput.py --gpu: docs/benchmarks.md's GPU section (bf16, torch.compile,
+#                          gpu_resident vs workers, Lightning vs the raw loop, SAM and DeepKD steps), 2 rounds
 #
 # Afterwards, here: copy imagenet_gpu.json and gpu.json into benchmarks/results/ (imagenet_pipeline_gpu.json,
 # gpu.json), run `python benchmarks/throughput.py --write-docs docs/benchmarks.md`, and put the figures with the
@@ -81,39 +84,60 @@ if [[ "$smoke" != 1 ]] && ! "$py" -c "import torch, sys; sys.exit(not torch.cuda
     exit 2
 fi
 
-step() {  # step NAME SECONDS LOG COMMAND...: run under a time limit, log, and record the exit code and time
+step() {  # step NAME SECONDS LOG COMMAND...: run under a time limit, append to LOG, record exit code and time
     local name=$1 limit=$2 log=$3 start rc
     shift 3
     start=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+    echo "=== $name" >> "$log"
+    timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
     rc=$?
     echo "$name: exit $rc in $(( $(date +%s) - start )) s (limit $limit s)$([[ $rc == 124 ]] && echo ', TIMED OUT')" \
         | tee -a "$summary"
 }
 
+configs=(imagenet_resnet50_samon imagenet_deit_tiny_anyprecision)  # the papers' ImageNet configs, unshrunk
 if [[ "$smoke" == 1 ]]; then
     tests=(tests/core/test_gpu.py)  # the nvJPEG test needs CUDA; the others skip themselves without it
     imagenet=(--images 64 --rounds 1 --batch 16)
+    configs=(imagenet_resnet50_samon)
+    shrink=(--data.init_args.image_size 32 --data.init_args.eval_resize 36 --data.init_args.batch_size 4)
     throughput=(--mode small --sections loop)
 else
     tests=(tests/core/test_gpu.py tests/imagenet/test_imagenet_augment.py)
     imagenet=(--gpu --images 512 --rounds 1)
+    shrink=()
     throughput=(--gpu --rounds 2)
 fi
+rm -f "$out"/{pytest_gpu.log,imagenet_gpu.json,imagenet_gpu.log,runs.log,runs_results.json,gpu.json,throughput.log}
 step "pytest -m gpu" 150 "$out/pytest_gpu.log" "$py" -P -m pytest -m gpu -q -p no:cacheprovider "${tests[@]}"
 step "imagenet_cases.py ${imagenet[*]}" 150 "$out/imagenet_gpu.log" \
     "$py" benchmarks/imagenet_cases.py "${imagenet[@]}" --out "$out/imagenet_gpu.json"
 
-demo=$(mktemp -d)
+# Real runs through the CLI, each in its own folder of a scratch directory (run files land in the working folder)
+work=$(mktemp -d)
+data=$work/demo_photos
 cli="$py -m lightning_methods.cli"
-step "demo: prepare-data demo, convert, fit" 60 "$out/demo.log" bash -c "cd '$demo' \\
-    && $cli prepare-data demo data/demo_photos \\
-    && $cli prepare-data convert data/demo_photos data/demo_photos_streaming --num_workers 1 \\
-    && $cli fit --config '$(pwd)/configs/imagenet/demo_photos.yaml' \\
-       --data.init_args.streaming data/demo_photos_streaming --trainer.logger false"
-cp "$demo/results.json" "$out/demo_results.json" 2> /dev/null
-rm -rf "$demo"
+mkdir -p "$work/demo_photos_fit" && step "demo: prepare-data demo, convert, fit (streaming)" 60 "$out/runs.log" \
+    bash -c "cd '$work/demo_photos_fit' && $cli prepare-data demo '$data' \
+    && $cli prepare-data convert '$data' '${data}_streaming' --num_workers 1 \
+    && $cli fit --config '$(pwd)/configs/imagenet/demo_photos.yaml' --data.init_args.streaming '${data}_streaming' \
+       --trainer.logger false"
+for name in "${configs[@]}"; do  # 224 px, bf16, nvJPEG decode, the configs' backbones, on the 4 photo classes
+    mkdir -p "$work/$name" && step "config $name: 2 steps, validation, checkpoint, test" 60 "$out/runs.log" \
+        bash -c "cd '$work/$name' && $cli fit --config '$(pwd)/configs/imagenet/$name.yaml' \
+        --data.init_args.data_dir '$data' --data.init_args.num_classes 4 --trainer.max_steps 2 \
+        --trainer.limit_train_batches 2 --trainer.limit_val_batches 2 --trainer.limit_test_batches 2 \
+        --trainer.logger false ${shrink[*]}"
+done
+"$py" - "$work" "$out/runs_results.json" <<'EOF'
+import json, sys
+from pathlib import Path
+runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(sys.argv[1]).glob("*/results.json"))}
+Path(sys.argv[2]).write_text(json.dumps({name: {"status": r.get("status"), "test": (r.get("test") or {}).get("metrics")}
+                                         for name, r in runs.items()}, indent=1) + "\n")
+EOF
+rm -rf "$work"
 
-step "throughput.py ${throughput[*]}" 200 "$out/throughput.log" \
+step "throughput.py ${throughput[*]}" 240 "$out/throughput.log" \
     "$py" benchmarks/throughput.py "${throughput[@]}" --json "$out/gpu.json"
 ls -l "$out" >> "$summary"

@@ -251,7 +251,7 @@ python benchmarks/throughput.py --gpu --json benchmarks/results/gpu.json --write
 ```
 
 `bash benchmarks/gpu_check.sh` runs it (2 rounds) after the other GPU-only checks (`pytest -m gpu`, the ImageNet
-pipeline's GPU section, the photo demo through nvJPEG), each under a time limit.
+pipeline's GPU section, real runs through nvJPEG), each under a time limit.
 
 Regenerate the CPU records below, then this page:
 

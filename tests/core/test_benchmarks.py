@@ -217,16 +217,17 @@ def test_gpu_check_runs_every_step_in_smoke_mode(tmp_path):
     steps = [line for line in summary.splitlines() if ": exit " in line]
     assert [line.split(":")[0] for line in steps] == [
         "pytest -m gpu", "imagenet_cases.py --images 64 --rounds 1 --batch 16", "demo",
-        "throughput.py --mode small --sections loop"], summary
+        "config imagenet_resnet50_samon", "throughput.py --mode small --sections loop"], summary
     assert all(": exit 0 in " in line for line in steps), summary
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["demo.log", "demo_results.json", "gpu.json", "imagenet_gpu.json", "imagenet_gpu.log",
-                     "pytest_gpu.log", "summary.txt", "throughput.log"]
+    assert files == ["gpu.json", "imagenet_gpu.json", "imagenet_gpu.log", "pytest_gpu.log", "runs.log",
+                     "runs_results.json", "summary.txt", "throughput.log"]
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
-    demo = json.loads((out / "demo_results.json").read_text())
-    assert demo["status"] == "finished" and 0 <= demo["test"]["metrics"]["test/acc"] <= 1
+    runs = json.loads((out / "runs_results.json").read_text())
+    assert set(runs) == {"demo_photos_fit", "imagenet_resnet50_samon"}
+    assert all(run["status"] == "finished" and 0 <= run["test"]["test/acc"] <= 1 for run in runs.values())
     assert {row["case"] for row in json.loads((out / "imagenet_gpu.json").read_text())["cpu"]} >= {
         "ImageFolder + PIL transforms (workers)", "streaming + batched uint8 pipeline"}
     throughput = json.loads((out / "gpu.json").read_text())
     assert throughput["mode"] == "small" and {row["section"] for row in throughput["rows"]} == {"loop"}
-    assert not list(tmp_path.glob("tmp.*")), "the demo's temporary folder is removed"
+    assert not list(tmp_path.glob("tmp.*")), "the scratch folder of the runs is removed"
