@@ -109,7 +109,7 @@ else
     throughput=(--gpu --rounds 2)
 fi
 rm -f "$out"/{pytest_gpu.log,imagenet_gpu.json,imagenet_gpu.log,runs.log,runs_results.json,gpu.json,throughput.log}
-step "pytest -m gpu" 150 "$out/pytest_gpu.log" "$py" -P -m pytest -m gpu -q -p no:cacheprovider "${tests[@]}"
+step "pytest -m gpu" 150 "$out/pytest_gpu.log" env PYTHONSAFEPATH=1 "$py" -m pytest -m gpu -q -p no:cacheprovider "${tests[@]}"
 step "imagenet_cases.py ${imagenet[*]}" 150 "$out/imagenet_gpu.log" \
     "$py" benchmarks/imagenet_cases.py "${imagenet[@]}" --out "$out/imagenet_gpu.json"
 
