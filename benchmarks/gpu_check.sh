@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check: everything in this repository that only a GPU can show, as one command of about 6 minutes
-# on one H100 / H200 (each step has its own time limit; pass the device tool timeout_s=600).
+# The prepared GPU check: everything in this repository that only a GPU can show, as one command sized for about
+# 6 minutes on one H100 / H200 (an estimate; each step has its own time limit; pass the device tool timeout_s=600).
 #
 #   bash benchmarks/gpu_check.sh --prepare      # here, with pip and the registries: the wheels that the GPU
 #                                               # image lacks, and this package's own wheel, into .whl/
@@ -101,11 +101,13 @@ if [[ "$smoke" == 1 ]]; then
     imagenet=(--images 64 --rounds 1 --batch 16)
     configs=(imagenet_resnet50_samon)
     shrink=(--data.init_args.image_size 32 --data.init_args.eval_resize 36 --data.init_args.batch_size 4)
+    demo_epochs=(--trainer.max_epochs 1)
     throughput=(--mode small --sections loop)
 else
     tests=(tests/core/test_gpu.py tests/imagenet/test_imagenet_augment.py)
     imagenet=(--gpu --images 512 --rounds 1)
     shrink=()
+    demo_epochs=()
     throughput=(--gpu --rounds 2)
 fi
 rm -f "$out"/{pytest_gpu.log,imagenet_gpu.json,imagenet_gpu.log,runs.log,runs_results.json,gpu.json,throughput.log}
@@ -121,7 +123,7 @@ mkdir -p "$work/demo_photos_fit" && step "demo: prepare-data demo, convert, fit 
     bash -c "cd '$work/demo_photos_fit' && $cli prepare-data demo '$data' \
     && $cli prepare-data convert '$data' '${data}_streaming' --num_workers 1 \
     && $cli fit --config '$(pwd)/configs/imagenet/demo_photos.yaml' --data.init_args.streaming '${data}_streaming' \
-       --trainer.logger false"
+       --trainer.logger false ${demo_epochs[*]}"
 for name in "${configs[@]}"; do  # 224 px, bf16, nvJPEG decode, the configs' backbones, on the 4 photo classes
     mkdir -p "$work/$name" && step "config $name: 2 steps, validation, checkpoint, test" 60 "$out/runs.log" \
         bash -c "cd '$work/$name' && $cli fit --config '$(pwd)/configs/imagenet/$name.yaml' \
