@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh --prepare      # here, with pip and the registries: the wheels that the GPU
 #                                               # image lacks, and this package's own wheel, into .whl/
-#   bash benchmarks/gpu_check.sh [OUT]          # on the GPU machine, in the repository root (.whl/ carried along);
+#   bash benchmarks/gpu_check.sh [OUT]          # on the GPU machine (.whl/ carried along in the repository root);
 #                                               # OUT: the folder for the results (default: $OUT, else ./gpu_check)
 #   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh OUT   # the same steps on a CPU with tiny sizes (tests the script)
 #
@@ -30,13 +30,17 @@
 # gpu.json), run `python benchmarks/throughput.py --write-docs docs/benchmarks.md`, and put the figures with the
 # device name into docs/imagenet.md section 6.
 set -uo pipefail
+here=$(pwd)  # OUT and PYTHON are read from the caller's folder; the steps run in the repository root
+cd "$(dirname "$0")/.." || exit 2
 
 WHEELS=(litdata boto3 botocore s3transfer jmespath simplejpeg jsonargparse docstring-parser typeshed-client)
 
 if [[ "${1:-}" == "--prepare" ]]; then
-    py=${PYTHON:-python}
-    pins=$("$py" -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' \
-        "${WHEELS[@]}") || { echo "gpu_check: install the package with its extras first (pip install -e \".[streaming]\")" >&2; exit 2; }
+    py=$(cd "$here" && realpath -s "$(command -v "${PYTHON:-python}")") \
+        || { echo "gpu_check: no ${PYTHON:-python}" >&2; exit 2; }
+    versions='import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))'
+    pins=$("$py" -c "$versions" "${WHEELS[@]}") \
+        || { echo "gpu_check: install the package and extras first (pip install -e \".[streaming]\")" >&2; exit 2; }
     rm -rf .whl build && mkdir -p .whl  # build/: no stale modules in the wheel
     "$py" -m pip wheel -q --no-deps --no-build-isolation -w .whl . || exit 1
     # shellcheck disable=SC2086
@@ -50,12 +54,13 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 out=${1:-${OUT:-gpu_check}}
-mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+out=$(cd "$here" && mkdir -p "$out" && cd "$out" && pwd) || exit 2
 summary="$out/summary.txt"
-py=$(realpath -s "$(command -v "${PYTHON:-python3}")") || { echo "gpu_check: no ${PYTHON:-python3}" >&2; exit 2; }
+py=$(cd "$here" && realpath -s "$(command -v "${PYTHON:-python3}")") \
+    || { echo "gpu_check: no ${PYTHON:-python3}" >&2; exit 2; }
 smoke=${GPU_CHECK_SMOKE:-0}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
-wheels=${GPU_CHECK_WHEELS:-.whl}  # the wheels of --prepare (none: the packages must be installed already)
+wheels=${GPU_CHECK_WHEELS:-.whl}  # --prepare's wheels, in the repository root (none: packages installed already)
 if compgen -G "$wheels/*.whl" > /dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
         "$wheels"/*.whl || { echo "gpu_check: installing the wheels of $wheels/ failed" | tee "$summary"; exit 2; }
@@ -80,7 +85,7 @@ EOF
 } > "$summary" 2>&1
 cat "$summary"
 if [[ "$smoke" != 1 ]] && ! "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "gpu_check: no CUDA device here (GPU_CHECK_SMOKE=1 runs the steps on a CPU with tiny sizes)" | tee -a "$summary"
+    echo "gpu_check: no CUDA device here (GPU_CHECK_SMOKE=1 runs the steps on a CPU, tiny sizes)" | tee -a "$summary"
     exit 2
 fi
 
@@ -111,7 +116,8 @@ else
     throughput=(--gpu --rounds 2)
 fi
 rm -f "$out"/{pytest_gpu.log,imagenet_gpu.json,imagenet_gpu.log,runs.log,runs_results.json,gpu.json,throughput.log}
-step "pytest -m gpu" 150 "$out/pytest_gpu.log" env PYTHONSAFEPATH=1 "$py" -m pytest -m gpu -q -p no:cacheprovider "${tests[@]}"
+step "pytest -m gpu" 150 "$out/pytest_gpu.log" \
+    env PYTHONSAFEPATH=1 "$py" -m pytest -m gpu -q -p no:cacheprovider "${tests[@]}"
 step "imagenet_cases.py ${imagenet[*]}" 150 "$out/imagenet_gpu.log" \
     "$py" benchmarks/imagenet_cases.py "${imagenet[@]}" --out "$out/imagenet_gpu.json"
 
