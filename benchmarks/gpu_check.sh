@@ -101,15 +101,14 @@ step() {  # step NAME SECONDS LOG COMMAND...: run under a time limit, append to 
 }
 
 configs=(imagenet_resnet50_samon imagenet_deit_tiny_anyprecision)  # the papers' ImageNet configs, unshrunk
+tests=(tests/core/test_gpu.py tests/imagenet/test_imagenet_augment.py)  # without CUDA: skipped (conftest)
 if [[ "$smoke" == 1 ]]; then
-    tests=(tests/core/test_gpu.py)  # the nvJPEG test needs CUDA; the others skip themselves without it
     imagenet=(--images 64 --rounds 1 --batch 16)
     configs=(imagenet_resnet50_samon)
     shrink=(--data.init_args.image_size 32 --data.init_args.eval_resize 36 --data.init_args.batch_size 4)
     demo_epochs=(--trainer.max_epochs 1)
     throughput=(--mode small --sections loop)
 else
-    tests=(tests/core/test_gpu.py tests/imagenet/test_imagenet_augment.py)
     imagenet=(--gpu --images 512 --rounds 1)
     shrink=()
     demo_epochs=()

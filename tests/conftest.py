@@ -15,6 +15,17 @@ from helpers import write_fake_cifar  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """A ``gpu``-marked test skips itself where there is no CUDA device (``pytest -m gpu`` on a CPU machine)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Say which shipped configs the config smoke test ran with something swapped for speed."""
     overrides = sys.modules.get("config_overrides")

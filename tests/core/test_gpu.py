@@ -14,7 +14,6 @@ from lightning_methods import ImageClassifier
 from lightning_methods.datamodules import DigitsDataModule
 from lightning_methods.optim import SAMON, KOALAPlusPlus
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
@@ -26,7 +25,6 @@ def _fit(model: ImageClassifier, accelerator: str, precision: str, gpu_resident:
 
 
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("optimizer", [SGD, partial(SAMON, base_optimizer=SGD, rho=1.0),
                                        partial(KOALAPlusPlus, lr=1.0, sigma=0.1, q=0.1, weight_decay=5e-4)],
                          ids=["sgd", "samon", "koalapp"])
@@ -39,7 +37,6 @@ def test_bf16_mixed_training_learns(optimizer):
 
 
 @pytest.mark.gpu
-@needs_gpu
 def test_compile_and_channels_last_on_gpu_keep_parameter_names():
     L.seed_everything(0)
     model = ImageClassifier("resnet20", 10, optimizer=SGD, channels_last=True, compile=True)

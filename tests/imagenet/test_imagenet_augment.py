@@ -133,7 +133,6 @@ def test_device_path_equals_worker_path_on_cpu(tmp_path, train, threads):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
 def test_decode_on_cuda_equals_decode_on_cpu(tmp_path):
     root = write_imagenet_tree(tmp_path / "in", classes=2, per_class=4, val_per_class=1, size=(120, 160))
     dm = ImageNetDataModule(str(root), num_classes=2, image_size=64, eval_resize=72, batch_size=8, num_workers=0,
