@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = write_photo_tree(Path(tmp) / "tree", opts.images)
         convert(root, str(Path(tmp) / "conv"), num_workers=1, verify=False)
         result["cpu"] = cpu_section(root, str(Path(tmp) / "conv"), opts.batch, opts.workers, opts.rounds)
+        save(result, opts.out, complete=not opts.gpu)  # a time limit during the GPU section keeps the CPU figures
         print("| case | images/s (wall) | images per CPU-second | per core vs PIL |\n|---|---|---|---|")
         for row in result["cpu"]:
             print(f"| {row['case']} | {row['images_per_s']} | {row['images_per_cpu_s']} | {row['vs_pil_per_core']}x |")
@@ -315,9 +316,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["gpu"] = gpu_section(str(Path(tmp) / "gconv"), groot, opts.gpu_batch, opts.gpu_workers, 30, 5)
             for row in result["gpu"]:
                 print(row)
-    result["environment"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    Path(opts.out).write_text(json.dumps(result, indent=1) + "\n")
+    save(result, opts.out, complete=True)
     return result
+
+
+def save(result: dict[str, Any], path: str, complete: bool) -> None:
+    """Write the record so far (``complete``: every requested section is in it) with the load average now."""
+    result["environment"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    result["complete"] = complete
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

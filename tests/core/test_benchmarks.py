@@ -136,8 +136,36 @@ def test_environment_and_generated_doc_record_what_was_measured(tmp_path, monkey
     assert "| optimizers | SAM | 2.040 | 1.980-2.110 | 5 | 20.50 | 780 |" in text
     assert "OMP_WAIT_POLICY=PASSIVE" in text and "load average 9.5 / 8.0 / 7.0" in text
     assert "under load" in text and "GPU: not measured" in text and "Do not edit by hand" in text
+    assert "Cut short" not in text
+    cut = {"mode": "gpu", "environment": env, "rows": rows, "complete": False, "sections_measured": ["optimizers"]}
+    (results / "gpu.json").write_text(json.dumps(cut))
+    assert "**Cut short**: only the sections optimizers were measured" in throughput.write_docs(tmp_path / "b.md",
+                                                                                                results)
     with pytest.raises(FileNotFoundError, match="no benchmark records"):
         throughput.write_docs(tmp_path / "x.md", tmp_path / "empty")
+
+
+def test_the_record_is_rewritten_after_each_section_so_a_cut_keeps_the_finished_ones(tmp_path, monkeypatch):
+    """``throughput.py --json``: a run stopped during its second section (a time limit of the GPU check) leaves a
+    record of the first one, marked incomplete; a whole run is marked complete."""
+    throughput = _load("throughput")
+
+    def fake_run(mode, sections, with_compile=None, verbose=True, rounds=None):
+        if sections == ("input",):
+            raise KeyboardInterrupt  # what a time limit's signal does to the run
+        return [{"section": sections[0], "case": "baseline", "ms_per_step": 1.0, "img_per_s": 1.0, "ratio": 1.0,
+                 "ratio_p25": 1.0, "ratio_p75": 1.0, "rounds": 1}]
+
+    monkeypatch.setattr(throughput, "run", fake_run)
+    out = tmp_path / "gpu.json"
+    with pytest.raises(KeyboardInterrupt):
+        throughput.main(["--mode", "small", "--sections", "loop,input", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["complete"] is False and record["sections_measured"] == ["loop"]
+    assert [r["section"] for r in record["rows"]] == ["loop"]
+    throughput.main(["--mode", "small", "--sections", "loop,precision", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["complete"] is True and [r["section"] for r in record["rows"]] == ["loop", "precision"]
 
 
 def test_cpu_mode_is_read_from_the_command_line_before_torch_loads():
@@ -191,9 +219,12 @@ def test_imagenet_gpu_section_runs_its_three_cases(tmp_path):
         assert r["pipeline_cost"] == pytest.approx(1 - fed / synth, abs=slack) and r["pipeline_cost"] < 1
 
 
-def _gpu_check(out: Path, smoke: bool, tmp_path: Path) -> subprocess.CompletedProcess:
+def _gpu_check(out: Path, smoke: bool, tmp_path: Path, **env_vars: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_SMOKE": "1" if smoke else "0",
-           "GPU_CHECK_WHEELS": str(tmp_path / "no_wheels"), "TMPDIR": str(tmp_path)}
+           "GPU_CHECK_WHEELS": str(tmp_path / "no_wheels"), "TMPDIR": str(tmp_path), **env_vars}
+    for name in ("GPU_CHECK_STEPS", "GPU_CHECK_BUDGET"):
+        if name not in env_vars:
+            env.pop(name, None)
     return subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(out)], cwd=BENCH.parent, env=env,
                           capture_output=True, text=True, timeout=280)
 
@@ -219,6 +250,7 @@ def test_gpu_check_runs_every_step_in_smoke_mode(tmp_path):
         "pytest -m gpu", "imagenet_cases.py --images 64 --rounds 1 --batch 16", "demo",
         "config imagenet_resnet50_samon", "throughput.py --mode small --sections loop"], summary
     assert all(": exit 0 in " in line for line in steps), summary
+    assert "\nnot done (skipped or timed out): none\n" in summary, summary
     files = sorted(p.name for p in out.iterdir())
     assert files == ["gpu.json", "imagenet_gpu.json", "imagenet_gpu.log", "pytest_gpu.log", "runs.log",
                      "runs_results.json", "summary.txt", "throughput.log"]
@@ -226,8 +258,37 @@ def test_gpu_check_runs_every_step_in_smoke_mode(tmp_path):
     runs = json.loads((out / "runs_results.json").read_text())
     assert set(runs) == {"demo_photos_fit", "imagenet_resnet50_samon"}
     assert all(run["status"] == "finished" and 0 <= run["test"]["test/acc"] <= 1 for run in runs.values())
-    assert {row["case"] for row in json.loads((out / "imagenet_gpu.json").read_text())["cpu"]} >= {
+    pipeline = json.loads((out / "imagenet_gpu.json").read_text())
+    assert pipeline["complete"] is True  # no --gpu in smoke mode: the CPU section is all that was asked
+    assert {row["case"] for row in pipeline["cpu"]} >= {
         "ImageFolder + PIL transforms (workers)", "streaming + batched uint8 pipeline"}
     throughput = json.loads((out / "gpu.json").read_text())
     assert throughput["mode"] == "small" and {row["section"] for row in throughput["rows"]} == {"loop"}
+    assert throughput["complete"] is True and throughput["sections_measured"] == ["loop"]
     assert not list(tmp_path.glob("tmp.*")), "the scratch folder of the runs is removed"
+
+
+def test_gpu_check_keeps_to_its_budget_and_names_the_steps_left_for_a_second_call(tmp_path):
+    """A step that finds less than 15 s of ``GPU_CHECK_BUDGET`` left is skipped, not started; the summary's last
+    step line names the skipped steps as the ``GPU_CHECK_STEPS`` of a second call; only the chosen steps run."""
+    out = tmp_path / "out"
+    result = _gpu_check(out, smoke=True, tmp_path=tmp_path, GPU_CHECK_STEPS="runs throughput", GPU_CHECK_BUDGET="0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "steps: runs throughput | budget: 0 s" in summary
+    skipped = [line.split(":")[0] for line in summary.splitlines() if ": skipped, " in line]
+    assert skipped == ["demo", "config imagenet_resnet50_samon", "throughput.py --mode small --sections loop"]
+    assert ": exit " not in summary and "pytest" not in summary and "imagenet_cases" not in summary
+    assert ('not done (skipped or timed out): runs throughput -> rerun: GPU_CHECK_STEPS="runs throughput" '
+            "bash benchmarks/gpu_check.sh") in summary
+    assert json.loads((out / "runs_results.json").read_text()) == {}
+    assert sorted(p.name for p in out.iterdir()) == ["runs_results.json", "summary.txt"]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("GPU_CHECK_STEPS", "pytest gpus", "GPU_CHECK_STEPS names 'gpus'; the steps are: pytest imagenet runs throughput"),
+    ("GPU_CHECK_BUDGET", "5m", "GPU_CHECK_BUDGET='5m' is not a whole number of seconds")])
+def test_gpu_check_refuses_a_bad_setting_before_any_step(tmp_path, name, value, message):
+    result = _gpu_check(tmp_path / "out", smoke=True, tmp_path=tmp_path, **{name: value})
+    assert result.returncode == 2 and message in result.stdout
+    assert (tmp_path / "out" / "summary.txt").read_text().strip() == f"gpu_check: {message}"
