@@ -38,11 +38,50 @@ def split_url(root: str, split: str) -> str:
     return root.rstrip("/") + "/" + split
 
 
+META = "lightning_methods.json"
+
+
+def _s3_object(root: str) -> tuple[Any, str, str]:
+    """``(boto3 S3 client, bucket, key)`` of ``<root>/lightning_methods.json`` for an ``s3://`` root (boto3 comes with
+    litdata; it reads the usual AWS credentials and ``AWS_ENDPOINT_URL`` for S3-compatible stores)."""
+    import boto3
+
+    bucket, _, prefix = root[len("s3://"):].partition("/")
+    return boto3.client("s3"), bucket, f"{prefix.strip('/')}/{META}".lstrip("/")
+
+
+def write_meta(root: str, meta: dict[str, Any]) -> bool:
+    """Write ``meta`` as ``<root>/lightning_methods.json`` beside ``train/`` and ``val/``: a local folder or an
+    ``s3://`` URL (other remote schemes: not written, returns False)."""
+    text = json.dumps(meta, indent=1) + "\n"
+    if root.startswith("s3://"):
+        client, bucket, key = _s3_object(root)
+        client.put_object(Bucket=bucket, Key=key, Body=text.encode(), ContentType="application/json")
+        return True
+    if "://" in root:
+        return False
+    Path(root).expanduser().joinpath(META).write_text(text)
+    return True
+
+
 def read_meta(root: str) -> dict[str, Any] | None:
-    """``lightning_methods.json`` written by ``prepare-data convert`` next to ``train/`` (local data sets only)."""
+    """``lightning_methods.json`` written by ``prepare-data convert`` next to ``train/`` (a local folder or an
+    ``s3://`` URL; ``None`` where there is none, e.g. a data set converted by an older version or another tool)."""
+    if root.startswith("s3://"):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client, bucket, key = _s3_object(root)
+        try:
+            return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except (ClientError, BotoCoreError) as err:
+            if isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise OSError(f"cannot read s3://{bucket}/{key}: {err}; check the AWS credentials (AWS_PROFILE or "
+                          "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and, for an S3-compatible store, "
+                          "AWS_ENDPOINT_URL") from err
     if "://" in root:
         return None
-    path = Path(root).expanduser() / "lightning_methods.json"
+    path = Path(root).expanduser() / META
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -106,9 +106,9 @@ def verify_images(items: list[tuple[str, int, int]], threads: int) -> None:
 def convert(src: str | Path, out: str, splits: tuple[str, ...] = ("train", "val"), classes_file: str | None = None,
             chunk_bytes: str = "64MB", num_workers: int = 1, verify: bool = True) -> dict[str, Any]:
     """Write ``src/<split>/<class>/*`` as litdata-optimized ``out/<split>`` (see the module docstring); returns the
-    summary also written to ``out/lightning_methods.json`` (local outputs)."""
+    summary also written to ``out/lightning_methods.json`` (a local folder or an ``s3://`` URL)."""
     from lightning_methods.datamodules.jpeg_pipeline import BadImageError
-    from lightning_methods.datamodules.streaming import require_litdata, split_url
+    from lightning_methods.datamodules.streaming import require_litdata, split_url, write_meta
 
     litdata = require_litdata()
     src = Path(src).expanduser()
@@ -128,8 +128,7 @@ def convert(src: str | Path, out: str, splits: tuple[str, ...] = ("train", "val"
                          num_workers=num_workers, mode="overwrite", verbose=False, start_method="fork"
                          if os.name == "posix" else None)
         summary["splits"][split] = {"samples": len(items), "seconds": round(time.perf_counter() - start, 2)}
-    if "://" not in out:
-        Path(out, "lightning_methods.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_meta(out, summary)
     return summary
 
 

@@ -3,6 +3,7 @@ sample once per epoch on each of 2 ranks (gloo), a mid-epoch checkpoint that res
 
 from __future__ import annotations
 
+import json
 import os
 
 import lightning as L
@@ -182,3 +183,83 @@ def test_demo_photos_prepare_convert_and_fit_through_streaming(tmp_path, monkeyp
                      "0", "--data.init_args.batch_size", "8", "--trainer.fast_dev_run", "2", "--trainer.logger",
                      "false", "--test_after_fit", "off"])
     assert cli.trainer.global_step == 2 and cli.datamodule.streaming == "stream"
+
+
+# ------------------------------------------------------------------------------------------------ s3:// URLs
+@pytest.fixture(scope="module")
+def on_s3(converted, tmp_path_factory):
+    """The tiny tree converted by the CLI to ``s3://bucket/imagenet`` on moto's S3 server (a local fake that speaks
+    S3's HTTP API), with the environment a user sets for an S3-compatible store: ``AWS_ENDPOINT_URL`` and keys."""
+    moto_server = pytest.importorskip("moto.server")
+    downloader = pytest.importorskip("litdata.streaming.downloader")
+    import boto3
+
+    root, _conv = converted
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    tmp = tmp_path_factory.mktemp("s3")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_CONFIG_FILE": str(tmp / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "none")
+                            }.items():
+            mp.setenv(name, value)
+        mp.delenv("AWS_PROFILE", raising=False)
+        # The fake serves plain http; litdata's obstore transfers refuse http unless told (S3 itself is https)
+        options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
+        if options is not None:
+            mp.setattr(downloader, "_OBSTORE_CLIENT_OPTIONS", {**options, "allow_http": True})
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="bucket")
+        main(["prepare-data", "convert", str(root), "s3://bucket/imagenet", "--num_workers", "1", "--chunk_bytes",
+              "3kb"])
+        yield root, "s3://bucket/imagenet", client, tmp
+    server.stop()
+
+
+def test_convert_to_s3_then_stream_gives_the_folder_samples(on_s3):
+    root, url, client, tmp = on_s3
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="bucket", Prefix="imagenet/")["Contents"]}
+    assert {"imagenet/train/index.json", "imagenet/val/index.json", "imagenet/lightning_methods.json"} <= keys
+    assert sum(k.startswith("imagenet/train/chunk-") for k in keys) > 1  # several chunks to shard
+    meta = json.loads(client.get_object(Bucket="bucket", Key="imagenet/lightning_methods.json")["Body"].read())
+    assert meta["num_classes"] == 4 and meta["splits"]["train"]["samples"] == 24
+    folder = _eval_samples(ImageNetDataModule(str(root), **SMALL))
+    stream = _eval_samples(ImageNetDataModule(str(root), streaming=url, streaming_cache_dir=str(tmp / "c1"), **SMALL))
+    assert len(folder) == 32 and folder.keys() == stream.keys()
+    for key, (target, image) in folder.items():
+        assert stream[key][0] == target and torch.equal(stream[key][1], image)
+    assert len(list((tmp / "c1").rglob("index.json"))) == 2  # train/ and val/ cached in the folder named
+
+
+def test_mid_epoch_checkpoint_resumes_at_the_next_unseen_sample_on_s3(on_s3, tmp_path):
+    """Two DataLoader workers fetching chunks from the bucket: the same batches as an uninterrupted run."""
+    root, url, _client, tmp = on_s3
+    kwargs = dict(SMALL, data_dir=str(root), streaming=url, num_workers=2, streaming_cache_dir=str(tmp_path / "c"))
+    full = _fit(kwargs)
+    assert len(full) == 12 and sorted(i for batch, _ in full[:6] for i in batch) == list(range(24))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    first = _fit(kwargs, max_steps=2, callbacks=[ckpt], enable_checkpointing=True)
+    rest = _fit(kwargs, ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
+    assert first + rest == full
+
+
+def test_s3_data_sets_are_checked_like_local_ones(on_s3):
+    """The class count is checked against the bucket's lightning_methods.json; a data set without one (converted by
+    another tool) is read without the check; a bucket that cannot be read stops with the URL and what to check."""
+    root, url, client, tmp = on_s3
+    with pytest.raises(ValueError, match="s3://bucket/imagenet holds 4 classes .* num_classes=5"):
+        ImageNetDataModule(str(root), streaming=url, **dict(SMALL, num_classes=5)).setup("fit")
+    copy = {"Bucket": "bucket", "Key": "imagenet/lightning_methods.json"}
+    saved = client.get_object(**copy)["Body"].read()
+    client.delete_object(**copy)
+    try:
+        dm = ImageNetDataModule(str(root), streaming=url, streaming_cache_dir=str(tmp / "c2"), **SMALL)
+        dm.setup("fit")
+        assert len(dm.train_set) == 24
+    finally:
+        client.put_object(Body=saved, **copy)
+    with pytest.raises(OSError, match=r"cannot read s3://no-such-bucket/imagenet/lightning_methods.json: .*"
+                                      r"AWS_ENDPOINT_URL"):
+        ImageNetDataModule(str(root), streaming="s3://no-such-bucket/imagenet", **SMALL).setup("fit")
