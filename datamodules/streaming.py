@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning_methods.datamodules.jpeg_dataset import collate_samples, encode_sample
+from lightning_methods.datamodules.jpeg_dataset import collate_samples
 
 EXTRA = "pip install 'lightning-methods[streaming]'  (litdata)"
 
@@ -86,61 +86,13 @@ def read_meta(root: str) -> dict[str, Any] | None:
 
 
 def make_streaming_dataset(url: str, mode: str, shuffle: bool, dm: Any, **kwargs: Any) -> Any:
-    """A :class:`StreamingJpegDataset` over ``url`` (see :func:`streaming_dataset_class`)."""
-    cls = streaming_dataset_class()
-    return cls(url, mode=mode, image_size=dm.image_size, eval_resize=dm.eval_resize, aug_seed=dm.seed,
+    """A ``StreamingJpegDataset`` (:mod:`~lightning_methods.datamodules.streaming_litdata`) over ``url``."""
+    require_litdata()
+    from lightning_methods.datamodules.streaming_litdata import StreamingJpegDataset
+
+    return StreamingJpegDataset(url, mode=mode, image_size=dm.image_size, eval_resize=dm.eval_resize, aug_seed=dm.seed,
                scale=dm.scale, ratio=dm.ratio, flip=dm.augment == "standard", shuffle=shuffle, seed=dm.seed,
                cache_dir=dm.streaming_cache_dir, **kwargs)
-
-
-_CLASS: Any = None
-
-
-def streaming_dataset_class() -> Any:
-    """``StreamingJpegDataset``: litdata's ``StreamingDataset`` whose items are encoded like the folder path's (built
-    on first use so that litdata stays an optional import)."""
-    global _CLASS
-    if _CLASS is not None:
-        return _CLASS
-    litdata = require_litdata()
-
-    class StreamingJpegDataset(litdata.StreamingDataset):
-        """Streaming samples decoded / augmented (or shipped as bytes) per ``mode``, keyed ``(seed, epoch, index)``.
-        ``mode`` can be changed with :meth:`set_mode` before a loader iterates; an int index (random access, as
-        ``dataset[i]`` of SSAM-F's Fisher pass) always gives a decoded sample (a ``*_bytes`` mode without the
-        ``_bytes``) with the augmentation of epoch 0, as the folder path's ``dataset[i]``."""
-
-        def __init__(self, input_dir: str, mode: str = "eval", image_size: int = 224, eval_resize: int = 256,
-                     aug_seed: int = 0, scale: tuple = (0.08, 1.0), ratio: tuple = (0.75, 4 / 3), flip: bool = True,
-                     **kwargs: Any) -> None:
-            super().__init__(input_dir, **kwargs)
-            self.mode, self.image_size, self.eval_resize, self.aug_seed = mode, image_size, eval_resize, aug_seed
-            self.aug_scale, self.aug_ratio, self.aug_flip = tuple(scale), tuple(ratio), flip
-
-        def set_mode(self, mode: str) -> None:
-            self.mode = mode
-
-        def __getitem__(self, index: Any) -> dict[str, Any]:
-            item = super().__getitem__(index)
-            direct = isinstance(index, int)  # random access: the folder path's ``dataset[i]`` (epoch 0)
-            mode = self.mode.removesuffix("_bytes") if direct else self.mode
-            return encode_sample(
-                item["jpeg"],
-                int(item["label"]),
-                int(item["index"]),
-                mode=mode,
-                seed=self.aug_seed,
-                epoch=0 if direct else int(self.current_epoch) - 1,  # litdata counts epochs from 1
-                size=self.image_size,
-                eval_resize=self.eval_resize,
-                flip=self.aug_flip,
-                scale=self.aug_scale,
-                ratio=self.aug_ratio,
-                name=f"{self.input_dir.url or self.input_dir.path}[{item['index']}]",
-            )
-
-    _CLASS = StreamingJpegDataset
-    return _CLASS
 
 
 def setup_streaming(dm: Any) -> None:
@@ -154,47 +106,17 @@ def setup_streaming(dm: Any) -> None:
         raise ValueError("val_split > 0 holds out part of the training folder; with streaming data validate on the "
                          "converted val/ split (val_split=0)")
     dm.train_set = make_streaming_dataset(split_url(dm.streaming, "train"), dm.train_item_mode(), True, dm)
-    # evaluation keeps every sample (ranks may get one batch more or less; Lightning syncs metrics at epoch end)
+    # evaluation keeps every sample, shared evenly (ranks may get one batch more or less; Lightning syncs metrics at
+    # epoch end)
     dm.test_set = make_streaming_dataset(split_url(dm.streaming, "val"), "eval", False, dm, drop_last=False)
     dm.val_set = dm.test_set
-
-
-_LOADER: Any = None
-
-
-def resumable_loader_class() -> Any:
-    """``ResumableStreamingDataLoader``: litdata's ``StreamingDataLoader`` that also leaves its "resumed" state once
-    the resumed epoch has yielded its last batch.
-
-    litdata clears that state only when an epoch's generator runs to its end, but Lightning stops asking after the
-    epoch's known number of batches, so without this the epoch after a mid-epoch resume would replay the rest of the
-    resumed epoch instead of starting a new one."""
-    global _LOADER
-    if _LOADER is not None:
-        return _LOADER
-    from litdata import StreamingDataLoader
-
-    class ResumableStreamingDataLoader(StreamingDataLoader):
-        _resumed_epoch_done = False
-
-        def __iter__(self) -> Any:
-            if self.restore and self._resumed_epoch_done:
-                self.restore = False
-            self._resumed_epoch_done = False
-            resumed = self.restore
-            total = len(self) * (self.batch_size or 1)
-            for batch in super().__iter__():
-                if resumed and self._num_samples_yielded_streaming >= total:
-                    self._resumed_epoch_done = True
-                yield batch
-
-    _LOADER = ResumableStreamingDataLoader
-    return _LOADER
 
 
 def streaming_loader(dm: Any, dataset: Any, train: bool) -> Any:
     """A (resumable) ``StreamingDataLoader`` over ``dataset`` in the DataModule's train / eval mode."""
     dataset.set_mode(dm.train_mode() if train else "eval_bytes" if dm.device_decode() else "eval")
-    return resumable_loader_class()(dataset, batch_size=dm.batch_size if train else dm.eval_batch_size,
+    from lightning_methods.datamodules.streaming_litdata import ResumableStreamingDataLoader
+
+    return ResumableStreamingDataLoader(dataset, batch_size=dm.batch_size if train else dm.eval_batch_size,
                                     num_workers=dm.num_workers, pin_memory=dm.pin_memory,
                                     collate_fn=collate_samples, drop_last=train)

@@ -131,6 +131,64 @@ def test_two_ranks_share_each_epoch_without_repeats(converted):
     assert ranks[0][0] != ranks[0][1]
 
 
+def test_evaluation_shares_the_samples_evenly_between_ranks():
+    """The evaluation data set's assignment (``BalancedNoShuffle``): rank ``r`` gets the ``r``-th contiguous part
+    of the stored order, part sizes differing by at most one, split between the rank's workers by litdata's own rule
+    (whole batches, the rest to one worker); one rank gets exactly litdata's assignment. Chunks of uneven sizes, one
+    of them subsampled (its region of interest is not the whole chunk)."""
+    from litdata.streaming.item_loader import Interval
+    from litdata.streaming.shuffle import NoShuffle
+    from litdata.utilities.env import _DistributedEnv
+
+    from lightning_methods.datamodules.streaming_litdata import BalancedNoShuffle
+
+    class Chunks:  # the part of litdata's Cache that a shuffler reads
+        def get_chunk_intervals(self):
+            return [Interval(0, 0, 5, 5), Interval(5, 5, 8, 8), Interval(8, 9, 14, 15), Interval(15, 15, 16, 16),
+                    Interval(16, 16, 20, 20)]
+
+    stored = [*range(0, 8), *range(9, 14), *range(15, 20)]  # 18 samples
+    for world in range(1, 6):
+        for workers in (1, 2, 3):
+            for batch in (1, 3, 64):
+                shuffler = BalancedNoShuffle(Chunks(), 0, False)
+                env = _DistributedEnv(world_size=world, global_rank=0, num_nodes=1)
+                _chunks, intervals = shuffler.get_chunks_and_intervals_per_workers(env, workers, batch, 1)
+                assert len(intervals) == world * workers
+                ranks = []
+                for rank in range(world):
+                    mine = intervals[rank * workers:(rank + 1) * workers]
+                    per_worker = [[i for _s, lo, hi, _e in pieces for i in range(lo, hi)] for pieces in mine]
+                    assert sum(len(w) % batch != 0 for w in per_worker) <= 1  # whole batches but for one worker
+                    ranks.append([i for w in per_worker for i in w])
+                    rank_env = _DistributedEnv(world_size=world, global_rank=rank, num_nodes=1)
+                    assert shuffler.get_len(rank_env, workers, batch, 1) == len(ranks[-1])
+                assert [i for r in ranks for i in r] == stored  # each once, contiguous parts in the stored order
+                assert max(map(len, ranks)) - min(map(len, ranks)) <= 1
+                if world == 1:
+                    assert intervals == NoShuffle(Chunks(), 0, False).get_chunks_and_intervals_per_workers(
+                        env, workers, batch, 1)[1]
+
+
+def _rank_eval(rank: int, world_size: int, root: str, conv: str, workers: int) -> list[list[int]]:
+    torch.distributed.init_process_group("gloo")
+    dm = ImageNetDataModule(root, streaming=conv, **dict(SMALL, num_workers=workers, eval_batch_size=64))
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    batches = [b["index"].tolist() for b in loader]
+    assert len(batches) == len(loader)
+    return [i for b in batches for i in b]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_ranks_share_the_validation_set_evenly(converted, workers):
+    """8 validation images, batches of 64, 2 ranks: 4 on each (litdata's own rule gave the last rank all 8 and the
+    other an empty loader, which stops Lightning's validation)."""
+    root, conv = converted
+    a, b = run_ddp(_rank_eval, 2, (str(root), str(conv), workers))
+    assert len(a) == len(b) == 4 and sorted(a + b) == list(range(8))
+
+
 class Record(L.Callback):
     def __init__(self) -> None:
         self.seen: list[tuple[list[int], float]] = []
