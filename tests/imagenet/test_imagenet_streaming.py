@@ -220,6 +220,31 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_unseen_sample(converted, tmp_p
     assert first + rest == full  # same batches, same augmented images, and the second epoch starts afresh
 
 
+def _rank_fits(rank: int, world_size: int, kwargs: dict, ckpt_dir: str) -> list:
+    """One rank of three 2-process DDP fits in turn: 2 epochs; 2 steps and a checkpoint; the resumed rest."""
+    ddp = {"strategy": "ddp", "devices": world_size}
+    full = _fit(kwargs, **ddp)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)
+    first = _fit(kwargs, max_steps=2, enable_checkpointing=True, callbacks=[ckpt], **ddp)
+    torch.distributed.barrier()  # the checkpoint is written (by rank 0) before any rank reads it
+    rest = _fit(kwargs, ckpt_path=os.path.join(ckpt_dir, "epoch=0-step=2.ckpt"), **ddp)
+    return [full, first, rest]
+
+
+def test_mid_epoch_checkpoint_resumes_every_rank_at_its_next_unseen_sample(converted, tmp_path):
+    """2 ranks (gloo): the checkpoint of rank 0 (litdata's loader state counts samples per rank, alike on every rank)
+    resumes both ranks where they stopped; each sees the batches of the uninterrupted run (workers: the test above)."""
+    root, conv = converted
+    kwargs = dict(SMALL, data_dir=str(root), streaming=str(conv))
+    for rank, (full, first, rest) in enumerate(run_ddp(_rank_fits, 2, (kwargs, str(tmp_path)))):
+        assert len(full) == 6  # 2 epochs x 3 batches on each rank
+        assert first == full[:2] and first + rest == full, rank
+        if rank == 0:
+            epoch0 = [i for batch, _ in full[:3] for i in batch]
+        else:
+            assert sorted(epoch0 + [i for batch, _ in full[:3] for i in batch]) == list(range(24))
+
+
 def test_streaming_needs_matching_classes_and_no_holdout(converted):
     root, conv = converted
     with pytest.raises(ValueError, match="holds 4 classes .* num_classes=5"):
