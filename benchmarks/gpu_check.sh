@@ -138,7 +138,8 @@ tests=(tests/core/test_gpu.py tests/imagenet/test_imagenet_augment.py)  # withou
 if [[ "$smoke" == 1 ]]; then
     imagenet=(--images 64 --rounds 1 --batch 16)
     configs=(imagenet_resnet50_samon)
-    shrink=(--data.init_args.image_size 32 --data.init_args.eval_resize 36 --data.init_args.batch_size 4)
+    shrink=(--data.init_args.image_size 32 --data.init_args.eval_resize 36 --data.init_args.batch_size 4
+            --model.init_args.backbone imagenet_resnet18)  # the plumbing, not the config (test_configs.py)
     demo_epochs=(--trainer.max_epochs 1)
     throughput=(--mode small --sections loop)
 else

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import lightning as L
 import pytest
@@ -113,24 +114,6 @@ def test_every_sample_once_per_epoch_in_a_new_order(converted):
     assert epochs[0] != epochs[1]
 
 
-def _rank_epoch(rank: int, world_size: int, root: str, conv: str) -> list[list[int]]:
-    torch.distributed.init_process_group("gloo")
-    dm = ImageNetDataModule(root, streaming=conv, **SMALL)
-    dm.setup("fit")
-    loader = dm.train_dataloader()
-    return [torch.cat([b["index"] for b in loader]).tolist() for _ in range(2)]
-
-
-def test_two_ranks_share_each_epoch_without_repeats(converted):
-    root, conv = converted
-    ranks = run_ddp(_rank_epoch, 2, (str(root), str(conv)))
-    for epoch in range(2):
-        a, b = ranks[0][epoch], ranks[1][epoch]
-        assert len(a) == len(b) == 12  # 24 samples = 2 ranks x 3 batches of 4: nothing to drop
-        assert sorted(a + b) == list(range(24))  # every sample exactly once, on one rank
-    assert ranks[0][0] != ranks[0][1]
-
-
 def test_evaluation_shares_the_samples_evenly_between_ranks():
     """The evaluation data set's assignment (``BalancedNoShuffle``): rank ``r`` gets the ``r``-th contiguous part
     of the stored order, part sizes differing by at most one, split between the rank's workers by litdata's own rule
@@ -170,23 +153,29 @@ def test_evaluation_shares_the_samples_evenly_between_ranks():
                         env, workers, batch, 1)[1]
 
 
-def _rank_eval(rank: int, world_size: int, root: str, conv: str, workers: int) -> list[list[int]]:
-    torch.distributed.init_process_group("gloo")
-    dm = ImageNetDataModule(root, streaming=conv, **dict(SMALL, num_workers=workers, eval_batch_size=64))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_loader_yields_its_length_and_every_sample_once(converted, workers):
+    """Batches of 3 over 8 validation images: litdata splits them between the workers in whole batches, so the
+    loader yields exactly ``len(loader)`` batches (Lightning's evaluation stops there) holding every image once."""
+    root, conv = converted
+    dm = ImageNetDataModule(str(root), streaming=str(conv), **dict(SMALL, num_workers=workers, eval_batch_size=3))
     dm.setup("fit")
     loader = dm.val_dataloader()
     batches = [b["index"].tolist() for b in loader]
-    assert len(batches) == len(loader)
-    return [i for b in batches for i in b]
+    assert len(batches) == len(loader) == 3 and sorted(i for b in batches for i in b) == list(range(8))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_two_ranks_share_the_validation_set_evenly(converted, workers):
-    """8 validation images, batches of 64, 2 ranks: 4 on each (litdata's own rule gave the last rank all 8 and the
-    other an empty loader, which stops Lightning's validation)."""
+def test_streaming_data_sets_pickle_for_spawned_workers(converted):
+    """DataLoader workers started by ``spawn`` (macOS's default) receive the data set pickled: its class and its
+    evaluation shuffler are module-level classes, so it pickles, and the copy reads the same samples."""
     root, conv = converted
-    a, b = run_ddp(_rank_eval, 2, (str(root), str(conv), workers))
-    assert len(a) == len(b) == 4 and sorted(a + b) == list(range(8))
+    dm = ImageNetDataModule(str(root), streaming=str(conv), **SMALL)
+    dm.setup("fit")
+    for dataset in (dm.train_set, dm.val_set):
+        len(dataset)  # builds the shuffler, as the loader does before it starts workers
+        copy = pickle.loads(pickle.dumps(dataset))
+        assert type(copy) is type(dataset) and type(copy.shuffler) is type(dataset.shuffler)
+        assert torch.equal(copy[0]["image"], dataset[0]["image"]) and int(copy[0]["index"]) == int(dataset[0]["index"])
 
 
 class Record(L.Callback):
@@ -220,29 +209,39 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_unseen_sample(converted, tmp_p
     assert first + rest == full  # same batches, same augmented images, and the second epoch starts afresh
 
 
-def _rank_fits(rank: int, world_size: int, kwargs: dict, ckpt_dir: str) -> list:
-    """One rank of three 2-process DDP fits in turn: 2 epochs; 2 steps and a checkpoint; the resumed rest."""
+def _rank_job(rank: int, world_size: int, kwargs: dict, ckpt_dir: str) -> dict:
+    """One rank of three 2-process DDP fits in turn (2 epochs; 2 steps and a checkpoint; the resumed rest), then its
+    validation loader's samples."""
     ddp = {"strategy": "ddp", "devices": world_size}
     full = _fit(kwargs, **ddp)
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)
     first = _fit(kwargs, max_steps=2, enable_checkpointing=True, callbacks=[ckpt], **ddp)
     torch.distributed.barrier()  # the checkpoint is written (by rank 0) before any rank reads it
     rest = _fit(kwargs, ckpt_path=os.path.join(ckpt_dir, "epoch=0-step=2.ckpt"), **ddp)
-    return [full, first, rest]
+    dm = ImageNetDataModule(**dict(kwargs, eval_batch_size=64))
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    val = [b["index"].tolist() for b in loader]
+    return {"full": full, "first": first, "rest": rest, "val": val, "val_len": len(loader)}
 
 
-def test_mid_epoch_checkpoint_resumes_every_rank_at_its_next_unseen_sample(converted, tmp_path):
-    """2 ranks (gloo): the checkpoint of rank 0 (litdata's loader state counts samples per rank, alike on every rank)
-    resumes both ranks where they stopped; each sees the batches of the uninterrupted run (workers: the test above)."""
+def test_two_ranks_share_each_epoch_resume_mid_epoch_and_split_validation_evenly(converted, tmp_path):
+    """2 ranks (gloo): every training sample once per epoch on one rank, reshuffled each epoch; the checkpoint of
+    rank 0 (litdata's loader state counts samples per rank, alike on every rank) resumes both ranks at their next
+    unseen sample (each sees the batches of the uninterrupted run); 8 validation images in batches of 64 are split
+    4 / 4 (litdata's own rule gave the last rank all 8 and the other an empty loader, which stops Lightning's
+    validation). Workers: the single-process tests above."""
     root, conv = converted
-    kwargs = dict(SMALL, data_dir=str(root), streaming=str(conv))
-    for rank, (full, first, rest) in enumerate(run_ddp(_rank_fits, 2, (kwargs, str(tmp_path)))):
-        assert len(full) == 6  # 2 epochs x 3 batches on each rank
-        assert first == full[:2] and first + rest == full, rank
-        if rank == 0:
-            epoch0 = [i for batch, _ in full[:3] for i in batch]
-        else:
-            assert sorted(epoch0 + [i for batch, _ in full[:3] for i in batch]) == list(range(24))
+    ranks = run_ddp(_rank_job, 2, (dict(SMALL, data_dir=str(root), streaming=str(conv)), str(tmp_path)))
+    for rank, job in enumerate(ranks):
+        assert len(job["full"]) == 6  # 2 epochs x 3 batches of 4 on each rank: nothing to drop
+        assert job["first"] == job["full"][:2] and job["first"] + job["rest"] == job["full"], rank
+        assert job["val_len"] == len(job["val"]) == 1 and len(job["val"][0]) == 4
+    epochs = [[[i for batch, _ in job["full"][3 * e:3 * e + 3] for i in batch] for e in range(2)] for job in ranks]
+    for epoch in range(2):
+        assert sorted(epochs[0][epoch] + epochs[1][epoch]) == list(range(24))
+    assert epochs[0][0] != epochs[0][1]
+    assert sorted(ranks[0]["val"][0] + ranks[1]["val"][0]) == list(range(8))
 
 
 def test_streaming_needs_matching_classes_and_no_holdout(converted):
