@@ -62,7 +62,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
         -d .whl $pins || exit 1
     ls .whl && du -sh .whl
-    echo "device tool: run(command=\"bash benchmarks/gpu_check.sh\", carry=[\".whl\"], timeout_s=600)"
+    echo "device tool: run(command=\"bash benchmarks/gpu_check.sh\", carry=[\".whl\"], timeout_s=360)"
     exit 0
 fi
 
