@@ -9,8 +9,11 @@ samples are ``{"jpeg": undecoded bytes, "label": int, "index": int}``).
   unseen sample.
 - Items go through the same decode / augmentation code as the folder path (``jpeg_dataset.encode_sample``), with
   the crop of a sample drawn from ``(seed, epoch, index)``.
+- Evaluation keeps every sample, each on one rank, shared evenly between the ranks.
+- ``lightning_methods.json`` beside ``train/`` and ``val/`` (local or ``s3://``) holds the classes and counts.
 
-litdata is an optional dependency: ``pip install 'lightning-methods[streaming]'``.
+litdata is an optional dependency: ``pip install 'lightning-methods[streaming]'``; its subclasses live in
+:mod:`~lightning_methods.datamodules.streaming_litdata`, imported where streaming data is used.
 """
 
 from __future__ import annotations
@@ -90,9 +93,9 @@ def make_streaming_dataset(url: str, mode: str, shuffle: bool, dm: Any, **kwargs
     require_litdata()
     from lightning_methods.datamodules.streaming_litdata import StreamingJpegDataset
 
-    return StreamingJpegDataset(url, mode=mode, image_size=dm.image_size, eval_resize=dm.eval_resize, aug_seed=dm.seed,
-               scale=dm.scale, ratio=dm.ratio, flip=dm.augment == "standard", shuffle=shuffle, seed=dm.seed,
-               cache_dir=dm.streaming_cache_dir, **kwargs)
+    return StreamingJpegDataset(url, mode=mode, image_size=dm.image_size, eval_resize=dm.eval_resize,
+                                aug_seed=dm.seed, scale=dm.scale, ratio=dm.ratio, flip=dm.augment == "standard",
+                                shuffle=shuffle, seed=dm.seed, cache_dir=dm.streaming_cache_dir, **kwargs)
 
 
 def setup_streaming(dm: Any) -> None:
@@ -106,8 +109,8 @@ def setup_streaming(dm: Any) -> None:
         raise ValueError("val_split > 0 holds out part of the training folder; with streaming data validate on the "
                          "converted val/ split (val_split=0)")
     dm.train_set = make_streaming_dataset(split_url(dm.streaming, "train"), dm.train_item_mode(), True, dm)
-    # evaluation keeps every sample, shared evenly (ranks may get one batch more or less; Lightning syncs metrics at
-    # epoch end)
+    # evaluation keeps every sample, shared evenly between the ranks (streaming_litdata.BalancedNoShuffle: one batch
+    # more or less on a rank; Lightning syncs the metrics at the epoch's end)
     dm.test_set = make_streaming_dataset(split_url(dm.streaming, "val"), "eval", False, dm, drop_last=False)
     dm.val_set = dm.test_set
 

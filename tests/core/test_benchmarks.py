@@ -237,35 +237,47 @@ def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
     assert "no CUDA device here" in (tmp_path / "out" / "summary.txt").read_text()
 
 
-def test_gpu_check_runs_every_step_in_smoke_mode(tmp_path):
-    """``benchmarks/gpu_check.sh``, the prepared GPU check, with ``GPU_CHECK_SMOKE=1`` on this CPU: every step runs
-    (tiny sizes) and leaves the files that the device tool brings back - at most 8, named in letters, digits, '.',
-    '_' and '-' - so the script stays in step with the tests, benchmarks and CLI it calls."""
+#: gpu_check.sh's steps (GPU_CHECK_STEPS names): their summary lines in smoke mode and the files they leave in OUT
+GPU_CHECK_STEPS = {
+    "pytest": (["pytest -m gpu"], ["pytest_gpu.log"]),
+    "imagenet": (["imagenet_cases.py --images 64 --rounds 1 --batch 16"], ["imagenet_gpu.json", "imagenet_gpu.log"]),
+    "runs": (["demo", "config imagenet_resnet50_samon"], ["runs.log", "runs_results.json"]),
+    "throughput": (["throughput.py --mode small --sections loop"], ["gpu.json", "throughput.log"]),
+}
+
+
+@pytest.mark.parametrize("steps", ["runs", pytest.param(" ".join(GPU_CHECK_STEPS), marks=pytest.mark.slow)])
+def test_gpu_check_runs_its_steps_in_smoke_mode(tmp_path, steps):
+    """``benchmarks/gpu_check.sh``, the prepared GPU check, with ``GPU_CHECK_SMOKE=1`` on this CPU: the steps run
+    (tiny sizes) and leave the files that the device tool brings back - at most 8, named in letters, digits, '.',
+    '_' and '-' - so the script stays in step with the tests, benchmarks and CLI it calls. By default the step that
+    drives the CLI (its real runs); every step with ``-m slow`` (45 s: nine fresh interpreters)."""
     out = tmp_path / "out"
-    result = _gpu_check(out, smoke=True, tmp_path=tmp_path)
+    result = _gpu_check(out, smoke=True, tmp_path=tmp_path, GPU_CHECK_STEPS=steps)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = (out / "summary.txt").read_text()
-    steps = [line for line in summary.splitlines() if ": exit " in line]
-    assert [line.split(":")[0] for line in steps] == [
-        "pytest -m gpu", "imagenet_cases.py --images 64 --rounds 1 --batch 16", "demo",
-        "config imagenet_resnet50_samon", "throughput.py --mode small --sections loop"], summary
-    assert all(": exit 0 in " in line for line in steps), summary
+    chosen = steps.split()
+    lines = [line for line in summary.splitlines() if ": exit " in line]
+    assert [line.split(":")[0] for line in lines] == [n for s in chosen for n in GPU_CHECK_STEPS[s][0]], summary
+    assert all(": exit 0 in " in line for line in lines), summary
     assert "\nnot done (skipped or timed out): none\n" in summary, summary
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["gpu.json", "imagenet_gpu.json", "imagenet_gpu.log", "pytest_gpu.log", "runs.log",
-                     "runs_results.json", "summary.txt", "throughput.log"]
-    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
-    runs = json.loads((out / "runs_results.json").read_text())
-    assert set(runs) == {"demo_photos_fit", "imagenet_resnet50_samon"}
-    assert all(run["status"] == "finished" and 0 <= run["test"]["test/acc"] <= 1 for run in runs.values())
-    pipeline = json.loads((out / "imagenet_gpu.json").read_text())
-    assert pipeline["complete"] is True  # no --gpu in smoke mode: the CPU section is all that was asked
-    assert {row["case"] for row in pipeline["cpu"]} >= {
-        "ImageFolder + PIL transforms (workers)", "streaming + batched uint8 pipeline"}
-    throughput = json.loads((out / "gpu.json").read_text())
-    assert throughput["mode"] == "small" and {row["section"] for row in throughput["rows"]} == {"loop"}
-    assert throughput["complete"] is True and throughput["sections_measured"] == ["loop"]
-    assert not list(tmp_path.glob("tmp.*")), "the scratch folder of the runs is removed"
+    assert files == sorted(["summary.txt", *(f for s in chosen for f in GPU_CHECK_STEPS[s][1])])
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
+    if "runs" in chosen:
+        runs = json.loads((out / "runs_results.json").read_text())
+        assert set(runs) == {"demo_photos_fit", "imagenet_resnet50_samon"}
+        assert all(run["status"] == "finished" and 0 <= run["test"]["test/acc"] <= 1 for run in runs.values())
+        assert not list(tmp_path.glob("tmp.*")), "the scratch folder of the runs is removed"
+    if "imagenet" in chosen:
+        pipeline = json.loads((out / "imagenet_gpu.json").read_text())
+        assert pipeline["complete"] is True  # no --gpu in smoke mode: the CPU section is all that was asked
+        assert {row["case"] for row in pipeline["cpu"]} >= {
+            "ImageFolder + PIL transforms (workers)", "streaming + batched uint8 pipeline"}
+    if "throughput" in chosen:
+        throughput = json.loads((out / "gpu.json").read_text())
+        assert throughput["mode"] == "small" and {row["section"] for row in throughput["rows"]} == {"loop"}
+        assert throughput["complete"] is True and throughput["sections_measured"] == ["loop"]
 
 
 def test_gpu_check_keeps_to_its_budget_and_names_the_steps_left_for_a_second_call(tmp_path):

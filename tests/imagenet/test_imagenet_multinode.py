@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,8 +61,14 @@ def _launch(commands: list[tuple[list[str], dict[str, str], Path]]) -> None:
     for cmd, env, cwd in commands:
         cwd.mkdir()
         procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+                                      text=True, start_new_session=True))
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:  # a node that timed out (its peer died at the rendezvous) leaves no process behind, children included
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
     for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-3000:]
 
