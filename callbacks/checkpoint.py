@@ -73,5 +73,7 @@ class LatestCheckpoint(ModelCheckpoint):
             self._save_latest(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.fast_dev_run:  # a smoke test writes no checkpoint (Lightning 2.6's on_train_end saves last.ckpt
+            return  # without asking: hundreds of MB per smoke run of a large model)
         super().on_train_end(trainer, pl_module)
         self._save_latest(trainer)  # a fit stopped mid-epoch (max_steps, max_time, a stop rule) is saved too

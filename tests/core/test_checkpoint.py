@@ -46,3 +46,12 @@ def test_after_a_kill_last_ckpt_holds_the_last_finished_epoch(tmp_path):
         fit(tmp_path, ckpt, callbacks=[Kill()])
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert saved["epoch"] == 1 and saved["global_step"] == 8
+
+
+def test_fast_dev_run_writes_no_checkpoint(tmp_path):
+    """A smoke run leaves no checkpoint, as fast_dev_run promises (Lightning 2.6's ModelCheckpoint.on_train_end
+    writes ``last.ckpt`` even then, although its own pre-save check skips fast_dev_run everywhere else)."""
+    ours = LatestCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
+    quiet_trainer(fast_dev_run=True, enable_checkpointing=True, callbacks=[ours]).fit(
+        Worsening(), tiny_loader(), tiny_loader())
+    assert not list(tmp_path.rglob("*.ckpt"))
