@@ -10,7 +10,8 @@
 #                                               # OUT: the folder for the results (default: $OUT, else ./gpu_check)
 #   GPU_CHECK_STEPS="runs throughput" bash benchmarks/gpu_check.sh   # only these steps (of: pytest imagenet runs
 #                                               # throughput), e.g. the ones a first call left undone
-#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh OUT   # the same steps on a CPU with tiny sizes (tests the script)
+#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh OUT   # the same steps on a CPU with tiny sizes (tests the script;
+#                                               # pytest -m slow -k gpu_check runs it: do so before a GPU session)
 #
 # Each step runs under its own time limit, cut to what is left of the budget; a step that finds less than 15 s left
 # is skipped. The summary's last line names the steps that were skipped or timed out, as the GPU_CHECK_STEPS of a

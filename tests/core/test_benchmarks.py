@@ -246,12 +246,14 @@ GPU_CHECK_STEPS = {
 }
 
 
-@pytest.mark.parametrize("steps", ["runs", pytest.param(" ".join(GPU_CHECK_STEPS), marks=pytest.mark.slow)])
+@pytest.mark.slow  # about 25 s (runs) and 45 s (all): run them before a GPU session, `pytest -m slow -k gpu_check`
+@pytest.mark.parametrize("steps", ["runs", " ".join(GPU_CHECK_STEPS)])
 def test_gpu_check_runs_its_steps_in_smoke_mode(tmp_path, steps):
     """``benchmarks/gpu_check.sh``, the prepared GPU check, with ``GPU_CHECK_SMOKE=1`` on this CPU: the steps run
     (tiny sizes) and leave the files that the device tool brings back - at most 8, named in letters, digits, '.',
-    '_' and '-' - so the script stays in step with the tests, benchmarks and CLI it calls. By default the step that
-    drives the CLI (its real runs); every step with ``-m slow`` (45 s: nine fresh interpreters)."""
+    '_' and '-' - so the script stays in step with the tests, benchmarks and CLI it calls: the step that drives the
+    CLI (its real runs), then every step (nine fresh interpreters). The budget, the step choice and the refusals are
+    checked by the fast tests around this one."""
     out = tmp_path / "out"
     result = _gpu_check(out, smoke=True, tmp_path=tmp_path, GPU_CHECK_STEPS=steps)
     assert result.returncode == 0, result.stdout + result.stderr

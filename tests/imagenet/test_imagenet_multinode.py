@@ -100,6 +100,7 @@ def test_torchrun_two_nodes(converted, tmp_path):
     _check_job(out, [tmp_path / "node0", tmp_path / "node1"], "TorchElasticEnvironment")
 
 
+@pytest.mark.slow  # 7 s; the torchrun launch above runs by default (the same code path past the environment)
 def test_slurm_two_nodes(converted, tmp_path):
     """docs/imagenet.md's sbatch script: ``srun lightning-methods fit ... --trainer.num_nodes N`` with one task per
     device; here the variables srun sets for 2 tasks on 2 nodes (1 task each) and the same command."""
