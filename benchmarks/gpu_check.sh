@@ -114,6 +114,7 @@ fi
 
 t0=$(date +%s)
 undone=""  # the GPU_CHECK_STEPS of a second call: steps skipped for the budget or timed out
+not_done() { [[ " $undone " == *" $1 "* ]] || undone="${undone:+$undone }$1"; }  # not_done GROUP: add it once
 step() {  # step GROUP NAME SECONDS LOG COMMAND...: run under a time limit cut to the budget's rest, append to LOG,
     local group=$1 name=$2 limit=$3 log=$4 start rc left  # record exit code and time
     shift 4
@@ -122,7 +123,7 @@ step() {  # step GROUP NAME SECONDS LOG COMMAND...: run under a time limit cut t
     if (( left < 15 )); then
         echo "$name: skipped, ${left#-} s $( ((left < 0)) && echo over || echo left) of the budget of $budget s" \
             | tee -a "$summary"
-        [[ " $undone " == *" $group "* ]] || undone="${undone:+$undone }$group"
+        not_done "$group"
         return
     fi
     (( limit > left )) && limit=$left
@@ -131,7 +132,7 @@ step() {  # step GROUP NAME SECONDS LOG COMMAND...: run under a time limit cut t
     rc=$?
     echo "$name: exit $rc in $(( $(date +%s) - start )) s (limit $limit s)$([[ $rc == 124 ]] && echo ', TIMED OUT')" \
         | tee -a "$summary"
-    if [[ $rc == 124 && " $undone " != *" $group "* ]]; then undone="${undone:+$undone }$group"; fi
+    if [[ $rc == 124 ]]; then not_done "$group"; fi
 }
 
 configs=(imagenet_resnet50_samon imagenet_deit_tiny_anyprecision)  # the papers' ImageNet configs, unshrunk
