@@ -18,7 +18,7 @@
 # second call. The steps come in the order of what they settle, issue 23's first.
 #
 # The GPU image holds torch, torchvision, lightning, timm, scikit-learn, matplotlib and pytest, but not litdata (and
-# its boto3), simplejpeg, jsonargparse or wandb: --prepare downloads the first ones for the image's Python (3.12;
+# its boto3), simplejpeg, turbojpeg, jsonargparse or wandb: --prepare downloads the first ones for the image's Python (3.12;
 # GPU_CHECK_PYTHON_VERSION to change) at the versions installed here; nothing in the check needs wandb.
 #
 # Steps (GPU_CHECK_STEPS names in brackets); OUT gets 8 files (what the device tool brings back at most):
@@ -47,7 +47,7 @@ set -uo pipefail
 here=$(pwd)  # OUT and PYTHON are read from the caller's folder; the steps run in the repository root
 cd "$(dirname "$0")/.." || exit 2
 
-WHEELS=(litdata boto3 botocore s3transfer jmespath simplejpeg jsonargparse docstring-parser typeshed-client)
+WHEELS=(litdata boto3 botocore s3transfer jmespath simplejpeg turbojpeg jsonargparse docstring-parser typeshed-client)
 
 if [[ "${1:-}" == "--prepare" ]]; then
     py=$(cd "$here" && realpath -s "$(command -v "${PYTHON:-python}")") \
@@ -96,7 +96,7 @@ fi
     "$py" - <<'EOF'
 import importlib.metadata as md, os, platform, torch
 versions = []
-for name in ["torch", "torchvision", "lightning", "timm", "litdata", "simplejpeg", "lightning-methods"]:
+for name in ["torch", "torchvision", "lightning", "timm", "litdata", "simplejpeg", "turbojpeg", "lightning-methods"]:
     try:
         versions.append(f"{name} {md.version(name)}")
     except md.PackageNotFoundError:

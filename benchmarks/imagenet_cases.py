@@ -18,7 +18,11 @@ other jobs on the machine):
 - ``streaming bytes, decoded in the training process``: ``decode_on_device=True`` on the CPU: the workers only read
   the JPEG bytes and draw the crops; ``on_after_batch_transfer`` decodes, crops and flips the batch with
   ``decode_threads`` threads (up to 4) of the main process, then normalizes it;
-- ``folder + batched``: the workers' pipeline reading the folder tree.
+- ``folder + batched``: the workers' pipeline reading the folder tree;
+- ``streaming + batched, whole-image decode``: the streaming case with region decoding off
+  (``LIGHTNING_METHODS_TURBOJPEG=off``: each image decoded whole, then cropped; the same pixels), to show what
+  decoding only the crop's region saves (``datamodules/jpeg_region.py``; the other package cases use it when a
+  TurboJPEG 3 library is found, recorded as ``region_decode`` in the environment).
 
 Section ``imagenet`` of ``benchmarks/throughput.py`` runs the same loaders through the harness (:func:`cases`).
 
@@ -128,6 +132,17 @@ def epoch_rate(loader: Any, finish: Any = None) -> tuple[float, float]:
 PIL_CASE = "ImageFolder + PIL transforms (workers)"
 
 
+class WholeImageDecode:
+    """A loader whose epochs run with region decoding off (:func:`whole_image_decode`; its workers start inside)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Any:
+        with whole_image_decode():
+            yield from self.loader  # a non-persistent loader shuts its workers down (reaped) at the epoch's end
+
+
 def cpu_loaders(root: Path, conv: str, batch: int, workers: int) -> dict[str, tuple[Any, Any]]:
     """The three loaders of the CPU comparison, as ``{name: (loader, finish)}`` (``finish`` turns a raw batch into
     the normalized images; ``None``: the loader's first element already is)."""
@@ -144,6 +159,9 @@ def cpu_loaders(root: Path, conv: str, batch: int, workers: int) -> dict[str, tu
     raw = package_dm(root, conv, batch, workers, on_device=True, threads=threads)
     cases[f"streaming bytes, decoded in the training process by {threads} threads"] = (
         raw.train_dataloader(), lambda b: raw.on_after_batch_transfer(b, 0)["image"])
+    whole = package_dm(root, conv, batch, workers)
+    cases["streaming + batched uint8 pipeline, whole-image decode"] = (
+        WholeImageDecode(whole.train_dataloader()), lambda b: whole.on_after_batch_transfer(b, 0)["image"])
     folder = package_dm(root, None, batch, workers)
     cases["folder + batched uint8 pipeline"] = (
         DataLoader(folder.train_set.with_mode("train"), batch_size=batch, sampler=EpochTaggedSampler(
@@ -276,7 +294,26 @@ def environment() -> dict[str, Any]:
            "load_average": [round(v, 2) for v in os.getloadavg()]}
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
+    from lightning_methods.datamodules.jpeg_region import library
+
+    lib = getattr(library(), "_name", None)  # the TurboJPEG 3 library's file (no machine path), or None: whole images
+    env["region_decode"] = os.path.basename(lib) if lib else None
     return env
+
+
+@contextlib.contextmanager
+def whole_image_decode() -> Any:
+    """Region decoding off in this process and in the workers forked inside the block (the lookup is cached)."""
+    from lightning_methods.datamodules import jpeg_region
+
+    old = os.environ.get(jpeg_region.ENV)
+    os.environ[jpeg_region.ENV] = "off"
+    jpeg_region.library.cache_clear()
+    try:
+        yield
+    finally:
+        os.environ.pop(jpeg_region.ENV) if old is None else os.environ.__setitem__(jpeg_region.ENV, old)
+        jpeg_region.library.cache_clear()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
