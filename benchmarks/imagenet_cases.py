@@ -144,7 +144,7 @@ class WholeImageDecode:
 
 
 def cpu_loaders(root: Path, conv: str, batch: int, workers: int) -> dict[str, tuple[Any, Any]]:
-    """The three loaders of the CPU comparison, as ``{name: (loader, finish)}`` (``finish`` turns a raw batch into
+    """The loaders of the CPU comparison, as ``{name: (loader, finish)}`` (``finish`` turns a raw batch into
     the normalized images; ``None``: the loader's first element already is)."""
     from torch.utils.data import DataLoader
 
@@ -191,7 +191,7 @@ _KEEP: list[Any] = []  # the temporary trees of :func:`cases`, removed when the 
 
 
 def cases(s: Any) -> list[tuple]:
-    """Section ``imagenet`` of ``benchmarks/throughput.py``: the three loaders of the CPU comparison on one photo
+    """Section ``imagenet`` of ``benchmarks/throughput.py``: the loaders of the CPU comparison on one photo
     tree at 224 px, one epoch per call, interleaved by the harness. A case returns the **CPU-seconds** (main process
     and its reaped workers) per batch, so the ratio to the PIL baseline is per core: 0.5 means twice the images per
     CPU-second. Sizes: small mode 64 images, batch 16, in-process; CPU modes 2048 images, batch 32, one worker
@@ -312,7 +312,10 @@ def whole_image_decode() -> Any:
     try:
         yield
     finally:
-        os.environ.pop(jpeg_region.ENV) if old is None else os.environ.__setitem__(jpeg_region.ENV, old)
+        if old is None:
+            del os.environ[jpeg_region.ENV]
+        else:
+            os.environ[jpeg_region.ENV] = old
         jpeg_region.library.cache_clear()
 
 

@@ -306,3 +306,27 @@ def test_gpu_check_refuses_a_bad_setting_before_any_step(tmp_path, name, value, 
     result = _gpu_check(tmp_path / "out", smoke=True, tmp_path=tmp_path, **{name: value})
     assert result.returncode == 2 and message in result.stdout
     assert (tmp_path / "out" / "summary.txt").read_text().strip() == f"gpu_check: {message}"
+
+
+def test_imagenet_whole_image_case_turns_region_decoding_off_and_back(monkeypatch):
+    """The benchmark's whole-image case switches region decoding off for its epochs only, and restores the user's
+    ``LIGHTNING_METHODS_TURBOJPEG`` (unset or a path) and the cached lookup afterwards."""
+    from lightning_methods.datamodules import jpeg_region
+
+    cases = _load("imagenet_cases")
+    monkeypatch.delenv(jpeg_region.ENV, raising=False)
+    jpeg_region.library.cache_clear()
+    found = jpeg_region.library()
+    seen = []
+    loader = cases.WholeImageDecode([1, 2])
+    for item in loader:
+        seen.append((item, jpeg_region.library(), os.environ[jpeg_region.ENV]))
+    assert seen == [(1, None, "off"), (2, None, "off")]
+    name = getattr(jpeg_region.library(), "_name", None)  # found again after the block (a new handle on the file)
+    assert jpeg_region.ENV not in os.environ and name == getattr(found, "_name", None)
+    if found is not None:
+        monkeypatch.setenv(jpeg_region.ENV, found._name)
+        with cases.whole_image_decode():
+            assert jpeg_region.library() is None
+        assert os.environ[jpeg_region.ENV] == found._name and jpeg_region.library()._name == found._name
+    jpeg_region.library.cache_clear()
