@@ -44,7 +44,10 @@ class LightningMethodsCLI(LightningCLI):
         argv = kwargs.get("args")
         argv = sys.argv[1:] if argv is None else argv
         first = argv[0] if isinstance(argv, (list, tuple)) and argv else None
-        self._only_subcommand = first if first in LightningCLI.subcommands() else None
+        every = LightningCLI.subcommands()
+        self._only_subcommand = only = first if first in every else None
+        if only and kwargs.get("parser_kwargs"):  # per-subcommand parser kwargs of the parsers not built are dropped
+            kwargs["parser_kwargs"] = {k: v for k, v in kwargs["parser_kwargs"].items() if k == only or k not in every}
         super().__init__(*args, **kwargs)
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # LightningCLI's is a staticmethod

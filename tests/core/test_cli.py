@@ -121,6 +121,8 @@ def test_short_class_names_resolve(capsys):
 def test_a_subcommand_builds_only_its_own_parser_and_the_top_level_help_lists_all(tmp_path, monkeypatch, capsys):
     """``fit ...`` (and each other subcommand) parses with its own parser only (LightningCLI would build all four, a
     quarter of a small fit's start-up); a command line without a leading subcommand still gets all four."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
     from lightning_methods.cli_lightning import LightningMethodsCLI, _make_cli
 
     monkeypatch.chdir(tmp_path)
@@ -129,6 +131,10 @@ def test_a_subcommand_builds_only_its_own_parser_and_the_top_level_help_lists_al
         cli = build_cli([sub, "--config", QUICK, *FAST])
         assert cli.subcommand == sub and list(cli._subcommand_parsers) == [sub]
         assert cli.config[sub]["model"]["init_args"]["backbone"] == "resnet8"
+    per_subcommand = {sub: {"description": f"{sub} here"} for sub in ("fit", "test")}  # LightningCLI's parser_kwargs
+    cli = LightningMethodsCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                              parser_kwargs=per_subcommand, args=["test", "--config", QUICK, *FAST])
+    assert list(cli._subcommand_parsers) == ["test"] and cli._subcommand_parsers["test"].description == "test here"
     with pytest.raises(SystemExit) as info:
         _make_cli(["--help"], run=True)
     out = capsys.readouterr().out
