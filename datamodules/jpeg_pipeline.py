@@ -190,9 +190,15 @@ def sample_augmentation(seed: int, epoch: int, index: int, height: int, width: i
 # ---------------------------------------------------------------------------------------------------- transforms
 @functools.cache
 def _native_uint8_resize() -> bool:
-    """Whether torchvision resizes uint8 images with torch's uint8 kernel on this CPU (its own rule: AVX2, AVX512 or
-    ARM; elsewhere it converts to float32 and rounds back)."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+    """Whether torchvision resizes uint8 images with torch's uint8 kernel on this CPU (elsewhere it converts to
+    float32 and rounds back, other pixels). Its own rule where it has one: the rule changed between releases
+    (torchvision 0.21 on an AVX512 CPU converts, 0.29 does not); otherwise 0.29's: AVX2, AVX512 or ARM."""
+    try:
+        from torchvision.transforms.v2.functional._geometry import _do_native_uint8_resize_on_cpu
+    except ImportError:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64",
+                                                                                                       "arm64")
+    return bool(_do_native_uint8_resize_on_cpu(TF.InterpolationMode.BILINEAR))
 
 
 def resize_uint8(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -200,7 +206,7 @@ def resize_uint8(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     pixels of torchvision's ``resize``. On the CPU it calls the uint8 kernel torchvision uses directly on the
     decoder's output, a channels-last view: torchvision's wrapper first copies such a view into a contiguous
     ``(3, H, W)`` tensor, which the kernel then converts back to channels-last (0.42 instead of 0.26 ms per 224 px
-    crop on one thread). Elsewhere (CUDA, CPUs without AVX2) it is torchvision's ``resize``."""
+    crop on one thread). Elsewhere (CUDA, or where torchvision converts to float32) it is torchvision's ``resize``."""
     if image.device.type == "cpu" and _native_uint8_resize():
         return torch.nn.functional.interpolate(image[None], size=(height, width), mode="bilinear", antialias=True,
                                                align_corners=False)[0]

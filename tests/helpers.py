@@ -8,7 +8,6 @@ import pickle
 import random
 import socket
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_methods.utils import leave_process_group
 
 
 def write_fake_cifar(root: str | Path, kind: str = "cifar100", n_train: int = 200, n_test: int = 100,
@@ -215,17 +216,7 @@ def _ddp_worker(rank: int, fn: Callable, world_size: int, outdir: str, args: tup
     torch.set_num_threads(1)
     result = fn(rank, world_size, *args)
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        # Leave the group together: a rank that exits while its peer still holds the group's connections makes the
-        # peer's gloo thread throw outside Python (std::terminate, SIGABRT), depending on timing. Then pause before
-        # destroying it: a gloo thread frees each finished collective's state under the GIL, and with torch 2.13 a
-        # group destroyed first (its threads joined with the GIL held) left both waiting forever (the SAM DDP test
-        # hung in about one run in three). Sleeping releases the GIL so the threads finish.
-        dist.barrier()
-        time.sleep(0.2)
-        dist.destroy_process_group()
+    leave_process_group()  # all ranks together, without the teardown races (see its docstring)
 
 
 def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> list[Any]:

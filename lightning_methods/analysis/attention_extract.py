@@ -133,7 +133,8 @@ class AttentionRecorder:
 
     def _hook_qk(self, module: nn.Module, store: Callable[[torch.Tensor], None]) -> None:
         box: dict[str, torch.Tensor] = {}
-        scale = float(getattr(module, "scale", module.head_dim ** -0.5))
+        scale = getattr(module, "scale", None)  # some timm releases give EvaAttention a scale but no head_dim
+        scale = float(module.head_dim ** -0.5 if scale is None else scale)
 
         def on_q(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
             box["q"] = out

@@ -25,6 +25,8 @@ import numpy as np
 Convention = Literal["v1.5", "head"]
 METRIC_NAMES = ("auroc", "fpr95", "aupr_in", "aupr_out")
 
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # NumPy < 2 names the same rule trapz
+
 
 def _scores(conf_id: object, conf_ood: object) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(conf_id, dtype=np.float64).reshape(-1)
@@ -63,7 +65,7 @@ def roc_curve(pos: object, neg: object, drop_intermediate: bool = True) -> tuple
 def auroc(conf_id: object, conf_ood: object) -> float:
     """Area under the ROC curve, ID ranked above OOD."""
     fpr, tpr = roc_curve(conf_id, conf_ood)
-    return float(np.trapezoid(tpr, fpr))
+    return float(_trapezoid(tpr, fpr))
 
 
 def fpr_at_tpr(conf_id: object, conf_ood: object, tpr: float = 0.95, convention: Convention = "v1.5") -> float:
@@ -87,7 +89,7 @@ def aupr(pos: object, neg: object) -> float:
     fps, tps, _ = binary_curve(*_scores(pos, neg))
     precision = tps / (tps + fps)
     recall = tps / tps[-1]
-    return float(np.trapezoid(np.r_[1.0, precision], np.r_[0.0, recall]))
+    return float(_trapezoid(np.r_[1.0, precision], np.r_[0.0, recall]))
 
 
 def ood_metrics(conf_id: object, conf_ood: object, convention: Convention = "v1.5",

@@ -38,7 +38,7 @@ from lightning_methods.tunnel.data import class_subset, datamodule_data, image_p
 from lightning_methods.tunnel.probe import TunnelProber
 from lightning_methods.tunnel.report import TunnelReport, wandb_log
 from lightning_methods.tunnel.settings import ProbeSettings
-from lightning_methods.utils import get_rank, safe_torch_load
+from lightning_methods.utils import get_rank, leave_process_group, safe_torch_load
 
 
 def _import_datamodules() -> None:
@@ -175,9 +175,7 @@ def run_probe_command(args: list[str] | None = None) -> TunnelReport | None:
         return report
     finally:
         if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            leave_process_group()
 
 
 def _write(cfg: Any, report: TunnelReport) -> None:

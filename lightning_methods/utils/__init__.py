@@ -11,7 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "lightning_methods.utils.distributed": (
             "all_reduce_flat", "barrier", "broadcast_object", "broadcast_tensors_", "gather_by_index", "get_rank",
-            "get_world_size", "is_distributed", "sharded_loader",
+            "get_world_size", "is_distributed", "leave_process_group", "sharded_loader",
         ),
         "lightning_methods.utils.io": (
             "atomic_save_numpy", "atomic_torch_save", "atomic_write_json", "atomic_write_text", "safe_torch_load",

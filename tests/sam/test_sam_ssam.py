@@ -18,7 +18,7 @@ from helpers import TinyNet
 SGD = partial(torch.optim.SGD, lr=0.1)
 
 
-def setup(seed=0, n=8):
+def tiny_problem(seed=0, n=8):  # not `setup`: pytest 8.0 calls a module-level setup() itself
     torch.manual_seed(seed)
     model = TinyNet(num_classes=5, width=4)
     return model, torch.randn(n, 3, 6, 6), torch.randint(0, 5, (n,))
@@ -33,7 +33,7 @@ def numel(model):
 
 
 def test_initial_masks_and_density():
-    model, _, _ = setup()
+    model, _, _ = tiny_problem()
     d = numel(model)
     zeros = SSAM(param_groups_by_role(model), SGD, sparsity=0.3)
     assert zeros.mask_density() == 0.0 and all(m.dtype == torch.bool for m in zeros.masks())
@@ -54,7 +54,7 @@ def test_initial_masks_and_density():
 
 @pytest.mark.parametrize("mask_norm", ["full", "masked"])
 def test_masked_perturbation(mask_norm):
-    model, x, y = setup(1)
+    model, x, y = tiny_problem(1)
     rho = 0.3
     opt = SSAM(param_groups_by_role(model), SGD, rho=rho, sparsity=0.5, mask_init="random", mask_norm=mask_norm)
     params = opt.mask_parameters()  # masks are listed in this order
@@ -75,7 +75,7 @@ def test_masked_perturbation(mask_norm):
 
 
 def test_all_ones_is_sam_all_zeros_is_base():
-    model, x, y = setup(2)
+    model, x, y = tiny_problem(2)
     ms = [copy.deepcopy(model) for _ in range(4)]
     make = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     opts = [SSAM(param_groups_by_role(ms[0]), make, rho=0.4, mask_init="ones"),
@@ -112,7 +112,7 @@ def test_fisher_matches_explicit_per_sample_gradients():
 
 
 def test_fisher_leaves_bn_statistics_untouched():
-    model, x, y = setup(3)
+    model, x, y = tiny_problem(3)
     state = copy.deepcopy(model.bn.state_dict())
     fisher_scores(model, list(model.parameters()), [(x[i : i + 1], y[i : i + 1]) for i in range(3)])
     for k, v in model.bn.state_dict().items():
@@ -146,7 +146,7 @@ def test_drop_and_grow(rate):
 
 
 def test_dynamic_update_uses_pass1_gradients_and_applies_next_step():
-    model, x, y = setup(4)
+    model, x, y = tiny_problem(4)
     opt = SSAM(param_groups_by_role(model), SGD, rho=0.2, sparsity=0.5, mask_init="random")
     old = [m.clone() for m in opt.masks()]
     grads, weights = [], []
@@ -176,7 +176,7 @@ def test_dynamic_update_uses_pass1_gradients_and_applies_next_step():
 
 
 def test_masks_survive_state_dict_as_bool():
-    model, x, y = setup(5)
+    model, x, y = tiny_problem(5)
     make = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     opt = SSAM(param_groups_by_role(model), make, rho=0.2, mask_init="random", mask_seed=3)
     opt.step(sam_closure(model, loss_of(model, x, y)))

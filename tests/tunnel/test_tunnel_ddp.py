@@ -13,6 +13,7 @@ from lightning_methods.datamodules import IndexedTensorDataset
 from lightning_methods.models import create_backbone
 from lightning_methods.tunnel import ProbeData, ProbeSettings, TunnelProber, class_subset
 from lightning_methods.tunnel.data import image_preparer
+from lightning_methods.utils import leave_process_group
 
 from helpers import run_ddp
 
@@ -63,7 +64,7 @@ def _worker(rank: int, world_size: int) -> tuple[dict, dict]:
     try:
         direct = probe_once()
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
     return direct, fit_with_probe(world_size)  # the callback under Trainer(strategy="ddp") joins its own group
 
 

@@ -20,6 +20,7 @@ from lightning_methods.callbacks import AttentionLocality
 from lightning_methods.datamodules import IndexedTensorDataset
 from lightning_methods.datamodules.transforms import normalize
 from lightning_methods.models import create_backbone
+from lightning_methods.utils import leave_process_group
 from lightning_methods.vit_locality.settings import LocalitySettings
 
 from helpers import quiet_trainer, read_wandb_records, run_ddp
@@ -142,8 +143,7 @@ def _probe_in_process(rank: int, world: int, images: torch.Tensor, out: str) -> 
                               num_map_images=0, out_dir=out)
     probe.on_fit_start(trainer, model)
     summary = probe.probe(trainer, model, epochs_done=1)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    leave_process_group()
     return summary
 
 
