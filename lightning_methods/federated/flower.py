@@ -41,7 +41,7 @@ try:
     from flwr.serverapp.strategy import Strategy
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("lightning_methods.federated.flower needs Flower: pip install 'lightning-methods[federated]' "
-                      f"(flwr[simulation] >= 1.20); import failed with: {err}") from err
+                      f"(flwr[simulation] >= 1.42); import failed with: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------- (de)serialisation

@@ -108,7 +108,7 @@ def plot_detector(det: Detector, path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is in the [ood] extra
+    except ImportError:  # pragma: no cover - matplotlib is a core dependency
         return None
     fig, (ax_roc, ax_hist) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax_roc.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
