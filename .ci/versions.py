@@ -5,8 +5,8 @@ import platform
 
 import torch
 
-NAMES = ("torch", "torchvision", "lightning", "torchmetrics", "jsonargparse", "numpy", "timm", "litdata", "flwr",
-         "torchdiffeq")
+NAMES = ("torch", "torchvision", "lightning", "torchmetrics", "jsonargparse", "numpy", "timm", "wandb", "litdata",
+         "flwr", "torchdiffeq")
 
 
 def version(name):

@@ -246,8 +246,10 @@ def read_wandb_records(path: str | Path) -> list:
     blocks, 7-byte record headers: crc32, length, type FULL/FIRST/MIDDLE/LAST) around protobuf ``Record``s."""
     import struct
 
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
+    wandb.teardown()  # the service process writes the file, in some releases after wandb.finish() returned
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B", "not a W&B run file"
     block, pos, records, pending = 32768, 7, [], b""

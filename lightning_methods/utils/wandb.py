@@ -74,8 +74,10 @@ def log_config(loggers: Iterable[Logger], config: Mapping[str, Any]) -> None:
 
 
 def finish_open_run(exit_code: int = 0) -> None:
-    """Finish the W&B run of this process, if one is open: its files are complete afterwards, and a
-    ``WandbLogger`` created later in the same process cannot log into it (notebooks, tests, multi-stage runs)."""
+    """Finish the W&B run of this process, if one is open: a ``WandbLogger`` created later in the same process
+    cannot log into it (notebooks, tests, multi-stage runs). W&B's service process writes the run's files; some
+    releases (0.19.10, 0.24.0) return from ``wandb.finish()`` before an offline run file is written, which
+    ``wandb.teardown()`` or the end of the process then completes."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=exit_code)

@@ -7,8 +7,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from helpers import free_port, run_ddp
 from lightning_methods.utils import leave_process_group
+
+from helpers import free_port, run_ddp
 
 
 def test_leave_without_a_group_does_nothing():
