@@ -105,21 +105,9 @@ def make_runner(tmp_path: Path, algorithm: Any, families: list[str] | None = Non
     return FederatedRunner(parser, config, algorithm=algorithm)
 
 
-def wandb_history_keys(root: Path, expect: set[str], timeout: float = 30.0) -> set[str]:
-    """Keys logged to the history of the offline W&B run under ``root``, re-read until ``expect`` is there (the
-    W&B service may flush the file a moment after ``finish()`` on a busy machine)."""
-    import time
-
+def wandb_history_keys(root: Path) -> set[str]:
+    """Keys logged to the history of the offline W&B runs under ``root``."""
     from helpers import read_wandb_records
 
-    deadline = time.monotonic() + timeout
-    while True:
-        files = list(root.rglob("run-*.wandb"))
-        keys: set[str] = set()
-        for f in files:
-            for r in read_wandb_records(f):
-                if r.WhichOneof("record_type") == "history":
-                    keys |= {i.key or "/".join(i.nested_key) for i in r.history.item}
-        if expect <= keys or time.monotonic() > deadline:
-            return keys
-        time.sleep(0.5)
+    return {i.key or "/".join(i.nested_key) for f in root.rglob("run-*.wandb") for r in read_wandb_records(f)
+            if r.WhichOneof("record_type") == "history" for i in r.history.item}

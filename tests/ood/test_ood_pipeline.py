@@ -85,16 +85,11 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_run):
     assert env["threads"] == torch.get_num_threads() and env["torch"] == torch.__version__ and "cpu" in env
     assert results["source"]["seed"] == 0 and results["source"]["config"][-1].endswith("digits_demo.yaml")
     # one offline W&B run per stage in the run directory; the report's holds the ROC pictures
-    import time
-
     from helpers import read_wandb_records
 
     report_run = state["wandb_ids"]["report"]
     run_file = next((root / "run" / "wandb").glob(f"offline-run-*-{report_run}/run-{report_run}.wandb"))
-    deadline = time.monotonic() + 30  # the W&B service may still be flushing the file on a busy machine
-    while "ood/plots/EncMin2L" not in " ".join(str(r) for r in read_wandb_records(run_file)):
-        assert time.monotonic() < deadline, "the ROC picture never reached the report's W&B run"
-        time.sleep(0.5)
+    assert "ood/plots/EncMin2L" in " ".join(str(r) for r in read_wandb_records(run_file))  # the ROC picture
 
 
 def test_rerun_recomputes_nothing_and_config_changes_are_refused(demo_run, monkeypatch):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -24,21 +23,10 @@ QUICK = str(REPO / "configs/quickstart.yaml")
 STEP_LR = '{"class_path":"torch.optim.lr_scheduler.StepLR","init_args":{"step_size":3,"gamma":100}}'
 
 
-def complete_records(run_file: Path, timeout: float = 60.0) -> list:
-    """The records of an offline W&B run file once its exit record is written (W&B's service process writes the
-    file asynchronously and may still be flushing it when ``wandb.finish`` returns)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = read_wandb_records(run_file)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
-
-
 def wandb_epoch_values(run_file: Path, key: str) -> dict[int, float]:
     """``{epoch: value}`` of ``key`` from the history records of an offline W&B run file."""
     out = {}
-    for rec in complete_records(run_file):
+    for rec in read_wandb_records(run_file):
         if rec.WhichOneof("record_type") != "history":
             continue
         items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
@@ -49,7 +37,7 @@ def wandb_epoch_values(run_file: Path, key: str) -> dict[int, float]:
 
 def wandb_metric_and_summary(run_file: Path) -> tuple[dict, dict]:
     metrics, summary = {}, {}
-    for rec in complete_records(run_file):
+    for rec in read_wandb_records(run_file):
         kind = rec.WhichOneof("record_type")
         if kind == "metric" and rec.metric.name:
             metrics[rec.metric.name] = rec.metric.summary

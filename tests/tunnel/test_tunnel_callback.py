@@ -77,7 +77,7 @@ def test_periodic_probes_write_files_and_wandb(tmp_path, monkeypatch, one_thread
     header = (out / "tunnel.csv").read_text().splitlines()[0]
     assert header == "layer,name,module,dim,acc_id,train_acc_id,acc_ood,train_acc_ood,rank,rank_per_class,in_tunnel"
     run_file = next(run_dir.glob("run-*.wandb"))
-    logged = logged_text(run_file, "tunnel/formation")
+    logged = logged_text(run_file)
     for key in ("tunnel/table", "tunnel/plot", "tunnel/formation", "tunnel/tunnel_start_layer"):
         assert key in logged, key
 

@@ -47,7 +47,7 @@ def test_probe_checkpoint_with_ood(checkpoint, fake_cifar_root, tmp_path, monkey
     assert len(csv) == 6 and csv[1].startswith("1,fc1,layers.0.act,24,")
     assert (out / "tunnel.png").stat().st_size > 1000 and (out / "tunnel.json").is_file()
     run_file = next((out / "wandb").glob("offline-run-*/run-*.wandb"))
-    logged = logged_text(run_file, "tunnel/plot")
+    logged = logged_text(run_file)
     assert "tunnel/table" in logged and "tunnel/plot" in logged
 
 

@@ -1,6 +1,7 @@
 """The tunnel probe under DDP (2 CPU processes, gloo): shards padded by the DistributedSampler are gathered by sample
-index without duplicates, each layer is probed on one rank, and every rank ends with the table of one process, both
-for the prober in a plain process group and for the TunnelProbe callback under ``Trainer(strategy="ddp")``."""
+index without duplicates, each layer is probed on one rank, and every rank ends with the table of one process: for the
+prober in a plain process group, for the TunnelProbe callback under ``Trainer(strategy="ddp")`` and for the probe
+command started as torchrun starts it (it joins a group of its own and leaves it)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from lightning_methods.datamodules import IndexedTensorDataset
+from lightning_methods import ImageClassifier
+from lightning_methods.datamodules import DigitsDataModule, IndexedTensorDataset
 from lightning_methods.models import create_backbone
 from lightning_methods.tunnel import ProbeData, ProbeSettings, TunnelProber, class_subset
+from lightning_methods.tunnel.cli import run_probe_command
 from lightning_methods.tunnel.data import image_preparer
 from lightning_methods.utils import leave_process_group
 
-from helpers import run_ddp
+from helpers import quiet_trainer, run_ddp
 
 
 def synthetic(n: int, classes: int, seed: int) -> IndexedTensorDataset:
@@ -59,19 +62,37 @@ def fit_with_probe(devices: int) -> dict:
     return probe.history[-1]["report"]
 
 
-def _worker(rank: int, world_size: int) -> tuple[dict, dict]:
+def probe_command(ckpt: str, out: str) -> dict:
+    """``lightning-methods probe`` on ``ckpt``; under torchrun's variables it joins and then leaves its own group."""
+    return run_probe_command(["--ckpt", ckpt, "--data", "DigitsDataModule", "--wandb_mode", "disabled", "--output_dir",
+                              out, "--probe.max_train_samples", "200", "--probe.probe_epochs", "2",
+                              "--probe.extract_batch_size", "64", "--probe.probe_solver", "adam"]).to_dict()
+
+
+def _worker(rank: int, world_size: int, ckpt: str, out: str) -> tuple[dict, dict, dict]:
+    command = probe_command(ckpt, out)
+    assert not dist.is_initialized()  # the command left the group it started
     dist.init_process_group("gloo")
     try:
         direct = probe_once()
     finally:
         leave_process_group()
-    return direct, fit_with_probe(world_size)  # the callback under Trainer(strategy="ddp") joins its own group
+    return direct, fit_with_probe(world_size), command  # the callback under Trainer(strategy="ddp") joins its own
 
 
 def test_ddp_table_equals_one_process(tmp_path, monkeypatch, one_thread):
-    """One spawn for both checks: the prober in a plain process group, and the callback under the ddp strategy."""
+    """One spawn for three checks: the probe command as torchrun starts it, the prober in a plain process group, and
+    the callback under the ddp strategy."""
     monkeypatch.chdir(tmp_path)
-    (r0, fit0), (r1, fit1) = run_ddp(_worker, world_size=2)
+    torch.manual_seed(0)
+    trainer = quiet_trainer(max_steps=3)
+    trainer.fit(ImageClassifier("mlp", 10, backbone_kwargs={"depth": 3, "width": 16}), DigitsDataModule(batch_size=64))
+    ckpt = str(tmp_path / "last.ckpt")
+    trainer.save_checkpoint(ckpt)
+    (r0, fit0, cmd0), (r1, fit1, cmd1) = run_ddp(_worker, world_size=2, args=(ckpt, str(tmp_path / "ddp")))
+    cmd_single = probe_command(ckpt, str(tmp_path / "single"))
+    assert cmd0["rows"] == cmd1["rows"] == cmd_single["rows"] and cmd0["summary"]["world_size"] == 2
+    assert (tmp_path / "ddp" / "tunnel.csv").read_text() == (tmp_path / "single" / "tunnel.csv").read_text()
     single = probe_once()
     assert r0 == r1  # identical on every rank (broadcast from rank 0)
     assert r0["summary"]["world_size"] == 2
