@@ -139,8 +139,8 @@ def plot(out: Path, results: dict[str, dict[str, float]]) -> Path:
     return path
 
 
-def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """Run the sweep; returns ``{str(t): test metrics}``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The sweep's own options; every other argument is a ``fit`` override passed to each run."""
     parser = argparse.ArgumentParser(prog="lightning-methods hpn-sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="an HPNMultiTask fit config")
     parser.add_argument("--task_weights", type=float, nargs="+", default=[0.01, 0.1, 0.25, 0.5, 0.9])
@@ -148,7 +148,12 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (the demo's tiny model runs fastest on 1, and a shared CPU makes "
                              "more threads far slower); 0 keeps torch's default")
-    opts, extra = parser.parse_known_args(args)
+    return parser
+
+
+def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Run the sweep; returns ``{str(t): test metrics}``."""
+    opts, extra = build_parser().parse_known_args(args)
     if opts.threads > 0:
         import torch
 

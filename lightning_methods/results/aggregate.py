@@ -167,12 +167,22 @@ def group_runs(records: Sequence[Mapping[str, Any]], seed_keys: Sequence[str] = 
     return list(groups.values())
 
 
+def run_value(record: Mapping[str, Any], metric: str) -> float | None:
+    """``metric`` of one run record in display units (accuracies in percent); ``None`` when the run lacks it."""
+    value = (record.get("metrics") or {}).get(metric)
+    return None if value is None else display_value(metric, float(value))
+
+
+def row_values(row: Row, metric: str) -> list[float]:
+    """``metric`` of every run of ``row`` that has it, in display units, in the order of the runs."""
+    return [v for v in (run_value(r, metric) for r in row.runs) if v is not None]
+
+
 def summarize(rows: Sequence[Row], metrics: Sequence[str], ddof: int = 1) -> list[Row]:
     """Fill ``stats`` (mean, std in display units; std is NaN for a single run) and ``paper`` of every row."""
     for row in rows:
         for metric in metrics:
-            values = [display_value(metric, float(r["metrics"][metric])) for r in row.runs
-                      if (r.get("metrics") or {}).get(metric) is not None]
+            values = row_values(row, metric)
             row.counts[metric] = len(values)
             if values:
                 array = np.asarray(values, dtype=np.float64)

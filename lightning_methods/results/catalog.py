@@ -236,14 +236,19 @@ def render(data: dict[str, Any], root: Path | None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``lightning-methods list`` (see the module docstring); returns the catalog data."""
+def build_parser() -> argparse.ArgumentParser:
     sections = ["methods", "configs", "backbones", "datamodules"]
     parser = argparse.ArgumentParser(prog="lightning-methods list", description=__doc__.split("\n")[0])
     parser.add_argument("--section", nargs="+", choices=sections, default=sections, help="what to list (default: all)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--root", help="source tree with configs/ and README.md")
     parser.add_argument("--num_classes", type=int, default=100, help="classes for the parameter counts (100)")
+    return parser
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``lightning-methods list`` (see the module docstring); returns the catalog data."""
+    parser = build_parser()
     ns = parser.parse_args(sys.argv[1:] if args is None else args)
     root = find_root(ns.root)
     if ns.root and root is None:

@@ -63,6 +63,14 @@ def _record(path: Path, source: Mapping[str, Any], name: str, status: str, metri
             "info": {"name": name, "seed": source.get("seed"), "config": files[-1] if files and paper_config else None}}
 
 
+def _grid_stem(path: Path, stem: str) -> str:
+    """The config name of a grid run (``<grid>/<config>/<seed>/{fed/<algorithm>,ood/report}/...``, whose command ran
+    on the grid's ``run.yaml``), else ``stem``."""
+    if stem == "run" and len(path.parents) > 3 and (path.parents[2] / "run.yaml").is_file():
+        return path.parents[3].name
+    return stem
+
+
 def adapt(path: str | Path, data: Any) -> dict[str, Any] | None:
     """A record from a federated ``results.json``, an Early Cutting ``summary.json`` or an EncMin2L
     ``report/results.json`` (``None`` for other files)."""
@@ -72,7 +80,7 @@ def adapt(path: str | Path, data: Any) -> dict[str, Any] | None:
     if path.parent.name == "report" and isinstance(data.get("detectors"), list) and "groups" in data:
         return _ood_record(path, data)
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    stem = Path(source["config"][-1]).stem if source.get("config") else path.parent.name
+    stem = _grid_stem(path, Path(source["config"][-1]).stem if source.get("config") else path.parent.name)
     summary = data.get("summary")
     if isinstance(summary, dict) and "algorithm" in summary and isinstance(data.get("clients"), list):
         config = _resolved_config(path.parent)
@@ -96,9 +104,7 @@ def _ood_record(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     """An EncMin2L report as a record: ``ood/<detector>/<set or group>_mean/<metric>`` in percent (x 100, the unit
     of the configs' ``# paper:`` lines), the resolved config from the run's ``config.yaml``."""
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    stem = Path(source["config"][-1]).stem if source.get("config") else path.parent.parent.name
-    if stem == "run" and (path.parents[2] / "run.yaml").is_file():  # a grid run: <grid>/<config>/<seed>/ood/...
-        stem = path.parents[3].name
+    stem = _grid_stem(path, Path(source["config"][-1]).stem if source.get("config") else path.parent.parent.name)
     metrics: dict[str, float] = {}
     for det in data["detectors"]:
         for name, values in [

@@ -10,6 +10,8 @@ and the paper's number beside ours when the config names it (a ``# paper: test/a
 :func:`lightning_methods.results.aggregate.paper_numbers`). Writes ``table.md``, ``table.csv`` and ``curves.png``
 (mean +- std band over seeds of ``--curve``, default ``val/acc``) into ``--output`` (default: the first directory);
 with ``--wandb_project P`` the curves also go to a new W&B run ``table-<output folder>`` of project ``P``.
+``--baseline NAME`` adds each other row's difference to that row and whether it is beyond the seed spread
+(:mod:`.compare`), below the table and in ``baseline.csv``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_methods.results import compare
 from lightning_methods.results.aggregate import Row, curves, default_metrics, group_runs, summarize
 from lightning_methods.results.gridspec import DEFAULT_SEED_KEYS
 from lightning_methods.results.record import find_records
@@ -39,6 +42,7 @@ class Table:
     metrics: list[str]
     markdown: str
     files: list[Path]
+    comparisons: list[compare.Comparison]
 
 
 def cell(row: Row, metric: str, digits: int = 2) -> str:
@@ -59,22 +63,30 @@ def markdown(rows: Sequence[Row], metrics: Sequence[str], ddof: int = 1) -> str:
         lines.append("| " + " | ".join([f"`{row.name}`", str(row.n), *(cell(row, m) for m in metrics), *paper]) + " |")
     lines.append("")
     note = "Paper columns: the papers' numbers (`# paper:` lines of the configs), not ours." if papers else ""
-    lines.append(f"Mean ± std (ddof={ddof}) over the n runs (seeds) of each configuration; accuracies in %. {note}")
+    legend = f"Mean ± std (ddof={ddof}) over the n runs (seeds) of each configuration; accuracies in %."
+    lines.append(f"{legend} {note}" if note else legend)
     return "\n".join(lines) + "\n"
 
 
 def csv_text(rows: Sequence[Row], metrics: Sequence[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["config", "setting", "n", "seeds", *(f"{m} {s}" for m in metrics for s in ("mean", "std", "n")),
-                     *(f"paper {m}" for m in metrics)])
+    header = ["config", "setting", "n", "seeds", *(f"{m} {s}" for m in metrics for s in ("mean", "std", "n")),
+              *(f"paper {m}" for m in metrics)]
+    lines = []
     for row in rows:
         values = []
         for m in metrics:
             mean, std = row.stats.get(m, (math.nan, math.nan))
             values += [f"{mean:.6g}", f"{std:.6g}", row.counts.get(m, 0)]
-        writer.writerow([row.label, row.setting, row.n, " ".join(map(str, row.seeds)), *values,
-                         *(row.paper.get(m, "") for m in metrics)])
+        lines.append([row.label, row.setting, row.n, " ".join(map(str, row.seeds)), *values,
+                      *(row.paper.get(m, "") for m in metrics)])
+    return _csv(header, lines)
+
+
+def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
     return buf.getvalue()
 
 
@@ -126,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--include_unfinished", action="store_true", help="also use runs that did not finish")
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                         help="W&B only: run filters (e.g. group=sam-rho=1.0, state=finished)")
+    parser.add_argument("--baseline", metavar="NAME", help="compare every other row with this one (its Config cell, "
+                        "or a unique part of it): the difference of the means and whether it is beyond the seed "
+                        "spread, below the table and in baseline.csv")
+    parser.add_argument("--baseline_metric", metavar="METRIC", help="compare every metric with this metric of the "
+                        "baseline (default: the same metric)")
     parser.add_argument("--no_plot", action="store_true", help="skip the learning-curve plot")
     parser.add_argument("--wandb_project", default=None,
                         help="also log the learning curves (and the table) to a new W&B run in this project")
@@ -136,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: list[str] | None = None) -> Table:
     """Entry point of ``lightning-methods table`` (see the module docstring); prints the Markdown table."""
-    ns = build_parser().parse_args(sys.argv[1:] if args is None else args)
+    parser = build_parser()
+    ns = parser.parse_args(sys.argv[1:] if args is None else args)
+    if ns.baseline_metric and not ns.baseline:
+        parser.error("--baseline_metric needs --baseline NAME (the row to compare with)")
     records: list[dict[str, Any]] = []
     local = [r for r in ns.runs if not r.startswith("wandb:")]
     if local:
@@ -159,11 +179,16 @@ def main(args: list[str] | None = None) -> Table:
         if len(set(map(str, row.seeds))) < row.n:
             print(f"warning: {row.name} holds runs with the same seed ({row.seeds}); they are counted separately",
                   file=sys.stderr)
-    text = markdown(rows, metrics, ns.ddof)
+    comparisons = []
+    if ns.baseline:
+        comparisons = compare.compare_rows(rows, compare.find_row(rows, ns.baseline), metrics, ns.baseline_metric)
+    text = markdown(rows, metrics, ns.ddof) + ("\n" + compare.markdown(comparisons) if comparisons else "")
     print(text)
     first_dir = next((Path(r) for r in local if Path(r).is_dir()), Path("."))
     out = Path(ns.output) if ns.output else first_dir
     files = [atomic_write_text(out / "table.md", text), atomic_write_text(out / "table.csv", csv_text(rows, metrics))]
+    if ns.baseline:
+        files.append(atomic_write_text(out / "baseline.csv", _csv(compare.CSV_HEADER, compare.csv_rows(comparisons))))
     if not ns.no_plot:
         png = plot_curves(rows, ns.curve, out / "curves.png")
         files += [png] if png else []
@@ -173,4 +198,4 @@ def main(args: list[str] | None = None) -> Table:
                     "save_dir": str(out.resolve()), **({"mode": ns.wandb_mode} if ns.wandb_mode else {})}
         if log_pictures({"table/curves": out / "curves.png"} if not ns.no_plot else {}, settings=settings):
             print(f"logged curves.png to the W&B project {ns.wandb_project}")
-    return Table(rows, metrics, text, files)
+    return Table(rows, metrics, text, files, comparisons)

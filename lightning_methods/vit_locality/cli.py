@@ -32,7 +32,7 @@ from lightning_methods.vit_locality.checkpoints import BY_CLASSES, DATASETS, che
 from lightning_methods.vit_locality.report import write_report
 
 
-def parse_args(args: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-methods locality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoint files, folders (every last.ckpt below them), or "
@@ -57,7 +57,7 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
                         help="also log mad_by_layer.png to a new W&B run (locality-<out folder>) in this project")
     parser.add_argument("--wandb_mode", choices=("online", "offline"), default=None,
                         help="W&B mode of that run (default: W&B's own setting, e.g. WANDB_MODE)")
-    return parser.parse_args(args)
+    return parser
 
 
 def expand(items: list[str]) -> list[tuple[str | None, Path]]:
@@ -85,7 +85,7 @@ def expand(items: list[str]) -> list[tuple[str | None, Path]]:
 
 def main(args: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the command; returns the table rows."""
-    opts = parse_args(args)
+    opts = build_parser().parse_args(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
     settings = {"num_images": opts.num_images, "seed": opts.seed, "include_cls": opts.include_cls,
                 "renormalize": not opts.no_renormalize, "accuracy": not opts.no_accuracy, "dataset": opts.dataset,

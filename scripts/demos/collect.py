@@ -1,16 +1,25 @@
 """Write docs/demos.md from the outputs of scripts/demos/run_demos.sh: the tables of ``lightning-methods table``
-(and the multibit cost / tunnel per-layer summaries), where and how the runs ran (torch version, threads, CPU,
-from the runs' results.json), run times with the load average, and seed 0 with one thread against two threads.
+(and the multibit cost / tunnel per-layer summaries), whether each method's difference to its baseline is beyond the
+seed spread (``table --baseline``'s baseline.csv; EncMin2L against each single detector run by run), where and how
+the runs ran (torch version, threads, CPU, from the runs' results.json), run times with the load average, and seed 0
+with one thread against two threads.
 
-    python scripts/demos/collect.py [runs/demos] [docs/demos.md]
+    python scripts/demos/collect.py [runs/demos] [docs/demos.md] [OTHER_DEMO_DIR ...]
+
+Each OTHER_DEMO_DIR holds the quickstart demo run with other library versions (``DEMO_DIR=runs/demos_torch26
+scripts/demos/run_demos.sh quickstart`` in another environment); the page compares it with the main runs.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
+
+from lightning_methods.results import compare, find_records, group_runs
+from lightning_methods.results.aggregate import row_values, run_seed, run_value
 
 DEMOS = (
     (
@@ -51,20 +60,26 @@ NOTES = {
         "EMQ trains on 60% of Any-Precision's training samples here (2 full warm-up epochs, then coresets of half "
         "the data for 10 epochs) but scores the whole training set at every refresh (every 2 epochs: forward passes "
         "only), so its forward passes exceed Any-Precision's; the demo shows the coreset mechanics and the accuracy "
-        "per bit-width, not a speed-up. Any-Precision (`digits_anyprecision.yaml`) has a row above only for the "
-        "seeds that finished: if it has none, its runs did not finish in the session that generated this file "
-        "(about 50 minutes of wall time per run on the loaded 2-core machine), and the demo cannot yet say whether "
-        "EMQ is close to it."
+        "per bit-width, not a speed-up."
     ),
     "hpn": (
         "At t = 0.01 the classification term is too weak to learn in 15 epochs (chance accuracy) while the ink MAE is "
-        "lowest; from t = 0.25 both tasks are good; t = 0.9 has the largest MAE of t >= 0.1. Between t = 0.1 and "
-        "0.5 the MAE differences are within the seed spread: the demo shows the trade-off at the ends, not the "
-        "paper's optimum at t = 0.25."
+        "lowest: against the paper's choice t = 0.25 that is the one difference beyond the seed spread. t = 0.1, 0.5 "
+        "and 0.9 stay within the seed spread of t = 0.25 on both tasks (t = 0.9 has the largest mean MAE): the demo "
+        "shows the trade-off at the small end, not the paper's optimum at t = 0.25."
     ),
     "early_cutting": (
         "Compare `test_acc_last` of the select runs (`seed*` rows) with `test/acc` of `digits_sym40_ce`: both are "
         "the clean test accuracy after the last epoch."
+    ),
+    "ood": (
+        "Every detector scores the same runs (same splits, encoders and calibration digits), so EncMin2L is compared "
+        "with each single detector run by run: the difference has one sign in every run, or it has not."
+    ),
+    "fedfree": (
+        "Local-only trains each client on its own digits; FedAvg averages every layer of the shared CNN each round; "
+        "FedFree exchanges only the uploaded layers, through the server's alignment on Gaussian pseudo-data. The "
+        "comparison with Local-only says whether each form of sharing helps here beyond the seed spread."
     ),
     "tunnel": (
         "The probe of the output layer (`fc10`, the logits) reaches the model's own test accuracy: the linear probes "
@@ -110,55 +125,181 @@ def machine(root: Path) -> str:
     return "unknown"
 
 
-def run_times(recs: list[dict]) -> str:
+def seeds_text(base: Path) -> str:
+    """The seeds of the demo runs under ``base`` (``0, 1, 2, 3, 4``)."""
+    try:
+        seeds = {run_seed(r) for r in find_records([base])}
+    except FileNotFoundError:
+        return "(none yet)"
+    return ", ".join(str(x) for x in sorted(x for x in seeds if isinstance(x, int)))
+
+
+def other_versions_section(base: Path, others: list[Path]) -> list[str]:
+    """The quickstart under other library versions against the main runs: do the numbers hold elsewhere?"""
+    if not others:
+        return []
+    def row_and_versions(folder: Path) -> tuple[object, str] | None:
+        rows = list(_rows_by_name(folder / "quickstart").values())
+        if not rows:
+            return None
+        v = rows[0].runs[0].get("versions") or {}
+        return rows[0], f"torch {v.get('torch')}, lightning {v.get('lightning')}, Python {v.get('python')}"
+
+    main_row = row_and_versions(base)
+    if main_row is None:
+        return []
+    lines = ["## The quickstart with other library versions", "",
+             "The same command and seeds in other environments on this machine (one thread each), against the runs "
+             "above: do the digits hold elsewhere? Float sums depend on the kernels of each torch release, so single "
+             "runs differ; the question is whether the mean moves beyond the seed spread.", "",
+             "| versions | n | test/acc | against the runs above |", "|---|---|---|---|"]
+    for folder in [base, *others]:
+        found = row_and_versions(folder)
+        if found is None:
+            continue
+        row, versions = found
+        values = row_values(row, "test/acc")
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        if folder == base:
+            verdict = "(the runs above)"
+        else:
+            c = compare.Comparison(row.name, "test/acc", "main", "test/acc", tuple(values),
+                                   tuple(row_values(main_row[0], "test/acc")))
+            verdict = f"Δ {c.diff:+.2f}, {c.verdict}"
+        lines.append(f"| {versions} | {len(values)} | {mean:.2f} ± {std:.2f} | {verdict} |")
+    return [*lines, ""]
+
+
+def time_line(recs: list[dict], timed: list[dict]) -> str:
+    """``Time: ...`` from the fit runs' wall times and the demo's rows of times.tsv ("" when there is neither)."""
+    parts = []
     walls = [r["wall_time_s"] for r in recs if r.get("wall_time_s")]
-    if not walls:
-        return ""
-    return f"{len(walls)} fit runs, wall time per run {min(walls):.0f}-{max(walls):.0f} s"
+    if walls:
+        parts.append(f"{len(walls)} fit runs, wall time per run {_span(walls)} s")
+    if timed:
+        wall = sum(float(r["wall_s"]) for r in timed)
+        cpu = sum(float(r["cpu_s"]) for r in timed)
+        loads = [float(r[k]) for r in timed for k in ("load1_before", "load1_after") if r.get(k)]
+        load = _span(loads, 1) if loads else "not recorded"
+        parts.append(f"the commands {wall:.0f} s of wall time summed, {cpu:.0f} s of CPU time (one thread per run), "
+                     f"1-minute load average {load} on {os.cpu_count()} logical CPUs")
+    return f"Time: {'; '.join(parts)}." if parts else ""
 
 
-def threads_section(root: Path) -> list[str]:
-    two = root / "threads2"
-    if not two.is_dir():
-        return ["(not run: `scripts/demos/run_demos.sh threads`)"]
-    lines = ["| demo | metric | seed 0, 1 thread | seed 0, 2 threads |", "|---|---|---|---|"]
-    for name, title, _ in DEMOS:
-        one = {_key(r): r for r in records(root / name) if _seed(r) == 0}
-        for key, r2 in sorted({_key(r): r for r in records(two / name) if _seed(r) == 0}.items()):
-            r1 = one.get(key)
-            if r1 is None:
-                continue
-            for metric in _metrics(r2):
-                a, b = _value(r1, metric), _value(r2, metric)
-                if a is not None and b is not None:
-                    lines.append(f"| {title} ({key}) | {metric} | {a:.4g} | {b:.4g} |")
+def effect_lines(folder: Path, metrics: tuple[str, ...] = ()) -> list[str]:
+    """One line per baseline comparison of the demo (of ``metrics`` only, when given): which differences are beyond
+    the seed spread, which are not."""
+    if not (folder / "baseline.csv").is_file():
+        return ood_effect_lines(folder) if (folder / "table.md").is_file() else []
+    rows = [r for r in _baseline_rows(folder) if not metrics or r["metric"] in metrics]
+    if not rows:
+        return []
+    lines = []
+    for config in dict.fromkeys(r["config"] for r in rows):
+        mine = [r for r in rows if r["config"] == config]
+        apart = [r for r in mine if r["apart"] != "0"]
+        within = [r for r in mine if r["apart"] == "0"]
+        text = f"Beyond the seed spread? `{config}` against `{mine[0]['baseline']}`: "
+        if apart:
+            text += "yes for " + ", ".join(
+                f"{_label(r)} ({float(r['diff']):+.2f}, every run {'above' if r['apart'] == '1' else 'below'}, "
+                f"chance {float(r['chance']):.2g})" for r in apart)
+        if within:
+            text += ("; " if apart else "") + "within the seed spread for " + ", ".join(
+                f"{_label(r)} ({float(r['diff']):+.2f})" for r in within)
+        lines.append(text + ".")
     return lines
 
 
-def _seed(r: dict) -> int | None:
-    if "seed" in r:
-        return r["seed"]
-    source = r.get("source") or {}
-    return source.get("seed")
+def _baseline_rows(folder: Path) -> list[dict]:
+    path = folder / "baseline.csv"
+    return list(csv.DictReader(path.open(encoding="utf-8"))) if path.is_file() else []
 
 
-def _key(r: dict) -> str:
-    if "config_path" in r:
-        info = r.get("info") or {}
-        over = info.get("combination") or {}
-        return (info.get("name") or Path(r["config_path"]).stem) + (f" {over}" if over else "")
-    return "select"
+def _verdict(row: dict) -> str:
+    """``+21.71, every run above (chance 0.0079)`` or ``-2.05, within the seed spread`` from a baseline.csv row."""
+    if row["apart"] == "0":
+        return f"{float(row['diff']):+.2f}, within the seed spread"
+    side = "above" if row["apart"] == "1" else "below"
+    return f"{float(row['diff']):+.2f}, every run {side}, chance {float(row['chance']):.2g}"
 
 
-def _metrics(r: dict) -> list[str]:
-    if "metrics" not in r:
-        return ["test_acc_last"]
-    return [k for k in sorted(r["metrics"]) if k.startswith("test/acc") and "top5" not in k or k == "test/mae"]
+def verdicts(folder: Path, config: str) -> str:
+    """One phrase for the comparisons of ``config`` with its baseline: which metrics are beyond the seed spread."""
+    mine = [r for r in _baseline_rows(folder) if r["config"] == config]
+    if not mine:
+        return "no comparison with a baseline yet"
+    apart = [_label(r) for r in mine if r["apart"] != "0"]
+    head = f"{config} against {mine[0]['baseline']}: "
+    if not apart:
+        return head + "within the seed spread for every metric"
+    return head + f"beyond the seed spread for {', '.join(apart)}, within it for the rest"
 
 
-def _value(r: dict, metric: str) -> float | None:
-    v = r.get("metrics", r).get(metric)
-    return float(v) if isinstance(v, (int, float)) else None
+def _span(values: list[float], digits: int = 0) -> str:
+    """``min-max`` of ``values`` (one number when they round alike)."""
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low}-{high}"
+
+
+def _label(row: dict) -> str:
+    return row["metric"] if row["metric"] == row["baseline_metric"] else f"{row['metric']} vs {row['baseline_metric']}"
+
+
+#: EncMin2L against each single detector of the OOD demo, run by run (the same seeds, splits and encoders).
+OOD_FUSED = "EncMin2L"
+OOD_OTHERS = ("L1[cnn]", "L1[rand_timm]", "Monolithic-RDM", "Mahalanobis[cnn]")
+OOD_SETS = ("union", "near_mean", "far_mean", "covariate_mean")
+
+
+def ood_comparisons(folder: Path) -> list[compare.Comparison]:
+    """EncMin2L's AUROC against each other detector's on each OOD set, paired run by run."""
+    out = []
+    for row in group_runs(find_records([folder])):
+        for other in OOD_OTHERS:
+            for name in OOD_SETS:
+                c = compare.paired_comparison(row, f"ood/{OOD_FUSED}/{name}/auroc", f"ood/{other}/{name}/auroc")
+                if c is not None:
+                    out.append(c)
+    return out
+
+
+def ood_effect_lines(folder: Path) -> list[str]:
+    comparisons = ood_comparisons(folder) if any(folder.rglob("report/results.json")) else []
+    if not comparisons:
+        return []
+    lines = ["EncMin2L against each single detector, run by run (AUROC x 100, Δ = EncMin2L - the other):", ""]
+    lines += ["| against | OOD set | Δ | runs | verdict |", "|---|---|---|---|---|"]
+    for c in comparisons:
+        other, name = c.baseline_metric.split("/")[1], c.metric.split("/")[2]
+        lines.append(f"| {other} | {name} | {c.diff:+.2f} | {len(c.values)} | {c.verdict} |")
+    return lines
+
+
+#: The metrics of the thread comparison (besides every ``test/acc_bit*``).
+THREAD_METRICS = ("test/acc", "test/mae", "test_acc_last", "final_mean", "ood/EncMin2L/union/auroc")
+
+
+def threads_section(root: Path) -> list[str]:
+    """Seed 0 of every demo with one thread against two (``run_demos.sh threads``), in the tables' units."""
+    two = root / "threads2"
+    if not two.is_dir():
+        return ["(not run: `scripts/demos/run_demos.sh threads`)"]
+    lines = ["| demo | run | metric | seed 0, 1 thread | seed 0, 2 threads |", "|---|---|---|---|---|"]
+    for name, title, _ in DEMOS:
+        one = _rows_by_name(root / name)
+        for key, row2 in sorted(_rows_by_name(two / name).items()):
+            r1 = next((r for r in getattr(one.get(key), "runs", []) if run_seed(r) == 0), None)
+            r2 = next((r for r in row2.runs if run_seed(r) == 0), None)
+            if r1 is None or r2 is None:
+                continue
+            metrics = sorted(m for m in r2.get("metrics") or {} if m in THREAD_METRICS or m.startswith("test/acc_bit"))
+            for metric in metrics:
+                a, b = run_value(r1, metric), run_value(r2, metric)
+                if a is not None and b is not None:
+                    lines.append(f"| {title} | {key} | {metric} | {a:.4g} | {b:.4g} |")
+    return lines
 
 
 def _csv_rows(path: Path) -> list[dict]:
@@ -177,9 +318,100 @@ def _pm(row: dict, metric: str, digits: int = 1) -> str:
     return f"{float(mean):.{digits}f} ± {float(std or 0):.{digits}f}"
 
 
+FED_NAMES = {"fedavg": "FedAvg", "local": "Local-only", "fedfree": "FedFree"}
+OOD_ROWS = (
+    ("EncMin2L", "EncMin2L (2 encoders x 2 variants)"),
+    ("L1[cnn]", "L1[cnn] (trained ResNet-8 alone)"),
+    ("L1[rand_timm]", "L1[rand_timm] (random ResNet-10-T alone)"),
+    ("Monolithic-RDM", "Monolithic RDM (concatenated features)"),
+    ("Mahalanobis[cnn]", "Mahalanobis[cnn] (baseline)"),
+)
+
+
+def _rows_by_name(folder: Path) -> dict[str, object]:
+    try:
+        return {row.name: row for row in group_runs(find_records([folder]))}
+    except FileNotFoundError:
+        return {}
+
+
+def fed_summaries(base: Path, rows: list[dict]) -> dict[str, str]:
+    """The FedFree demo for README.md and docs/methods/federated.md: means, the per-seed table, verdicts, time."""
+    folder = base / "fedfree"
+    by_alg = {name.rsplit(":", 1)[-1]: row for name, row in _rows_by_name(folder).items()}
+    if not by_alg:
+        return {}
+    seeds = sorted({run_seed(r) for row in by_alg.values() for r in row.runs})
+    table = ["| Algorithm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    means = []
+    versus = {r["config"]: r for r in _baseline_rows(folder) if r["metric"] == "final_mean"}
+    for alg, title in FED_NAMES.items():
+        row = by_alg.get(alg)
+        if row is None:
+            continue
+        values = {run_seed(r): run_value(r, "final_mean") for r in row.runs}
+        cells = [f"{values[s]:.2f}" if values.get(s) is not None else "-" for s in seeds]
+        summary = _pm(_table_row(folder, row.name), "final_mean")
+        table.append(f"| {title} | " + " | ".join(cells) + f" | {summary} |")
+        against = versus.get(row.name)
+        means.append(f"{title} {summary}" + (f" (against Local-only: {_verdict(against)})" if against else ""))
+    effect = " ".join(effect_lines(folder, ("final_mean",)))
+    time = time_line([], [r for r in rows if r["demo"].startswith("fedfree") and r["threads"] == "1"])
+    return {"readme_fedfree": f"seeds {seeds_text(folder)}: " + "; ".join(means) + ".",
+            "fedfree_seeds": "\n".join(table), "fedfree_effect": effect, "fedfree_time": time}
+
+
+def ood_summaries(base: Path, rows: list[dict]) -> dict[str, str]:
+    """The OOD demo for README.md and docs/methods/ood.md: the detector table, paired verdicts, time."""
+    folder = base / "ood"
+    table_rows = _csv_rows(folder / "table.csv")
+    if not table_rows:
+        return {}
+    row = table_rows[0]
+    sets = ("union", "near_mean", "far_mean", "covariate_mean")
+    table = ["| Detector | union of shifts | near (digits 5-9) | far (photo patches) | covariate (noisy digits) |",
+             "|---|---|---|---|---|"]
+    for name, title in OOD_ROWS:
+        cells = [_pm(row, f"ood/{name}/{s}/auroc", 2) for s in sets]
+        table.append(f"| {title} | " + " | ".join("" if c == "n/a" else c for c in cells) + " |")
+    union = {name: _pm(row, f"ood/{name}/union/auroc", 2) for name, _ in OOD_ROWS}
+    pairs = [c for c in ood_comparisons(folder) if c.metric.endswith("/union/auroc")]
+    verdicts = "; ".join(f"against {c.baseline_metric.split('/')[1]} {c.diff:+.2f}, {c.verdict}" for c in pairs)
+    fused = " / ".join(_pm(row, f"ood/EncMin2L/{s}/auroc", 2) for s in sets[1:])
+    time = time_line([], [r for r in rows if r["demo"].startswith("ood") and r["threads"] == "1"])
+    return {
+        "readme_ood": (f"seeds {seeds_text(folder)}; union of shifts (ID vs all OOD sets pooled): EncMin2L "
+                       f"{union['EncMin2L']}, trained ResNet-8 "
+                       f"alone {union['L1[cnn]']}, random ResNet-10-T alone {union['L1[rand_timm]']}, Mahalanobis on "
+                       f"the trained encoder {union['Mahalanobis[cnn]']}; EncMin2L near / far / covariate {fused}. "
+                       f"Run by run on the union: {verdicts}"),
+        "ood_table": "\n".join(table), "ood_effect": "\n".join(ood_effect_lines(folder)), "ood_time": time,
+    }
+
+
+def _table_row(folder: Path, name: str) -> dict:
+    return next((r for r in _csv_rows(folder / "table.csv") if f"{r['config']} {r['setting']}".strip() == name), {})
+
+
 def summaries(base: Path) -> dict[str, str]:
     """Short generated texts for the marked places in README.md and docs/methods/*.md."""
-    out: dict[str, str] = {}
+    rows = times(base)
+    out: dict[str, str] = {**fed_summaries(base, rows), **ood_summaries(base, rows)}
+    quick = _csv_rows(base / "quickstart" / "table.csv")
+    if quick:
+        out["readme_quickstart"] = f"{_pm(quick[0], 'test/acc')}%"
+        out["quickstart_seeds"] = f"seeds {seeds_text(base / 'quickstart')}"
+        recs = records(base / "quickstart")
+        timed = [r for r in rows if r["demo"] == "quickstart" and r["threads"] == "1"]
+        walls = [r["wall_time_s"] for r in recs if r.get("wall_time_s")]
+        if walls and timed:
+            cpu = sum(float(r["cpu_s"]) for r in timed) / len(walls)
+            loads = [float(r[k]) for r in timed for k in ("load1_before", "load1_after") if r.get(k)]
+            out["quickstart_time"] = (
+                f"Each run used about {cpu:.0f} s of CPU time (one thread; {_span(walls)} s of wall time for the fit "
+                f"on a {os.cpu_count()}-core machine, 1-minute load average {_span(loads, 1)})"
+            )
     for name, extra in (("multibit", "cost.md"), ("tunnel", "summary.md")):
         parts = [(base / name / f).read_text().strip() for f in ("table.md", extra) if (base / name / f).is_file()]
         if name == "tunnel":
@@ -193,7 +425,8 @@ def summaries(base: Path) -> dict[str, str]:
         accs = " / ".join(_pm(row, f"test/acc_bit{b}") for b in bits)
         out[f"readme_multibit_{row['config']}"] = f"{row['config']} ({row['n']} seeds): {accs} % at 1/2/3/4/8/32 bits"
     out["readme_multibit"] = "; ".join(v for k, v in sorted(out.items()) if k.startswith("readme_multibit_")) + (
-        " (3 bits never trained; mean ± std, one CPU thread; cost and times in docs/demos.md)"
+        f"; {verdicts(base / 'multibit', 'digits_emq')} (3 bits never trained; mean ± std, one CPU thread; cost and "
+        "times in docs/demos.md)"
     )
     hpn = []
     for row in _csv_rows(base / "hpn" / "table.csv"):
@@ -231,7 +464,18 @@ def fill(path: Path, texts: dict[str, str]) -> None:
     path.write_text(text)
 
 
-def main(root: str = "runs/demos", out: str = "docs/demos.md") -> None:
+def _commands(root: str, out: str, others: tuple[str, ...]) -> list[str]:
+    """The commands that regenerate this page, with the folders it was generated from."""
+    env = "" if root == "runs/demos" else f"DEMO_DIR={root} "
+    lines = [f"{env}scripts/demos/run_demos.sh && {env}scripts/demos/run_demos.sh threads"]
+    lines += [f"DEMO_DIR={o} scripts/demos/run_demos.sh quickstart   # in the environment of the other versions"
+              for o in others]
+    lines.append(" ".join(["python scripts/demos/collect.py", *([root, out, *others] if others or root != "runs/demos"
+                                                               or out != "docs/demos.md" else [])]))
+    return lines
+
+
+def main(root: str = "runs/demos", out: str = "docs/demos.md", *others: str) -> None:
     base = Path(root)
     rows = times(base)
     lines = [
@@ -241,21 +485,27 @@ def main(root: str = "runs/demos", out: str = "docs/demos.md") -> None:
         "`lightning-methods grid` / `select` and `lightning-methods table`); do not edit the numbers by hand, rerun:",
         "",
         "```bash",
-        "scripts/demos/run_demos.sh && scripts/demos/run_demos.sh threads && python scripts/demos/collect.py",
+        *_commands(root, out, others),
         "```",
         "",
         f"Machine of these numbers: {machine(base)}.",
         "",
-        "Each value is mean ± sample std over seeds 0, 1, 2 (seed_everything and the data seed: split, noise, order,",
-        "initialisation). Float results depend on the CPU's kernels, the thread count and library versions, so a",
-        "single run's digits are not a claim; the last section shows seed 0 again with two threads.",
+        f"Each value is mean ± sample std over seeds {seeds_text(base)} (seed_everything and the data seed: split,",
+        "noise, order, initialisation). Float results depend on the CPU's kernels, the thread count and library",
+        "versions, so a single run's digits are not a claim; the last section shows seed 0 again with two threads.",
+        "A method's difference to its baseline is *beyond the seed spread* when every run of one is above every run",
+        "of the other (`lightning-methods table --baseline`; docs/results.md gives the chance of that by the seed",
+        "alone: 2 / C(2n, n) for n seeds on each side, 0.008 for 5 against 5).",
         "",
     ]
+    texts = summaries(base)
     for name, title, what in DEMOS:
         folder = base / name
         lines += [f"## {title}", "", what + ".", ""]
         table = folder / "table.md"
-        if table.is_file():
+        if name == "ood" and texts.get("ood_table"):  # one row per detector instead of one column per metric
+            lines += [texts["ood_table"], "", "Mean ± std (ddof=1) over the seeds; AUROC x 100.", ""]
+        elif table.is_file():
             lines += [table.read_text().strip(), ""]
         elif not (name in EXTRA and (folder / EXTRA[name]).is_file()):
             lines += ["(not run yet)", ""]
@@ -263,24 +513,19 @@ def main(root: str = "runs/demos", out: str = "docs/demos.md") -> None:
             lines += [(folder / EXTRA[name]).read_text().strip(), ""]
         if name in NOTES:
             lines += [NOTES[name], ""]
-        t = [r for r in rows if r["demo"].startswith(name) and r["threads"] == "1"]
-        if t:
-            wall = sum(float(r["wall_s"]) for r in t)
-            cpu = sum(float(r["cpu_s"]) for r in t)
-            loads = [float(r[k]) for r in t for k in ("load1_before", "load1_after") if r[k]]
-            load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded (about 20-25 at the time)"
-            lines += [
-                f"Time: {run_times(records(folder))}; the commands {wall:.0f} s of wall time summed (some ran in "
-                f"parallel), {cpu:.0f} s of CPU time (one thread per run) under a 1-minute load average of {load} "
-                "on 2 cores (other jobs running).",
-                "",
-            ]
+        if name == "ood" and texts.get("ood_effect"):  # the other demos' table.md holds their comparison already
+            lines += [texts["ood_effect"], ""]
+        time = time_line(records(folder), [r for r in rows if r["demo"].startswith(name) and r["threads"] == "1"])
+        if time:
+            lines += [time, ""]
     lines += [VIT_NOTE, "## One thread against two (seed 0)", ""] + threads_section(base) + [""]
+    lines += other_versions_section(base, [Path(p) for p in others])
     Path(out).write_text("\n".join(lines))
     print(f"wrote {out}")
-    texts = summaries(base)
     for doc in (
         "README.md",
+        "docs/methods/federated.md",
+        "docs/methods/ood.md",
         "docs/methods/quantization.md",
         "docs/methods/hpn.md",
         "docs/methods/tunnel.md",

@@ -37,7 +37,7 @@ def main(root: str) -> None:
         sys.exit(f"no finished run with a multibit_cost.json under {root}")
     print(
         "| config | runs | samples trained | samples scored | trained / Any-Precision | time in training and "
-        "scoring (s, loaded machine) |"
+        "scoring (s) |"
     )
     print("|---|---|---|---|---|---|")
     for name, values in sorted(rows.items()):

@@ -2,21 +2,23 @@
 # The digits demos over seeds: every number the README and docs/methods/*.md give for a digits demo comes from this
 # script (lightning-methods grid / select, then lightning-methods table), not typed by hand.
 #
-#   scripts/demos/run_demos.sh                      # every demo, seeds 0 1 2, one thread each
+#   scripts/demos/run_demos.sh                      # every demo, seeds 0 1 2 3 4, one thread each
 #   scripts/demos/run_demos.sh quickstart multibit  # some of them
-#   SEEDS="0 1 2 3 4" OMP_NUM_THREADS=2 DEMO_DIR=runs/demos_2t scripts/demos/run_demos.sh hpn
+#   SEEDS="0 1 2" OMP_NUM_THREADS=2 DEMO_DIR=runs/demos_2t scripts/demos/run_demos.sh hpn
+#   TABLES_ONLY=1 scripts/demos/run_demos.sh        # only the tables again, from the finished runs
 #
 # Demos: quickstart, multibit (EMQ vs Any-Precision), hpn (task-weight sweep), early_cutting (select vs plain CE),
 # tunnel (MLP + TunnelProbe), ood (EncMin2L vs single encoders, AUROC x 100), fedfree (FedFree vs Local-only vs
 # FedAvg), threads (seed 0 of each demo again with 2 threads, into $DEMO_DIR/threads2/).
-# Output per demo: $DEMO_DIR/<demo>/table.md + table.csv (mean +- std over seeds, from `lightning-methods table`),
+# Output per demo: $DEMO_DIR/<demo>/table.md + table.csv (mean +- std over seeds, from `lightning-methods table`;
+# with --baseline: the difference to the baseline row and whether it is beyond the seed spread, baseline.csv),
 # the runs (each with results.json: versions, device incl. CPU model and thread count, wall time), and one line per
 # demo in $DEMO_DIR/times.tsv: wall and CPU seconds of the whole demo and the 1-minute load average before and after.
 # Runs that finished are skipped when the script is run again (grid and select resume).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${DEMO_DIR:-runs/demos}
-SEEDS=${SEEDS:-"0 1 2"}
+SEEDS=${SEEDS:-"0 1 2 3 4"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export WANDB_MODE=offline WANDB_SILENT=true
 mkdir -p "$OUT"
@@ -28,6 +30,7 @@ cpu_name() { grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'; 
 # timed NAME CMD...: run CMD, append its wall / CPU time (children included) and the load average to times.tsv
 timed() {
   local name=$1; shift
+  [ "${TABLES_ONLY:-0}" = 1 ] && return 0
   local before; before=$(load1)
   local tfile; tfile=$(mktemp)
   /usr/bin/time -f '%e %U %S' -o "$tfile" "$@"
@@ -36,10 +39,12 @@ timed() {
     "$(python -c "print(round($user + $sys, 1))")" "$before" "$(load1)" "$(cpu_name)" >> "$OUT/times.tsv"
 }
 
-table() {  # table DIR RUNS... -- METRICS...
+table() {  # table DIR RUNS... -- METRICS... [-- TABLE OPTIONS (--baseline NAME ...)]
   local dir=$1; shift
   local runs=(); while [ "$1" != "--" ]; do runs+=("$1"); shift; done; shift
-  lightning-methods table "${runs[@]}" --output "$dir" --metrics "$@" --no_plot
+  local metrics=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do metrics+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  lightning-methods table "${runs[@]}" --output "$dir" --metrics "${metrics[@]}" --no_plot "$@"
 }
 
 demo_quickstart() {
@@ -51,14 +56,14 @@ demo_multibit() {
   timed multibit lightning-methods grid --config configs/quantization/digits_emq.yaml \
     configs/quantization/digits_anyprecision.yaml --seeds $SEEDS --grid_dir "$OUT/multibit"
   table "$OUT/multibit" "$OUT/multibit" -- test/acc_bit1 test/acc_bit2 test/acc_bit3 test/acc_bit4 test/acc_bit8 \
-    test/acc_bit32
+    test/acc_bit32 -- --baseline digits_anyprecision
   python scripts/demos/multibit_cost.py "$OUT/multibit" | tee "$OUT/multibit/cost.md"
 }
 
 demo_hpn() {
   timed hpn lightning-methods grid --config configs/hpn/digits_multitask.yaml \
     --set model.init_args.task_weight=0.01,0.1,0.25,0.5,0.9 --seeds $SEEDS --grid_dir "$OUT/hpn"
-  table "$OUT/hpn" "$OUT/hpn" -- test/acc test/mae
+  table "$OUT/hpn" "$OUT/hpn" -- test/acc test/mae -- --baseline task_weight=0.25  # the paper's choice of t
 }
 
 demo_early_cutting() {
@@ -71,7 +76,7 @@ demo_early_cutting() {
   timed early_cutting_ce lightning-methods grid --config configs/noisy_labels/digits_sym40_ce.yaml --seeds $SEEDS \
     --grid_dir "$OUT/early_cutting/ce"
   table "$OUT/early_cutting" "$OUT/early_cutting/select" "$OUT/early_cutting/ce" -- test_acc_last test/acc \
-    test_acc_at_best_val
+    test_acc_at_best_val -- --baseline digits_sym40_ce --baseline_metric test/acc
 }
 
 demo_tunnel() {
@@ -87,7 +92,9 @@ demo_ood() {  # EncMin2L against each encoder alone (its level-1 gate) on the un
     metrics+=("ood/$d/union/auroc")
   done
   for m in near far covariate; do
-    for d in EncMin2L 'L1[cnn]' 'L1[rand_timm]'; do metrics+=("ood/$d/${m}_mean/auroc"); done
+    for d in EncMin2L 'L1[cnn]' 'L1[rand_timm]' Monolithic-RDM 'Mahalanobis[cnn]'; do
+      metrics+=("ood/$d/${m}_mean/auroc")
+    done
   done
   table "$OUT/ood" "$OUT/ood" -- "${metrics[@]}"
 }
@@ -95,7 +102,7 @@ demo_ood() {  # EncMin2L against each encoder alone (its level-1 gate) on the un
 demo_fedfree() {  # FedFree vs Local-only vs FedAvg (HmFL), final-round mean client accuracy (fractions of 1)
   timed fedfree lightning-methods grid --command fed --config configs/federated/digits_demo.yaml --seeds $SEEDS \
     --grid_dir "$OUT/fedfree"
-  table "$OUT/fedfree" "$OUT/fedfree" -- final_mean final_std best_weighted
+  table "$OUT/fedfree" "$OUT/fedfree" -- final_mean final_std best_weighted -- --baseline digits_demo:local
 }
 
 demo_threads() {  # seed 0 of each demo with 2 threads: how much the digits move with the thread count alone

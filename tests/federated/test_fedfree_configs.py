@@ -103,8 +103,12 @@ def test_grid_over_seeds_and_table_of_a_fed_config(tmp_path, monkeypatch, one_th
             finals.setdefault(algorithm, []).append(record["summary"]["final_mean"])
         resolved = yaml.safe_load((fed_dir / "fedfree" / "config.yaml").read_text())
         assert resolved["data"]["seed"] == resolved["federation"]["seed"] == seed
-    result = table.main([str(tmp_path / "g"), "--metrics", "final_mean", "--no_plot"])
+    result = table.main([str(tmp_path / "g"), "--metrics", "final_mean", "--no_plot", "--baseline", "fed:local"])
     rows = {r.label.rsplit(":", 1)[-1]: r for r in result.rows}
+    assert {r.label for r in result.rows} == {"fed:fedfree", "fed:local"}  # the grid's config name, not its run.yaml
     assert set(rows) == {"fedfree", "local"} and all(r.n == 2 for r in rows.values())
+    (versus,) = result.comparisons  # FedFree against Local-only over the two seeds
+    assert versus.row == "fed:fedfree" and versus.diff == pytest.approx(
+        rows["fedfree"].stats["final_mean"][0] - rows["local"].stats["final_mean"][0], rel=1e-9, abs=1e-9)
     for algorithm, values in finals.items():  # the table's mean is the mean of the two seeds' final-round accuracy
         assert rows[algorithm].stats["final_mean"][0] == pytest.approx(100 * sum(values) / 2)

@@ -5,40 +5,21 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from results_testing import RHO_ACC, write_rho_grid, write_run
 
 from lightning_methods.results import aggregate
-from lightning_methods.results.record import FORMAT, metrics_csv_text
 from lightning_methods.results.table import main as table_main
-
-RHO_ACC = {0.5: [0.7712, 0.7691, 0.7745], 1.0: [0.7803, 0.7788, 0.7831, 0.7769]}
-
-
-def write_run(root: Path, name: str, config_file: Path, rho: float, seed: int, acc: float, status="finished") -> None:
-    run = root / name
-    run.mkdir(parents=True)
-    config = {"seed_everything": seed, "trainer": {"max_epochs": 2, "logger": {"init_args": {"name": name}}},
-              "model": {"init_args": {"optimizer": {"init_args": {"rho": rho, "lr": 0.1}}}},
-              "data": {"init_args": {"seed": seed, "data_dir": f"/data/{seed}"}}}
-    history = [{"epoch": 0, "val/acc": acc - 0.1, "step": 10}, {"epoch": 1, "val/acc": acc, "step": 20}]
-    record = {"format": FORMAT, "command": "fit", "status": status, "config": config, "seed": seed,
-              "config_path": str(config_file), "run_dir": str(run),
-              "metrics": {"test/acc": acc, "best/val/acc": acc + 0.01, "test/loss": 1.0 - acc}}
-    (run / "results.json").write_text(json.dumps(record))
-    (run / "metrics.csv").write_text(metrics_csv_text(history))
 
 
 def test_table_mean_and_std_equal_numpy_per_configuration(tmp_path, capsys):
     cfg = tmp_path / "cifar100_wrn28_10_samon.yaml"
     cfg.write_text("# SAM-ON\n# paper: top1=84.2 (teaser figure)\nseed_everything: 0\n")
     runs = tmp_path / "runs"
-    for rho, accs in RHO_ACC.items():
-        for seed, acc in enumerate(accs):
-            write_run(runs, f"rho{rho}-s{seed}", cfg, rho, seed, acc)
+    write_rho_grid(runs, cfg)
     write_run(runs, "crashed", cfg, 0.5, 9, 0.01, status="failed")
     (runs / "federated").mkdir()
     (runs / "federated/results.json").write_text(json.dumps({"summary": {"acc": 1.0}}))  # another tool's format
