@@ -10,7 +10,8 @@ Not a paper's method: the tooling that turns runs into numbers a researcher can 
   or a W&B sweep / scheduler commands.
 - ``lightning-methods table`` (:mod:`.table`, pure parts in :mod:`.aggregate`; W&B input in :mod:`.wandb_source`):
   mean +- std per configuration beside the paper's numbers (``# paper:`` config header lines), learning curves;
-  it also reads the results of ``lightning-methods fed`` and ``select`` (:mod:`.multistage`).
+  it also reads the results of ``lightning-methods fed`` and ``select`` (:mod:`.multistage`); ``--baseline``: each
+  row's difference to a baseline row, beyond the seed spread or not (:mod:`.compare`).
 - ``lightning-methods list`` (:mod:`.catalog`): methods, configs, backbones with parameter counts, DataModules.
 
 Docs: ``docs/results.md`` and the README section "Reproducing a paper table". Tests: ``tests/results/``.

@@ -9,7 +9,8 @@ Every run writes ``results.json`` (:class:`~lightning_methods.callbacks.ResultsW
 and the paper's number beside ours when the config names it (a ``# paper: test/acc=84.2`` header line, see
 :func:`lightning_methods.results.aggregate.paper_numbers`). Writes ``table.md``, ``table.csv`` and ``curves.png``
 (mean +- std band over seeds of ``--curve``, default ``val/acc``) into ``--output`` (default: the first directory);
-with ``--wandb_project P`` the curves also go to a new W&B run ``table-<output folder>`` of project ``P``.
+with ``--wandb_project P`` the table (and the comparison, and the curves) also go to a new W&B run
+``table-<output folder>`` of project ``P``.
 ``--baseline NAME`` adds each other row's difference to that row and whether it is beyond the seed spread
 (:mod:`.compare`), below the table and in ``baseline.csv``.
 """
@@ -31,7 +32,7 @@ from lightning_methods.results.aggregate import Row, curves, default_metrics, gr
 from lightning_methods.results.gridspec import DEFAULT_SEED_KEYS
 from lightning_methods.results.record import find_records
 from lightning_methods.utils import atomic_write_text
-from lightning_methods.utils.wandb import log_pictures
+from lightning_methods.utils.wandb import finish_open_run
 
 
 @dataclass
@@ -68,9 +69,13 @@ def markdown(rows: Sequence[Row], metrics: Sequence[str], ddof: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
-def csv_text(rows: Sequence[Row], metrics: Sequence[str]) -> str:
-    header = ["config", "setting", "n", "seeds", *(f"{m} {s}" for m in metrics for s in ("mean", "std", "n")),
-              *(f"paper {m}" for m in metrics)]
+def csv_header(metrics: Sequence[str]) -> list[str]:
+    return ["config", "setting", "n", "seeds", *(f"{m} {s}" for m in metrics for s in ("mean", "std", "n")),
+            *(f"paper {m}" for m in metrics)]
+
+
+def csv_rows(rows: Sequence[Row], metrics: Sequence[str]) -> list[list[Any]]:
+    """One line per row under :func:`csv_header` (table.csv and the W&B table)."""
     lines = []
     for row in rows:
         values = []
@@ -79,7 +84,11 @@ def csv_text(rows: Sequence[Row], metrics: Sequence[str]) -> str:
             values += [f"{mean:.6g}", f"{std:.6g}", row.counts.get(m, 0)]
         lines.append([row.label, row.setting, row.n, " ".join(map(str, row.seeds)), *values,
                       *(row.paper.get(m, "") for m in metrics)])
-    return _csv(header, lines)
+    return lines
+
+
+def csv_text(rows: Sequence[Row], metrics: Sequence[str]) -> str:
+    return _csv(csv_header(metrics), csv_rows(rows, metrics))
 
 
 def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -145,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "baseline (default: the same metric)")
     parser.add_argument("--no_plot", action="store_true", help="skip the learning-curve plot")
     parser.add_argument("--wandb_project", default=None,
-                        help="also log the learning curves (and the table) to a new W&B run in this project")
+                        help="also log the table, the baseline comparison and the learning curves to a new W&B run in "
+                        "this project")
     parser.add_argument("--wandb_mode", choices=("online", "offline"), default=None,
                         help="W&B mode of that run (default: W&B's own setting, e.g. WANDB_MODE)")
     return parser
@@ -193,9 +203,27 @@ def main(args: list[str] | None = None) -> Table:
         png = plot_curves(rows, ns.curve, out / "curves.png")
         files += [png] if png else []
     print("written: " + ", ".join(map(str, files)))
+    table = Table(rows, metrics, text, files, comparisons)
     if ns.wandb_project:
         settings = {"project": ns.wandb_project, "name": f"table-{out.resolve().name}", "job_type": "table",
                     "save_dir": str(out.resolve()), **({"mode": ns.wandb_mode} if ns.wandb_mode else {})}
-        if log_pictures({"table/curves": out / "curves.png"} if not ns.no_plot else {}, settings=settings):
-            print(f"logged curves.png to the W&B project {ns.wandb_project}")
-    return Table(rows, metrics, text, files, comparisons)
+        log_to_wandb(table, None if ns.no_plot else out / "curves.png", settings)
+        print(f"logged the table{'' if ns.no_plot else ' and curves.png'} to the W&B project {ns.wandb_project}")
+    return table
+
+
+def log_to_wandb(table: Table, curves_png: Path | None, settings: dict[str, Any]) -> None:
+    """The rows (``table/rows``), the baseline comparison (``table/baseline``) and the curves picture
+    (``table/curves``) in a new W&B run with ``settings`` (a ``WandbLogger``'s arguments), finished afterwards."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    payload: dict[str, Any] = {"table/rows": wandb.Table(columns=csv_header(table.metrics),
+                                                         data=csv_rows(table.rows, table.metrics))}
+    if table.comparisons:
+        payload["table/baseline"] = wandb.Table(columns=list(compare.CSV_HEADER),
+                                                data=compare.csv_rows(table.comparisons))
+    if curves_png is not None and curves_png.is_file():
+        payload["table/curves"] = wandb.Image(str(curves_png))
+    WandbLogger(**settings).experiment.log(payload)
+    finish_open_run(exit_code=0)

@@ -148,7 +148,7 @@ def other_versions_section(base: Path, others: list[Path]) -> list[str]:
     main_row = row_and_versions(base)
     if main_row is None:
         return []
-    lines = ["## The quickstart with other library versions", "",
+    lines = ["## Other library versions", "",
              "The same command and seeds in other environments on this machine (one thread each), against the runs "
              "above: do the digits hold elsewhere? Float sums depend on the kernels of each torch release, so single "
              "runs differ; the question is whether the mean moves beyond the seed spread.", "",
@@ -168,7 +168,57 @@ def other_versions_section(base: Path, others: list[Path]) -> list[str]:
                                    tuple(row_values(main_row[0], "test/acc")))
             verdict = f"Δ {c.diff:+.2f}, {c.verdict}"
         lines.append(f"| {versions} | {len(values)} | {mean:.2f} ± {std:.2f} | {verdict} |")
+    return [*lines, "", *conclusions_section(base, [o for o in others if any(o.glob("*/baseline.csv"))])]
+
+
+#: The comparisons whose verdicts are checked under other library versions (demo -> metrics of baseline.csv).
+KEY_COMPARISONS = {
+    "multibit": ("test/acc_bit1", "test/acc_bit2", "test/acc_bit4", "test/acc_bit8", "test/acc_bit32"),
+    "hpn": ("test/acc", "test/mae"),
+    "early_cutting": ("test_acc_last",),
+    "fedfree": ("final_mean",),
+}
+
+
+def conclusions_section(base: Path, others: list[Path]) -> list[str]:
+    """Each demo's verdicts against its baseline here and in the other environments that ran every demo."""
+    if not others:
+        return []
+    head = ["demo", "comparison", _versions(base), *map(_versions, others)]
+    lines = ["Every demo in those environments too: does each verdict against the baseline hold?", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, title, _ in DEMOS:
+        if name == "ood":
+            found = [{f"{c.metric} vs {c.baseline_metric}": c for c in ood_comparisons(d / name)
+                      if c.metric.endswith("/union/auroc")} for d in [base, *others]]
+            for key in found[0]:
+                cells = [_comparison_cell(f.get(key)) for f in found]
+                lines.append(f"| {title} | {key.replace('/union/auroc', '')} (union) | " + " | ".join(cells) + " |")
+            continue
+        if name not in KEY_COMPARISONS:
+            continue
+        found = [{(r["config"], _label(r)): r for r in _baseline_rows(d / name) if r["metric"] in KEY_COMPARISONS[name]}
+                 for d in [base, *others]]
+        for key, row in found[0].items():
+            cells = [_verdict(f[key]) if key in f else "-" for f in found]
+            lines.append(f"| {title} | {key[0]} vs {row['baseline']}: {key[1]} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _comparison_cell(c: compare.Comparison | None) -> str:
+    if c is None:
+        return "-"
+    if c.apart == 0:
+        return f"{c.diff:+.2f}, within the seed spread"
+    return f"{c.diff:+.2f}, {'above' if c.apart > 0 else 'below'} in every run, chance {c.chance:.2g}"
+
+
+def _versions(folder: Path) -> str:
+    for record in records(folder):
+        v = record.get("versions") or {}
+        if v:
+            return f"torch {v.get('torch')}, Python {v.get('python')}"
+    return folder.name
 
 
 def time_line(recs: list[dict], timed: list[dict]) -> str:

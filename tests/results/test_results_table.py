@@ -106,17 +106,29 @@ def test_wandb_project_as_input(tmp_path, monkeypatch):
     assert aggregate.curves(row, "val/acc")[1] == pytest.approx([50 * accs.mean(), 100 * accs.mean()])
 
 
-def test_curves_go_to_a_wandb_run_when_asked(tmp_path, monkeypatch):
-    """``--wandb_project P --wandb_mode offline``: the curves picture is logged into a new (offline) W&B run
-    ``table-<output folder>`` whose files hold the image; without the option nothing goes to W&B."""
+def test_table_and_curves_go_to_a_wandb_run_when_asked(tmp_path, monkeypatch):
+    """``--wandb_project P --wandb_mode offline``: the table's rows, the baseline comparison and the curves picture
+    are logged into a new (offline) W&B run ``table-<output folder>`` whose files hold them, with the values of
+    table.csv / baseline.csv; without the option nothing goes to W&B."""
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("seed_everything: 0\n")
-    for seed, acc in enumerate(RHO_ACC[0.5]):
-        write_run(tmp_path / "runs", f"s{seed}", cfg, 0.5, seed, acc)
+    write_rho_grid(tmp_path / "runs", cfg)
     out = tmp_path / "out"
-    table_main([str(tmp_path / "runs"), "--output", str(out), "--wandb_project", "p", "--wandb_mode", "offline"])
-    images = list(out.glob("wandb/offline-run-*/files/media/images/table/curves_*.png"))
+    table = table_main([str(tmp_path / "runs"), "--output", str(out), "--metrics", "test/acc", "--baseline",
+                        "rho=0.5", "--wandb_project", "p", "--wandb_mode", "offline"])
+    files = next(out.glob("wandb/offline-run-*/files"))
+    images = list(files.glob("media/images/table/curves_*.png"))
     assert len(images) == 1 and images[0].stat().st_size > 1000
+    (rows_file,) = files.glob("media/table/table/rows_*.table.json")
+    logged = json.loads(rows_file.read_text())
+    with open(out / "table.csv") as f:
+        saved = list(csv.reader(f))
+    assert logged["columns"] == saved[0] and [[str(v) for v in r] for r in logged["data"]] == saved[1:]
+    (baseline_file,) = files.glob("media/table/table/baseline_*.table.json")
+    logged = json.loads(baseline_file.read_text())
+    (c,) = table.comparisons
+    row = dict(zip(logged["columns"], logged["data"][0], strict=True))
+    assert row["config"] == c.row and row["apart"] == 1 and float(row["diff"]) == pytest.approx(c.diff, rel=1e-5)
     table_main([str(tmp_path / "runs"), "--output", str(tmp_path / "plain")])
     assert not (tmp_path / "plain" / "wandb").exists()
