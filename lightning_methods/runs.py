@@ -293,10 +293,11 @@ class StagedRun:
 
     # ------------------------------------------------------------------------------------------- W&B
     def wandb_id(self, stage: str) -> str:
-        """The W&B run id of ``stage`` (created once, kept in the state)."""
+        """The W&B run id of ``stage`` (created once, kept in the state): a letter, then 11 hex digits, so that no
+        YAML or command-line parser reads it as a number (``465101263e65`` would be a float)."""
         ids = self.state.setdefault("wandb_ids", {})
         if stage not in ids:
-            ids[stage] = broadcast_object(uuid.uuid4().hex[:12])
+            ids[stage] = broadcast_object("r" + uuid.uuid4().hex[:11])
             self.save_state()
         return ids[stage]
 
