@@ -105,28 +105,32 @@ def test_a_baseline_that_names_no_single_row_is_refused_with_the_rows(tmp_path, 
 def test_the_demos_page_says_which_differences_are_beyond_the_seed_spread(tmp_path):
     """scripts/demos/collect.py turns the table's baseline.csv into the sentences of docs/demos.md, and writes a time
     line only from what was measured (a demo without fit runs, like the federated one, has no empty part)."""
-    collect = _load_script("scripts/demos/collect.py")
+    assert callable(_load_script("scripts/demos/collect.py").main)  # the page script and its parts import
+    comparisons, demo_data = _load_script("scripts/demos/comparisons.py"), _load_script("scripts/demos/demo_data.py")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("seed_everything: 0\n")
     write_rho_grid(tmp_path / "demo", cfg)
     table_main([str(tmp_path / "demo"), "--metrics", "test/acc", "best/val/acc", "--baseline", "rho=0.5", "--no_plot"])
-    (line,) = collect.effect_lines(tmp_path / "demo")
+    (line,) = comparisons.effect_lines(tmp_path / "demo")
     diff = 100 * (math.fsum(RHO_ACC[1.0]) / 4 - math.fsum(RHO_ACC[0.5]) / 3)
     assert line == (f"Beyond the seed spread? `c rho=1.0` against `c rho=0.5`: yes for test/acc ({diff:+.2f}, every "
                     f"run above, chance 0.057), best/val/acc ({diff:+.2f}, every run above, chance 0.057).")
-    assert collect.time_line([], []) == ""
+    assert demo_data.time_line([], []) == ""
     timed = [{"wall_s": "100.5", "cpu_s": "90", "load1_before": "0.5", "load1_after": "1.5"}]
-    assert collect.time_line([], timed).startswith("Time: the commands 100 s of wall time summed, 90 s of CPU time")
-    assert collect.time_line([{"wall_time_s": 30.0}, {"wall_time_s": 41.0}], timed).startswith(
+    assert demo_data.time_line([], timed).startswith("Time: the commands 100 s of wall time summed, 90 s of CPU time")
+    assert demo_data.time_line([{"wall_time_s": 30.0}, {"wall_time_s": 41.0}], timed).startswith(
         "Time: 2 fit runs, wall time per run 30-41 s; the commands")
 
 
 def _load_script(relative: str):
-    import importlib.util
+    """A script module of the repository (its folder on ``sys.path`` for its sibling modules)."""
+    import importlib
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(path.parent))
+    try:
+        return importlib.import_module(path.stem)
+    finally:
+        sys.path.remove(str(path.parent))

@@ -1,0 +1,148 @@
+"""What the demo pages are made of: the demos, their run records and times from scripts/demos/run_demos.sh, the
+tables ``lightning-methods table`` wrote (table.csv, baseline.csv), and the small formats the pages share."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from lightning_methods.results import find_records, group_runs
+from lightning_methods.results.aggregate import run_seed
+
+DEMOS = (
+    (
+        "quickstart",
+        "Quickstart",
+        "`configs/quickstart.yaml` (ResNet-8, 12 epochs; test accuracy of the best checkpoint)",
+    ),
+    (
+        "multibit",
+        "EMQ vs Any-Precision",
+        "`configs/quantization/digits_emq.yaml` (bit-wise coresets, prune rate 0.5) and "
+        "`digits_anyprecision.yaml` (the same without coresets); test accuracy per bit-width (3 bits never trained)",
+    ),
+    (
+        "hpn",
+        "HPN multi-task sweep",
+        "`configs/hpn/digits_multitask.yaml` over the task weight t (digit accuracy %, ink MAE in lit pixels)",
+    ),
+    (
+        "early_cutting",
+        "Early Cutting vs plain CE",
+        "`lightning-methods select --config "
+        "configs/noisy_labels/digits_sym40.yaml` (rows `seed*`, metric `test_acc_last`) against "
+        "`configs/noisy_labels/digits_sym40_ce.yaml` (`test/acc`), 40% symmetric label noise, clean test set",
+    ),
+    ("tunnel", "Tunnel Effect", "`configs/tunnel/digits_mlp.yaml` (MLP depth 10 / width 128, 30 epochs, TunnelProbe)"),
+    ("ood", "EncMin2L OOD", "`lightning-methods ood --config configs/ood/digits_demo.yaml` (AUROC x 100)"),
+    (
+        "fedfree",
+        "FedFree",
+        "`lightning-methods fed --config configs/federated/digits_demo.yaml` (final-round client accuracy)",
+    ),
+)
+
+
+def records(folder: Path) -> list[dict]:
+    """The fit records (results.json) and select summaries (summary.json) under ``folder``."""
+    out = []
+    for path in sorted(folder.rglob("results.json")):
+        data = json.loads(path.read_text())
+        if data.get("command") == "fit":
+            out.append(data)
+    for path in sorted(folder.rglob("summary.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "test_acc_last" in data:
+            data["_path"] = str(path)
+            out.append(data)
+    return out
+
+
+def times(root: Path) -> list[dict]:
+    path = root / "times.tsv"
+    return list(csv.DictReader(path.open(), delimiter="\t")) if path.is_file() else []
+
+
+def seeds_text(base: Path) -> str:
+    """The seeds of the demo runs under ``base`` (``0, 1, 2, 3, 4``)."""
+    try:
+        seeds = {run_seed(r) for r in find_records([base])}
+    except FileNotFoundError:
+        return "(none yet)"
+    return ", ".join(str(x) for x in sorted(x for x in seeds if isinstance(x, int)))
+
+
+def rows_by_name(folder: Path) -> dict[str, object]:
+    try:
+        return {row.name: row for row in group_runs(find_records([folder]))}
+    except FileNotFoundError:
+        return {}
+
+
+def csv_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [
+        {k.lower() if k in ("Config", "Setting") else k: v for k, v in row.items()}
+        for row in csv.DictReader(path.open(encoding="utf-8-sig"))
+    ]
+
+
+def pm(row: dict, metric: str, digits: int = 1) -> str:
+    mean, std = row.get(f"{metric} mean"), row.get(f"{metric} std")
+    if not mean:
+        return "n/a"
+    return f"{float(mean):.{digits}f} ± {float(std or 0):.{digits}f}"
+
+
+def table_row(folder: Path, name: str) -> dict:
+    return next((r for r in csv_rows(folder / "table.csv") if f"{r['config']} {r['setting']}".strip() == name), {})
+
+
+def span(values: list[float], digits: int = 0) -> str:
+    """``min-max`` of ``values`` (one number when they round alike)."""
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low}-{high}"
+
+
+def baseline_rows(folder: Path) -> list[dict]:
+    path = folder / "baseline.csv"
+    return list(csv.DictReader(path.open(encoding="utf-8"))) if path.is_file() else []
+
+
+def label(row: dict) -> str:
+    return row["metric"] if row["metric"] == row["baseline_metric"] else f"{row['metric']} vs {row['baseline_metric']}"
+
+
+def verdict(row: dict) -> str:
+    """``+21.71, every run above (chance 0.0079)`` or ``-2.05, within the seed spread`` from a baseline.csv row."""
+    if row["apart"] == "0":
+        return f"{float(row['diff']):+.2f}, within the seed spread"
+    side = "above" if row["apart"] == "1" else "below"
+    return f"{float(row['diff']):+.2f}, every run {side}, chance {float(row['chance']):.2g}"
+
+
+def time_line(recs: list[dict], timed: list[dict]) -> str:
+    """``Time: ...`` from the fit runs' wall times and the demo's rows of times.tsv ("" when there is neither)."""
+    parts = []
+    walls = [r["wall_time_s"] for r in recs if r.get("wall_time_s")]
+    if walls:
+        parts.append(f"{len(walls)} fit runs, wall time per run {span(walls)} s")
+    if timed:
+        wall = sum(float(r["wall_s"]) for r in timed)
+        cpu = sum(float(r["cpu_s"]) for r in timed)
+        loads = [float(r[k]) for r in timed for k in ("load1_before", "load1_after") if r.get(k)]
+        load = span(loads, 1) if loads else "not recorded"
+        parts.append(f"the commands {wall:.0f} s of wall time summed, {cpu:.0f} s of CPU time (one thread per run), "
+                     f"1-minute load average {load} on {os.cpu_count()} logical CPUs")
+    return f"Time: {'; '.join(parts)}." if parts else ""
+
+
+def versions_of(folder: Path) -> str:
+    for record in records(folder):
+        v = record.get("versions") or {}
+        if v:
+            return f"torch {v.get('torch')}, Python {v.get('python')}"
+    return folder.name
