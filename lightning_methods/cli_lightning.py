@@ -113,6 +113,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMetho
     """Create the CLI (and run the subcommand when ``run``); returns it so tests can inspect the trainer (``None``
     when ``fit --ckpt_path`` names a run that has already finished: nothing is run, a message says what to do)."""
     try:
+        cli_runs.check_wandb_ids(sys.argv[1:] if args is None else list(args))  # an id such as 12345e67: cli_runs
         with cli_runs.quiet():  # no warnings caused by the package's own calls
             cli = _make_cli(args, run)
     except cli_runs.RunFinished as finished:  # fit --ckpt_path of a finished run: nothing to do (exit code 0)

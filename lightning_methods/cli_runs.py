@@ -27,7 +27,10 @@ command, ``--ckpt_path last`` finds the run to resume, and user errors stop earl
 - **Evaluating a run's checkpoint.** ``validate`` / ``test`` / ``predict`` with ``--ckpt_path <run>/checkpoints/X.ckpt``
   (or ``last``) write their result files into that run's directory, whatever config is given, log into the run's
   W&B run (same id), and print where the files went.
-- **W&B run names.** A fit whose ``WandbLogger`` has no ``name`` is named ``<config stem>-seed<seed>``.
+- **W&B run names and ids.** A fit whose ``WandbLogger`` has no ``name`` is named ``<config stem>-seed<seed>``; one
+  without an id gets the package's (:func:`give_wandb_id`: a letter and 11 hex digits) instead of W&B's, which may
+  read back as a number (``12345e67``); a config holding such an id stops before parsing with a message that says
+  how to continue that run (:func:`check_wandb_ids`).
 - **Quiet.** The warnings the package's own calls cause (LightningCLI's "args and command line", W&B's
   "anonymous setting", Lightning's logger tip, W&B's "git root does not exist", the checkpoint-directory warning of
   a resume) are not shown (:func:`quiet`, :func:`quiet_wandb`).
@@ -38,7 +41,10 @@ command, ``--ckpt_path last`` finds the run to resume, and user errors stop earl
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import re
 import shlex
 import sys
 import time
@@ -52,7 +58,14 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 
-from lightning_methods.runs import NEUTRAL_KEYS, ConfigMismatchError, RunLock, config_fingerprint, fingerprint_diff
+from lightning_methods.runs import (
+    NEUTRAL_KEYS,
+    ConfigMismatchError,
+    RunLock,
+    config_fingerprint,
+    fingerprint_diff,
+    new_wandb_id,
+)
 from lightning_methods.utils.io import atomic_write_text
 
 #: config keys that a resumed run may change: paths, display, checkpointing and evaluation choices
@@ -219,6 +232,7 @@ def apply_cli_defaults(cli: Any) -> None:
         if line:
             print(line, flush=True)
     if sub == "fit":
+        give_wandb_id(config)
         dumped = dumped or yaml.safe_load(cli._parser(sub).dump(config, skip_unset=False))
         check_finished(config)
         run_dir = planned_run_dir(config)
@@ -229,6 +243,89 @@ def apply_cli_defaults(cli: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- run identity
+#: where launchers (torchrun, SLURM, Lightning's own, MPI, LSF) give a process its rank before the trainer exists
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "JSM_NAMESPACE_RANK", "PMI_RANK",
+                  "OMPI_COMM_WORLD_RANK")
+
+
+def _wandb_args(config: Any) -> Any:
+    """The ``init_args`` of the first logger of ``config`` when it is a ``WandbLogger``, else ``None``."""
+    entries = logger_entries(config)
+    return _get(entries[0], "init_args") if entries and _kind(entries[0]) == "wandb" else None
+
+
+def give_wandb_id(config: Any) -> None:
+    """A new fit's W&B run gets its id from the package (:func:`~lightning_methods.runs.new_wandb_id`, never read
+    back as a number) instead of W&B, on the launcher's rank zero only: the other ranks keep none, as with an id that
+    W&B draws when the run starts (rank zero's run directory is broadcast to them). An id given by the user, a
+    ``version``, or ``WANDB_RUN_ID`` (set by W&B sweeps) is kept."""
+    args = _wandb_args(config)
+    if args is None or _get(args, "id") or _get(args, "version") or os.environ.get("WANDB_RUN_ID"):
+        return
+    if all(os.environ.get(name, "0").strip() in ("", "0") for name in RANK_VARIABLES):
+        args["id"] = new_wandb_id()
+
+
+ID_OPTION = "--trainer.logger.init_args.id"
+
+
+def reads_as_number(text: Any) -> bool:
+    """Whether jsonargparse reads the logger id ``text`` as a float and refuses it: digits with an exponent or a dot
+    (``12345e67``, ``1.2345e+71``). Ids of digits alone, ``nan``, ``inf`` or ``0x1a2b3c`` come back as the strings
+    they are (checked with jsonargparse 4.53)."""
+    return bool(re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", str(text)) and re.search(r"[.eE]", str(text)))
+
+
+def _config_wandb_id(path: str) -> Any:
+    """The id of the first logger of the YAML config file ``path`` when that logger is a ``WandbLogger``."""
+    try:
+        data = yaml.safe_load(Path(path).expanduser().read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None  # the parser reports what is wrong with the file
+    args = _wandb_args(data) if isinstance(data, dict) else None
+    return args.get("id") if isinstance(args, dict) else None
+
+
+def check_wandb_ids(argv: list[str]) -> None:
+    """Stop before parsing when a ``--config`` file or ``--trainer.logger.init_args.id`` gives a W&B id that the
+    config parser reads as a number: jsonargparse reads ``12345e67`` as 1.2345e+71, quoted or not, and refuses it
+    with a message about union subtypes. New fits get ids that start with a letter (:func:`give_wandb_id`); W&B drew
+    such an id for about one fit in 47,000 of earlier versions.
+
+    Raises:
+        ValueError: naming the file or option, the id, and the command that continues such a run.
+    """
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg in ("-c", "--config", ID_OPTION) and i + 1 < len(argv) else None
+        if arg.startswith(("--config=", ID_OPTION + "=")):
+            value = arg.split("=", 1)[1]
+        if value is None:
+            continue
+        if arg.startswith(ID_OPTION):
+            if reads_as_number(value):
+                raise ValueError(f"{ID_OPTION} {value}: the config parser reads this W&B run id as a number, so it "
+                                 "cannot be used; choose an id that starts with a letter.")
+            continue
+        run_id = _config_wandb_id(value)
+        if run_id is None or not reads_as_number(run_id):
+            continue
+        config = Path(value).expanduser().absolute()
+        if reads_as_number(config.parent.name) and float(config.parent.name) == float(run_id):
+            run_id = config.parent.name  # the id as W&B gave it (the file holds what the parser made of it)
+        last = config.parent / "checkpoints" / "last.ckpt"
+        record = config.parent / "results.json"
+        original = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            original = json.loads(record.read_text()).get("config_path")
+        how = (f" To continue its training in a new run (a new W&B run and run directory): lightning-methods fit "
+               f"--config {shlex.quote(str(original or '<the config it was started with>'))} --ckpt_path "
+               f"{shlex.quote(str(last))}." if last.is_file() else "")
+        raise ValueError(
+            f"{value}: its W&B run id {run_id} (trainer.logger.init_args.id) is read by the config parser "
+            "(jsonargparse) as a number, quoted or not, so this file cannot be parsed. W&B drew such an id for about "
+            "one fit in 47,000 before lightning-methods gave runs ids that start with a letter." + how)
+
+
 def owner_run_dir(ckpt_path: Any) -> Path | None:
     """The run directory a checkpoint belongs to (``<run>/checkpoints/<file>.ckpt`` beside ``<run>/config.yaml``
     written by ``lightning-methods fit``), or ``None``."""

@@ -56,6 +56,13 @@ class RunLockedError(RuntimeError):
     """Another live process works in the run directory."""
 
 
+def new_wandb_id() -> str:
+    """A fresh W&B run id: a letter, then 11 hex digits. W&B's own ids (8 base-36 characters) may be digits and one
+    ``e`` (``12345e67``, about one in 47,000), which jsonargparse reads back from a ``config.yaml`` or the command line
+    as a float (1.2345e+71, quoted or not), so the run could not be resumed; an id that starts with a letter cannot."""
+    return "r" + uuid.uuid4().hex[:11]
+
+
 def config_fingerprint(config: Any, neutral: Iterable[str] = NEUTRAL_KEYS) -> dict[str, Any]:
     """The settings of ``config`` (namespace or mapping) that change results: a JSON-safe nested dict without the
     keys named in ``neutral`` (leaf names, at any depth)."""
@@ -293,11 +300,10 @@ class StagedRun:
 
     # ------------------------------------------------------------------------------------------- W&B
     def wandb_id(self, stage: str) -> str:
-        """The W&B run id of ``stage`` (created once, kept in the state): a letter, then 11 hex digits, so that no
-        YAML or command-line parser reads it as a number (``465101263e65`` would be a float)."""
+        """The W&B run id of ``stage`` (created once, kept in the state, :func:`new_wandb_id`)."""
         ids = self.state.setdefault("wandb_ids", {})
         if stage not in ids:
-            ids[stage] = broadcast_object("r" + uuid.uuid4().hex[:11])
+            ids[stage] = broadcast_object(new_wandb_id())
             self.save_state()
         return ids[stage]
 

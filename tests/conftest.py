@@ -66,6 +66,17 @@ def _no_leftover_seed(monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_where_pytest_runs():
+    """Tests write into their own tmp_path: an entry a test leaves in the folder pytest runs in (the repository, for
+    the README's command), e.g. the W&B folder of a config's relative ``save_dir``, fails the session, naming it."""
+    cwd = Path.cwd()
+    before = {path.name for path in cwd.iterdir()}
+    yield
+    left = sorted({path.name for path in cwd.iterdir()} - before)
+    assert not left, f"the tests left {left} in {cwd}: a test wrote outside its tmp_path (monkeypatch.chdir(tmp_path))"
+
+
 @pytest.fixture(autouse=True)
 def _wandb_isolation(tmp_path, monkeypatch):
     """Each test gets its own W&B directory, and no W&B run outlives the test that opened it (a WandbLogger would

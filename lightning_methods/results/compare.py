@@ -37,9 +37,17 @@ class Comparison:
     paired: bool = False  # values[i] and baseline_values[i] come from the same run
 
     @property
+    def mean(self) -> float:
+        return math.fsum(self.values) / len(self.values)
+
+    @property
+    def baseline_mean(self) -> float:
+        return math.fsum(self.baseline_values) / len(self.baseline_values)
+
+    @property
     def diff(self) -> float:
         """Mean of the row minus mean of the baseline."""
-        return math.fsum(self.values) / len(self.values) - math.fsum(self.baseline_values) / len(self.baseline_values)
+        return self.mean - self.baseline_mean
 
     @property
     def apart(self) -> int:
@@ -138,10 +146,10 @@ def csv_rows(comparisons: Sequence[Comparison]) -> list[list[object]]:
     """Rows under :data:`CSV_HEADER` (``apart``: 1, -1 or 0)."""
     rows = []
     for c in comparisons:
-        mean, base_mean = math.fsum(c.values) / len(c.values), math.fsum(c.baseline_values) / len(c.baseline_values)
         rows.append([c.row, c.metric, c.baseline, c.baseline_metric, len(c.values), len(c.baseline_values),
-                     f"{mean:.6g}", f"{base_mean:.6g}", f"{c.diff:.6g}", f"{min(c.values):.6g}", f"{max(c.values):.6g}",
-                     f"{min(c.baseline_values):.6g}", f"{max(c.baseline_values):.6g}", c.apart, f"{c.chance:.6g}"])
+                     *(f"{v:.6g}" for v in (c.mean, c.baseline_mean, c.diff, min(c.values), max(c.values),
+                                            min(c.baseline_values), max(c.baseline_values))),
+                     c.apart, f"{c.chance:.6g}"])
     return rows
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from demo_data import DEMOS, baseline_rows, label, rows_by_name, verdict, versions_of
 
 from lightning_methods.results import compare, find_records, group_runs
-from lightning_methods.results.aggregate import row_values
+from lightning_methods.results.aggregate import row_values, summarize
 
 
 def effect_lines(folder: Path, metrics: tuple[str, ...] = ()) -> list[str]:
@@ -107,8 +107,7 @@ def other_versions_section(base: Path, others: list[Path]) -> list[str]:
             continue
         row, versions = found
         values = row_values(row, "test/acc")
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        mean, std = summarize([row], ["test/acc"])[0].stats["test/acc"]  # the table's own mean +- std
         if folder == base:
             cell = "(the runs above)"
         else:

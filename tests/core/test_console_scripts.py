@@ -157,13 +157,15 @@ def quickstart(work) -> dict:
     state["fit_metrics"] = _rows(run_dir / "metrics.csv")
     state["runs_before_eval"] = sorted(p.name for p in (work / RUNS).iterdir())
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    # one after the other: both log into the run's own W&B run, which one process at a time may hold
-    state["test"], state["predict"] = (
-        run(["lightning-methods", sub, "--config", str(QUICK), "--ckpt_path", str(ckpt), *TINY], work, ok=False)
-        for sub in ("test", "predict"))
-    state["runs_after_eval"] = sorted(p.name for p in (work / RUNS).iterdir())
     cwd, argv = state["resume"]
-    state["again"] = run([*argv[:1], *argv[1:], "--trainer.enable_progress_bar", "false"], cwd, ok=False)
+    with ThreadPoolExecutor(max_workers=1) as beside:  # the finished run's resume command starts no W&B run
+        again = beside.submit(run, [*argv, "--trainer.enable_progress_bar", "false"], cwd, ok=False)
+        # test and predict one after the other: both log into the run's own W&B run, one process at a time
+        state["test"], state["predict"] = (
+            run(["lightning-methods", sub, "--config", str(QUICK), "--ckpt_path", str(ckpt), *TINY], work, ok=False)
+            for sub in ("test", "predict"))
+        state["again"] = again.result()
+    state["runs_after_eval"] = sorted(p.name for p in (work / RUNS).iterdir())
     state["record_after_again"] = json.loads((run_dir / "results.json").read_text())
     state["resumed"] = run([*argv, "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false"], cwd,
                            ok=False)
@@ -174,6 +176,7 @@ def quickstart(work) -> dict:
 def test_fit_exits_0_and_writes_the_documented_run_directory(quickstart, work):
     run_dir, record = quickstart["run_dir"], quickstart["fit_record"]
     assert run_dir == (work / RUNS / quickstart["run_id"]).resolve()  # README: runs/quickstart/<project>/<run id>/
+    assert re.fullmatch(r"r[0-9a-f]{11}", quickstart["run_id"])  # the package's W&B id (docs/checkpoints.md)
     for name in ("config.yaml", "results.json", "metrics.csv", "checkpoints/last.ckpt", "checkpoints/last.ckpt.sha256"):
         assert (run_dir / name).is_file(), name
     assert list(run_dir.glob("checkpoints/best-*.ckpt"))  # the best epoch by val/acc, kept separately

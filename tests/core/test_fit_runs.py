@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -215,7 +216,8 @@ def _ddp_fit(rank: int, world_size: int, workdir: str) -> list:
         import torch.distributed as dist
 
         dist.barrier()
-    return outcomes
+    cli = build_cli(["fit", *SMALL, "--trainer.max_epochs=1", *ddp[:2]])  # a new run: its id from rank zero
+    return outcomes + [cli.trainer.loggers[0].version]
 
 
 def test_the_fit_lock_and_the_config_check_under_ddp(tmp_path):
@@ -228,7 +230,7 @@ def test_the_fit_lock_and_the_config_check_under_ddp(tmp_path):
     run = tmp_path / PROJECT / "shared"
     run.mkdir(parents=True)
     (run / ".fit.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive: this test
-    locked, ran, changed = zip(*run_ddp(_ddp_fit, args=(str(tmp_path),)))
+    locked, ran, changed, new_id = zip(*run_ddp(_ddp_fit, args=(str(tmp_path),)))
     assert [e[0] for e in locked] == ["RunLockedError"] * 2
     assert all(f"in use by process {os.getpid()} on " in e[1] for e in locked)
     assert ran == (None, None)
@@ -238,6 +240,12 @@ def test_the_fit_lock_and_the_config_check_under_ddp(tmp_path):
     assert [e[0] for e in changed] == ["ConfigMismatchError"] * 2
     assert all("model.init_args.optimizer.init_args.lr" in e[1] for e in changed)
     assert not (run / ".fit.lock").exists() and not list(run.rglob("last-v1.ckpt"))
+    # a new run without an id: rank zero's package-made id names the one new run directory, which both ranks used
+    assert re.fullmatch(r"r[0-9a-f]{11}", new_id[0]) and new_id[1] is None
+    assert sorted(p.name for p in run.parent.iterdir()) == sorted(["shared", new_id[0]])
+    new_run = run.parent / new_id[0]
+    assert record(new_run)["status"] == "finished" and record(new_run)["device"]["world_size"] == 2
+    assert yaml.safe_load((new_run / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["id"] == new_id[0]
 
 
 LOGGERS = {

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.filterwarnings("ignore:.*cover only")
-def test_federated_runs_over_two_seeds_make_one_row_per_algorithm(tmp_path, one_thread):
+def test_federated_runs_over_two_seeds_make_one_row_per_algorithm(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)  # the config's W&B save_dir is relative
     config = tmp_path / "digits_demo.yaml"
     config.write_text("# paper: final_mean=52.91 (a number for the test)\n"
                       + (REPO / "configs/federated/digits_demo.yaml").read_text())
