@@ -104,7 +104,8 @@ def folder_paper(items: list[dict[str, Any]], root: Path) -> str:
 
 def config_summary(path: Path) -> str:
     """The description of a config: the first sentence of its first header comment paragraph (the comment lines
-    before an empty ``#`` line, an indented command line or a ``# paper:`` line), as plain text."""
+    before an empty ``#`` line, an indented command line or a ``# paper:`` line), as plain text; a paragraph that
+    leads into a command (``..., e.g.`` or ``...:``) ends with a period instead."""
     lines = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
@@ -118,7 +119,8 @@ def config_summary(path: Path) -> str:
                 break
             continue
         lines.append(body.strip())
-    return first_sentence(plain_rst(" ".join(lines)))
+    # a paragraph that leads into the command below it ("..., e.g." / "...:") ends its sentence there
+    return first_sentence(plain_rst(re.sub(r"(,? e\.g\.|:)$", ".", " ".join(lines))))
 
 
 def configs_by_folder(root: Path) -> dict[str, list[dict[str, Any]]]:

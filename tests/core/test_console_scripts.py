@@ -89,17 +89,44 @@ def help_cases(missing: list[str]) -> list[tuple[list[str], str]]:
     return cases
 
 
+#: Runs installed console scripts (``argv[1:]``: JSON list of argument lists) one after the other in ONE fresh
+#: interpreter, each as ``python SCRIPT ARGS`` would (``runpy`` on the script file, ``__main__``, its own sys.argv),
+#: and prints one JSON object per script: exit code, stdout, stderr. A fresh interpreter per script would repeat the
+#: imports of torch and Lightning 14 times; that every module imports on its own is test_layout.py's fresh-interpreter
+#: test.
+SCRIPT_RUNNER = """
+import contextlib, io, json, runpy, sys
+for argv in json.loads(sys.argv[1]):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = list(argv)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        except BaseException as error:
+            code, _ = 1, print(repr(error), file=sys.stderr)
+    print(json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}), flush=True)
+"""
+
+
 def test_every_command_help_exits_0_and_names_the_command(work):
-    """Exit status 0 and a usage line naming ``lightning-methods <c>``, two commands at a time (each a fresh
-    interpreter)."""
+    """Exit status 0, a usage line naming ``lightning-methods <c>`` and nothing on stderr, for every installed script
+    file (:data:`SCRIPT_RUNNER`)."""
     missing = [name for name in COMMANDS if not (BIN / f"lightning-methods-{name}").is_file()]
     cases = help_cases(missing)
-    procs = parallel([case[0] for case in cases], work, timeout=300)
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env.pop("PYTHONPATH", None)
+    argvs = [[str(script(args[0])), *args[1:]] for args, _ in cases]
+    proc = subprocess.run([sys.executable, "-c", SCRIPT_RUNNER, json.dumps(argvs)], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and len(results) == len(cases), proc.stdout[-2000:] + proc.stderr[-2000:]
     bad = []
-    for (args, expected), proc in zip(cases, procs):
-        usage = next((line for line in proc.stdout.splitlines() if line.startswith("usage:")), "")
-        if proc.returncode != 0 or not usage.startswith(expected) or proc.stderr.strip():
-            bad.append(f"{shlex.join(args)}: exit {proc.returncode}, usage line {usage!r}\n{proc.out[-800:]}")
+    for (args, expected), result in zip(cases, results):
+        usage = next((line for line in result["stdout"].splitlines() if line.startswith("usage:")), "")
+        if result["code"] != 0 or not usage.startswith(expected) or result["stderr"].strip():
+            bad.append(f"{shlex.join(args)}: exit {result['code']}, usage line {usage!r}\n{result['stderr'][-800:]}")
     assert not bad, "\n".join(bad)
     if missing:  # pyproject.toml lists them (tests/core/test_commands.py): the environment predates them
         pytest.skip(f"console scripts not installed: {missing} (pip install -e . installs them); the rest passed")

@@ -72,7 +72,14 @@ def test_descriptions_are_whole_and_plain(tmp_path):
     assert catalog.config_summary(cfg) == ("A long description of a setup that goes on past one comment line, with "
                                            "code, more and DigitsDataModule in it.")
     cfg.write_text("# Multi-GPU: add after the method config, e.g.\n#   --config configs/base/ddp.yaml\n# More.\n")
-    assert catalog.config_summary(cfg) == "Multi-GPU: add after the method config, e.g."
+    assert catalog.config_summary(cfg) == "Multi-GPU: add after the method config."  # the lead-in to the command
+    cfg.write_text("# Defaults; compose with repeated --config:\n#   --config a.yaml --config b.yaml\n")
+    assert catalog.config_summary(cfg) == "Defaults; compose with repeated --config."
+    folders = catalog.configs_by_folder(Path(__file__).resolve().parents[2])
+    shipped = {item["path"]: item["summary"] for items in folders.values() for item in items}
+    assert len(shipped) > 200
+    cut = {path: text for path, text in shipped.items() if not text.endswith(".") or text.endswith((" e.g.", ":"))}
+    assert not cut, f"config headers whose first sentence is cut (an indented line ends a paragraph): {cut}"
     assert catalog.plain_rst(":meth:`load_splits`, :func:`a.b.f`, :class:`title <a.B>`") == "load_splits, a.b.f, title"
     assert catalog._plain_markdown("`mlp*` / `vgg*_3fc`, **bold**, [docs](d.md)") == "mlp* / vgg*_3fc, bold, docs: d.md"
     rows = {r["name"]: r["summary"] for r in catalog.datamodule_table()}
