@@ -95,7 +95,8 @@ def test_a_config_whose_wandb_id_reads_as_a_number_stops_with_the_command_that_c
     """An earlier version let W&B draw a fit's id; about one in 47,000 is digits and one ``e`` (``12345e67``), which
     jsonargparse reads as 1.2345e+71 from the run's config.yaml and refuses with a message about union subtypes. Such
     a run, interrupted: its printed resume command stops before parsing with the package's message, whose command
-    continues the training in a new run."""
+    continues the training in a new run; an evaluation with its config.yaml likewise, whose command evaluates it
+    beside the run."""
     from lightning_methods import ImageClassifier
     from lightning_methods.cli import build_cli, main
     from lightning_methods.cli_runs import check_wandb_ids, reads_as_number
@@ -140,6 +141,14 @@ def test_a_config_whose_wandb_id_reads_as_a_number_stops_with_the_command_that_c
     assert done["status"] == "finished" and done["epochs_completed"] == 2 and done["global_step"] == 4
     assert done["resumed_from"] == str(last)  # continued from the interrupted run's state
     assert [r["epoch"] for r in read_metrics_csv(new / "metrics.csv")] == [0, 1]  # its epoch 0 came with it
+    # its evaluation: the message gives the command with the original config, which evaluates beside the run
+    with pytest.raises(ValueError) as stopped:
+        main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(last)])
+    argv = shlex.split(str(stopped.value).split("(the results go beside the run and into its W&B run): ")[1][:-1])
+    assert argv[:2] == ["lightning-methods", "test"]
+    cli = build_cli([*argv[1:], "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.loggers[0].version == "12345e67"  # the run's own W&B run
+    assert json.loads((run / "results_test-last.json").read_text())["command"] == "test"
     with pytest.raises(ValueError, match="choose an id that starts with a letter"):
         check_wandb_ids(["fit", "--trainer.logger.init_args.id=777e1"])
     check_wandb_ids(["fit", "--config", str(new / "config.yaml"), "--config", str(tmp_path / "missing.yaml")])
