@@ -322,11 +322,11 @@ def check_wandb_ids(argv: list[str]) -> None:
         if not last.is_file():
             how = ""
         elif sub == "fit":
-            how = (f" To continue its training in a new run (a new W&B run and run directory): lightning-methods fit "
-                   f"{given} {shlex.quote(str(last))}.")
+            how = (" To continue its training in a new run (a new W&B run and run directory), run:\n"
+                   f"  lightning-methods fit {given} {shlex.quote(str(last))}")
         else:  # an evaluation of a run's checkpoint takes the run's id from its directory (evaluate_beside_run)
-            how = (f" To evaluate its checkpoint, give the config it was started with (the results go beside the run "
-                   f"and into its W&B run): lightning-methods {sub} {given} {shlex.quote(str(last))}.")
+            how = (" To evaluate its checkpoint, give the config it was started with (the results go beside the run "
+                   f"and into its W&B run):\n  lightning-methods {sub} {given} {shlex.quote(str(last))}")
         raise ValueError(
             f"{value}: its W&B run id {run_id} (trainer.logger.init_args.id) is read by the config parser "
             "(jsonargparse) as a number, quoted or not, so this file cannot be parsed. W&B drew such an id for about "

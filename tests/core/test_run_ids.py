@@ -128,8 +128,8 @@ def test_a_config_whose_wandb_id_reads_as_a_number_stops_with_the_command_that_c
         main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(last)])
     message = str(stopped.value)
     assert f"{run / 'config.yaml'}: its W&B run id 12345e67" in message and "read by the config parser" in message
-    command = message.split("To continue its training in a new run (a new W&B run and run directory): ", 1)[1]
-    argv = shlex.split(command.rstrip("."))
+    command = message.split("To continue its training in a new run (a new W&B run and run directory), run:\n", 1)[1]
+    argv = shlex.split(command)  # the whole last line: nothing after the path to copy by mistake
     assert argv[:2] == ["lightning-methods", "fit"]
     monkeypatch.undo()  # a new run gets the package's own id
     monkeypatch.chdir(tmp_path)
@@ -144,7 +144,7 @@ def test_a_config_whose_wandb_id_reads_as_a_number_stops_with_the_command_that_c
     # its evaluation: the message gives the command with the original config, which evaluates beside the run
     with pytest.raises(ValueError) as stopped:
         main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(last)])
-    argv = shlex.split(str(stopped.value).split("(the results go beside the run and into its W&B run): ")[1][:-1])
+    argv = shlex.split(str(stopped.value).split("(the results go beside the run and into its W&B run):\n")[1])
     assert argv[:2] == ["lightning-methods", "test"]
     cli = build_cli([*argv[1:], "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"])
     assert cli.trainer.loggers[0].version == "12345e67"  # the run's own W&B run
