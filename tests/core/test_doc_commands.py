@@ -2,7 +2,8 @@
 a renamed option, a moved config, a subcommand that does not exist or a config of the wrong command fails here, with
 the file and line of the doc.
 
-How a line is read: fenced code blocks only; ``\\`` continuations joined; ``#`` comments dropped (shlex); launchers
+How a line is read: fenced code blocks, and inline code spans of the prose that are whole commands (an option with
+its value, no synopsis); ``\\`` continuations joined; ``#`` comments dropped (shlex); launchers
 (``srun``, ``torchrun ... "$(which lightning-methods)"`` or ``-m <command module>``, ``VAR=value`` prefixes,
 ``cd DIR &&``) skipped; brace
 expansion (``cifar100_{a,b}.yaml``) expanded; the docs' placeholders (``DIR``, ``CFG``, ``CKPT``, ``<setup>``,
@@ -38,7 +39,8 @@ PROGRAM = re.compile(r"^lightning-methods(-[a-z-]+)?$")  # the console scripts
 
 
 def doc_commands() -> list[tuple[str, str]]:
-    """``(file:line, command line)`` of every ``lightning-methods`` command in a fenced code block of the docs."""
+    """``(file:line, command line)`` of every ``lightning-methods`` command in a fenced code block of the docs, and of
+    every whole one in an inline code span of the prose (:func:`_inline_commands`)."""
     found = []
     for doc in DOCS:
         lines, in_block, pending, start = doc.read_text(encoding="utf-8").splitlines(), False, "", 0
@@ -47,6 +49,7 @@ def doc_commands() -> list[tuple[str, str]]:
                 in_block, pending = not in_block, ""
                 continue
             if not in_block:
+                found += [(f"{doc.relative_to(REPO)}:{number}", span) for span in _inline_commands(line)]
                 continue
             if not pending:
                 start = number
@@ -64,6 +67,22 @@ def doc_commands() -> list[tuple[str, str]]:
                 if words and _program_index(words) is not None:
                     found.append((f"{doc.relative_to(REPO)}:{start}", part.strip()))
     return found
+
+
+def _inline_commands(line: str) -> list[str]:
+    """The inline code spans of a prose line that are whole commands: a program with at least one option, no synopsis
+    (``...``, ``[...]``, ``a|b``) and no option named without its value (``table --baseline``, prose about an
+    option)."""
+    spans = []
+    for span in re.findall(r"`([^`]+)`", line):
+        try:
+            words = shlex.split(span)
+        except ValueError:
+            continue
+        if (words and _program_index(words) is not None and any(w.startswith("--") for w in words)
+                and not re.search(r"\.\.\.|\[|\|", span) and not words[-1].startswith("--")):
+            spans.append(span)
+    return spans
 
 
 def _command_of(word: str) -> str | None:
@@ -110,7 +129,7 @@ def _argv(line: str) -> tuple[str, list[str], bool]:
         for key, value in PLACEHOLDERS.items():
             word = re.sub(rf"(?<![A-Za-z_]){re.escape(key)}(?![A-Za-z_])", value, word)
         for expanded in _expand_braces(word):
-            if expanded == "CFG" or expanded.endswith(("A.yaml", "B.yaml")):
+            if expanded in ("CFG", "run.yaml") or expanded.endswith(("A.yaml", "B.yaml")):
                 expanded = CONFIG_FOR.get(command, "configs/quickstart.yaml")
             if expanded.startswith("configs/") or "=configs/" in expanded:
                 expanded = expanded.replace("configs/", f"{REPO}/configs/", 1)
