@@ -82,8 +82,11 @@ def run_command(name: str, args: list[str] | None = None) -> Any:
     """Run the package command ``name`` (a key of :data:`COMMANDS`) with ``args``."""
     import importlib
 
+    from lightning_methods.utils.quiet import quiet_trainers
+
     module = importlib.import_module(COMMANDS[name][0])
-    return module.main(args)
+    with quiet_trainers():  # their many Trainers: Lightning's device lines once, no tips
+        return module.main(args)
 
 
 def _command_help() -> str:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import shlex
@@ -477,25 +476,15 @@ def quiet_wandb(loggers: Any) -> None:
             init.pop("anonymous")
 
 
-class _DropTips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
-
-
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """While a CLI command runs: hide LightningCLI's warning about ``args`` and ``sys.argv`` both being given (the
-    package passes ``args`` on purpose) and Lightning's logger tip."""
-    from lightning_utilities.core import rank_zero
+    package passes ``args`` on purpose) and Lightning's tips (:func:`~lightning_methods.utils.quiet.quiet_trainers`)."""
+    from lightning_methods.utils.quiet import quiet_trainers
 
-    log, tips = rank_zero.log, _DropTips()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_trainers():
         warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended")
-        log.addFilter(tips)
-        try:
-            yield
-        finally:
-            log.removeFilter(tips)
+        yield
 
 
 def parse_ckpt_path_safely(cli: Any, parse: Any) -> None:
