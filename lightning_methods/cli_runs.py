@@ -32,8 +32,9 @@ command, ``--ckpt_path last`` finds the run to resume, and user errors stop earl
   read back as a number (``12345e67``); a config holding such an id stops before parsing with a message that says
   how to continue that run (:func:`check_wandb_ids`).
 - **Quiet.** The warnings the package's own calls cause (LightningCLI's "args and command line", W&B's
-  "anonymous setting", Lightning's logger tip, W&B's "git root does not exist", the checkpoint-directory warning of
-  a resume) are not shown (:func:`quiet`, :func:`quiet_wandb`).
+  "anonymous setting", Lightning's install tips, W&B's "git root does not exist", the checkpoint-directory warning
+  of a resume) are not shown (:func:`quiet`, :func:`quiet_wandb`); the package's other commands show Lightning's
+  device lines once however many Trainers they build (``lightning_methods.utils.quiet``).
 - **Errors.** :func:`print_package_error` prints the package's own message (found inside jsonargparse's wrapped
   errors and their Namespace dumps) last and framed, after the traceback.
 """
