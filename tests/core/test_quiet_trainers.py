@@ -39,7 +39,7 @@ def test_device_lines_once_and_no_tips_while_quiet(caplog):
 
 
 def test_every_package_command_runs_quiet(monkeypatch, caplog):
-    """``run_command`` is the one way into a package command (``lightning-methods <c>`` and ``lightning-methods-<c>``)."""
+    """``run_command`` is the one way into a package command (``lightning-methods <c>``, ``lightning-methods-<c>``)."""
     import lightning_methods.results.catalog as catalog
 
     caplog.set_level(logging.INFO)
