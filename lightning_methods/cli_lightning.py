@@ -16,6 +16,7 @@ from lightning_methods.callbacks.checkpoint import LatestCheckpoint
 from lightning_methods.callbacks.nonfinite_guard import NonFiniteGuard
 from lightning_methods.cli import default_precision, import_public_classes
 from lightning_methods.results.cli_hooks import add_result_arguments, attach_run_config
+from lightning_methods.utils.quiet import quiet_wandb
 from lightning_methods.utils.wandb import finish_open_run, finish_runs, log_config, plain
 
 import_public_classes()  # short class names (--model ImageClassifier, --data DigitsDataModule) resolve
@@ -99,7 +100,7 @@ class LightningMethodsCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         attach_run_config(self)  # the resolved config goes into results.json
-        cli_runs.quiet_wandb(self.trainer.loggers)  # no "anonymous setting has no effect" warning
+        quiet_wandb(self.trainer.loggers)  # no "anonymous setting has no effect" warning
 
     def after_fit(self) -> None:
         mode = self.config.get(self.subcommand, {}).get("test_after_fit", "off")

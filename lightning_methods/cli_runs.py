@@ -33,8 +33,9 @@ command, ``--ckpt_path last`` finds the run to resume, and user errors stop earl
   how to continue that run (:func:`check_wandb_ids`).
 - **Quiet.** The warnings the package's own calls cause (LightningCLI's "args and command line", W&B's
   "anonymous setting", Lightning's install tips, W&B's "git root does not exist", the checkpoint-directory warning
-  of a resume) are not shown (:func:`quiet`, :func:`quiet_wandb`); the package's other commands show Lightning's
-  device lines once however many Trainers they build (``lightning_methods.utils.quiet``).
+  of a resume) are not shown (:func:`quiet`, ``lightning_methods.utils.quiet.quiet_wandb``); the package's other
+  commands show Lightning's device lines once however many Trainers they build, and no W&B "anonymous setting"
+  warning either (``lightning_methods.utils.quiet``).
 - **Errors.** :func:`print_package_error` prints the package's own message (found inside jsonargparse's wrapped
   errors and their Namespace dumps) last and framed, after the traceback.
 """
@@ -466,15 +467,6 @@ def prepare_wandb(config: Any, sub: str) -> None:
         if sub == "fit" and stem and not _get(args, "name"):
             seed_part = f"-seed{seed}" if isinstance(seed, int) and not isinstance(seed, bool) else ""
             args["name"] = f"{stem}{seed_part}"
-
-
-def quiet_wandb(loggers: Any) -> None:
-    """Drop the ``anonymous=None`` that Lightning's ``WandbLogger`` passes to ``wandb.init`` (W&B warns that the
-    setting has no effect) from loggers whose W&B run has not started."""
-    for logger in loggers or []:
-        init = getattr(logger, "_wandb_init", None)  # Lightning's WandbLogger: the keyword arguments of wandb.init
-        if isinstance(init, dict) and init.get("anonymous", 0) is None and getattr(logger, "_experiment", 1) is None:
-            init.pop("anonymous")
 
 
 @contextlib.contextmanager

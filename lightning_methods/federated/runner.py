@@ -32,6 +32,7 @@ from lightning_methods.federated.local import ClientRuntime
 from lightning_methods.federated.results import round_metrics, write_run_results
 from lightning_methods.runs import StagedRun
 from lightning_methods.utils import safe_torch_load
+from lightning_methods.utils.quiet import quiet_wandb
 from lightning_methods.utils.wandb import finish_runs, log_config, plain, wandb_loggers
 
 
@@ -50,7 +51,9 @@ def build_logger(config: Mapping[str, Any] | None, run: StagedRun, stage: str) -
     if "save_dir" in config["init_args"]:
         config["init_args"]["save_dir"] = str(Path(config["init_args"]["save_dir"] or ".").expanduser().resolve())
     module, _, name = config["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)(**config["init_args"])
+    logger = getattr(importlib.import_module(module), name)(**config["init_args"])
+    quiet_wandb([logger])  # no "anonymous setting has no effect" warning
+    return logger
 
 
 def algorithm_fingerprint(algorithm: FedAlgorithm) -> dict[str, Any]:

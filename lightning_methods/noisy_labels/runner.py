@@ -33,6 +33,7 @@ from lightning_methods.noisy_labels.selection import CutResult
 from lightning_methods.results.multistage import command_source
 from lightning_methods.runs import StagedRun, config_fingerprint
 from lightning_methods.utils.distributed import broadcast_object, get_rank
+from lightning_methods.utils.quiet import quiet_wandb
 from lightning_methods.utils.wandb import finish_runs, log_config, plain
 
 #: data settings that do not change results, besides the generic ones of ``lightning_methods.runs.NEUTRAL_KEYS``
@@ -106,6 +107,7 @@ class EarlyCuttingRunner:
         trainer_args["default_root_dir"] = str(self.run_dir / tag)
         trainer_args["enable_checkpointing"] = True
         trainer = Trainer(**trainer_args)
+        quiet_wandb(trainer.loggers)  # no "anonymous setting has no effect" warning
         if trainer.is_global_zero:  # the resolved config of the run, with the round it belongs to
             resolved = plain(config)
             resolved.setdefault("model", {}).setdefault("init_args", {})["num_classes"] = dm.num_classes

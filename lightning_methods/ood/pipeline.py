@@ -51,6 +51,7 @@ from lightning_methods.ood.progress import ProgressLines, stage_lines
 from lightning_methods.ood.stages import fit_rdm, load_rdm, rdm_package, score_sets, train_encoder
 from lightning_methods.runs import StagedRun, config_fingerprint
 from lightning_methods.utils import barrier, broadcast_object, get_rank
+from lightning_methods.utils.quiet import quiet_wandb
 from lightning_methods.utils.wandb import finish_open_run, log_config, plain
 
 #: settings that never change results, besides lightning_methods.runs.NEUTRAL_KEYS
@@ -122,6 +123,7 @@ class EncMin2LPipeline:
         args.update(overrides)
         args["callbacks"] = [*(init.trainer.get("callbacks") or []), *overrides.get("callbacks", [])]
         trainer = Trainer(**args)
+        quiet_wandb(trainer.loggers)  # no "anonymous setting has no effect" warning
         if trainer.world_size > 1 and not torch.distributed.is_initialized() and "WORLD_SIZE" not in os.environ:
             raise RuntimeError("the OOD pipeline runs several Trainers in one command: for several devices launch "
                                "it with torchrun (torchrun --nproc_per_node N -m lightning_methods.ood.cli --config "

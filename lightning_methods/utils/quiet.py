@@ -1,13 +1,15 @@
 """Lightning's per-Trainer chatter, once per command: the package's commands build many Trainers (one per embedding,
 RDM fit, client round, selection round, sweep stage), and each printed the device lines (``GPU available: False,
-used: False``, ``TPU available: ...``) and Lightning's install tips again. Imports nothing heavy: the filters attach
-to Lightning's loggers by name."""
+used: False``, ``TPU available: ...``) and Lightning's install tips again; and W&B's warning about the
+``anonymous`` setting that Lightning's ``WandbLogger`` passes (:func:`quiet_wandb`). Imports nothing heavy: the
+filters attach to Lightning's loggers by name."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 #: The loggers through which Lightning prints its device lines and tips.
 LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning_utilities.core.rank_zero")
@@ -44,3 +46,12 @@ def quiet_trainers() -> Iterator[OncePerCommand]:
     finally:
         for logger in loggers:
             logger.removeFilter(once)
+
+
+def quiet_wandb(loggers: Iterable[Any] | None) -> None:
+    """Drop the ``anonymous=None`` that Lightning's ``WandbLogger`` passes to ``wandb.init`` (W&B warns that the
+    setting has no effect) from loggers whose W&B run has not started; call it right after building a Trainer."""
+    for logger in loggers or []:
+        init = getattr(logger, "_wandb_init", None)  # Lightning's WandbLogger: the keyword arguments of wandb.init
+        if isinstance(init, dict) and init.get("anonymous", 0) is None and getattr(logger, "_experiment", 1) is None:
+            init.pop("anonymous")

@@ -346,13 +346,17 @@ def test_hpn_sweep_over_two_task_weights(work):
 
 
 def test_select_runs_its_rounds_with_progress(work):
+    """Two stages, each with its Trainer and (offline) W&B run: the progress lines, and Lightning's device lines once,
+    no install tips and no W&B warning about Lightning's ``anonymous`` setting (lightning_methods.utils.quiet)."""
     run_dir = work / "select"
     proc = run(["lightning-methods-select", "--config", str(REPO / "configs/noisy_labels/digits_sym40.yaml"),
                 "--run_dir", str(run_dir), "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
                 "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
-                "--trainer.logger", "false", "--selection.rounds", "1", "--selection.warm_up_epochs", "1",
+                "--selection.rounds", "1", "--selection.warm_up_epochs", "1",
                 "--selection.on_threshold_not_reached", "final"], work)
     assert "[select] stage 1 of 2" in proc.out and "[select] stage 2 of 2" in proc.out, proc.out[-3000:]
+    assert proc.out.count("GPU available") == 1 and "Tip:" not in proc.out and "anonymous" not in proc.out, proc.out
+    assert len(list(work.glob("runs/early_cutting/wandb/offline-run-*"))) == 2  # one W&B run per stage (config)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] in ("done", "threshold_not_reached")
     assert (run_dir / "round0" / "stats.json").is_file()
