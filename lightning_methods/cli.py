@@ -128,15 +128,20 @@ OTHER_COMMAND_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+def option_values(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """The values given in ``argv`` to the options ``names``, in order (both ``--opt V`` and ``--opt=V``)."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg in names and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif arg.startswith(tuple(f"{name}=" for name in names if name.startswith("--"))):
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
 def config_files(argv: list[str]) -> list[str]:
     """The ``--config`` / ``-c`` files named in ``argv`` (both ``--config F`` and ``--config=F``)."""
-    files = []
-    for i, arg in enumerate(argv):
-        if arg in ("-c", "--config") and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
+    return option_values(argv, ("-c", "--config"))
 
 
 def check_fit_config(argv: list[str]) -> None:

@@ -296,17 +296,13 @@ def check_wandb_ids(argv: list[str]) -> None:
     Raises:
         ValueError: naming the file or option, the id, and the command that continues such a run.
     """
-    for i, arg in enumerate(argv):
-        value = argv[i + 1] if arg in ("-c", "--config", ID_OPTION) and i + 1 < len(argv) else None
-        if arg.startswith(("--config=", ID_OPTION + "=")):
-            value = arg.split("=", 1)[1]
-        if value is None:
-            continue
-        if arg.startswith(ID_OPTION):
-            if reads_as_number(value):
-                raise ValueError(f"{ID_OPTION} {value}: the config parser reads this W&B run id as a number, so it "
-                                 "cannot be used; choose an id that starts with a letter.")
-            continue
+    from lightning_methods.cli import config_files, option_values
+
+    for value in option_values(argv, (ID_OPTION,)):
+        if reads_as_number(value):
+            raise ValueError(f"{ID_OPTION} {value}: the config parser reads this W&B run id as a number, so it "
+                             "cannot be used; choose an id that starts with a letter.")
+    for value in config_files(argv):
         run_id = _config_wandb_id(value)
         if run_id is None or not reads_as_number(run_id):
             continue
