@@ -190,13 +190,38 @@ def free_port() -> int:
     raise RuntimeError(f"no free port found below the ephemeral range (starts at {low})")
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports (:func:`free_port`), one for each process group a ``run_ddp`` worker creates after
+    its first."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+_NEXT_PORTS = "LM_TEST_NEXT_PORTS"  # run_ddp's ports for the groups a worker creates after its first
+
+
+def next_group_port() -> None:
+    """Make this worker's next ``init_process_group`` meet its peers on the next port ``run_ddp(..., groups=n)`` drew.
+    A group created on the port of the one just left can fail: a peer that left sooner connects to the old rendezvous
+    server, which rank 0 has not yet closed, and loses the connection when it closes ("Failed to recv, got 0 bytes",
+    or gloo's "Connection reset by peer" when rank 0 is three seconds late)."""
+    ports = os.environ.get(_NEXT_PORTS, "").split(",")
+    if not ports[0]:
+        raise RuntimeError("no port left for another process group: give run_ddp groups= the number of groups")
+    os.environ["MASTER_PORT"], os.environ[_NEXT_PORTS] = ports[0], ",".join(ports[1:])
+
+
 @contextlib.contextmanager
-def _worker_environment(port: int, world_size: int):
+def _worker_environment(ports: list[int], world_size: int):
     """The environment spawned workers inherit: launcher variables of the parent removed, a torchrun-like set added,
     restored on exit."""
     saved = {k: v for k, v in os.environ.items() if k in _LAUNCHER_VARS or k.startswith(_LAUNCHER_PREFIXES)}
-    added = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size), "NODE_RANK": "0",
-             "LOCAL_WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
+    added = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ports[0]), "WORLD_SIZE": str(world_size), "NODE_RANK": "0",
+             "LOCAL_WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1", _NEXT_PORTS: ",".join(map(str, ports[1:]))}
     saved_omp = os.environ.get("OMP_NUM_THREADS")
     for key in saved:
         del os.environ[key]
@@ -219,7 +244,7 @@ def _ddp_worker(rank: int, fn: Callable, world_size: int, outdir: str, args: tup
     leave_process_group()  # all ranks together, without the teardown races (see its docstring)
 
 
-def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> list[Any]:
+def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = (), groups: int = 1) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned CPU processes and return their results.
 
     The environment is set as an external launcher (torchrun) would, so inside ``fn`` either
@@ -231,11 +256,12 @@ def run_ddp(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> li
     (:func:`free_port`), workers started with the spawn method (no fork of a process with threads) in an environment
     without the parent's launcher variables, and every worker leaves
     the process group after a barrier, so no rank exits while its peer still talks to it (the gloo thread of the peer
-    would abort the process). ``fn`` may create and destroy process groups itself, one after another; a ``fn`` that
-    wraps a model in ``DistributedDataParallel`` leaves its last group to this teardown (the wrapper, freed when
-    ``fn`` returns, would otherwise be what destroys the group, without the pause the teardown makes).
+    would abort the process). ``fn`` may create and destroy process groups itself, one after another, each after the
+    first on a port of its own (``groups`` ports are drawn; :func:`next_group_port` before each later group); a
+    ``fn`` that wraps a model in ``DistributedDataParallel`` leaves its last group to this teardown (the wrapper,
+    freed when ``fn`` returns, would otherwise be what destroys the group, without the pause the teardown makes).
     """
-    with tempfile.TemporaryDirectory() as outdir, _worker_environment(free_port(), world_size):
+    with tempfile.TemporaryDirectory() as outdir, _worker_environment(free_ports(groups), world_size):
         mp.start_processes(_ddp_worker, args=(fn, world_size, outdir, args), nprocs=world_size, join=True,
                            start_method="spawn")
         return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

@@ -18,7 +18,7 @@ from lightning_methods.tunnel.cli import run_probe_command
 from lightning_methods.tunnel.data import image_preparer
 from lightning_methods.utils import leave_process_group
 
-from helpers import quiet_trainer, run_ddp
+from helpers import next_group_port, quiet_trainer, run_ddp
 
 
 def synthetic(n: int, classes: int, seed: int) -> IndexedTensorDataset:
@@ -72,11 +72,13 @@ def probe_command(ckpt: str, out: str) -> dict:
 def _worker(rank: int, world_size: int, ckpt: str, out: str) -> tuple[dict, dict, dict]:
     command = probe_command(ckpt, out)
     assert not dist.is_initialized()  # the command left the group it started
+    next_group_port()
     dist.init_process_group("gloo")
     try:
         direct = probe_once()
     finally:
         leave_process_group()
+    next_group_port()
     return direct, fit_with_probe(world_size), command  # the callback under Trainer(strategy="ddp") joins its own
 
 
@@ -89,7 +91,8 @@ def test_ddp_table_equals_one_process(tmp_path, monkeypatch, one_thread):
     trainer.fit(ImageClassifier("mlp", 10, backbone_kwargs={"depth": 3, "width": 16}), DigitsDataModule(batch_size=64))
     ckpt = str(tmp_path / "last.ckpt")
     trainer.save_checkpoint(ckpt)
-    (r0, fit0, cmd0), (r1, fit1, cmd1) = run_ddp(_worker, world_size=2, args=(ckpt, str(tmp_path / "ddp")))
+    (r0, fit0, cmd0), (r1, fit1, cmd1) = run_ddp(_worker, world_size=2, args=(ckpt, str(tmp_path / "ddp")),
+                                                    groups=3)
     cmd_single = probe_command(ckpt, str(tmp_path / "single"))
     assert cmd0["rows"] == cmd1["rows"] == cmd_single["rows"] and cmd0["summary"]["world_size"] == 2
     assert (tmp_path / "ddp" / "tunnel.csv").read_text() == (tmp_path / "single" / "tunnel.csv").read_text()
