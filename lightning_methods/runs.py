@@ -27,6 +27,8 @@ Rules it enforces (so a run never mixes two experiments and never redoes finishe
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import os
 import socket
@@ -78,12 +80,55 @@ def config_fingerprint(config: Any, neutral: Iterable[str] = NEUTRAL_KEYS) -> di
     return strip(plain(config))
 
 
-def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the fields where two fingerprints differ (``["trainer.max_epochs", ...]``)."""
+_ABSENT = object()
+#: whose parameters a ``trainer`` section of a config holds (LightningCLI's ``trainer``, the stage commands' too)
+TRAINER_CLASS = "lightning.pytorch.Trainer"
+
+
+def parameter_default(class_path: str, name: str) -> Any:
+    """The default of parameter ``name`` of the class (or function) ``class_path``, following ``**kwargs`` into the
+    base classes as jsonargparse does; ``_ABSENT`` when it cannot be found (no such class or parameter, no default)."""
+    module, _, attr = class_path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        return _ABSENT
+    for owner in target.__mro__ if isinstance(target, type) else (target,):
+        try:
+            params = inspect.signature(owner.__init__ if isinstance(target, type) else owner).parameters
+        except (TypeError, ValueError):
+            return _ABSENT
+        if name in params:
+            default = params[name].default
+            return _ABSENT if default is inspect.Parameter.empty else default
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return _ABSENT
+    return _ABSENT
+
+
+def fingerprint_diff(old: Any, new: Any, prefix: str = "", owner: str | None = None) -> list[str]:
+    """Dotted names of the fields where two fingerprints differ (``["trainer.max_epochs", ...]``).
+
+    A field that ``old`` (the recorded run) lacks is no difference when ``new`` holds its parameter's default: a
+    setting that a later version of the package, Lightning or torch added, whose default keeps what the earlier
+    version did, so upgrading does not make a run unresumable. The parameter is looked up in the signature of the
+    class named beside it (``class_path`` / ``init_args``) or, in a ``trainer`` section, of Lightning's Trainer; any
+    other added, removed or changed field is a difference."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new), key=str):
-            out += fingerprint_diff(old.get(key), new.get(key), f"{prefix}{key}.")
+            was, now = old.get(key, _ABSENT), new.get(key, _ABSENT)
+            if was is _ABSENT or now is _ABSENT:
+                default = parameter_default(owner, str(key)) if owner is not None and was is _ABSENT else _ABSENT
+                if default is _ABSENT or plain(default) != now:
+                    out.append(f"{prefix}{key}")
+                continue
+            inner = None
+            if key == "init_args" and isinstance(new.get("class_path"), str):
+                inner = new["class_path"]
+            elif key == "trainer" and isinstance(now, dict) and "class_path" not in now:
+                inner = TRAINER_CLASS
+            out += fingerprint_diff(was, now, f"{prefix}{key}.", inner)
         return out
     return [] if old == new else [prefix.rstrip(".") or "<root>"]
 

@@ -82,6 +82,29 @@ class TinyNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+def interrupted_fit(monkeypatch: Any, args: list[str], at_epoch: int) -> None:
+    """``lightning-methods fit ARGS`` stopped by a KeyboardInterrupt (what Ctrl-C raises) at the start of epoch
+    ``at_epoch``, so its ``last.ckpt`` holds epoch ``at_epoch - 1``; Lightning shuts down and exits (SystemExit)."""
+    import pytest
+
+    from lightning_methods import ImageClassifier
+    from lightning_methods.cli import main
+
+    real = ImageClassifier.on_train_epoch_start
+
+    def kill(self: ImageClassifier) -> None:
+        if self.current_epoch == at_epoch:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", kill)
+    try:
+        with pytest.raises(SystemExit):
+            main(["fit", *args])
+    finally:
+        monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", real)
+
+
 def quiet_trainer(**overrides: Any) -> L.Trainer:
     """A CPU Trainer for tests: one device, no logger, no checkpoints, no progress bar or model summary, no
     validation and no sanity check unless ``overrides`` ask for them (e.g. ``max_epochs=2, limit_val_batches=1``)."""

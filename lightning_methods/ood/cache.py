@@ -30,6 +30,7 @@ import torch
 
 from lightning_methods.checkpoint_io import DIGEST_KEY, payload_digest, recorded_hashes, write_checkpoint
 from lightning_methods.ood.features import EmbeddingSet
+from lightning_methods.runs import fingerprint_diff
 from lightning_methods.utils import atomic_write_json, safe_torch_load
 from lightning_methods.utils.io import sha256_file
 
@@ -96,16 +97,6 @@ def content_hash(*tensors: torch.Tensor) -> str:
 
 def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted paths of the fields that differ between two nested fingerprints."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += fingerprint_diff(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [prefix.rstrip(".") or "<root>"]
 
 
 class EmbeddingCache:

@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_methods import ImageClassifier
 from lightning_methods.cli import build_cli, main
+from lightning_methods.cli_runs import ResumeError
 from lightning_methods.results.aggregate import run_label, source_config
 from lightning_methods.results.record import read_metrics_csv
 from lightning_methods.runs import ConfigMismatchError, RunLockedError
+
+from helpers import interrupted_fit
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = str(REPO / "configs/quickstart.yaml")
@@ -55,17 +57,7 @@ def record(run: Path, name: str = "results.json") -> dict:
 
 def test_resume_keeps_identity_and_lr_then_finished_runs_and_evaluations(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.chdir(tmp_path)
-    real = ImageClassifier.on_train_epoch_start
-
-    def kill(self):
-        if self.current_epoch == 2:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", kill)
-    with pytest.raises(SystemExit):
-        main(["fit", *SMALL, "--trainer.max_epochs=4"])
-    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", real)
+    interrupted_fit(monkeypatch, [*SMALL, "--trainer.max_epochs=4"], at_epoch=2)
     run = the_run()
     first = record(run)
     assert first["status"] == "interrupted" and first["config_path"] == QUICK
@@ -126,6 +118,26 @@ def test_resume_keeps_identity_and_lr_then_finished_runs_and_evaluations(tmp_pat
     assert {p.name: p.read_bytes() for p in run.glob("results*.json") if p.name in records} == records
     (new,) = [p for p in run.glob("results_test-last-*.json")]  # the other file's own record, named by its path
     assert record(run, new.name)["test"]["checkpoint"] == str(other)
+
+
+def test_a_run_of_an_earlier_version_resumes_when_the_settings_added_since_keep_their_defaults(tmp_path, monkeypatch,
+                                                                                                capsys, one_thread):
+    """An upgrade of the package (or Lightning) adds settings; a run recorded before them lacks them in its
+    config.yaml. With their defaults it is the same experiment: `--ckpt_path last` finds and continues it; with
+    another value it is not, and nothing is trained."""
+    monkeypatch.chdir(tmp_path)
+    interrupted_fit(monkeypatch, [*SMALL, "--trainer.max_epochs=3"], at_epoch=1)
+    run = the_run()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["model"]["init_args"]["label_smoothing"], config["trainer"]["deterministic"]  # not there yet
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    before = (run / "checkpoints/last.ckpt").read_bytes()
+    with pytest.raises(ResumeError, match=r"differs in model\.init_args\.label_smoothing\)"):
+        main(["fit", *SMALL, "--trainer.max_epochs=3", "--model.init_args.label_smoothing=0.1", "--ckpt_path=last"])
+    assert (run / "checkpoints/last.ckpt").read_bytes() == before  # nothing trained
+    cli = build_cli(["fit", *SMALL, "--trainer.max_epochs=3", "--ckpt_path=last"])
+    assert cli.trainer.loggers[0].version == run.name and cli.trainer.global_step == 3 * 2
+    assert record(run)["status"] == "finished" and sorted(p.name for p in PROJECT.iterdir()) == [run.name]
 
 
 def test_a_second_fit_in_the_run_directory_stops_naming_the_other_process(tmp_path, monkeypatch, one_thread):

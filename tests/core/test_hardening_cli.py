@@ -18,6 +18,8 @@ from lightning_methods.checkpoint_io import CorruptCheckpointError, read_checkpo
 from lightning_methods.cli import build_cli, main
 from lightning_methods.cli_runs import ResumeError
 
+from helpers import interrupted_fit
+
 REPO = Path(__file__).resolve().parents[2]
 QUICK = str(REPO / "configs/quickstart.yaml")
 #: the quickstart, small: 2 training batches and 1 validation batch per epoch, no test, offline W&B (the config's)
@@ -47,17 +49,7 @@ def test_full_run_then_kill_and_resume_through_the_cli(tmp_path, monkeypatch, ca
     assert f"run {run.name} started" in out and f"run {run.name} finished" in out and out.count(command) == 2
 
     # a second run with 5 epochs, killed at the start of epoch 2: last.ckpt holds epoch 1
-    real = ImageClassifier.on_train_epoch_start
-
-    def kill(self):
-        if self.current_epoch == 2:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", kill)
-    with pytest.raises(SystemExit):
-        main(["fit", *SMALL, "--trainer.max_epochs=5"])
-    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", real)
+    interrupted_fit(monkeypatch, [*SMALL, "--trainer.max_epochs=5"], at_epoch=2)
     (killed,) = set(runs()) - {run}
     assert read_checkpoint(killed / "checkpoints/last.ckpt")["epoch"] == 1
     assert "stopped (KeyboardInterrupt)" in capsys.readouterr().out

@@ -16,6 +16,8 @@ import yaml
 from lightning_methods.results import grid
 from lightning_methods.runs import StagedRun
 
+from helpers import interrupted_fit
+
 REPO = Path(__file__).resolve().parents[2]
 #: What a YAML 1.2 loader may read as a number: digits with an exponent and / or a dot, hex, octal.
 NUMBER_LIKE = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d+)([eE][-+]?\d+)?|0[xXoO][0-9a-fA-F_]+")
@@ -97,7 +99,6 @@ def test_a_config_whose_wandb_id_reads_as_a_number_stops_with_the_command_that_c
     a run, interrupted: its printed resume command stops before parsing with the package's message, whose command
     continues the training in a new run; an evaluation with its config.yaml likewise, whose command evaluates it
     beside the run."""
-    from lightning_methods import ImageClassifier
     from lightning_methods.cli import build_cli, main
     from lightning_methods.cli_runs import check_wandb_ids, reads_as_number
     from lightning_methods.results.record import read_metrics_csv
@@ -107,20 +108,10 @@ def test_a_config_whose_wandb_id_reads_as_a_number_stops_with_the_command_that_c
                                          "3kq0x9ab", "12e", "e12")] == [True, True] + [False] * 7
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("lightning_methods.cli_runs.new_wandb_id", lambda: "12345e67")  # what W&B could draw
-    real = ImageClassifier.on_train_epoch_start
-
-    def kill(self):
-        if self.current_epoch == 1:
-            raise KeyboardInterrupt
-        return real(self)
-
     small = ["--config", str(REPO / "configs/quickstart.yaml"), "--trainer.enable_progress_bar=false",
              "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
              "--test_after_fit=off", "--trainer.enable_model_summary=false", "--trainer.max_epochs=2"]
-    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", kill)
-    with pytest.raises(SystemExit):
-        main(["fit", *small])
-    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", real)
+    interrupted_fit(monkeypatch, small, at_epoch=1)
     run = tmp_path / "runs/quickstart/lightning-methods-quickstart/12345e67"
     last = run / "checkpoints/last.ckpt"
     assert last.is_file()

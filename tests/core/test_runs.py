@@ -36,6 +36,34 @@ def test_fingerprint_keeps_results_settings_and_drops_neutral_ones():
     assert fingerprint_diff(fp, config_fingerprint(cfg())) == []
 
 
+def test_settings_a_later_version_added_with_their_defaults_are_no_difference(tmp_path):
+    """A run recorded before a setting existed resumes when the setting holds its default (the parameter's default in
+    the signature of the class named beside it, through ``**kwargs`` into the base class; Lightning's Trainer for a
+    ``trainer`` section); another value, a removed setting or an unknown class is a difference."""
+    old = {"config": {"model": {"class_path": "lightning_methods.quantization.MultiBitClassifier",
+                                "init_args": {"bits": [1, 32]}}, "trainer": {"max_epochs": 3}}}
+    new = json.loads(json.dumps(old))
+    new["config"]["model"]["init_args"].update(quantizer="dorefa",  # MultiBitClassifier's own parameter
+                                               label_smoothing=0.0)  # ImageClassifier's, through **kwargs
+    new["config"]["trainer"]["deterministic"] = None  # Lightning's Trainer
+    assert fingerprint_diff(old, new) == []
+    assert fingerprint_diff(new, old) == ["config.model.init_args.label_smoothing", "config.model.init_args.quantizer",
+                                          "config.trainer.deterministic"]  # settings gone: not the same code
+    new["config"]["model"]["init_args"]["quantizer"] = "lsq"
+    new["config"]["trainer"]["deterministic"] = True
+    assert fingerprint_diff(old, new) == ["config.model.init_args.quantizer", "config.trainer.deterministic"]
+    unknown = {"model": {"class_path": "not_a_module.Model", "init_args": {}}}
+    assert fingerprint_diff(unknown, {"model": {"class_path": "not_a_module.Model", "init_args": {"width": 1}}}) == [
+        "model.init_args.width"]
+    StagedRun(tmp_path, "grid", old).open().close()
+    new["config"]["model"]["init_args"]["quantizer"] = "dorefa"
+    new["config"]["trainer"]["deterministic"] = None
+    StagedRun(tmp_path, "grid", new).open().close()  # resumes
+    new["config"]["model"]["init_args"]["quantizer"] = "lsq"
+    with pytest.raises(ConfigMismatchError, match=r"differ in: config\.model\.init_args\.quantizer\."):
+        StagedRun(tmp_path, "grid", new).open()
+
+
 def test_stages_are_recorded_and_survive_reopening(tmp_path):
     fp = config_fingerprint(cfg())
     with StagedRun(tmp_path / "run", "demo", fp, config_text="a: 1\n") as run:
