@@ -14,8 +14,13 @@ Weight bias correction (WBC) of EMQ (Kim, An, Jeon, Ko, *Efficient Multi-bit Qua
 Bias Correction and Bit-wise Coreset Sampling*, NeurIPS 2025, arXiv 2510.20673) matches every output channel's mean
 and standard deviation of the de-quantized weights to the float weights, so one shared BatchNorm serves all bit-widths.
 
-Pure functions (``quantize_weight``, ``quantize_activation``, ``weight_bias_correction``) plus thin modules
-(:class:`QuantConv2d`, :class:`QuantLinear`, :class:`SwitchableBatchNorm`); :func:`set_bits` switches a whole model.
+LSQ (``quantizer="lsq"``; Esser et al., *Learned Step Size Quantization*, ICLR 2020, arXiv 1902.08153), with one
+learned step size per trained bit-width and layer as in MultiQuant (Xu et al., IJCAI 2022): the spec's optional
+alternative to DoReFa (see :func:`lsq_quantize`).
+
+Pure functions (``quantize_weight``, ``quantize_activation``, ``weight_bias_correction``, ``lsq_quantize``) plus thin
+modules (:class:`QuantConv2d`, :class:`QuantLinear`, :class:`SwitchableBatchNorm`); :func:`set_bits` switches a whole
+model.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 FULL_PRECISION = 32
 ActQuant = Literal["unsigned", "signed", "none"]
+Quantizer = Literal["dorefa", "lsq"]
 
 
 def check_bits(bits: int | Iterable[int], what: str = "bit-width") -> None:
@@ -116,6 +122,65 @@ def weight_bias_correction(q: torch.Tensor, w: torch.Tensor, eps: float = 1e-8,
     return (q - q_mean) * ratio + w_mean
 
 
+def lsq_levels(bits: int, signed: bool) -> tuple[int, int]:
+    """LSQ's clip bounds ``(Q_N, Q_P)``: ``v / s`` is clipped to ``[-Q_N, Q_P]``. Signed: ``(2^(b-1), 2^(b-1) - 1)``;
+    unsigned: ``(0, 2^b - 1)``. Signed 1 bit, where that rule leaves the single level 0, is ``(1, 1)`` with the two
+    levels ``-s`` and ``+s`` (no zero; our choice, the binary case of the DoReFa quantizer too)."""
+    if signed:
+        return (1, 1) if bits == 1 else (2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    return 0, 2**bits - 1
+
+
+def lsq_init(x: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """LSQ's initial step size ``2 mean|x| / sqrt(Q_P)`` (from the weights, or from the first batch of activations)."""
+    return 2 * x.detach().abs().mean() / lsq_levels(bits, signed)[1] ** 0.5
+
+
+def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass, its gradient multiplied by ``scale`` in the backward pass."""
+    y = x * scale
+    return (x - y).detach() + y
+
+
+def _floor_ste(x: torch.Tensor, low: float) -> torch.Tensor:
+    """``max(x, low)`` in the forward pass, the identity in the backward pass: a step size that an optimizer pushed to
+    0 or below (Adam moves every parameter by about its learning rate, whatever the gradient's scale) quantizes with
+    a tiny positive step and keeps a gradient that can bring it back (with a clamp's zero gradient it would stay)."""
+    return x + (x.clamp(min=low) - x).detach()
+
+
+def lsq_quantize(v: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, grad_scale: float = 1.0
+                 ) -> torch.Tensor:
+    """LSQ (Esser et al., ICLR 2020, eq. 1-2): ``round(clip(v / s, -Q_N, Q_P)) s`` with ``round`` passed straight
+    through, so ``d/dv`` is 1 inside the clip range and 0 outside, and ``d/ds`` is ``round(v / s) - v / s`` inside,
+    ``-Q_N`` or ``Q_P`` outside (eq. 3), multiplied by ``grad_scale`` (the paper's ``g = 1 / sqrt(N Q_P)``, N the
+    number of weights or of features of a sample). Signed 1 bit: the levels ``-s``, ``+s`` (see :func:`lsq_levels`).
+
+    Args:
+        v: the tensor to quantize.
+        step: the step size ``s`` (a scalar tensor, usually a Parameter; used as at least the dtype's epsilon).
+        bits: 1..31.
+        signed: signed levels (weights, signed activations) or unsigned (post-ReLU activations).
+        grad_scale: the factor of ``step``'s gradient.
+    """
+    s = _scale_grad(_floor_ste(step, torch.finfo(step.dtype).eps), grad_scale)
+    compute = v.float() if bits > 8 and v.dtype in (torch.float16, torch.bfloat16) else v
+    if signed and bits == 1:  # {-s, +s}: round a unit interval to its two ends
+        q = 2 * _RoundSTE.apply(torch.clamp((compute / s + 1) / 2, 0.0, 1.0), 1.0) - 1
+    else:
+        q_n, q_p = lsq_levels(bits, signed)
+        q = _RoundSTE.apply(torch.clamp(compute / s, -q_n, q_p), 1.0)
+    return (q * s).to(v.dtype)
+
+
+def _owner_bits(bits: int, learned: list[int]) -> int:
+    """The learned bit-width whose step serves ``bits``: itself, else the nearest learned one above, else below."""
+    if bits in learned:
+        return bits
+    above = [b for b in learned if b > bits]
+    return above[0] if above else learned[-1]
+
+
 class MultiBitModule:
     """Mixin of every module whose computation depends on the current bit-width ``bits``."""
 
@@ -127,29 +192,102 @@ class _QuantMixin(MultiBitModule):
 
     def _init_quant(self, *, quantize_weights: bool = True, act_quant: ActQuant = "unsigned", wbc: bool = False,
                     wbc_eps: float = 1e-8, wbc_max_ratio: float | None = None,
-                    clamp_full_precision: bool = False) -> None:
+                    clamp_full_precision: bool = False, quantizer: Quantizer = "dorefa",
+                    lsq_bits: Iterable[int] = ()) -> None:
         if act_quant not in ("unsigned", "signed", "none"):
             raise ValueError(f"act_quant must be 'unsigned', 'signed' or 'none', got {act_quant!r}")
         if wbc_max_ratio is not None and wbc_max_ratio <= 0:
             raise ValueError(f"wbc_max_ratio must be positive or None, got {wbc_max_ratio}")
+        if quantizer not in ("dorefa", "lsq"):
+            raise ValueError(f"quantizer must be 'dorefa' or 'lsq', got {quantizer!r}")
+        lsq_bits = sorted({b for b in lsq_bits if b < FULL_PRECISION})
+        check_bits(lsq_bits, "every bit-width with a learned LSQ step (lsq_bits)")
+        if quantizer == "lsq" and not lsq_bits:
+            raise ValueError("quantizer 'lsq' needs the trained bit-widths below 32 (lsq_bits), one learned step "
+                             "size each, e.g. lsq_bits=[1, 2, 4, 8]")
+        if quantizer == "lsq" and clamp_full_precision:
+            raise ValueError("clamp_full_precision clamps to the DoReFa quantizer's [0, 1] range; LSQ learns its "
+                             "range: use quantizer 'dorefa' or clamp_full_precision false")
         self.bits = FULL_PRECISION
         self.quantize_weights, self.act_quant = quantize_weights, act_quant
         self.wbc, self.wbc_eps, self.wbc_max_ratio = wbc, wbc_eps, wbc_max_ratio
         self.clamp_full_precision = clamp_full_precision
+        self.quantizer, self.lsq_bits = quantizer, lsq_bits
+        self._make_lsq_steps()
+
+    def _make_lsq_steps(self) -> None:
+        """One step-size Parameter per learned bit-width for the weights and for the inputs (LSQ only), on the
+        weight's device. A step of exactly 0 is not initialized yet: its first forward pass sets it."""
+        self._lsq_ready: set[tuple[str, int]] = set()
+        if self.quantizer != "lsq":
+            return
+        w = self.weight  # type: ignore[attr-defined]
+        def steps() -> nn.ParameterDict:
+            return nn.ParameterDict({str(b): nn.Parameter(torch.zeros((), device=w.device, dtype=w.dtype))
+                                     for b in self.lsq_bits})
+        if self.quantize_weights:
+            self.weight_step = steps()
+        if self.act_quant != "none":
+            self.act_step = steps()
+
+    def _lsq_step(self, kind: Literal["weight", "act"], x: torch.Tensor, signed: bool) -> torch.Tensor | None:
+        """The step size of the current bit-width: its own learned one, or for an untrained bit-width the nearest
+        learned one (above, else below) rescaled to keep its clip range ``Q_P s`` (our choice). An uninitialized
+        step is set from ``x`` (:func:`lsq_init`; activations: the mean over the ranks of a process group, so that
+        first forward pass at a bit-width must run on every rank, as every training step and BN recalibration do)."""
+        owner = _owner_bits(self.bits, self.lsq_bits)
+        step = (self.weight_step if kind == "weight" else self.act_step)[str(owner)]
+        if (kind, owner) not in self._lsq_ready:
+            if float(step.detach()) == 0.0:
+                value = lsq_init(x, owner, signed).to(step.dtype)
+                if kind == "act" and torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(value)
+                    value /= torch.distributed.get_world_size()
+                if value == 0:  # an all-zero input quantizes to itself at any step: set the step from a later one
+                    return None
+                with torch.no_grad():
+                    step.copy_(value)
+            self._lsq_ready.add((kind, owner))
+        if owner == self.bits:
+            return step
+        return step * (lsq_levels(owner, signed)[1] / lsq_levels(self.bits, signed)[1])
+
+    def _lsq(self, kind: Literal["weight", "act"], x: torch.Tensor, signed: bool, features: int) -> torch.Tensor:
+        step = self._lsq_step(kind, x, signed)
+        if step is None:
+            return x
+        return lsq_quantize(x, step, self.bits, signed, 1.0 / (features * lsq_levels(self.bits, signed)[1]) ** 0.5)
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight used at the current bit-width (float weights when ``quantize_weights`` is off)."""
         w = self.weight  # type: ignore[attr-defined]
         if not self.quantize_weights:
             return w
-        q = quantize_weight(w, self.bits)
+        if self.quantizer == "lsq":
+            q = w if self.bits >= FULL_PRECISION else self._lsq("weight", w, True, w.numel())
+        else:
+            q = quantize_weight(w, self.bits)
         if self.wbc:
             q = weight_bias_correction(q, w, self.wbc_eps, self.wbc_max_ratio)
         return q
 
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input activations at the current bit-width (the identity at 32 bits unless ``clamp_full_precision``)."""
+        if self.quantizer == "lsq":
+            if self.act_quant == "none" or self.bits >= FULL_PRECISION:
+                return x
+            return self._lsq("act", x, self.act_quant == "signed", x[0].numel())
+        return quantize_activation(x, self.bits, self.act_quant, self.clamp_full_precision)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._lsq_ready = set()  # the loaded steps decide again which are initialized
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+
     def extra_repr(self) -> str:
+        lsq = f", quantizer='lsq', lsq_bits={self.lsq_bits}" if self.quantizer == "lsq" else ""
         return (f"{super().extra_repr()}, bits={self.bits}, quantize_weights={self.quantize_weights}, "  # type: ignore[misc]
-                f"act_quant={self.act_quant!r}, wbc={self.wbc}, clamp_full_precision={self.clamp_full_precision}")
+                f"act_quant={self.act_quant!r}, wbc={self.wbc}, clamp_full_precision={self.clamp_full_precision}"
+                f"{lsq}")
 
     @classmethod
     def from_float(cls, module: nn.Module, **quant: Any) -> nn.Module:
@@ -157,6 +295,7 @@ class _QuantMixin(MultiBitModule):
         extra = {"padding_mode": module.padding_mode} if isinstance(module, nn.Conv2d) else {}
         new = cls(*cls._float_args(module), bias=module.bias is not None, device="meta", **extra, **quant)
         new.weight, new.bias = module.weight, module.bias
+        new._make_lsq_steps()  # on the float weight's device and dtype
         new.train(module.training)
         return new
 
@@ -172,23 +311,25 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         wbc: apply EMQ's weight bias correction after de-quantization (at every bit-width, 32 included).
         wbc_eps: epsilon of the corrected standard deviation ratio.
         wbc_max_ratio: optional clamp of the ratio.
-        clamp_full_precision: clamp the inputs at 32 bits too (see ``quantize_activation``).
+        clamp_full_precision: clamp the inputs at 32 bits too (see ``quantize_activation``; DoReFa only).
+        quantizer: ``"dorefa"`` (Any-Precision's quantizers) or ``"lsq"`` (learned step sizes, :func:`lsq_quantize`).
+        lsq_bits: the bit-widths below 32 with a learned LSQ step each (the trained ones); others use the nearest.
     """
 
     def __init__(self, *args: Any, quantize_weights: bool = True, act_quant: ActQuant = "unsigned", wbc: bool = False,
                  wbc_eps: float = 1e-8, wbc_max_ratio: float | None = None, clamp_full_precision: bool = False,
-                 **kwargs: Any) -> None:
+                 quantizer: Quantizer = "dorefa", lsq_bits: Iterable[int] = (), **kwargs: Any) -> None:
         nn.Conv2d.__init__(self, *args, **kwargs)
         self._init_quant(quantize_weights=quantize_weights, act_quant=act_quant, wbc=wbc, wbc_eps=wbc_eps,
-                         wbc_max_ratio=wbc_max_ratio, clamp_full_precision=clamp_full_precision)
+                         wbc_max_ratio=wbc_max_ratio, clamp_full_precision=clamp_full_precision,
+                         quantizer=quantizer, lsq_bits=lsq_bits)
 
     @staticmethod
     def _float_args(m: nn.Conv2d) -> tuple:
         return m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = quantize_activation(x, self.bits, self.act_quant, self.clamp_full_precision)
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -197,18 +338,18 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
     def __init__(self, *args: Any, quantize_weights: bool = True, act_quant: ActQuant = "unsigned", wbc: bool = False,
                  wbc_eps: float = 1e-8, wbc_max_ratio: float | None = None, clamp_full_precision: bool = False,
-                 **kwargs: Any) -> None:
+                 quantizer: Quantizer = "dorefa", lsq_bits: Iterable[int] = (), **kwargs: Any) -> None:
         nn.Linear.__init__(self, *args, **kwargs)
         self._init_quant(quantize_weights=quantize_weights, act_quant=act_quant, wbc=wbc, wbc_eps=wbc_eps,
-                         wbc_max_ratio=wbc_max_ratio, clamp_full_precision=clamp_full_precision)
+                         wbc_max_ratio=wbc_max_ratio, clamp_full_precision=clamp_full_precision,
+                         quantizer=quantizer, lsq_bits=lsq_bits)
 
     @staticmethod
     def _float_args(m: nn.Linear) -> tuple:
         return (m.in_features, m.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = quantize_activation(x, self.bits, self.act_quant, self.clamp_full_precision)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
 class SwitchableBatchNorm(MultiBitModule, nn.Module):

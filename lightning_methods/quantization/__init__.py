@@ -4,6 +4,8 @@
   Coreset Sampling*. NeurIPS 2025, arXiv 2510.20673 (weight bias correction + shared BN, bit-wise coresets).
 - Baseline: Yu, Li, Shi, Huang, Hua. *Any-Precision Deep Neural Networks*. arXiv 1911.07346 (official code
   SHI-Labs/Any-Precision-DNNs; switchable BN, recursive supervision).
+- Optional quantizer: LSQ, Esser et al. *Learned Step Size Quantization*. ICLR 2020, arXiv 1902.08153, with one
+  learned step per trained bit-width (``quantize_model(..., quantizer="lsq")``).
 
 Public parts: :class:`MultiBitClassifier` (the LightningModule), :func:`quantize_model` (float network -> multi-bit
 network), :func:`recalibrate_bn` / :func:`bn_stats` / :func:`load_bn_stats` (BatchNorm statistics per bit-width),

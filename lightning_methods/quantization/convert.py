@@ -24,6 +24,7 @@ from torch import nn
 from lightning_methods.layers.quantized import (
     ActQuant,
     QuantConv2d,
+    Quantizer,
     QuantLinear,
     SwitchableBatchNorm,
     check_bits,
@@ -62,6 +63,7 @@ def quantize_model(
     wbc_eps: float = 1e-8,
     wbc_max_ratio: float | None = None,
     clamp_full_precision: bool = False,
+    quantizer: Quantizer = "dorefa",
 ) -> nn.Module:
     """Convert ``model`` in place into a multi-bit network and return it (set to its highest bit-width).
 
@@ -81,7 +83,11 @@ def quantize_model(
         wbc_eps: epsilon of WBC's standard-deviation ratio (1e-8).
         wbc_max_ratio: optional clamp of WBC's ratio (None: no clamp).
         clamp_full_precision: clamp the quantized layers' inputs at 32 bits too (Any-Precision's paper; their
-            official code and the default keep the plain ReLU at 32 bits).
+            official code and the default keep the plain ReLU at 32 bits; DoReFa only).
+        quantizer: ``"dorefa"``, Any-Precision's quantizers (tanh weights, activations clamped to [0, 1]), or
+            ``"lsq"``, learned step sizes (Esser et al., ICLR 2020) with one weight step and one input step per
+            trained bit-width below 32 in every quantized layer (as in MultiQuant, Xu et al., IJCAI 2022); an
+            untrained bit-width uses the nearest trained one's step, rescaled to the same clip range.
 
     Raises:
         ValueError: for a bit-width outside 1..32, an empty bit list, or a model in which no layer is left to
@@ -100,7 +106,7 @@ def quantize_model(
     if layers and keep_last:
         skip.add(layers[-1][0])
     quant = dict(act_quant=act_quant, wbc=wbc, wbc_eps=wbc_eps, wbc_max_ratio=wbc_max_ratio,
-                 clamp_full_precision=clamp_full_precision)
+                 clamp_full_precision=clamp_full_precision, quantizer=quantizer, lsq_bits=bits)
     converted = 0
     for name, module in layers:
         if name in skip or _matches(name, tuple(float_layers)):

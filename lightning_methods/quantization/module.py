@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_methods.classifier import ImageClassifier, StepClosure, soft_cross_entropy
-from lightning_methods.layers.quantized import ActQuant, SwitchableBatchNorm, check_bits, set_bits
+from lightning_methods.layers.quantized import ActQuant, Quantizer, SwitchableBatchNorm, check_bits, set_bits
 from lightning_methods.parameters import frozen_bn_stats
 from lightning_methods.quantization.convert import quantize_model
 from lightning_methods.quantization.cost import TrainingCost
@@ -66,6 +66,9 @@ class MultiBitClassifier(PerBitEvaluation, ImageClassifier):
         clamp_full_precision: clamp the quantized layers' inputs to [0, 1] at 32 bits too (Any-Precision's paper;
             their code and the default keep ReLU at 32 bits), so the full-precision child's activation range equals
             the quantized children's.
+        quantizer: ``"dorefa"`` (Any-Precision's quantizers, the papers' setting) or ``"lsq"`` (learned step sizes,
+            one per trained bit-width and layer, as in MultiQuant; see ``quantize_model``). LSQ's step sizes are
+            Parameters (role ``"bias"``: scalars), set from the weights and the first batch at each bit-width.
         bn_recalibration: before each validation / test, re-estimate BatchNorm statistics for ``"untrained"``
             evaluated bit-widths, for ``"all"`` of them, or ``"none"``; each evaluated bit-width then uses its own
             statistics, and training keeps the shared ones. ``None``: ``"all"`` with a shared BN (its running
@@ -103,6 +106,7 @@ class MultiBitClassifier(PerBitEvaluation, ImageClassifier):
         wbc_eps: float = 1e-8,
         wbc_max_ratio: float | None = None,
         clamp_full_precision: bool = False,
+        quantizer: Quantizer = "dorefa",
         bn_recalibration: Literal["none", "untrained", "all"] | None = None,
         recalib_batches: int = 50,
         backbone: str | nn.Module = "resnet20x5",
@@ -131,7 +135,7 @@ class MultiBitClassifier(PerBitEvaluation, ImageClassifier):
         quantize_model(self.backbone, bits, shared_bn=shared_bn, wbc=wbc, act_quant=act_quant, keep_first=keep_first,
                        keep_last=keep_last, float_layers=float_layers or (), float_weight_layers=float_weight_layers,
                        plain_bn_layers=plain_bn_layers, wbc_eps=wbc_eps, wbc_max_ratio=wbc_max_ratio,
-                       clamp_full_precision=clamp_full_precision)
+                       clamp_full_precision=clamp_full_precision, quantizer=quantizer)
         self.bits = sorted(set(bits))
         self.train_order = sorted(self.bits, reverse=True)  # high -> low, the layout of per-bit batches
         self.bit_acc, self.bit_loss = nn.ModuleDict(), nn.ModuleDict()
@@ -271,14 +275,17 @@ class MultiBitClassifier(PerBitEvaluation, ImageClassifier):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         strategy = self.trainer.strategy
-        switchable = any(isinstance(m, SwitchableBatchNorm) for m in self.backbone.modules())
+        per_bit = []
+        if any(isinstance(m, SwitchableBatchNorm) for m in self.backbone.modules()):
+            per_bit.append("switchable BatchNorm (shared_bn: false) leaves the other bit-widths' BatchNorms")
+        if any(getattr(m, "quantizer", None) == "lsq" for m in self.backbone.modules()):
+            per_bit.append("LSQ (quantizer: lsq) leaves the other bit-widths' step sizes")
         ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
-        if switchable and ddp_kwargs is not None and self.trainer.world_size > 1 and not ddp_kwargs.get(
+        if per_bit and ddp_kwargs is not None and self.trainer.world_size > 1 and not ddp_kwargs.get(
                 "find_unused_parameters", False):
             raise ValueError(
-                "switchable BatchNorm (shared_bn: false) leaves the other bit-widths' BatchNorms unused in each "
-                "backward pass, which DDP refuses without find_unused_parameters: use --trainer.strategy "
-                "ddp_find_unused_parameters_true (or shared_bn: true)")
+                f"{' and '.join(per_bit)} unused in each backward pass, which DDP refuses without "
+                "find_unused_parameters: use --trainer.strategy ddp_find_unused_parameters_true")
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

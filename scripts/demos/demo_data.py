@@ -19,9 +19,10 @@ DEMOS = (
     ),
     (
         "multibit",
-        "EMQ vs Any-Precision",
-        "`configs/quantization/digits_emq.yaml` (bit-wise coresets, prune rate 0.5) and "
-        "`digits_anyprecision.yaml` (the same without coresets); test accuracy per bit-width (3 bits never trained)",
+        "EMQ and LSQ vs Any-Precision",
+        "`configs/quantization/digits_emq.yaml` (bit-wise coresets, prune rate 0.5), "
+        "`digits_anyprecision.yaml` (the same without coresets) and `digits_lsq.yaml` (that with LSQ's learned step "
+        "sizes instead of the DoReFa quantizers); test accuracy per bit-width (3 bits never trained)",
     ),
     (
         "hpn",

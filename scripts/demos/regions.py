@@ -121,7 +121,9 @@ def summaries(base: Path) -> dict[str, str]:
         accs = " / ".join(pm(row, f"test/acc_bit{b}") for b in bits)
         out[f"readme_multibit_{row['config']}"] = f"{row['config']} ({row['n']} seeds): {accs} % at 1/2/3/4/8/32 bits"
     out["readme_multibit"] = "; ".join(v for k, v in sorted(out.items()) if k.startswith("readme_multibit_")) + (
-        f"; {verdicts(base / 'multibit', 'digits_emq')} (3 bits never trained; mean ± std, one CPU thread; cost, times "
+        "".join(f"; {verdicts(base / 'multibit', c)}" for c in ("digits_emq", "digits_lsq")
+                if any(r["config"] == c for r in csv_rows(base / "multibit" / "table.csv")))
+        + " (3 bits never trained; mean ± std, one CPU thread; cost, times "
         "and other library versions, where the verdict changes, in docs/demos.md)"
     )
     hpn = []

@@ -54,7 +54,8 @@ demo_quickstart() {
 
 demo_multibit() {
   timed multibit lightning-methods grid --config configs/quantization/digits_emq.yaml \
-    configs/quantization/digits_anyprecision.yaml --seeds $SEEDS --grid_dir "$OUT/multibit"
+    configs/quantization/digits_anyprecision.yaml configs/quantization/digits_lsq.yaml --seeds $SEEDS \
+    --grid_dir "$OUT/multibit"
   table "$OUT/multibit" "$OUT/multibit" -- test/acc_bit1 test/acc_bit2 test/acc_bit3 test/acc_bit4 test/acc_bit8 \
     test/acc_bit32 -- --baseline digits_anyprecision
   python scripts/demos/multibit_cost.py "$OUT/multibit" | tee "$OUT/multibit/cost.md"
