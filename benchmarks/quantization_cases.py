@@ -4,7 +4,8 @@ Baseline: one Any-Precision epoch (bits 1, 2, 4, 8, 32 on every full batch, swit
 Rows: EMQ epochs (WBC + shared BN + bit-wise coresets) at prune rates 0.8 and 0.6 with and without the re-scoring pass
 (a refresh epoch includes scoring every training sample at every bit-width), WBC + shared BN on the full data, and
 one-bit-width epochs (float ``ImageClassifier``; the multi-bit model at 8 bits; at 1 bit with WBC) whose ratio to the
-float row is the overhead of the quantized forward/backward per bit-width pass.
+float row is the overhead of the quantized forward/backward per bit-width pass, and the LSQ quantizer's epoch and
+8-bit pass against the DoReFa ones (the cost of learned step sizes).
 
 Targets (issue 12): EMQ epoch at p = 0.8 <= 0.3x the Any-Precision epoch including scoring (ideal 0.2x); quantized pass
 <= 1.5x the float pass on a GPU. Model: ResNet-20x5 on a GPU (full mode), pre-activation ResNet-8 on a CPU.
@@ -100,4 +101,8 @@ def cases(s: Settings) -> list[Case]:
         ("float model, 1 pass (ImageClassifier), per epoch", float_epoch, n),
         ("multi-bit model, 1 pass at 8 bits, per epoch", multibit(bits=[8], **anyprecision), n),
         ("multi-bit model, 1 pass at 1 bit with WBC, per epoch", multibit(bits=[1], **emq), n),
+        ("Any-Precision epoch with LSQ quantizers (learned steps), per epoch",
+         multibit(quantizer="lsq", **anyprecision), n),
+        ("multi-bit model, 1 pass at 8 bits with LSQ, per epoch",
+         multibit(bits=[8], quantizer="lsq", **anyprecision), n),
     ]

@@ -176,17 +176,35 @@ class ImageClassifier(LightningModule):
         return self.per_sample_loss(logits, batch), logits
 
     # ----------------------------------------------------------------------------------------------- training
+    def closure_call_context(self, optimizer: Any, call: int) -> contextlib.ExitStack:
+        """Where one closure call runs its forward and backward passes: calls after the first of a step with
+        BatchNorm running statistics frozen (``bn_bypass_second_pass``); the call an optimizer marks
+        ``pass1_local`` (SAM's ``m_sharpness``) without DDP's gradient all-reduce (``no_sync``)."""
+        stack = contextlib.ExitStack()
+        if call > 0 and self.bn_bypass_second_pass:
+            stack.enter_context(frozen_bn_stats(self))
+        if getattr(getattr(optimizer, "optimizer", optimizer), "pass1_local", False):
+            wrapped = self._trainer.strategy.model if self._trainer is not None else None
+            if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+                stack.enter_context(wrapped.no_sync())
+            elif self._trainer is not None and self._trainer.world_size > 1:
+                stack.close()
+                raise RuntimeError(
+                    f"m_sharpness (a rank-local SAM ascent) needs the ddp strategy, whose no_sync() skips the gradient "
+                    f"all-reduce; the strategy is {type(self._trainer.strategy).__name__}: use --trainer.strategy ddp "
+                    "or m_sharpness false")
+        return stack
+
     def make_closure(self, batch: Mapping[str, torch.Tensor], optimizer: Any) -> StepClosure:
         """Build the closure of the contract for ``batch``; ``closure.first_loss`` holds the pass-1 mean loss."""
 
         def run(closure: StepClosure, call: int) -> torch.Tensor:
             self.closure_call = call
-            ctx = frozen_bn_stats(self) if call > 0 and self.bn_bypass_second_pass else contextlib.nullcontext()
-            with ctx:
+            with self.closure_call_context(optimizer, call):
                 losses, logits = self.forward_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss = losses.mean()
-            self.manual_backward(loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss = losses.mean()
+                self.manual_backward(loss)
             if call == 0:
                 closure.first_loss = loss.detach()
                 self.train_metrics.update(logits.detach(), batch["target"])

@@ -82,6 +82,12 @@ class SAM(Optimizer):
             the epoch comes from ``set_epoch`` (``lightning_methods.callbacks.SAMEpochSync`` calls it).
         freeze_non_norm_pass1: SAM-ON speed-up: in pass 1 only the perturbed normalization parameters require
             gradients, so the weight-gradient GEMMs of every other layer are skipped (single device only).
+        m_sharpness: under DDP, run pass 1 of a two-pass step without the gradient all-reduce, so every device
+            perturbs its weights by the gradient of its own batch and the norm of that gradient (SAM's m-sharpness
+            with m = the per-device batch size, Foret et al. section 4.1; davda54's DDP recipe); pass 2 is
+            all-reduced as usual, so the base step and the weights stay identical on every rank. The optimizer sets
+            ``pass1_local`` while it evaluates pass 1; the closure must then skip the all-reduce (``ImageClassifier``
+            and :func:`sam_closure` with the DDP-wrapped model do). No effect in a single process.
         model: the module owning ``params``; needed only when plain parameters without roles are given to a mode
             that selects by role (``only_norm``, ``no_norm``, ASAM without ``normalize_bias``).
         **base_kwargs: keyword arguments for ``base_optimizer``.
@@ -112,6 +118,7 @@ class SAM(Optimizer):
         sam_start_epoch: int = 0,
         sam_end_epoch: int | None = None,
         freeze_non_norm_pass1: bool = False,
+        m_sharpness: bool = False,
         model: nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
@@ -123,7 +130,8 @@ class SAM(Optimizer):
         self.eta, self.normalize_bias, self.xi = eta, normalize_bias, xi
         self.sam_every_k, self.sam_probability, self.sam_seed = sam_every_k, sam_probability, sam_seed
         self.sam_start_epoch, self.sam_end_epoch = sam_start_epoch, sam_end_epoch
-        self.freeze_non_norm_pass1 = freeze_non_norm_pass1
+        self.freeze_non_norm_pass1, self.m_sharpness = freeze_non_norm_pass1, bool(m_sharpness)
+        self.pass1_local = False  # True while pass 1 of an m-sharpness step runs: the closure skips the all-reduce
         self._roles = self._resolve_roles(model)
         if perturb == "only_norm" and not any(role == "norm" for role, _ in self._roles.values()):
             raise ValueError(f"{type(self).__name__} perturbs only the affine parameters of normalization layers "
@@ -297,8 +305,12 @@ class SAM(Optimizer):
         self.steps += 1
         self.last_step_was_sam = use_sam
         self.last_perturbed_loss = None  # what the closure returned at w + eps (official SAM-ON logs it)
-        with torch.enable_grad(), (self._pass1_freeze() if use_sam else contextlib.nullcontext()):
-            loss = closure()
+        self.pass1_local = use_sam and self.m_sharpness
+        try:
+            with torch.enable_grad(), (self._pass1_freeze() if use_sam else contextlib.nullcontext()):
+                loss = closure()
+        finally:
+            self.pass1_local = False
         if not use_sam:
             self._on_pass1_gradients()
             self.base_optimizer.step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,21 +66,25 @@ def resolve_roles(groups: Iterable[dict], model: nn.Module | None, need_roles: b
     return roles
 
 
-def sam_closure(model: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """A closure for plain PyTorch loops: ``opt.step(sam_closure(model, lambda: loss_fn(model(x), y)))``.
+def sam_closure(model: nn.Module, compute_loss: Callable[[], torch.Tensor], optimizer: Any = None
+                ) -> Callable[[], torch.Tensor]:
+    """A closure for plain PyTorch loops: ``opt.step(sam_closure(model, lambda: loss_fn(model(x), y), opt))``.
 
     Each call zeroes the gradients, evaluates ``compute_loss()`` and back-propagates it; calls after the first leave
     BatchNorm running statistics untouched (``frozen_bn_stats``). Returns the detached loss. Build one per step.
+    With ``optimizer`` given and ``model`` the ``DistributedDataParallel`` wrapper that ``compute_loss`` runs, the
+    call the optimizer marks ``pass1_local`` (SAM's ``m_sharpness``) runs under ``model.no_sync()``: local gradients.
     """
     calls = [0]
 
     def closure() -> torch.Tensor:
+        local = getattr(optimizer, "pass1_local", False) and hasattr(model, "no_sync")
         ctx = frozen_bn_stats(model) if calls[0] > 0 else contextlib.nullcontext()
         calls[0] += 1
-        with ctx:
+        with ctx, (model.no_sync() if local else contextlib.nullcontext()):
             loss = compute_loss()
-        model.zero_grad(set_to_none=True)
-        loss.backward()
+            model.zero_grad(set_to_none=True)
+            loss.backward()
         return loss.detach()
 
     return closure

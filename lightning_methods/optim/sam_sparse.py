@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from lightning_methods.optim.sam import SAM
 from lightning_methods.optim.sam_masks import drop_and_grow, fisher_scores, global_topk_mask
-from lightning_methods.utils.distributed import all_reduce_flat, broadcast_tensors_
+from lightning_methods.utils.distributed import all_reduce_flat, broadcast_tensors_, is_distributed
 
 MaskInit = Literal["zeros", "ones", "random"]
 
@@ -157,21 +157,30 @@ class SSAM(SAM):
                        seed: int = 0) -> None:
         """Drop/grow now. ``"gradient"`` scores read ``p.grad`` (pass-1 gradients), ``"weight"`` scores ``|p|`` as it is
         now (inside a scheduled update of a SAM step: ``|w + eps|`` after the ascent, as in the official code),
-        ``"random"`` scores come from a CPU generator seeded with ``seed`` (identical on every rank)."""
+        ``"random"`` scores come from a CPU generator seeded with ``seed`` (identical on every rank).
+
+        With ``m_sharpness`` under DDP the pass-1 gradients and the ascent are each rank's own, so the scores are made
+        identical on every rank: ``"gradient"`` scores read the rank mean of the gradients (what a step without
+        ``m_sharpness`` reads), ``"weight"`` scores are the rank mean of each rank's ``|w + eps|``."""
         params = self.mask_parameters()
         gen = torch.Generator().manual_seed(int(seed))
+        per_rank = self.m_sharpness and is_distributed()
+        if "gradient" in (drop_score, grow_score) and any(q.grad is None for q in params):
+            raise RuntimeError("gradient scores need the pass-1 gradients of every masked parameter")
+        grads = [q.grad.detach() for q in params] if "gradient" in (drop_score, grow_score) else []
+        if per_rank and grads:
+            grads = all_reduce_flat(grads, "mean")
 
-        def score(kind: str, q: torch.Tensor) -> torch.Tensor:
+        def scores(kind: str) -> list[torch.Tensor]:
             if kind == "gradient":
-                if q.grad is None:
-                    raise RuntimeError("gradient scores need the pass-1 gradients of every masked parameter")
-                return q.grad.detach().abs().float()
+                return [g.abs().float() for g in grads]
             if kind == "weight":
-                return q.detach().abs().float()
-            return torch.rand(q.shape, generator=gen).to(q.device)
+                out = [q.detach().abs().float() for q in params]
+                return all_reduce_flat(out, "mean") if per_rank else out
+            return [torch.rand(q.shape, generator=gen).to(q.device) for q in params]
 
-        drop = [score(drop_score, q) for q in params]
-        grow = [score(grow_score, q) for q in params]
+        drop = scores(drop_score)
+        grow = scores(grow_score)
         self.set_masks(drop_and_grow(self.masks(), drop, grow, self.sparsity, rate))
 
     def _on_pass1_gradients(self) -> None:

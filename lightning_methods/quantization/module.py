@@ -14,7 +14,6 @@ and returns the top bit-width's per-sample loss; the optimizer steps once per ba
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -210,8 +209,7 @@ class MultiBitClassifier(PerBitEvaluation, ImageClassifier):
         def run(closure: StepClosure, call: int) -> torch.Tensor:
             self.closure_call = call
             optimizer.zero_grad(set_to_none=True)
-            ctx = frozen_bn_stats(self) if call > 0 and self.bn_bypass_second_pass else contextlib.nullcontext()
-            with ctx:
+            with self.closure_call_context(optimizer, call):
                 losses, logits, means = self.multibit_backward(chunks, count=call == 0)
             if call == 0:
                 closure.first_loss = losses.mean()

@@ -37,7 +37,11 @@ NOTES = {
         "the data for 10 epochs) but scores the whole training set at every refresh (every 2 epochs: forward passes "
         "only), so its forward passes exceed Any-Precision's; the demo shows the coreset mechanics and the accuracy "
         "per bit-width, not a speed-up. EMQ's mean is below Any-Precision's at every bit-width; whether that is beyond "
-        "the seed spread changed with the library versions (the last section), so the demo does not settle it."
+        "the seed spread changed with the library versions (the last section), so the demo does not settle it. "
+        "`digits_lsq` (LSQ's learned step sizes instead of the DoReFa quantizers, nothing else changed) joined the "
+        "demo after the main page's runs were made; in its first runs (docs/demos_amd_epyc.md) its mean is above "
+        "Any-Precision's at every bit-width with a smaller spread, within the seed spread: five seeds do not show "
+        "an effect of the quantizer here."
     ),
     "hpn": (
         "At t = 0.01 the classification term is too weak to learn in 15 epochs (chance accuracy) while the ink MAE is "

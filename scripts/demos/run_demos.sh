@@ -7,7 +7,7 @@
 #   SEEDS="0 1 2" OMP_NUM_THREADS=2 DEMO_DIR=runs/demos_2t scripts/demos/run_demos.sh hpn
 #   TABLES_ONLY=1 scripts/demos/run_demos.sh        # only the tables again, from the finished runs
 #
-# Demos: quickstart, multibit (EMQ vs Any-Precision), hpn (task-weight sweep), early_cutting (select vs plain CE),
+# Demos: quickstart, multibit (EMQ and LSQ vs Any-Precision), hpn (task-weight sweep), early_cutting (select vs plain CE),
 # tunnel (MLP + TunnelProbe), ood (EncMin2L vs single encoders, AUROC x 100), fedfree (FedFree vs Local-only vs
 # FedAvg), threads (seed 0 of each demo again with 2 threads, into $DEMO_DIR/threads2/).
 # Output per demo: $DEMO_DIR/<demo>/table.md + table.csv (mean +- std over seeds, from `lightning-methods table`;
