@@ -163,6 +163,31 @@ def test_conversion_adds_one_step_per_trained_bit_per_quantized_input_and_weight
     assert all(m.quantizer == "lsq" and m.lsq_bits == [1, 2, 4, 8] for m in layers)
 
 
+def test_a_timm_vit_with_signed_inputs_learns_its_steps_also_under_bf16_autocast(one_thread):
+    """Token inputs (batch, tokens, features): the input steps start from the first batch with N = tokens x
+    features; every learned step of the 4-bit pass gets a finite, non-zero gradient, in float32 and under bf16."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    model = quantize_model(vit, [4, 32], act_quant="signed", quantizer="lsq")
+    set_bits(model, 4)
+    x = torch.randn(2, 3, 16, 16)
+    fc2 = model.blocks[0].mlp.fc2
+    seen = []
+    fc2.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))  # returns None: no change
+    model(x).sum().backward()
+    tokens = seen[0]
+    assert fc2.act_step["4"].item() == pytest.approx(2 * tokens.abs().mean().item() / 7**0.5, rel=1e-6)
+    steps = [p for n, p in model.named_parameters() if "_step." in n]
+    assert len(steps) == 2 * 8 and all(p.grad is not None and torch.isfinite(p.grad) and p.grad != 0 for p in steps)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad) for p in steps)
+
+
 def _fit(folder, epochs: int, ckpt: str | None = None):
     torch.manual_seed(0)
     model = tiny_model(quantizer="lsq", bits=[2, 4, 32], eval_bits=[2, 3, 32])
