@@ -106,14 +106,27 @@ def parameter_default(class_path: str, name: str) -> Any:
     return _ABSENT
 
 
-def fingerprint_diff(old: Any, new: Any, prefix: str = "", owner: str | None = None) -> list[str]:
+def class_path_of(cls: type) -> str:
+    """``module.Class`` of a class, as a config's ``class_path`` names it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def fingerprint_diff(old: Any, new: Any, prefix: str = "", owner: str | None = None,
+                     sections: Mapping[str, type | str] | None = None) -> list[str]:
     """Dotted names of the fields where two fingerprints differ (``["trainer.max_epochs", ...]``).
 
     A field that ``old`` (the recorded run) lacks is no difference when ``new`` holds its parameter's default: a
     setting that a later version of the package, Lightning or torch added, whose default keeps what the earlier
     version did, so upgrading does not make a run unresumable. The parameter is looked up in the signature of the
-    class named beside it (``class_path`` / ``init_args``) or, in a ``trainer`` section, of Lightning's Trainer; any
-    other added, removed or changed field is a difference."""
+    class named beside it (``class_path`` / ``init_args``), or of the class whose arguments a section holds
+    (``sections``: section name -> class, for a command's ``parser.add_class_arguments(Config, "name")``; a
+    ``trainer`` section is always Lightning's Trainer); any other added, removed or changed field is a difference."""
+    known = {"trainer": TRAINER_CLASS, **{k: v if isinstance(v, str) else class_path_of(v)
+                                          for k, v in (sections or {}).items()}}
+    return _diff(old, new, prefix, owner, known)
+
+
+def _diff(old: Any, new: Any, prefix: str, owner: str | None, sections: Mapping[str, str]) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new), key=str):
@@ -126,9 +139,9 @@ def fingerprint_diff(old: Any, new: Any, prefix: str = "", owner: str | None = N
             inner = None
             if key == "init_args" and isinstance(new.get("class_path"), str):
                 inner = new["class_path"]
-            elif key == "trainer" and isinstance(now, dict) and "class_path" not in now:
-                inner = TRAINER_CLASS
-            out += fingerprint_diff(was, now, f"{prefix}{key}.", inner)
+            elif key in sections and isinstance(now, dict) and "class_path" not in now:
+                inner = sections[str(key)]
+            out += _diff(was, now, f"{prefix}{key}.", inner, sections)
         return out
     return [] if old == new else [prefix.rstrip(".") or "<root>"]
 
@@ -214,6 +227,9 @@ class StagedRun:
         fingerprint: the settings that change results (see :func:`config_fingerprint`).
         resume: continue a run found in ``run_dir``; ``False`` refuses an existing run instead.
         config_text: the resolved config, written to ``run_dir/config.yaml`` when the run is created.
+        sections: the config classes whose arguments the fingerprint's sections hold (``{"selection":
+            SelectionConfig}``), so a setting a later version added to one keeps the run resumable at its default
+            (:func:`fingerprint_diff`).
 
     Use it as a context manager (or call :meth:`open` / :meth:`close`)::
 
@@ -226,9 +242,10 @@ class StagedRun:
     """
 
     def __init__(self, run_dir: str | Path, kind: str, fingerprint: Mapping[str, Any], resume: bool = True,
-                 config_text: str | None = None) -> None:
+                 config_text: str | None = None, sections: Mapping[str, type | str] | None = None) -> None:
         self.run_dir = Path(run_dir).expanduser()
         self.kind, self.fingerprint, self.resume = kind, plain(dict(fingerprint)), resume
+        self.sections = dict(sections or {})  # section -> config class, for settings added by a later version
         self.config_text = config_text
         self.state: dict[str, Any] = {}
         self._lock_file = RunLock(self.run_dir)
@@ -274,7 +291,7 @@ class StagedRun:
         if state.get("kind") != self.kind:
             raise ConfigMismatchError(f"{self.run_dir} holds a {state.get('kind')!r} run, not a {self.kind!r} run; "
                                       "choose another run directory")
-        diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint)
+        diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint, sections=self.sections)
         if diff:
             shown = ", ".join(diff[:12]) + (f" (and {len(diff) - 12} more)" if len(diff) > 12 else "")
             raise ConfigMismatchError(

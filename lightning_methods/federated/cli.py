@@ -46,8 +46,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--progress", type=bool, default=True, help="progress bar over rounds")
     parser.add_argument("--profile_steps", type=bool, default=False,
                         help="time training steps apart from per-round overhead (synchronises the GPU per step)")
-    parser.add_class_arguments(FederatedDataModule, "data")
-    parser.add_class_arguments(FederationConfig, "federation")
+    for name, cls in SECTIONS.items():
+        parser.add_class_arguments(cls, name)
     parser.add_subclass_arguments(FedAlgorithm, "algorithm", required=True)
     parser.add_argument("--compare_with", type=list[FedAlgorithm], default=[],
                         help="further algorithms to run on the same partition and client models")
@@ -56,6 +56,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--logger", type=dict | None, default=None,
                         help="{class_path, init_args} of a Lightning logger for round metrics (e.g. WandbLogger)")
     return parser
+
+
+#: the config sections that hold one class's arguments (also what a run's fingerprint is checked against)
+SECTIONS = {"data": FederatedDataModule, "federation": FederationConfig}
 
 
 def fingerprint(cfg: Namespace, algorithm_cfg: Any) -> dict[str, Any]:

@@ -187,7 +187,10 @@ class FederatedRunner:
         self.data.prepare_data()
         self.data.setup()
         self.families, info = self.federation_info()
-        with StagedRun(self.run_dir, "federated", self.fingerprint, self.resume, self.config_text) as run:
+        from lightning_methods.federated.cli import SECTIONS
+
+        with StagedRun(self.run_dir, "federated", self.fingerprint, self.resume, self.config_text,
+                       sections=SECTIONS) as run:
             if run.is_writer:
                 self.data.write_statistics(self.run_dir / "partition.json")
             self.algorithm.setup_server(info)

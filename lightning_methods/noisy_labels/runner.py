@@ -273,7 +273,8 @@ class EarlyCuttingRunner:
         """Run (or resume) every round; returns the summary also written to ``run_dir/summary.json``."""
         self._link_num_classes()
         self.staged = StagedRun(self.run_dir, "early_cutting", self.fingerprint(), resume=bool(self.config.resume),
-                             config_text=self.parser.dump(self.config, skip_unset=False))
+                             config_text=self.parser.dump(self.config, skip_unset=False),
+                             sections={"selection": SelectionConfig})
         with self.staged:
             return self._run_rounds()
 

@@ -25,15 +25,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_methods.cli import default_precision, import_public_classes
-from lightning_methods.ood.config import (
-    BaselineConfig,
-    DiagnosticsConfig,
-    EmbedConfig,
-    FusionConfig,
-    IDConfig,
-    OODSetConfig,
-    RDMConfig,
-)
+from lightning_methods.ood.config import SECTIONS, OODSetConfig
 from lightning_methods.ood.encoders import EncoderSpec
 from lightning_methods.ood.features import Variant
 from lightning_methods.utils import get_rank
@@ -59,17 +51,14 @@ def build_parser() -> LightningArgumentParser:
                              "scoring.")
     parser.add_argument("--stop_after", type=Literal["embed", "score"] | None, default=None,
                         help="Stop after this stage (to split a long run into jobs).")
-    parser.add_class_arguments(IDConfig, "id")
+    parser.add_class_arguments(SECTIONS["id"], "id")
     parser.add_argument("--ood", type=list[OODSetConfig], default=[], help="The OOD evaluation sets.")
     parser.add_argument("--encoders", type=list[EncoderSpec], default=[], help="The frozen encoders.")
     parser.add_argument("--variants", type=list[Variant], default=["raw", "standardize", "l2"],
                         help="Normalisation variants per encoder (the level-1 minimum runs over them).")
     parser.add_argument("--pca_dim", type=int | None, default=768, help="PCA dimension (applied when wider).")
-    parser.add_class_arguments(RDMConfig, "rdm")
-    parser.add_class_arguments(FusionConfig, "fusion")
-    parser.add_class_arguments(DiagnosticsConfig, "diagnostics")
-    parser.add_class_arguments(BaselineConfig, "baselines")
-    parser.add_class_arguments(EmbedConfig, "embed")
+    for name in ("rdm", "fusion", "diagnostics", "baselines", "embed"):
+        parser.add_class_arguments(SECTIONS[name], name)
     parser.add_lightning_class_args(Trainer, "trainer")
     parser.set_defaults({"trainer.precision": default_precision(), "trainer.logger": False,
                          "trainer.enable_model_summary": False})

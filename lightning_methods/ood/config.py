@@ -161,3 +161,9 @@ class EmbedConfig:
 
     batch_size: int = 256
     num_workers: int = 0
+
+
+#: The config sections of ``lightning-methods ood`` that hold one class's arguments (``parser.add_class_arguments``):
+#: a setting a later version adds to one of them keeps a run resumable at its default (``runs.fingerprint_diff``).
+SECTIONS = {"id": IDConfig, "rdm": RDMConfig, "fusion": FusionConfig, "diagnostics": DiagnosticsConfig,
+            "baselines": BaselineConfig, "embed": EmbedConfig}

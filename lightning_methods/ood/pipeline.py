@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_methods.checkpoint_io import recorded_hashes, verify_checksum
 from lightning_methods.ood.cache import CorruptFileError, EmbeddingCache, load_verified, save_verified
 from lightning_methods.ood.config import (
+    SECTIONS,
     BaselineConfig,
     DiagnosticsConfig,
     EmbedConfig,
@@ -342,7 +343,7 @@ class EncMin2LPipeline:
         """Run (or resume) every stage; returns ``{"status", ...}`` (the report files when done)."""
         stop = self.config.get("stop_after")
         self.staged = StagedRun(self.run_dir, "ood", self.fingerprint(), resume=bool(self.config.resume),
-                                config_text=self.parser.dump(self.config, skip_unset=False))
+                                config_text=self.parser.dump(self.config, skip_unset=False), sections=SECTIONS)
         with self.staged:
             if not self._train_encoders():
                 return {"status": "interrupted", "stage": "encoder"}

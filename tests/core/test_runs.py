@@ -64,6 +64,22 @@ def test_settings_a_later_version_added_with_their_defaults_are_no_difference(tm
         StagedRun(tmp_path, "grid", new).open()
 
 
+def test_sections_of_a_commands_config_classes_take_their_defaults(tmp_path):
+    """A staged command's sections hold one class's arguments (``select``'s ``selection``: SelectionConfig): a setting
+    added there keeps the run resumable at its default when the command names the section's class."""
+    from lightning_methods.noisy_labels.config import SelectionConfig
+
+    old = {"selection": {"keep_rate": 0.84}, "seed_everything": 0}
+    new = {"selection": {"keep_rate": 0.84, "rounds": 3, "lag": 1}, "seed_everything": 0}
+    assert fingerprint_diff(old, new) == ["selection.lag", "selection.rounds"]  # the class unknown: differences
+    assert fingerprint_diff(old, new, sections={"selection": SelectionConfig}) == []
+    StagedRun(tmp_path, "early_cutting", old).open().close()
+    StagedRun(tmp_path, "early_cutting", new, sections={"selection": SelectionConfig}).open().close()
+    new["selection"]["rounds"] = 4
+    with pytest.raises(ConfigMismatchError, match=r"differ in: selection\.rounds\."):
+        StagedRun(tmp_path, "early_cutting", new, sections={"selection": SelectionConfig}).open()
+
+
 def test_stages_are_recorded_and_survive_reopening(tmp_path):
     fp = config_fingerprint(cfg())
     with StagedRun(tmp_path / "run", "demo", fp, config_text="a: 1\n") as run:
