@@ -240,8 +240,8 @@ def next_group_port() -> None:
 
 @contextlib.contextmanager
 def _worker_environment(ports: list[int], world_size: int):
-    """The environment spawned workers inherit: launcher variables of the parent removed, a torchrun-like set added,
-    restored on exit."""
+    """The environment run_ddp hands its workers: launcher variables of the parent removed, a torchrun-like set
+    added, restored on exit."""
     saved = {k: v for k, v in os.environ.items() if k in _LAUNCHER_VARS or k.startswith(_LAUNCHER_PREFIXES)}
     added = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ports[0]), "WORLD_SIZE": str(world_size), "NODE_RANK": "0",
              "LOCAL_WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1", _NEXT_PORTS: ",".join(map(str, ports[1:]))}

@@ -82,7 +82,7 @@ class FederatedRunner:
     """
 
     def __init__(self, parser: Any, config: Any, algorithm: int | FedAlgorithm = 0) -> None:
-        from lightning_methods.federated.cli import fingerprint
+        from lightning_methods.federated.cli import SECTIONS, fingerprint
         from lightning_methods.results.multistage import command_source
 
         init = parser.instantiate(config)
@@ -99,6 +99,7 @@ class FederatedRunner:
         self.trainer = dict(config.trainer or {})
         self.logger_config, self.resume, self.config_text = config.logger, config.resume, parser.dump(config)
         self.fingerprint = fingerprint(config, algorithm_config)
+        self.sections = SECTIONS  # the config classes of its sections: settings added later resume at their defaults
         self.progress, self.profile_steps = config.progress, config.profile_steps
         self.source = {**command_source(config, config.data.seed), "algorithm": init.algorithm.name}
         self.clients: list[dict[str, Any]] = []
@@ -187,10 +188,8 @@ class FederatedRunner:
         self.data.prepare_data()
         self.data.setup()
         self.families, info = self.federation_info()
-        from lightning_methods.federated.cli import SECTIONS
-
         with StagedRun(self.run_dir, "federated", self.fingerprint, self.resume, self.config_text,
-                       sections=SECTIONS) as run:
+                       sections=self.sections) as run:
             if run.is_writer:
                 self.data.write_statistics(self.run_dir / "partition.json")
             self.algorithm.setup_server(info)
