@@ -184,16 +184,19 @@ class FederatedDataModule(ImageDataModule):
     def train_sizes(self) -> list[int]:
         return [len(d) for d in self.client_train]
 
-    def client_loader(self, client: int, split: Literal["train", "test"] = "test", train: bool = False) -> DataLoader:
-        """A loader over one client's local ``split`` (evaluation order unless ``train``)."""
+    def client_loader(self, client: int, split: Literal["train", "test"] = "test", train: bool = False,
+                      seed: int | None = None) -> DataLoader:
+        """A loader over one client's local ``split`` (evaluation order unless ``train``: training batches, shuffled
+        by ``seed``, default the current client-round's)."""
         if not self.client_train:
             self.setup()
         data = (self.client_train if split == "train" else self.client_test)[client]
-        return self._loader(data, train=train)
+        return self._loader(data, train=train, seed=seed)
 
-    def _loader(self, dataset: IndexedTensorDataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: IndexedTensorDataset, train: bool, seed: int | None = None) -> DataLoader:
         drop_last = train and len(dataset) >= self.batch_size
-        sampler = EpochShuffleSampler(len(dataset), self.stream_seed) if train and self.shuffle else None
+        seed = self.stream_seed if seed is None else seed % 2**31
+        sampler = EpochShuffleSampler(len(dataset), seed) if train and self.shuffle else None
         return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
                           drop_last=drop_last, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,

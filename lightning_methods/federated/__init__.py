@@ -4,8 +4,9 @@ Paper: Du, Xiang, Cai, Liu, Wu, Huo, Long, "FedFree: Breaking Knowledge-sharing 
 Alignment in Heterogeneous Federated Learning" (NeurIPS 2025; OpenReview G10Y4vrhGF; no arXiv id).
 
 Public classes (one algorithm object per method, shared by the in-process runner and the Flower apps):
-:class:`FedFree`, :class:`LocalOnly`, :class:`FedAvg`, :class:`FedProx`, :class:`FedProto`, :class:`FedGH`,
-:class:`FedKD`, their base :class:`FedAlgorithm` and :class:`Payload`, and the client LightningModule
+:class:`FedFree`, :class:`LocalOnly`, :class:`FedAvg`, :class:`FedProx`, :class:`PerFedAvg`, :class:`PFedLA`,
+:class:`FedProto`, :class:`FedGH`, :class:`FedKD`, :class:`FedTGP`, their base :class:`FedAlgorithm` and
+:class:`Payload`, and the client LightningModule
 :class:`FedClientModule`. Pure server functions: :mod:`.layers` (layer inventory, Eq. 2 critical layers, depth
 mapping), :mod:`.distill` (Gaussian pseudo-data layer distillation, Eqs. 3-5), :mod:`.kge` (histogram entropy, KGE,
 projection, Eqs. 6-7); partitioners in :mod:`.partition`.
@@ -25,11 +26,13 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "lightning_methods.federated.algorithm": (
             "ClientInfo", "FedAlgorithm", "FederationInfo", "LocalOnly", "Payload",
         ),
-        "lightning_methods.federated.baselines": ("FedAvg", "FedProx"),
+        "lightning_methods.federated.baselines": ("FedAvg", "FedProx", "PerFedAvg"),
         "lightning_methods.federated.client": ("FedClientModule",),
         "lightning_methods.federated.fedfree": ("FedFree",),
         "lightning_methods.federated.fedgh": ("FedGH",),
         "lightning_methods.federated.fedkd": ("FedKD",),
         "lightning_methods.federated.fedproto": ("FedProto",),
+        "lightning_methods.federated.fedtgp": ("FedTGP",),
+        "lightning_methods.federated.pfedla": ("PFedLA",),
     },
 )

@@ -134,6 +134,27 @@ def check_finite(obj: Any, what: str) -> None:
                                      "server_lr): lower it and rerun in a new run_dir.")
 
 
+def minibatch_sgd(parameters: Iterable[nn.Parameter], n: int, batch_loss: Callable[[torch.Tensor], torch.Tensor],
+                  lr: float, epochs: int, batch_size: int, generator: torch.Generator) -> list[float]:
+    """A server-side training loop (FedGH's head, FedTGP's prototypes): ``epochs`` passes of plain SGD over ``n``
+    samples in minibatches of ``batch_size`` (the last one smaller), reshuffled each epoch by ``generator``;
+    ``batch_loss(indices)`` is a batch's mean loss. Returns the sample-weighted mean loss of each epoch."""
+    opt = torch.optim.SGD(list(parameters), lr=lr)
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            loss = batch_loss(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / max(n, 1))
+    return losses
+
+
 class FedAlgorithm:
     """Base class: no collaboration (Local-only). Subclasses override the hooks they need.
 
@@ -193,6 +214,10 @@ class FedAlgorithm:
                info: ClientInfo) -> Payload:
         """What the client sends to the server after local training (``before``: weights at the round's start)."""
         return Payload(meta={"num_examples": info.num_examples})
+
+    def personalize(self, net: nn.Module, extra: dict[str, Any], info: ClientInfo, data: ClientData) -> None:
+        """Adapt the network in place before an evaluation (Per-FedAvg's one-step adaptation on a training batch;
+        default: nothing). ``net`` is a working copy: what this changes is evaluated, then dropped."""
 
     def predictor(self, net: nn.Module, extra: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
         """Class scores for evaluation (default: the network's logits)."""

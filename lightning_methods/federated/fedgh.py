@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_methods.federated.algorithm import ClientData, ClientInfo, FedAlgorithm, FederationInfo, Payload
+from lightning_methods.federated.algorithm import (
+    ClientData,
+    ClientInfo,
+    FedAlgorithm,
+    FederationInfo,
+    Payload,
+    minibatch_sgd,
+)
 from lightning_methods.federated.client import FedClientModule
 from lightning_methods.federated.fedproto import class_means
 from lightning_methods.utils import seeded_generator
@@ -44,22 +51,10 @@ def collect_prototypes(net: nn.Module, data: ClientData, num_classes: int) -> tu
 
 
 def train_head(head: nn.Linear, protos: torch.Tensor, labels: torch.Tensor, lr: float, epochs: int, batch_size: int,
-               generator: torch.Generator) -> list[float]:
+              generator: torch.Generator) -> list[float]:
     """FedGH's server step: SGD on cross-entropy of ``head(prototype)``; returns the mean loss of each epoch."""
-    opt = torch.optim.SGD(head.parameters(), lr=lr)
-    losses = []
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(head(protos[idx]), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss) * len(idx)
-        losses.append(total / max(len(order), 1))
-    return losses
+    return minibatch_sgd(head.parameters(), len(labels), lambda idx: F.cross_entropy(head(protos[idx]), labels[idx]),
+                         lr=lr, epochs=epochs, batch_size=batch_size, generator=generator)
 
 
 class FedGH(FedAlgorithm):

@@ -301,11 +301,11 @@ def make_client_app(config_args: Iterable[str] | None = None) -> ClientApp:
         if "fed_state_arrays" not in context.state:
             raise RuntimeError(f"client {cid} was asked to evaluate before it trained (no state in context.state)")
         state = from_records(context.state["fed_state_arrays"], context.state["fed_state_meta"])
-        payload = content_payload(msg.content)
+        payload, round = content_payload(msg.content), int(msg.content["config"]["round"])
         if payload is not None:
-            rt.receive(cid, state, payload, int(msg.content["config"]["round"]))
+            rt.receive(cid, state, payload, round)
             _save_client_state(state, context)
-        correct, total = rt.evaluate(cid, state)
+        correct, total = rt.evaluate(cid, state, round)
         return Message(RecordDict({"metrics": MetricRecord({"client_id": cid, "correct": correct, "total": total})}),
                        reply_to=msg)
 

@@ -40,7 +40,7 @@ from lightning_methods.federated.client import evaluate_client
 from lightning_methods.federated.config import FederationConfig
 from lightning_methods.utils import mix_seed
 
-CLIENT_INIT_KEY, DROPOUT_KEY = 101, 202
+CLIENT_INIT_KEY, DROPOUT_KEY, PERSONALIZE_KEY = 101, 202, 303
 #: Trainer settings every client-round uses: no logger, checkpoints, progress bar, summary or validation.
 QUIET_TRAINER = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                  "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0}
@@ -224,9 +224,15 @@ class ClientRuntime:
         self.algorithm.apply_download(net, client["extra"], payload, self.info(i, round))
         client["weights"] = cpu_state(net)
 
-    def evaluate(self, i: int, client: Mapping[str, Any]) -> tuple[int, int]:
-        """``(correct, total)`` of client ``i`` on its local test set."""
+    def evaluate(self, i: int, client: Mapping[str, Any], round: int = 0) -> tuple[int, int]:
+        """``(correct, total)`` of client ``i`` on its local test set after ``round``, after the algorithm's
+        :meth:`~.algorithm.FedAlgorithm.personalize` (its training batches shuffled by (seed, round, client))."""
         net = self.net(i, client)
+        seed = mix_seed(self.fed.seed, PERSONALIZE_KEY, round, i)
+        data = ClientData(lambda: self.data.client_loader(i, "train", train=True, seed=seed), self.data.normalize_batch,
+                          self.device)
+        net.train()
+        self.algorithm.personalize(net, client["extra"], self.info(i, round), data)
         net.eval()
         try:
             return evaluate_client(self.algorithm.predictor(net, client["extra"]), self.data.client_loader(i, "test"),

@@ -129,7 +129,7 @@ class FederatedRunner:
             if payload is not None:
                 rt.receive(i, self.clients[i], payload, round)
             if evaluate:
-                c, m = rt.evaluate(i, self.clients[i])
+                c, m = rt.evaluate(i, self.clients[i], round)
                 correct.append(c)
                 total.append(m)
         times["time/eval"] = time.perf_counter() - t0

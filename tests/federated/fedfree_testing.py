@@ -105,6 +105,60 @@ def make_runner(tmp_path: Path, algorithm: Any, families: list[str] | None = Non
     return FederatedRunner(parser, config, algorithm=algorithm)
 
 
+class Killed(Exception):
+    """Stands for a kill (SIGKILL, power loss) in the middle of a round."""
+
+
+def kill_and_resume(tmp_path: Path, make_algorithm: Any, monkeypatch: Any, rounds: int = 3, kill_round: int = 3,
+                    num_clients: int = 2, **federation: Any) -> tuple[Any, Any, list[tuple[int, int]]]:
+    """An uninterrupted run of ``rounds`` and one killed at the last client of ``kill_round`` and then resumed (fresh
+    algorithm objects from ``make_algorithm()`` each time); returns ``(full, resumed, client-rounds the resumed run
+    trained)``."""
+    from lightning_methods.federated.local import ClientRuntime
+
+    full = make_runner(tmp_path / "a", make_algorithm(), rounds=rounds, num_clients=num_clients, **federation)
+    full.run()
+    calls, alive = [], [False]
+    fit = ClientRuntime.fit
+
+    def dying_fit(self: Any, i: int, client: Any, round: int) -> Any:
+        calls.append((round, i))
+        if round == kill_round and i == num_clients - 1 and not alive[0]:
+            raise Killed(f"killed in round {round}, client {i}")
+        return fit(self, i, client, round)
+
+    monkeypatch.setattr(ClientRuntime, "fit", dying_fit)
+    try:
+        make_runner(tmp_path / "b", make_algorithm(), rounds=rounds, num_clients=num_clients, **federation).run()
+    except Killed:
+        pass
+    else:
+        raise AssertionError("the run was not killed")
+    calls.clear()
+    alive[0] = True
+    resumed = make_runner(tmp_path / "b", make_algorithm(), rounds=rounds, num_clients=num_clients, **federation)
+    resumed.run()
+    return full, resumed, calls
+
+
+def assert_same_state(a: Any, b: Any) -> None:
+    """Two nested structures of tensors / numbers / strings are bit for bit equal."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_state(x, y)
+    elif hasattr(a, "dtype") and hasattr(a, "shape"):
+        import torch
+
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    else:
+        assert a == b
+
+
 def wandb_history_keys(root: Path) -> set[str]:
     """Keys logged to the history of the offline W&B runs under ``root``."""
     from helpers import read_wandb_records

@@ -26,9 +26,9 @@ def test_there_is_a_config_per_setting():
     for dataset in ("cifar10", "cifar100"):
         for clients in (10, 20, 100):
             assert f"{dataset}_htfe8_{clients}clients.yaml" in CONFIGS
-    for name in ("local", "fedproto", "fedgh", "fedkd", "dirichlet", "iid"):
+    for name in ("local", "fedproto", "fedgh", "fedkd", "fedtgp", "dirichlet", "iid"):
         assert f"cifar100_htfe8_20clients_{name}.yaml" in CONFIGS
-    for name in ("fedavg", "fedprox"):
+    for name in ("fedavg", "fedprox", "perfedavg", "pfedla"):
         assert f"cifar100_hmfl_cnn_20clients_{name}.yaml" in CONFIGS
     assert "digits_demo.yaml" in CONFIGS and "cifar100_hmfl_cnn_20clients.yaml" in CONFIGS
 

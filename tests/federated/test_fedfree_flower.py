@@ -130,3 +130,25 @@ def test_documented_flwr_run_route_with_flowers_loader(tmp_path, one_thread):
     inproc_state, inproc = _in_process(path, tmp_path)
     assert len(history) == 1 and history[0]["client_acc"] == pytest.approx(inproc["client_acc"], abs=0)
     assert all(torch.equal(flower_state[k], inproc_state[k]) for k in inproc_state)
+
+
+@pytest.mark.parametrize("algorithm, families", [
+    ({"class_path": "lightning_methods.federated.FedTGP", "init_args": {"server_epochs": 2}}, None),
+    ({"class_path": "lightning_methods.federated.PerFedAvg"}, ["fedavg_cnn"]),  # evaluation adapts on a batch
+    ({"class_path": "lightning_methods.federated.PFedLA", "init_args": {"k": 1}}, ["fedavg_cnn"]),
+])
+def test_flower_round_of_the_later_baselines_equals_the_in_process_round(tmp_path, one_thread, algorithm, families):
+    from fedfree_testing import assert_same_state
+    from flwr.app import Context, RecordDict
+
+    name = algorithm["class_path"].rpartition(".")[2].lower()
+    overrides = {"federation__families": families} if families else {}
+    path = tiny_config(tmp_path, algorithm, **overrides)
+    args = ("--config", str(path))
+    make_server_app(args, tmp_path / "flower")(InProcessGrid(make_client_app(args), 3), Context(1, 0, {}, RecordDict(),
+                                                                                                 {}))
+    main(["--config", str(path), "--run_dir", str(tmp_path / "inproc")])
+    inproc = safe_torch_load(tmp_path / "inproc" / name / "checkpoints" / "round0001.pt")
+    assert_same_state(safe_torch_load(tmp_path / "flower" / "server_state.pt"), inproc["server"])
+    flower = json.loads((tmp_path / "flower" / "history.json").read_text())[0]
+    assert flower["client_acc"] == inproc["history"][0]["client_acc"]

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from fedfree_testing import make_runner, wandb_history_keys
+from fedfree_testing import assert_same_state, kill_and_resume, make_runner, wandb_history_keys
 
 from lightning_methods.federated import FedFree
 from lightning_methods.federated.algorithm import cpu_state
-from lightning_methods.federated.local import ClientRuntime
 from lightning_methods.runs import ConfigMismatchError
 
 
@@ -69,45 +68,19 @@ def test_one_round_invariants_metrics_and_files(tmp_path, one_thread):
     assert expect <= wandb_history_keys(tmp_path / "wandb")
 
 
-class Killed(Exception):
-    """Stands for a kill (SIGKILL, power loss) in the middle of a round."""
-
-
-def _state(runner):
-    return runner.clients, runner.algorithm.server_state_dict(), runner.history
-
-
 def test_kill_and_resume_equals_uninterrupted(tmp_path, one_thread, monkeypatch):
-    settings = dict(momentum=0.9, keep_optimizer_state=True)
-    full = make_runner(tmp_path / "a", FedFree(k=2, pseudo_batch_size=16), rounds=3, num_clients=2, **settings)
-    full.run()
-
-    calls, alive = [], [False]
-    fit = ClientRuntime.fit
-
-    def dying_fit(self, i, client, round):
-        calls.append((round, i))
-        if round == 3 and i == 1 and not alive[0]:
-            raise Killed("killed in round 3, client 1")
-        return fit(self, i, client, round)
-
-    monkeypatch.setattr(ClientRuntime, "fit", dying_fit)
-    with pytest.raises(Killed):
-        make_runner(tmp_path / "b", FedFree(k=2, pseudo_batch_size=16), rounds=3, num_clients=2, **settings).run()
-    calls.clear()
-    alive[0] = True
-    resumed = make_runner(tmp_path / "b", FedFree(k=2, pseudo_batch_size=16), rounds=3, num_clients=2, **settings)
-    resumed.run()
+    full, resumed, calls = kill_and_resume(tmp_path, lambda: FedFree(k=2, pseudo_batch_size=16), monkeypatch,
+                                           momentum=0.9, keep_optimizer_state=True)
     assert calls == [(3, 0), (3, 1)]  # finished rounds are not redone
-    (ca, sa, ha), (cb, sb, hb) = _state(full), _state(resumed)
+    ca, cb = full.clients, resumed.clients
     for a, b in zip(ca, cb):
         assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
         assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
         for k, st in a["optimizer"]["state"].items():
             assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
-    assert all(torch.equal(sa["global_state"][k], sb["global_state"][k]) for k in sa["global_state"])
-    assert [h["client_acc"] for h in ha] == [h["client_acc"] for h in hb]
-    assert json.dumps([h["aligned"] for h in ha]) == json.dumps([h["aligned"] for h in hb])
+    assert_same_state(full.algorithm.server_state_dict(), resumed.algorithm.server_state_dict())
+    assert [h["client_acc"] for h in full.history] == [h["client_acc"] for h in resumed.history]
+    assert json.dumps([h["aligned"] for h in full.history]) == json.dumps([h["aligned"] for h in resumed.history])
 
 
 def test_run_dir_of_other_settings_is_refused(tmp_path, one_thread):
