@@ -8,17 +8,20 @@ architecture; pFedLA, the fourth, is in :mod:`.pfedla`).
 - FedProx: Li et al., "Federated Optimization in Heterogeneous Networks" (arXiv 1812.06127): FedAvg whose local
   objective adds ``mu / 2 * ||w - w_global||^2`` (PFLlib's ``PerturbedGradientDescent``; FedFree: mu = 0.01).
 - Per-FedAvg: Fallah, Mokhtari, Ozdaglar, "Personalized Federated Learning with Theoretical Guarantees: A
-  Model-Agnostic Meta-Learning Approach" (NeurIPS 2020, arXiv 2002.07948), its first-order version (Per-FedAvg (FO),
-  as PFLlib implements it): each local step takes two batches ``D``, ``D'`` and sets ``w <- w - beta grad f(w -
-  alpha grad f(w; D); D')`` (``alpha``: the clients' lr, FedFree 0.01; ``beta``: FedFree 0.01); the server averages
-  as FedAvg. A client's model is the global model after one step ``w - alpha grad f(w; D)`` on one of its training
-  batches: each evaluation adapts the global model so, then tests it (PFLlib's ``evaluate_one_step``).
+  Model-Agnostic Meta-Learning Approach" (NeurIPS 2020, arXiv 2002.07948). First-order version (default, ``"fo"``:
+  Per-FedAvg (FO), as PFLlib implements it and FedFree compares with): each local step takes two batches ``D``,
+  ``D'`` and sets ``w <- w - beta grad f(w - alpha grad f(w; D); D')``; Hessian-free version (``"hf"``, the paper's
+  Per-FedAvg (HF)): a third batch ``D''`` and ``w <- w - beta (I - alpha H(w; D'')) grad f(w - alpha grad f(w; D);
+  D')``, the Hessian-vector product by double backward. ``alpha``: the clients' lr (FedFree 0.01); ``beta``: PFLlib
+  sets it to the same lr (FedFree lists 0.01). The server averages as FedAvg. A client's model is the global model
+  after one step ``w - alpha grad f(w; D)`` on one of its training batches: each evaluation adapts the global model
+  so, then tests it (PFLlib's ``evaluate_one_step``).
 
-  Per-FedAvg details. The two batches of a step are consecutive batches of the client's loader (PFLlib splits one
-  batch of twice the size: the same samples per step and the same number of steps, ``floor(n / 2B)``). The
-  adaptation batch of an evaluation is drawn by (seed, round, client), without augmentation. PFLlib's server calls
-  each client's ``train()`` twice per round, i.e. runs twice the configured local epochs: to reproduce its schedule
-  set ``federation.local_epochs`` to twice its value. The Hessian-free variant Per-FedAvg (HF) is not implemented.
+  Details. The batches of a step are consecutive batches of the client's loader (PFLlib splits one batch of twice
+  the size: the same samples per step and the same number of steps, ``floor(n / 2B)``). The adaptation batch of an
+  evaluation is drawn by (seed, round, client), without augmentation. PFLlib's server calls each client's
+  ``train()`` twice per round, i.e. runs twice the configured local epochs: to reproduce its schedule set
+  ``federation.local_epochs`` to twice its value.
 """
 
 from __future__ import annotations
@@ -127,67 +130,85 @@ class FedProx(FedAvg):
 
 
 class PerFedAvgClientModule(FedClientModule):
-    """Per-FedAvg (FO)'s local step over pairs of consecutive batches: the first (``D``) takes the inner step with
-    the optimizer's lr ``alpha``, the gradient on the second (``D'``) at the adapted weights is applied to the
-    weights from before the inner step with lr ``beta`` (an unpaired last batch of an epoch is not used)."""
+    """Per-FedAvg's local step over consecutive batches: the first (``D``) takes the inner step with the optimizer's
+    lr ``alpha``; the gradient on the second (``D'``) at the adapted weights - for ``hf``, minus ``alpha`` times its
+    product with the Hessian on a third batch (``D''``) at the weights from before the inner step - is applied to those
+    weights with lr ``beta``. Batches left over at the end of an epoch (fewer than a step takes) are not used."""
 
-    def __init__(self, backbone: nn.Module, beta: float = 0.01, **kwargs: Any) -> None:
+    def __init__(self, backbone: nn.Module, beta: float = 0.01, hf: bool = False, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
-        self.beta = beta
-        self.support: dict[str, torch.Tensor] | None = None
+        self.beta, self.hf = beta, hf
+        self.pending: list[dict[str, torch.Tensor]] = []
 
     def on_train_epoch_start(self) -> None:
-        self.support = None
+        self.pending = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        batch = as_dict_batch(batch)
-        if self.support is None:
-            self.support = batch
+        self.pending.append(as_dict_batch(batch))
+        if len(self.pending) < (3 if self.hf else 2):
             return None
-        support, self.support = self.support, None
+        (support, query, *hessian), self.pending = self.pending, []
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]
+        groups = self._optimizers()[0].param_groups
+        alpha = groups[0]["lr"]
         self.step_with_closure(support)  # w_tmp = w - alpha grad f(w; D)
         opt = self.optimizers()
-        closure = self.make_closure(batch, opt)
+        closure = self.make_closure(query, opt)
         gradient_at_adapted = closure.run
 
-        def then_restore(c: Any, call: int) -> torch.Tensor:  # grad f(w_tmp; D'), then the weights back to w
+        def outer_direction(c: Any, call: int) -> torch.Tensor:  # grad f(w_tmp; D'), the weights back to w, HF term
             losses = gradient_at_adapted(c, call)
             with torch.no_grad():
                 for p, w in zip(params, start):
                     p.copy_(w)
+            if hessian:
+                for p, hv in zip(params, self.hessian_vector_product(hessian[0], params,
+                                                                     [p.grad.detach().clone() for p in params])):
+                    p.grad.sub_(alpha * hv)
             return losses
 
-        closure.run = then_restore
-        groups = self._optimizers()[0].param_groups
-        alphas = [group["lr"] for group in groups]
+        closure.run = outer_direction
         for group in groups:
             group["lr"] = self.beta
-        try:  # w <- w - beta grad f(w_tmp; D')
+        try:  # w <- w - beta (I - alpha H(w; D'')) grad f(w_tmp; D')
             opt.step(closure=closure)
         finally:
-            for group, lr in zip(groups, alphas):
-                group["lr"] = lr
+            for group in groups:
+                group["lr"] = alpha
             self.closure_call = 0
-        self.log_training_step(batch, closure)
+        self.log_training_step(query, closure)
         return closure.first_loss
+
+    def hessian_vector_product(self, batch: dict[str, torch.Tensor], params: list[torch.Tensor],
+                               vector: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``H v`` of the mean training loss on ``batch`` at the current weights (double backward)."""
+        with torch.enable_grad():
+            losses, _ = self.forward_loss(batch)
+            grads = torch.autograd.grad(losses.mean(), params, create_graph=True)
+            dot = sum((g * v).sum() for g, v in zip(grads, vector))
+            return torch.autograd.grad(dot, params)
 
 
 class PerFedAvg(FedAvg):
-    """Per-FedAvg, first-order version (see the module docstring).
+    """Per-FedAvg (see the module docstring).
 
     Args:
-        beta: the outer (meta) step size (FedFree: 0.01). The inner step size ``alpha`` is the clients' learning rate
-            (``federation.lr``), as in PFLlib.
+        beta: the outer (meta) step size; ``None`` (default): the clients' learning rate ``federation.lr``, as PFLlib
+            sets it (FedFree: 0.01 = its lr). The inner step size ``alpha`` is always the clients' learning rate.
+        variant: ``"fo"`` (default; PFLlib's and FedFree's): first-order, two batches per step; ``"hf"``:
+            Hessian-free, three batches per step, the Hessian-vector product on the third.
     """
 
     name = "perfedavg"
+    VARIANTS = ("fo", "hf")
 
-    def __init__(self, beta: float = 0.01) -> None:
-        if not beta > 0:
-            raise ValueError(f"Per-FedAvg beta={beta!r}: the outer step size must be > 0 (FedFree: 0.01)")
-        self.beta = beta
+    def __init__(self, beta: float | None = None, variant: str = "fo") -> None:
+        if beta is not None and not beta > 0:
+            raise ValueError(f"Per-FedAvg beta={beta!r}: the outer step size must be > 0 (or null: the clients' lr)")
+        if variant not in self.VARIANTS:
+            raise ValueError(f"Per-FedAvg variant={variant!r}: choose one of {self.VARIANTS}")
+        self.beta, self.variant = beta, variant
 
     def validate_client(self, net: nn.Module, info: ClientInfo) -> None:
         if info.momentum or info.weight_decay:
@@ -195,7 +216,8 @@ class PerFedAvg(FedAvg):
                              f"{info.momentum:g} and federation.weight_decay={info.weight_decay:g} must be 0")
 
     def make_module(self, net: nn.Module, extra: dict[str, Any], info: ClientInfo) -> FedClientModule:
-        return PerFedAvgClientModule(net, beta=self.beta, num_classes=info.num_classes, lr=info.lr)
+        beta = info.lr if self.beta is None else self.beta
+        return PerFedAvgClientModule(net, beta=beta, hf=self.variant == "hf", num_classes=info.num_classes, lr=info.lr)
 
     def personalize(self, net: nn.Module, extra: dict[str, Any], info: ClientInfo, data: ClientData) -> None:
         batch = next(iter(data.train_loader()), None)

@@ -75,6 +75,41 @@ def test_local_meta_steps_match_pfllib(one_thread):
     assert_state(net, "trained", steps=8)
 
 
+def test_hessian_free_step_equals_the_paper_update_with_an_explicit_hessian(one_thread):
+    # no reference code has Per-FedAvg (HF): w - beta (I - alpha H(w; D'')) grad f(w - alpha grad f(w; D); D'), with
+    # the Hessian built as a full matrix (torch.autograd.functional.hessian) instead of the module's double backward
+    alpha, beta = 0.3, 0.2
+    net = golden_net("init")
+    d, d1, d2 = golden_batches(4)[:3]
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    w = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    def f(flat, batch):
+        params, i = {}, 0
+        for n, shape in zip(names, shapes):
+            params[n] = flat[i : i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        logits = torch.func.functional_call(net, params, (batch["image"],))
+        return nn.functional.cross_entropy(logits, batch["target"])
+
+    grad = lambda flat, batch: torch.autograd.grad(f(flat.requires_grad_(True), batch), flat)[0]  # noqa: E731
+    adapted = w - alpha * grad(w.clone(), d)
+    g = grad(adapted.clone(), d1)
+    hessian = torch.autograd.functional.hessian(lambda flat: f(flat, d2), w.clone())
+    expected = w - beta * (g - alpha * hessian @ g)
+
+    module = PerFedAvg(beta=beta, variant="hf").make_module(net, {}, ClientInfo(0, "tiny", 3, 12, lr=alpha))
+    module.per_sample_loss = lambda logits, b: nn.functional.cross_entropy(logits, b["target"], reduction="none")
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader([d, d1, d2], batch_size=None))
+    got = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    # O(1) weights, one step; the Hessian-vector product summed in another order: a few ulps of |H g|
+    torch.testing.assert_close(got, expected, rtol=0, atol=64 * torch.finfo(torch.float64).eps)
+    assert not torch.allclose(got, w - beta * g, rtol=0, atol=1e-6)  # the Hessian term is there
+
+
 def test_one_step_adaptation_matches_pfllib():
     net = golden_net("trained")
     batch = golden_batches(GOLDEN["B"])[0]
@@ -86,6 +121,8 @@ def test_one_step_adaptation_matches_pfllib():
 def test_bad_settings_are_refused_with_their_values():
     with pytest.raises(ValueError, match="beta=0"):
         PerFedAvg(beta=0)
+    with pytest.raises(ValueError, match="variant='so'"):
+        PerFedAvg(variant="so")
     info = ClientInfo(client_id=0, family="tiny", num_classes=3, num_examples=1, momentum=0.9)
     with pytest.raises(ValueError, match="momentum=0.9"):
         PerFedAvg().validate_client(TinyNet(), info)
@@ -119,3 +156,14 @@ def test_federation_evaluates_adapted_models_and_resumes(tmp_path, one_thread, m
     monkeypatch.setattr(PerFedAvg, "personalize", lambda *a: None)
     plain.run()
     assert plain.history[-1]["client_acc"] != full.history[0]["client_acc"]
+
+
+@pytest.mark.filterwarnings("ignore:.*cover only")
+def test_hessian_free_federation_trains(tmp_path, one_thread):
+    runner = make_runner(tmp_path, PerFedAvg(variant="hf"), rounds=1, num_clients=2, families=["fedavg_cnn"])
+    runner.trainer["limit_train_batches"] = 3  # one HF step (three batches) per client
+    runner.run()
+    initial = PerFedAvg()
+    initial.setup_server(runner.federation_info()[1])  # the model every client started from
+    assert any(not torch.equal(v, initial.global_state[k]) for k, v in runner.algorithm.global_state.items())
+    assert all(0 <= a <= 1 for a in runner.history[0]["client_acc"])
