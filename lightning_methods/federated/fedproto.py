@@ -80,6 +80,8 @@ class FedProto(FedAlgorithm):
     """
 
     name = "fedproto"
+    #: the clients' LightningModule (FedTGP: the same objective without the running prototypes)
+    client_module: type[FedProtoClientModule] = FedProtoClientModule
 
     def __init__(self, lamda: float = 10.0) -> None:
         if lamda < 0:
@@ -108,8 +110,8 @@ class FedProto(FedAlgorithm):
         extra["protos"], extra["mask"] = payload.arrays["protos"].clone(), payload.arrays["mask"].clone()
 
     def make_module(self, net: nn.Module, extra: dict[str, Any], info: ClientInfo) -> FedClientModule:
-        module = FedProtoClientModule(net, lamda=self.lamda, num_classes=info.num_classes, lr=info.lr,
-                                      momentum=info.momentum, weight_decay=info.weight_decay)
+        module = self.client_module(net, lamda=self.lamda, num_classes=info.num_classes, lr=info.lr,
+                                    momentum=info.momentum, weight_decay=info.weight_decay)
         if "protos" in extra:
             module.global_protos, module.global_mask = extra["protos"], extra["mask"]
         return module

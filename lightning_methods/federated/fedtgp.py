@@ -109,6 +109,7 @@ class FedTGP(FedProto):
     """
 
     name = "fedtgp"
+    client_module = FedTGPClientModule
 
     def __init__(self, lamda: float = 10.0, server_lr: float = 0.01, server_epochs: int = 100,
                  server_batch_size: int = 10, margin_threshold: float = 100.0) -> None:
@@ -154,13 +155,6 @@ class FedTGP(FedProto):
         finite = gaps[torch.isfinite(gaps)]
         return {"server/tgp_loss": losses[-1] if losses else 0.0, "server/margin": margin,
                 "server/min_gap": float(finite.min()) if finite.numel() else 0.0, "server/prototypes": len(labels)}
-
-    def make_module(self, net: nn.Module, extra: dict[str, Any], info: ClientInfo) -> FedClientModule:
-        module = FedTGPClientModule(net, lamda=self.lamda, num_classes=info.num_classes, lr=info.lr,
-                                    momentum=info.momentum, weight_decay=info.weight_decay)
-        if "protos" in extra:
-            module.global_protos, module.global_mask = extra["protos"], extra["mask"]
-        return module
 
     def after_fit(self, module: FedClientModule, extra: dict[str, Any], info: ClientInfo, data: ClientData) -> None:
         extra["local_protos"], extra["local_mask"] = collect_prototypes(module.backbone, data, info.num_classes)

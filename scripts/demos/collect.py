@@ -62,9 +62,15 @@ NOTES = {
         "not settle those two."
     ),
     "fedfree": (
-        "Local-only trains each client on its own digits; FedAvg averages every layer of the shared CNN each round; "
-        "FedFree exchanges only the uploaded layers, through the server's alignment on Gaussian pseudo-data. The "
-        "comparison with Local-only says whether each form of sharing helps here beyond the seed spread."
+        "Local-only trains each client on its own digits; FedAvg averages every layer of the shared CNN each round, "
+        "FedProx with a proximal term; Per-FedAvg meta-learns the average and evaluates it after one step on each "
+        "client's data; pFedLA mixes every client's layers with weights its per-client hypernetwork learns; FedFree "
+        "exchanges only the uploaded layers, through the server's alignment on Gaussian pseudo-data. The comparison "
+        "with Local-only says whether each form of sharing helps here beyond the seed spread. FedProx, Per-FedAvg "
+        "and pFedLA joined the demo after the main page's runs were made; in their first runs "
+        "(docs/demos_amd_epyc.md) FedProx and pFedLA are above Local-only in every run and stay close to FedAvg in "
+        "six rounds, and Per-FedAvg, which takes half as many steps (two batches per step), is within the seed "
+        "spread of Local-only."
     ),
     "tunnel": (
         "The probe of the output layer (`fc10`, the logits) reaches the model's own test accuracy: the linear probes "

@@ -23,7 +23,8 @@ from demo_data import (
 
 from lightning_methods.results.aggregate import run_seed, run_value
 
-FED_NAMES = {"fedavg": "FedAvg", "local": "Local-only", "fedfree": "FedFree"}
+FED_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "perfedavg": "Per-FedAvg", "pfedla": "pFedLA",
+             "local": "Local-only", "fedfree": "FedFree"}
 
 
 OOD_ROWS = (

@@ -8,8 +8,9 @@
 #   TABLES_ONLY=1 scripts/demos/run_demos.sh        # only the tables again, from the finished runs
 #
 # Demos: quickstart, multibit (EMQ and LSQ vs Any-Precision), hpn (task-weight sweep), early_cutting (select vs plain CE),
-# tunnel (MLP + TunnelProbe), ood (EncMin2L vs single encoders, AUROC x 100), fedfree (FedFree vs Local-only vs
-# FedAvg), threads (seed 0 of each demo again with 2 threads, into $DEMO_DIR/threads2/).
+# tunnel (MLP + TunnelProbe), ood (EncMin2L vs single encoders, AUROC x 100), fedfree (FedFree and the HmFL
+# baselines FedAvg, FedProx, Per-FedAvg, pFedLA vs Local-only), threads (seed 0 of each demo again with 2 threads,
+# into $DEMO_DIR/threads2/).
 # Output per demo: $DEMO_DIR/<demo>/table.md + table.csv (mean +- std over seeds, from `lightning-methods table`;
 # with --baseline: the difference to the baseline row and whether it is beyond the seed spread, baseline.csv),
 # the runs (each with results.json: versions, device incl. CPU model and thread count, wall time), and one line per
@@ -100,7 +101,7 @@ demo_ood() {  # EncMin2L against each encoder alone (its level-1 gate) on the un
   table "$OUT/ood" "$OUT/ood" -- "${metrics[@]}"
 }
 
-demo_fedfree() {  # FedFree vs Local-only vs FedAvg (HmFL), final-round mean client accuracy (fractions of 1)
+demo_fedfree() {  # FedFree and the HmFL baselines vs Local-only, final-round mean client accuracy (fractions of 1)
   timed fedfree lightning-methods grid --command fed --config configs/federated/digits_demo.yaml --seeds $SEEDS \
     --grid_dir "$OUT/fedfree"
   table "$OUT/fedfree" "$OUT/fedfree" -- final_mean final_std best_weighted -- --baseline digits_demo:local
