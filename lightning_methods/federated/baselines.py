@@ -26,6 +26,7 @@ architecture; pFedLA, the fourth, is in :mod:`.pfedla`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -139,15 +140,24 @@ class PerFedAvgClientModule(FedClientModule):
         super().__init__(backbone, **kwargs)
         self.beta, self.hf = beta, hf
         self.pending: list[dict[str, torch.Tensor]] = []
+        self.meta_steps = 0
 
     def on_train_epoch_start(self) -> None:
         self.pending = []
+
+    def on_train_end(self) -> None:
+        if self.meta_steps == 0:
+            need = 3 if self.hf else 2
+            warnings.warn(f"Per-FedAvg: this client-round took no step: one step needs {need} batches and the client "
+                          f"had fewer per epoch; lower data.batch_size (or use variant fo) so that every client "
+                          "trains", UserWarning, stacklevel=1)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         self.pending.append(as_dict_batch(batch))
         if len(self.pending) < (3 if self.hf else 2):
             return None
         (support, query, *hessian), self.pending = self.pending, []
+        self.meta_steps += 1
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]
         groups = self._optimizers()[0].param_groups

@@ -163,6 +163,9 @@ def test_hessian_free_federation_trains(tmp_path, one_thread):
     runner = make_runner(tmp_path, PerFedAvg(variant="hf"), rounds=1, num_clients=2, families=["fedavg_cnn"])
     runner.trainer["limit_train_batches"] = 3  # one HF step (three batches) per client
     runner.run()
+    short = make_runner(tmp_path / "short", PerFedAvg(variant="hf"), rounds=1, num_clients=2, families=["fedavg_cnn"])
+    with pytest.warns(UserWarning, match="took no step: one step needs 3 batches"):
+        short.run()  # two batches per client-round (the tests' trainer): no HF step, said
     initial = PerFedAvg()
     initial.setup_server(runner.federation_info()[1])  # the model every client started from
     assert any(not torch.equal(v, initial.global_state[k]) for k, v in runner.algorithm.global_state.items())
