@@ -6,7 +6,11 @@ runtime's default) against a fresh Trainer per client-round (the previous implem
 Harness cases (interleaved rounds; ratio = per-round time / the first case's time of the same round):
 - one round: local training of every client, the server step, delivery of the aligned layers and evaluation, with
   one reused Trainer for all client-rounds (the runtime's default);
-- the same round with a fresh Trainer per client-round (the implementation before issue 25).
+- the same round with a fresh Trainer per client-round (the implementation before issue 25);
+- the server step alone of the other algorithms of FedFree's Table 1, at 20 clients with the paper's settings, on
+  synthetic uploads: FedAvg (also FedProx's and Per-FedAvg's server) and pFedLA on the HmFL 5-layer CNN (1.19M
+  parameters per client at CIFAR-100), FedProto, FedGH and FedTGP (100 server epochs) on 512-d prototypes of 10
+  classes per client out of 100.
 
 The client-round overhead (client training minus its training steps: Trainer setup, loader start, weight copies to
 and from the device, Eq. 2 layer deltas; target < 10% of client training) is measured by this file's own command:
@@ -126,6 +130,51 @@ class RoundTimer:
         return {"train": train, "steps": steps, "overhead": train - steps, "share": (train - steps) / train}
 
 
+class ServerTimer:
+    """One server step (``aggregate``) of an algorithm on fixed synthetic uploads of 20 clients, from the same server
+    state each time."""
+
+    def __init__(self, algorithm: Any, families: list[str], uploads: dict[int, Any]) -> None:
+        from lightning_methods.federated.algorithm import FederationInfo
+
+        self.algorithm, self.uploads, self.round = algorithm, uploads, 0
+        algorithm.setup_server(FederationInfo(num_clients=len(uploads), num_classes=100, families=families))
+        self.state = algorithm.server_state_dict()
+
+    def measure(self) -> float:
+        self.round += 1
+        self.algorithm.load_server_state_dict(self.state)
+        t0 = time.perf_counter()
+        self.algorithm.aggregate(self.round, self.uploads)
+        return time.perf_counter() - t0
+
+
+def server_cases(num_clients: int = 20) -> list[tuple]:
+    """The server steps of FedFree's baselines (see the module docstring), each ``(name, fn, 0)`` (no images)."""
+    import lightning_methods.federated as fed
+    from lightning_methods.federated.algorithm import FederationInfo, Payload, build_net, cpu_state
+
+    g = torch.Generator().manual_seed(0)
+    info = FederationInfo(num_clients=num_clients, num_classes=100, families=["fed_cnn"])
+    model = cpu_state(build_net("fed_cnn", info, 0))
+    weights = {c: Payload({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                           for k, v in model.items()}, {"num_examples": 2250}) for c in range(num_clients)}
+    protos = {}
+    for c in range(num_clients):
+        mask = torch.zeros(100, dtype=torch.bool)
+        mask[torch.randperm(100, generator=g)[:10]] = True
+        protos[c] = Payload({"protos": torch.randn(100, 512, generator=g) * mask.unsqueeze(1), "mask": mask},
+                            {"num_examples": 2250})
+    hmfl, htfl = ["fed_cnn"] * num_clients, list(HTFE_IMG8) * (num_clients // len(HTFE_IMG8) + 1)
+    timers = [("FedAvg / FedProx / Per-FedAvg", fed.FedAvg(), hmfl, weights),
+              ("pFedLA", fed.PFedLA(), hmfl, weights),
+              ("FedProto", fed.FedProto(), htfl[:num_clients], protos),
+              ("FedGH", fed.FedGH(), htfl[:num_clients], protos),
+              ("FedTGP (100 server epochs)", fed.FedTGP(), htfl[:num_clients], protos)]
+    return [(f"{name} server step, {num_clients} clients (per round)", ServerTimer(alg, fams, ups).measure, 0)
+            for name, alg, fams, ups in timers]
+
+
 def cases(s: Settings) -> list[tuple]:
     """The harness's interleaved cases: a full round with the reused Trainer (the baseline) and with a fresh Trainer
     per client-round. The split of a round (client training, steps, overhead, server, evaluation, checkpoint) is in
@@ -137,6 +186,7 @@ def cases(s: Settings) -> list[tuple]:
         ("FedFree round, 20 clients, one reused Trainer (per round)", timer.measure, per_round),
         ("FedFree round, fresh Trainer per client-round (previous; per round)", lambda: timer.measure(False),
          per_round),
+        *server_cases(),
     ]
 
 

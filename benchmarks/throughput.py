@@ -30,7 +30,8 @@ Sections (each with its own baseline, ratio = time per step / baseline time per 
 - family sections (one file each, ``benchmarks/<section>_cases.py`` with ``cases(s: Settings) -> list[Case]``):
   quantization, federated, ood, vit_locality, tunnel, hpn, imagenet. A case is ``(name, fn)`` or ``(name, fn, items)``:
   ``fn()`` returns seconds per timed unit (a step unless the name says otherwise, e.g. "per epoch", "per round"),
-  ``items`` is the number of samples one unit processes (default: the batch size), for the images/s column.
+  ``items`` is the number of samples one unit processes (default: the batch size), for the images/s column (0: the
+  unit processes no images, e.g. a federated server step; the column shows "-").
 """
 
 from __future__ import annotations
@@ -182,11 +183,11 @@ def run(mode: str = "full", sections: tuple[str, ...] = SECTIONS, with_compile: 
             stats = ratio_stats(t, times[0])
             batch = items[0] if items else (256 if section == "pipeline" else s.batch_size)
             row = {"section": section, "case": name, "ms_per_step": 1e3 * stats["seconds"],
-                   "img_per_s": batch / stats["seconds"], **{k: stats[k] for k in ("ratio", "ratio_p25", "ratio_p75",
-                                                                                     "rounds")}}
+                   "img_per_s": batch / stats["seconds"] if batch else None,
+                   **{k: stats[k] for k in ("ratio", "ratio_p25", "ratio_p75", "rounds")}}
             rows.append(row)
             if verbose:
-                print(f"{section:12s} {name:52s} {row['ms_per_step']:9.2f} ms {row['img_per_s']:10.0f} img/s "
+                print(f"{section:12s} {name:52s} {row['ms_per_step']:9.2f} ms {row['img_per_s'] or 0:10.0f} img/s "
                       f"x{row['ratio']:.3f} [{row['ratio_p25']:.3f}-{row['ratio_p75']:.3f}] n={row['rounds']}",
                       flush=True)
     return rows
@@ -225,7 +226,8 @@ def markdown(rows: list[Row], mode: str, env: dict | None = None, env_after: dic
               "| section | case | ratio (median) | 25th-75th pct | rounds | ms / unit | images / s |",
               "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['section']} | {r['case']} | {r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | "
-              f"{r['rounds']} | {r['ms_per_step']:.2f} | {r['img_per_s']:.0f} |" for r in rows]
+              f"{r['rounds']} | {r['ms_per_step']:.2f} | "
+              + (f"{r['img_per_s']:.0f} |" if r.get("img_per_s") is not None else "- |") for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -127,13 +127,16 @@ def test_environment_and_generated_doc_record_what_was_measured(tmp_path, monkey
     rows = [{"section": "optimizers", "case": "SGD (baseline)", "ms_per_step": 10.0, "img_per_s": 1600.0, "ratio": 1.0,
              "ratio_p25": 1.0, "ratio_p75": 1.0, "rounds": 5},
             {"section": "optimizers", "case": "SAM", "ms_per_step": 20.5, "img_per_s": 780.0, "ratio": 2.04,
-             "ratio_p25": 1.98, "ratio_p75": 2.11, "rounds": 5}]
+             "ratio_p25": 1.98, "ratio_p75": 2.11, "rounds": 5},
+            {"section": "optimizers", "case": "a server step", "ms_per_step": 3.0, "img_per_s": None, "ratio": 0.3,
+             "ratio_p25": 0.3, "ratio_p75": 0.3, "rounds": 5}]  # a unit without images (items 0)
     results = tmp_path / "results"
     results.mkdir()
     (results / "cpu_quick.json").write_text(json.dumps({"mode": "quick", "environment": env, "rows": rows}))
     text = throughput.write_docs(tmp_path / "benchmarks.md", results)
     assert (tmp_path / "benchmarks.md").read_text() == text
     assert "| optimizers | SAM | 2.040 | 1.980-2.110 | 5 | 20.50 | 780 |" in text
+    assert "| optimizers | a server step | 0.300 | 0.300-0.300 | 5 | 3.00 | - |" in text
     assert "OMP_WAIT_POLICY=PASSIVE" in text and "load average 9.5 / 8.0 / 7.0" in text
     assert "under load" in text and "GPU: not measured" in text and "Do not edit by hand" in text
     assert "Cut short" not in text
