@@ -263,7 +263,8 @@ SUBCLASS_EXTRAS = {
        for name in ("KDClassifier", "DKDClassifier", "DeepKDClassifier", "KDDeepKDClassifier")},
     "MultiBitClassifier": lambda: {"keep_first": False},  # TinyNet's only conv is its first layer
     **{name: lambda: {"backbone": _fed_client()} for name in ("FedClientModule", "FedProxClientModule",
-                                                              "FedProtoClientModule")},
+                                                              "FedProtoClientModule", "FedTGPClientModule",
+                                                              "PerFedAvgClientModule")},
     "FedKDClientModule": lambda: {"backbone": _fed_client(), "mentee": _fed_client(),
                                   "w_h": torch.nn.Linear(512, 512, bias=False)},
 }
