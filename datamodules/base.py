@@ -81,13 +81,31 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=seeded_generator(seed, epoch))
 
 
+#: Where a user sets a missing data set's folder, for the not-found messages (the same DataModule also serves a
+#: callback, e.g. TunnelProbe's OOD data, and the ``ood`` command, which have no ``--data``).
+DATA_DIR_HINT = ("--data.data_dir for the data of a fit; the data_dir of its entry in the config for a callback's "
+                 "DataModule (e.g. --trainer.callbacks.init_args.ood_data.init_args.data_dir) or the ood command's "
+                 "data sets")
+
+
+def fit_start_epoch(trainer: Any) -> int:
+    """The epoch a Trainer's fit loop runs first: 0, or the restored epoch on a resume (0 without a Trainer).
+
+    A training loader's sampler must start there. Lightning creates the loader's iterator, whose DataLoader workers
+    prefetch indices at once, before it calls ``set_epoch`` for the first epoch of a fit; a fresh process resumed
+    from an end-of-epoch checkpoint (``--ckpt_path last``) would otherwise replay epoch 0's order and crops."""
+    progress = getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None)
+    return int(progress.current.processed) if progress is not None else 0
+
+
 class EpochShuffleSampler(Sampler[int]):
     """Random order per epoch from ``(seed, epoch)`` (Lightning calls ``set_epoch``; under DDP its sampler wrapper
     shards this order and forwards ``set_epoch``). Unlike ``RandomSampler`` it does not draw from the global RNG,
-    so a run resumed from a checkpoint sees the same batches as the uninterrupted run."""
+    so a run resumed from a checkpoint sees the same batches as the uninterrupted run (start it in
+    :func:`fit_start_epoch`)."""
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int = 0, epoch: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -258,11 +276,15 @@ class ImageDataModule(LightningDataModule):
         self.val_set = subset(val_pos, None) if len(val_pos) else self.test_set
 
     # ------------------------------------------------------------------------------------------ loaders
+    def first_epoch(self) -> int:
+        """The epoch the attached Trainer's fit runs first (:func:`fit_start_epoch`): where a training loader starts."""
+        return fit_start_epoch(self.trainer)
+
     def _loader(self, dataset: IndexedTensorDataset, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            sampler=EpochShuffleSampler(len(dataset), self.seed, self.first_epoch()) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -205,7 +205,7 @@ class ImageNetDataModule(ImageDataModule):
         return DataLoader(
             dataset.with_mode(mode),
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochTaggedSampler(len(dataset), self.seed) if train else None,
+            sampler=EpochTaggedSampler(len(dataset), self.seed, epoch=self.first_epoch()) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -120,6 +120,11 @@ def streaming_loader(dm: Any, dataset: Any, train: bool) -> Any:
     dataset.set_mode(dm.train_mode() if train else "eval_bytes" if dm.device_decode() else "eval")
     from lightning_methods.datamodules.streaming_litdata import ResumableStreamingDataLoader
 
-    return ResumableStreamingDataLoader(dataset, batch_size=dm.batch_size if train else dm.eval_batch_size,
-                                    num_workers=dm.num_workers, pin_memory=dm.pin_memory,
-                                    collate_fn=collate_samples, drop_last=train)
+    loader = ResumableStreamingDataLoader(dataset, batch_size=dm.batch_size if train else dm.eval_batch_size,
+                                          num_workers=dm.num_workers, pin_memory=dm.pin_memory,
+                                          collate_fn=collate_samples, drop_last=train)
+    if train and hasattr(dm, "first_epoch"):
+        # the fit's first epoch (a resume from an end-of-epoch checkpoint gets no loader state from Lightning):
+        # litdata counts epochs from 1 and adds one when an epoch starts; a restored mid-epoch state overrides it
+        loader.current_epoch = dm.first_epoch()
+    return loader

@@ -189,7 +189,8 @@ class Record(L.Callback):
 def _fit(dm_kwargs, ckpt_path=None, **trainer_args):
     torch.manual_seed(0)
     record = Record()
-    trainer = quiet_trainer(max_epochs=2, callbacks=[record, *trainer_args.pop("callbacks", [])], **trainer_args)
+    trainer_args.setdefault("max_epochs", 2)
+    trainer = quiet_trainer(callbacks=[record, *trainer_args.pop("callbacks", [])], **trainer_args)
     trainer.fit(ImageClassifier(backbone=TinyNet(4), num_classes=4), datamodule=ImageNetDataModule(**dm_kwargs),
                 ckpt_path=ckpt_path, weights_only=True)
     return record.seen
@@ -207,6 +208,24 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_unseen_sample(converted, tmp_p
     assert path.is_file() and first == full[:2]
     rest = _fit(kwargs, ckpt_path=str(path))
     assert first + rest == full  # same batches, same augmented images, and the second epoch starts afresh
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "folder"])
+def test_end_of_epoch_checkpoint_resumes_with_the_next_epoch(converted, tmp_path, stream):
+    """`--ckpt_path last` after a finished epoch (the usual resume: last.ckpt is written at each epoch's end), with a
+    DataLoader worker: the resumed fit takes the batches of the uninterrupted run's next epoch. Lightning gives such
+    a resume no loader state and creates the loader's iterator (whose worker prefetches at once) before it calls
+    set_epoch, so the loader has to start in the restored epoch by itself; it used to replay epoch 0's order and
+    crops."""
+    root, conv = converted
+    kwargs = dict(SMALL, data_dir=str(root), streaming=str(conv) if stream else None, num_workers=1)
+    full = _fit(kwargs)
+    assert len(full) == 12  # 2 epochs x 6 batches
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = _fit(kwargs, max_epochs=1, callbacks=[ckpt], enable_checkpointing=True)
+    assert first == full[:6]
+    rest = _fit(kwargs, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert rest == full[6:] and rest != first  # the second epoch: its own order and crops, not epoch 0's again
 
 
 def _rank_job(rank: int, world_size: int, kwargs: dict, ckpt_dir: str) -> dict:
