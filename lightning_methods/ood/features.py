@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_methods.datamodules.base import EpochShuffleSampler, collate_dict
+from lightning_methods.datamodules.base import EpochShuffleSampler, collate_dict, fit_start_epoch
 from lightning_methods.utils import safe_torch_load, sharded_loader
 
 Variant = Literal["raw", "standardize", "l2"]
@@ -177,7 +177,7 @@ class EmbeddingDataModule(LightningDataModule):
     """Feature batches ``{"feature", "index", "target", ["context"]}`` for :class:`RDMModule`.
 
     Args:
-        train_path: feature file (:func:`lightning_methods.ood.cache.save_features` format) of the RDM training split.
+        train_path: feature file (``EmbeddingSet.to_dict()`` saved with ``torch.save``) of the RDM training split.
         val_path: optional feature file for validation (DSM loss).
         predict_paths: feature files to score (one predict dataloader each).
         variant: normalisation variant (``"raw"``, ``"standardize"``, ``"l2"``).
@@ -241,7 +241,8 @@ class EmbeddingDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train")
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(ds), self.seed),
+        sampler = EpochShuffleSampler(len(ds), self.seed, fit_start_epoch(self.trainer))  # a resume's epoch
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=collate_dict)
 
     def val_dataloader(self) -> DataLoader:
@@ -255,6 +256,10 @@ class EmbeddingDataModule(LightningDataModule):
                                collate_fn=collate_dict) for n in self.predict_names]
 
 
+#: the entries every feature file holds (``logits`` is optional)
+FEATURE_FILE_KEYS = ("features", "index", "targets")
+
+
 def load_feature_file(path: str | Path) -> EmbeddingSet:
     """A feature file written by the embedding cache (``weights_only`` load).
 
@@ -264,4 +269,9 @@ def load_feature_file(path: str | Path) -> EmbeddingSet:
     data = safe_torch_load(path, what="feature file")
     if not isinstance(data, dict) or "features" not in data:
         raise ValueError(f"{path} is not a feature file of lightning_methods.ood (no 'features' entry)")
+    missing = [key for key in FEATURE_FILE_KEYS if key not in data]
+    if missing:
+        raise ValueError(f"feature file {path} lacks {missing} (it has {sorted(data)}): a feature file is a dict "
+                         "{'features': float (N, d), 'index': int64 (N,) unique sample ids, 'targets': int64 (N,) "
+                         "labels, optional 'logits': (N, C)}, as EmbeddingSet.to_dict gives (torch.save it)")
     return EmbeddingSet.from_dict(data)

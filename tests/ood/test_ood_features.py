@@ -76,3 +76,14 @@ def test_embedding_datamodule_from_files(tmp_path):
     with pytest.raises(ValueError, match="not a feature file"):
         torch.save({"x": 1}, tmp_path / "bad.pt")
         EmbeddingDataModule(str(tmp_path / "bad.pt")).setup()
+
+
+@pytest.mark.parametrize("drop", ["targets", "index"])
+def test_feature_file_without_a_required_entry_names_it(tmp_path, drop):
+    """`lightning-methods fit --config configs/ood/rdm_features.yaml --data.init_args.train_path FEATS.pt` on a
+    user's own file: a missing entry is a ValueError naming the file, the entry and the format (was KeyError)."""
+    data = gaussian_features(20, 4, seed=0, classes=2).to_dict()
+    del data[drop]
+    torch.save(data, tmp_path / "feats.pt")
+    with pytest.raises(ValueError, match=rf"feats\.pt lacks \['{drop}'\].*'targets': int64"):
+        EmbeddingDataModule(str(tmp_path / "feats.pt"), pca_dim=None).setup()
