@@ -1,7 +1,7 @@
 """Digits demo (scikit-learn's bundled digits, offline): a deep MLP trained briefly already compresses its last
 layers: the numerical rank falls towards the number of classes while the probes stay accurate.
 
-Measured on CPU (seed 0, lr 0.01, momentum 0.9; probe ranks on the 270 test digits):
+Measured on CPU (seed 0, lr 0.01, momentum 0.9; probe ranks on the 269 test digits):
 - fast variant, depth 8 / width 64 / 8 epochs: ranks [37, 44, 41, 37, 28, 29, 26, 10], probes 96-98%;
 - slow variant, depth 10 / width 128 / 30 epochs: ranks [49, 65, 57, 46, 40, 32, 26, 25, 22, 9], probes 98-99%.
 The assertions are looser than these numbers (other BLAS / thread counts change the training trajectory slightly).
