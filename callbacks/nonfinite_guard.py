@@ -65,6 +65,9 @@ class NonFiniteGuard(Callback):
         divergence_smoothing: weight of the past in the moving average of the loss (0.9: about 10 steps).
     """
 
+    #: The last sentence of the error: what to change, in the options of the command that runs the guard.
+    remedy = "Lower it, or clip gradients with --model.init_args.grad_clip_norm 1.0"
+
     def __init__(self, enabled: bool = True, lag_steps: int = 2, param_check_every_n_steps: int = 10,
                  divergence_factor: float | None = None, divergence_floor: float = 1e-2,
                  divergence_smoothing: float = 0.9) -> None:
@@ -194,20 +197,21 @@ class NonFiniteGuard(Callback):
                 f"training stopped: the smoothed training loss {ema:.4g} exceeded divergence_factor "
                 f"{self.divergence_factor:g} x its running minimum {low:.4g} at or before global step "
                 f"{trainer.global_step} (epoch {trainer.current_epoch}; guard step {step}): the run has diverged. "
-                f"Likely cause: {likely_cause(trainer)}. {last_good_checkpoint(trainer)}"
+                f"Likely cause: {likely_cause(trainer, self.remedy)}. {last_good_checkpoint(trainer)}"
             )
         what = " and ".join(w for bit, w in ((1, "the training loss"), (2, "a parameter or buffer")) if value & bit)
         bad = [n for n, t in self._state(pl_module) if not torch.isfinite(t).all()]
         now = f" (non-finite now: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else ""
         raise NonFiniteTrainingError(
             f"training stopped: {what} became NaN or inf at or before global step {trainer.global_step} (epoch "
-            f"{trainer.current_epoch}; guard step {step}){now}. Likely cause: {likely_cause(trainer)}. "
+            f"{trainer.current_epoch}; guard step {step}){now}. Likely cause: {likely_cause(trainer, self.remedy)}. "
             f"{last_good_checkpoint(trainer)}"
         )
 
 
-def likely_cause(trainer: Trainer) -> str:
-    """A sentence naming the settings that most often make a run diverge, with their values in this run."""
+def likely_cause(trainer: Trainer, remedy: str = NonFiniteGuard.remedy) -> str:
+    """A sentence naming the settings that most often make a run diverge, with their values in this run, ending with
+    ``remedy`` (the options of the command that runs it)."""
     parts = []
     for opt in trainer.optimizers:
         inner = getattr(opt, "optimizer", opt)
@@ -220,7 +224,7 @@ def likely_cause(trainer: Trainer) -> str:
         text += ", or KOALA's sigma / q (initial covariance and process noise) far from their defaults"
     if str(trainer.precision).startswith("16"):
         text += "; or fp16 overflow (precision 16-mixed: use bf16-mixed or 32-true)"
-    return text + ". Lower it, or clip gradients with --model.init_args.grad_clip_norm 1.0"
+    return f"{text}. {remedy}"
 
 
 def last_good_checkpoint(trainer: Trainer) -> str:

@@ -36,6 +36,10 @@ RUN_KEYS = ("config", "run_dir", "resume", "progress", "compare_with", "logger",
 
 def build_parser() -> ArgumentParser:
     """The ``lightning-methods-fed`` parser."""
+    import lightning_methods.federated as federated
+
+    for name in federated.__all__:  # import every algorithm: --help lists them all, --algorithm.help NAME resolves
+        getattr(federated, name)
     parser = ArgumentParser(prog="lightning-methods fed", description=__doc__.splitlines()[0],
                             epilog="lightning-methods-fed table RUN_DIR [RUN_DIR ...] prints the comparison table "
                                    "(final-round and best-over-rounds accuracy) of finished runs.")

@@ -89,6 +89,8 @@ class ClientRoundGuard(NonFiniteGuard):
     not also at the end of each epoch - with a one-pass test per tensor: a float sum is NaN / inf when an element is
     (it can also overflow for weights near 1e38 / numel, which a diverging client reaches only on its way to inf)."""
 
+    remedy = "Lower --federation.lr (the clients' learning rate) or the algorithm's own step sizes"
+
     def __init__(self) -> None:
         super().__init__(param_check_every_n_steps=0)
 

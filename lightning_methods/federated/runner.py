@@ -29,9 +29,9 @@ from typing import Any
 from lightning_methods.federated.algorithm import FedAlgorithm, FederationInfo, check_finite
 from lightning_methods.federated.config import assign_families
 from lightning_methods.federated.local import ClientRuntime
-from lightning_methods.federated.results import round_metrics, write_run_results
+from lightning_methods.federated.results import round_metrics, to_csv, write_run_results
 from lightning_methods.runs import StagedRun
-from lightning_methods.utils import safe_torch_load
+from lightning_methods.utils import atomic_write_text, safe_torch_load
 from lightning_methods.utils.quiet import quiet_wandb
 from lightning_methods.utils.wandb import finish_runs, log_config, plain, wandb_loggers
 
@@ -212,6 +212,8 @@ class FederatedRunner:
                     self._save(run, t)
                     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "round"}
                     run.mark_done(f"round{t}", scalars)
+                    if run.is_writer:  # the rounds so far, readable while the run goes on (rewritten at the end)
+                        atomic_write_text(self.run_dir / "history.csv", to_csv(self.history))
                     if logger is not None:  # W&B also gets which clients received a layer (text)
                         text = {"server/aligned": aligned_text(record["aligned"])} if wandb_loggers([logger]) else {}
                         logger.log_metrics({**scalars, **text}, step=t)

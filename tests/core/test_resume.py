@@ -37,7 +37,7 @@ def test_resume_takes_the_same_next_step(tmp_path, gpu_resident, num_workers):
         return DigitsDataModule(batch_size=128, augment="crop", gpu_resident=gpu_resident, seed=3,
                                 num_workers=num_workers)
 
-    steps_per_epoch = 1257 // 128  # train split of the digits, drop_last
+    steps_per_epoch = 1259 // 128  # train split of the digits, drop_last
     full = _model()
     _trainer(max_epochs=2).fit(full, dm())
 

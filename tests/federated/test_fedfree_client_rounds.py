@@ -46,8 +46,10 @@ def test_diverging_client_stops_with_the_nonfinite_error_and_records_no_round(tm
 
     # lr 1e6 (issue 22): the weights blow up by ~1e6 per step; within a few steps the loss overflows to inf / NaN
     path = tiny_config(tmp_path, federation__lr=1e6, trainer={**TINY_TRAINER, "limit_train_batches": 8})
-    with pytest.raises(NonFiniteTrainingError, match=r"federated client 0 \(\w+\) diverged in round 1 .*lr=1e\+06"):
+    diverged = r"federated client 0 \(\w+\) diverged in round 1 .*lr=1e\+06"
+    with pytest.raises(NonFiniteTrainingError, match=diverged) as err:
         run(["--config", str(path)])
+    assert "Lower --federation.lr" in str(err.value) and "--model.init_args" not in str(err.value)  # fed's options
     _no_round_recorded(tmp_path / "run" / "fedfree")
 
 

@@ -8,6 +8,7 @@ epoch of one batch, no W&B."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,28 @@ def test_help_and_table_errors(tmp_path, capsys):
     assert exit_info.value.code == 0 and "lightning-methods-fed table" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no results.json"):
         main(["table", str(tmp_path)])
+
+
+def test_help_names_every_algorithm_in_a_fresh_interpreter():
+    """`--help` lists every algorithm of the package as a subclass and `--algorithm.help NAME` shows its options, also
+    in a fresh process that has imported none of them yet (the package exports them lazily)."""
+    import subprocess
+    import sys
+
+    code = "from lightning_methods.federated.cli import main; main({!r})"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-c", code.format(["--help"])], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    import lightning_methods.federated as federated
+
+    algorithms = [n for n in federated.__all__ if isinstance(getattr(federated, n), type)
+                  and issubclass(getattr(federated, n), FedAlgorithm)]
+    assert len(algorithms) >= 10
+    assert all(f"lightning_methods.federated.{n}" in out.stdout.replace("\n", "").replace(" ", "") for n in algorithms)
+    out = subprocess.run([sys.executable, "-c", code.format(["--algorithm.help", "FedTGP"])], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "--algorithm.margin_threshold" in out.stdout, out.stderr[-2000:]
 
 
 @pytest.mark.filterwarnings("ignore:.*cover only")

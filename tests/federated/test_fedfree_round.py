@@ -103,3 +103,30 @@ def test_bad_input_stops_before_training(tmp_path, one_thread):
     runner.trainer["devices"] = 2
     with pytest.raises(ValueError, match="trainer.devices=2: clients train one after another"):
         runner.run()
+
+
+def test_history_csv_grows_round_by_round(tmp_path, one_thread, monkeypatch):
+    """docs/methods/federated.md, "Watching a run": the per-round metrics are in ``history.csv`` while the run goes
+    on (here: read after a kill in round 2, which left round 1 recorded), not only once the last round is done."""
+    import csv
+
+    from fedfree_testing import Killed
+
+    from lightning_methods.federated import LocalOnly
+    from lightning_methods.federated.local import ClientRuntime
+
+    fit = ClientRuntime.fit
+
+    def dying_fit(self, i, client, round):
+        if round == 2:
+            raise Killed(f"killed in round {round}")
+        return fit(self, i, client, round)
+
+    monkeypatch.setattr(ClientRuntime, "fit", dying_fit)
+    runner = make_runner(tmp_path, LocalOnly(), rounds=2, num_clients=2)
+    with pytest.raises(Killed):
+        runner.run()
+    rows = list(csv.DictReader((runner.run_dir / "history.csv").open()))
+    assert [int(r["round"]) for r in rows] == [1]
+    assert float(rows[0]["acc/mean"]) == pytest.approx(runner.history[0]["acc/mean"], rel=1e-12)
+    assert not (runner.run_dir / "results.json").exists()  # the run is not finished
