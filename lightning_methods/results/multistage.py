@@ -11,6 +11,7 @@ config comes from ``config.yaml`` beside the file (written by :class:`~lightning
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,20 +56,46 @@ def _resolved_config(directory: Path) -> dict[str, Any]:
 
 
 def _record(path: Path, source: Mapping[str, Any], name: str, status: str, metrics: Mapping[str, Any],
-            config: dict[str, Any], paper_config: bool) -> dict[str, Any]:
+            config: dict[str, Any], paper_config: bool, combination: dict[str, Any] | None = None) -> dict[str, Any]:
     files = list(source.get("config") or [])
+    info = {"name": name, "seed": source.get("seed"), "config": files[-1] if files and paper_config else None}
+    if combination:
+        info["combination"] = combination
     return {"command": "fit", "status": status, "run_dir": str(path.parent), "path": str(path),
             "config_path": files, "config": config, "seed": source.get("seed"),
-            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-            "info": {"name": name, "seed": source.get("seed"), "config": files[-1] if files and paper_config else None}}
+            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, "info": info}
 
 
-def _grid_stem(path: Path, stem: str) -> str:
-    """The config name of a grid run (``<grid>/<config>/<seed>/{fed/<algorithm>,ood/report}/...``, whose command ran
-    on the grid's ``run.yaml``), else ``stem``."""
-    if stem == "run" and len(path.parents) > 3 and (path.parents[2] / "run.yaml").is_file():
-        return path.parents[3].name
-    return stem
+def _grid_stem(path: Path, stem: str) -> tuple[str, dict[str, Any] | None]:
+    """The config name and ``--set`` combination of a grid run (``GRID/<config>/[<combination>/]seed<k>/`` holding
+    ``run.yaml``, with the record at ``{fed/<algorithm>,ood/report}/results.json`` below it; the command ran on the
+    grid's ``run.yaml``), else ``(stem, None)``. The combination holds the run's values of the grid's ``--set`` keys
+    (recorded as ``swept`` in the configuration's ``state.json``), so its rows are named as ``fit`` grid rows are:
+    the config name plus the ``--set`` values."""
+    if stem != "run" or len(path.parents) < 4 or not (path.parents[2] / "run.yaml").is_file():
+        return stem, None
+    run_dir = path.parents[2]
+    for config_dir in list(run_dir.parents)[:2]:  # GRID/<config>/seed<k> or GRID/<config>/<combination>/seed<k>
+        try:
+            state = json.loads((config_dir / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict) or state.get("kind") != "grid":
+            continue
+        swept = (state.get("fingerprint") or {}).get("swept") or []
+        try:
+            config = yaml.safe_load((run_dir / "run.yaml").read_text())
+        except yaml.YAMLError:
+            config = None
+        combination = {key: _get_key(config, key) for key in swept} if isinstance(config, dict) else {}
+        return config_dir.name, combination or None
+    return path.parents[3].name, None
+
+
+def _get_key(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def adapt(path: str | Path, data: Any) -> dict[str, Any] | None:
@@ -80,7 +107,7 @@ def adapt(path: str | Path, data: Any) -> dict[str, Any] | None:
     if path.parent.name == "report" and isinstance(data.get("detectors"), list) and "groups" in data:
         return _ood_record(path, data)
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    stem = _grid_stem(path, Path(source["config"][-1]).stem if source.get("config") else path.parent.name)
+    stem, combination = _grid_stem(path, Path(source["config"][-1]).stem if source.get("config") else path.parent.name)
     summary = data.get("summary")
     if isinstance(summary, dict) and "algorithm" in summary and isinstance(data.get("clients"), list):
         config = _resolved_config(path.parent)
@@ -88,15 +115,13 @@ def adapt(path: str | Path, data: Any) -> dict[str, Any] | None:
         config["algorithm"] = algorithm  # one results.json per algorithm: compare_with runs share the config file
         primary = source.get("algorithm", algorithm) == algorithm  # the config's paper numbers are its algorithm's
         metrics = {k: summary.get(k) for k in FEDERATED_METRICS}
-        return _record(
-            path, source, f"{stem}:{algorithm}", status="finished", metrics=metrics, config=config, paper_config=primary
-        )
+        return _record(path, source, f"{stem}:{algorithm}", status="finished", metrics=metrics, config=config,
+                       paper_config=primary, combination=combination)
     if path.name == "summary.json" and any(k in data for k in SELECTION_METRICS) and "rounds" in data:
         status = "finished" if data.get("status") == "done" else str(data.get("status"))
         metrics = {k: data.get(k) for k in SELECTION_METRICS}
-        return _record(
-            path, source, stem, status=status, metrics=metrics, config=_resolved_config(path.parent), paper_config=True
-        )
+        return _record(path, source, stem, status=status, metrics=metrics, config=_resolved_config(path.parent),
+                       paper_config=True, combination=combination)
     return None
 
 
@@ -104,7 +129,8 @@ def _ood_record(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     """An EncMin2L report as a record: ``ood/<detector>/<set or group>_mean/<metric>`` in percent (x 100, the unit
     of the configs' ``# paper:`` lines), the resolved config from the run's ``config.yaml``."""
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    stem = _grid_stem(path, Path(source["config"][-1]).stem if source.get("config") else path.parent.parent.name)
+    stem, combination = _grid_stem(path, Path(source["config"][-1]).stem if source.get("config")
+                                   else path.parent.parent.name)
     metrics: dict[str, float] = {}
     for det in data["detectors"]:
         for name, values in [
@@ -122,6 +148,7 @@ def _ood_record(path: Path, data: dict[str, Any]) -> dict[str, Any]:
         metrics=metrics,
         config=_resolved_config(path.parent.parent),
         paper_config=True,
+        combination=combination,
     )
     record["environment"] = data.get("environment")
     return record

@@ -70,3 +70,39 @@ def test_early_cutting_summaries_group_over_seeds_beside_the_paper(tmp_path, cap
     assert row.stats["test_acc_max_over_all_epochs_and_rounds"] == pytest.approx((best.mean(), best.std(ddof=1)))
     assert row.paper == {"test_acc_max_over_all_epochs_and_rounds": 75.03}
     assert "left out 1 runs" in capsys.readouterr().err  # the run that stopped before its final round
+
+
+def test_fed_grid_rows_are_named_by_config_and_set_values(tmp_path):
+    """A `grid --command fed --set federation.lr=0.05,0.1` writes GRID/<config>/lr=<v>/seed<k>/fed/<algorithm>/
+    results.json (each run's command read the grid's run.yaml): its rows are named as fit grid rows are, the config
+    name plus the --set values (docs/results.md), so `--baseline digits_demo:local lr=0.05` finds its row."""
+    config_dir = tmp_path / "grid" / "digits_demo"
+    config_dir.mkdir(parents=True)
+    (config_dir / "state.json").write_text(json.dumps({"kind": "grid", "fingerprint": {
+        "config": {}, "swept": ["federation.lr"], "seed_keys": ["data.seed", "federation.seed"]}, "stages": {}}))
+    finals = {}
+    for lr in (0.05, 0.1):
+        for seed in (0, 1):
+            run_dir = config_dir / f"lr={lr}" / f"seed{seed}"
+            run_dir.mkdir(parents=True)
+            resolved = {"data": {"seed": seed}, "federation": {"lr": lr, "seed": seed}}
+            (run_dir / "run.yaml").write_text("# command: fed\n" + json.dumps(resolved))
+            for k, algorithm in enumerate(("fedfree", "local")):
+                out = run_dir / "fed" / algorithm
+                out.mkdir(parents=True)
+                (out / "config.yaml").write_text(json.dumps({**resolved, "run_dir": str(run_dir / "fed")}))
+                final = 0.25 * k + lr + 0.01 * seed
+                finals.setdefault((lr, algorithm), []).append(final)
+                summary = {"algorithm": algorithm, "rounds": 1, "final_mean": final}
+                (out / "results.json").write_text(json.dumps({"summary": summary, "clients": [], "source": {
+                    "config": [str(run_dir / "run.yaml")], "seed": seed, "algorithm": "fedfree"}}))
+    table = table_main([str(tmp_path / "grid"), "--metrics", "final_mean", "--no_plot", "--baseline",
+                        "digits_demo:local lr=0.05"])
+    rows = {row.name: row for row in table.rows}
+    assert set(rows) == {f"digits_demo:{a} lr={lr}" for lr in (0.05, 0.1) for a in ("fedfree", "local")}
+    for (lr, algorithm), values in finals.items():
+        row = rows[f"digits_demo:{algorithm} lr={lr}"]
+        assert row.n == 2 and sorted(row.seeds) == [0, 1]
+        assert row.stats["final_mean"] == pytest.approx((100 * np.mean(values), 100 * np.std(values, ddof=1)),
+                                                        rel=1e-12)
+    assert {c.row for c in table.comparisons} == set(rows) - {"digits_demo:local lr=0.05"}
