@@ -304,6 +304,11 @@ class ResultsWriter(Callback):
                 self._filename = self._eval_filename(trainer)
         return self._dir
 
+    def record_file(self, trainer: Trainer) -> Path:
+        """The file this evaluation's (or fit's) record goes to: ``results.json``, or ``results_test-last.json`` and
+        the like beside another record (files that belong to one evaluation carry the same tag)."""
+        return self._run_dir(trainer) / self._filename
+
     def _eval_filename(self, trainer: Trainer) -> str:
         """``results.json`` in a directory without a record (or holding this very evaluation), else
         ``results_<command>-<checkpoint tag>.json``: never another record's file."""

@@ -137,6 +137,17 @@ def test_test_writes_the_per_bit_accuracy_files_of_a_results_run(one_thread, tmp
     assert data["bits"] == [1, 32]
     assert data["accuracy"] == pytest.approx([metrics["test/acc_bit1"], metrics["test/acc_bit32"]], abs=1e-7)
     assert (tmp_path / "bit_accuracy_test.png").stat().st_size > 0
+    # a later `test` of one of the run's checkpoints: files tagged as its record is, the first ones untouched
+    first = (tmp_path / "bit_accuracy_test.json").read_bytes()
+    trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    model.eval_bits = [2, 32]
+    trainer = quiet_trainer(default_root_dir=tmp_path, callbacks=[ResultsWriter(dirpath=str(tmp_path))])
+    trainer.test(model, TinyImages(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"), verbose=False,
+                 weights_only=False)
+    assert (tmp_path / "results_test-last.json").is_file()
+    assert json.loads((tmp_path / "bit_accuracy_test-last.json").read_text())["bits"] == [2, 32]
+    assert (tmp_path / "bit_accuracy_test-last.png").stat().st_size > 0
+    assert (tmp_path / "bit_accuracy_test.json").read_bytes() == first
 
 
 def _run(tmp_path, epochs, ckpt=None):
