@@ -175,6 +175,32 @@ def test_dynamic_update_uses_pass1_gradients_and_applies_next_step():
     assert any(bool((e[m & ~n] != 0).any()) for e, m, n in zip(eps, old, new))
 
 
+def test_dynamic_weight_scores_read_the_ascended_weights():
+    # docs/methods/sam.md: inside a SAM step the "weight" drop scores are |w + eps| (after the ascent, as in the
+    # official SSAM-D code), not |w|
+    model, x, y = tiny_problem(6)
+    opt = SSAM(param_groups_by_role(model), SGD, rho=5.0, sparsity=0.5, mask_init="random", mask_seed=2)
+    old = [m.clone() for m in opt.masks()]
+    params = opt.mask_parameters()
+    weights = []
+    inner = sam_closure(model, loss_of(model, x, y))
+
+    def closure():
+        weights.append([p.detach().clone() for p in params])  # call 0: w, call 1: w + eps
+        return inner()
+
+    opt.schedule_dynamic_update(0.5, "weight", "random", seed=1)
+    opt.step(closure)
+    keep = int(0.5 * numel(model) * 0.5)
+    expect = {}
+    for name, ws in (("w", weights[0]), ("w + eps", weights[1])):
+        live = [(w.abs() + 1e-7) * m for w, m in zip(ws, old)]
+        expect[name] = global_topk_mask(live, keep)
+    assert not all(torch.equal(a, b) for a, b in zip(expect["w"], expect["w + eps"]))  # the two readings differ
+    survivors = [n & m for n, m in zip(opt.masks(), old)]
+    assert all(torch.equal(s, e) for s, e in zip(survivors, expect["w + eps"]))
+
+
 def test_masks_survive_state_dict_as_bool():
     model, x, y = tiny_problem(5)
     make = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
