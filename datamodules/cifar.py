@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_methods.datamodules.base import ImageDataModule
+from lightning_methods.datamodules.base import DATA_DIR_HINT, ImageDataModule
 
 #: The only globals a CIFAR pickle references (numpy arrays and, for files written by Python 3 with protocol 2,
 #: byte strings); anything else is refused, so a crafted file cannot run code while it loads.
@@ -117,8 +117,9 @@ class CIFARDataModule(ImageDataModule):
         return (
             f"{self.display_name} is not available: {reason}. Expected the extracted folder "
             f"{self.release_dir}/ with the files {', '.join(self.train_files + self.test_files)}. Either put the "
-            f"'{self.folder}/' folder from {self.url} into {self.data_dir}/ (set --data.data_dir to its parent "
-            "directory), or run once with --data.download true on a machine with internet access."
+            f"'{self.folder}/' folder from {self.url} into {self.data_dir}/ (or point this DataModule's data_dir at "
+            f"the folder that holds it: {DATA_DIR_HINT}), or run once with download true (--data.download true) on a "
+            "machine with internet access."
         )
 
     def _torchvision_dataset(self):  # pragma: no cover - overridden

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_methods.datamodules.base import ImageDataModule
+from lightning_methods.datamodules.base import DATA_DIR_HINT, ImageDataModule
 from lightning_methods.utils import atomic_torch_save, safe_torch_load
 
 CINIC10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -103,8 +103,9 @@ class CINIC10DataModule(ImageDataModule):
     def _not_found(self, reason: str) -> str:
         return (f"CINIC-10 is not available: {reason}. Expected the extracted folder {self.release_dir}/ with "
                 f"train/, valid/ and test/ (one folder per class with 32x32 PNG files). Either extract CINIC-10.tar.gz "
-                f"from {CINIC10_URL} into {self.release_dir}/ (set --data.data_dir to its parent directory), or run "
-                "once with --data.download true on a machine with internet access.")
+                f"from {CINIC10_URL} into {self.release_dir}/ (or point this DataModule's data_dir at the folder "
+                f"that holds it: {DATA_DIR_HINT}), or run once with download true (--data.download true) on a machine "
+                "with internet access.")
 
     def prepare_data(self) -> None:
         missing = self._missing()

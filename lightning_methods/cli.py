@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning_methods._lazy import lazy_exports
@@ -85,6 +86,7 @@ def run_command(name: str, args: list[str] | None = None) -> Any:
     from lightning_methods.utils.quiet import quiet_trainers
 
     module = importlib.import_module(COMMANDS[name][0])
+    args = None if args is None else resolve_configs(args)
     with quiet_trainers():  # their many Trainers: Lightning's device lines once, no tips
         return module.main(args)
 
@@ -103,7 +105,7 @@ def main(args: list[str] | None = None) -> None:
     if args is None:
         console(main, sys.argv[1:])
         return
-    argv = list(args)
+    argv = resolve_configs(args)
     if argv and argv[0] in COMMANDS:
         run_command(argv[0], argv[1:])
         return
@@ -142,6 +144,28 @@ def option_values(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def config_files(argv: list[str]) -> list[str]:
     """The ``--config`` / ``-c`` files named in ``argv`` (both ``--config F`` and ``--config=F``)."""
     return option_values(argv, ("-c", "--config"))
+
+
+def resolve_configs(argv: list[str]) -> list[str]:
+    """``argv`` with each relative ``--config`` / ``-c`` file that is missing from the current folder but present in
+    the source tree this package runs from (``configs/...`` as the docs write them, typed in another folder) replaced
+    by that file, with a note on stderr naming both; every other argument unchanged."""
+    tree = Path(__file__).resolve().parents[1]
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("-c", "--config") and i + 1 < len(out):
+            at, value, prefix = i + 1, out[i + 1], ""
+        elif arg.startswith("--config="):
+            at, value, prefix = i, arg.split("=", 1)[1], "--config="
+        else:
+            continue
+        path = Path(value)
+        if path.is_absolute() or path.exists() or not (tree / "configs").is_dir() or not (tree / path).is_file():
+            continue
+        out[at] = prefix + str(tree / path)
+        print(f"[lightning-methods] {value} is not in {Path.cwd()}: using {tree / path} (the package's own)",
+              file=sys.stderr, flush=True)
+    return out
 
 
 def check_fit_config(argv: list[str]) -> None:
