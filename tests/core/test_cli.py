@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_methods.cli import build_cli, main
+from lightning_methods.cli import build_cli, main, resolve_configs
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR = str(REPO / "configs/cifar100/resnet18.yaml")
@@ -139,3 +139,22 @@ def test_a_subcommand_builds_only_its_own_parser_and_the_top_level_help_lists_al
         _make_cli(["--help"], run=True)
     out = capsys.readouterr().out
     assert info.value.code == 0 and all(f"    {sub}" in out for sub in ("fit", "validate", "test", "predict")), out
+
+
+def test_relative_configs_missing_here_come_from_the_checkout(tmp_path, monkeypatch, capsys):
+    """`--config configs/...` typed in another folder: the checkout's file (both option forms, `-c` too, a note on
+    stderr); a file of that name in the current folder, an absolute path and a path the checkout lacks stay as given."""
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    argv = ["fit", "--config", "configs/quickstart.yaml", "--config=configs/base/ddp.yaml", "-c", "configs/nope.yaml",
+            "--trainer.max_epochs", "1"]
+    assert resolve_configs(argv) == ["fit", "--config", str(repo / "configs/quickstart.yaml"),
+                                     f"--config={repo / 'configs/base/ddp.yaml'}", "-c", "configs/nope.yaml",
+                                     "--trainer.max_epochs", "1"]
+    err = capsys.readouterr().err
+    assert f"configs/quickstart.yaml is not in {tmp_path}: using {repo / 'configs/quickstart.yaml'}" in err
+    assert err.count("[lightning-methods]") == 2
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "quickstart.yaml").write_text("seed_everything: 1\n")
+    mine = ["fit", "--config", "configs/quickstart.yaml", "--config", str(repo / "configs/base/ddp.yaml")]
+    assert resolve_configs(mine) == mine and capsys.readouterr().err == ""

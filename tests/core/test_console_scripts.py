@@ -156,20 +156,11 @@ def test_fit_on_a_config_of_another_command_names_that_command(work):
 
 def test_the_docs_relative_config_paths_work_from_another_folder(work):
     """The README writes `--config configs/...`; typed in a folder without that file, the command takes the package's
-    own config (one note naming both) instead of stopping; both option forms, fit and a package command."""
+    own config (one note naming both) instead of stopping (the other forms and a file of the user's own:
+    test_cli.py)."""
     proc = run(["lightning-methods", "fit", "--config", "configs/quickstart.yaml", "--print_config"], work)
     assert f"configs/quickstart.yaml is not in {work}: using {QUICK} (the package's own)" in proc.stderr, proc.out
     assert "resnet8" in proc.stdout and "DigitsDataModule" in proc.stdout
-    select = "configs/noisy_labels/digits_sym40.yaml"
-    proc = run(["lightning-methods-select", f"--config={select}", "--print_config"], work)
-    assert f"using {REPO / select}" in proc.stderr and "selection:" in proc.stdout, proc.out
-    (work / "configs").mkdir(exist_ok=True)  # a file of the user's own with that name wins, without a note
-    (work / "configs" / "quickstart.yaml").write_text(QUICK.read_text().replace("resnet8", "resnet20"))
-    try:
-        proc = run(["lightning-methods", "fit", "--config", "configs/quickstart.yaml", "--print_config"], work)
-    finally:
-        (work / "configs" / "quickstart.yaml").unlink()
-    assert "package's own" not in proc.out and "resnet20" in proc.stdout
 
 
 # ----------------------------------------------------------------------------------------------- the quickstart chain

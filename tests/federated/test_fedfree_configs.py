@@ -89,20 +89,19 @@ def test_help_names_every_algorithm_in_a_fresh_interpreter():
     import subprocess
     import sys
 
-    code = "from lightning_methods.federated.cli import main; main({!r})"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, "-c", code.format(["--help"])], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
+    code = ("from lightning_methods.federated.cli import main\n"
+            "for args in (['--help'], ['--algorithm.help', 'FedTGP']):\n"
+            "    try:\n        main(args)\n    except SystemExit as exit:\n        assert not exit.code, exit.code\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
     import lightning_methods.federated as federated
 
     algorithms = [n for n in federated.__all__ if isinstance(getattr(federated, n), type)
                   and issubclass(getattr(federated, n), FedAlgorithm)]
     assert len(algorithms) >= 10
     assert all(f"lightning_methods.federated.{n}" in out.stdout.replace("\n", "").replace(" ", "") for n in algorithms)
-    out = subprocess.run([sys.executable, "-c", code.format(["--algorithm.help", "FedTGP"])], capture_output=True,
-                         text=True, env=env, timeout=120)
-    assert out.returncode == 0 and "--algorithm.margin_threshold" in out.stdout, out.stderr[-2000:]
+    assert "--algorithm.margin_threshold" in out.stdout  # FedTGP's own option
 
 
 @pytest.mark.filterwarnings("ignore:.*cover only")
