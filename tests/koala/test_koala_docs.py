@@ -36,7 +36,6 @@ def test_named_test_files_exist():
     assert not missing, f"docs/methods/koala.md names test files that do not exist: {missing}"
 
 
-
 @pytest.mark.parametrize("wd", [0.0, 5e-4])
 def test_zero_loss_step_vanishes_only_without_weight_decay(wd):
     # "A zero loss gives a zero step only with weight_decay=0": KOALA-V's first step in float64, closed form
