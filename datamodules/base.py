@@ -9,6 +9,7 @@ uint8 tensors) before that.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -96,6 +97,24 @@ def fit_start_epoch(trainer: Any) -> int:
     from an end-of-epoch checkpoint (``--ckpt_path last``) would otherwise replay epoch 0's order and crops."""
     progress = getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None)
     return int(progress.current.processed) if progress is not None else 0
+
+
+def training_sampler(sampler: Any, trainer: Any) -> Any:
+    """``sampler`` (with ``set_epoch``) started in the fit's first epoch (:func:`fit_start_epoch`); under DDP already
+    wrapped as Lightning would wrap it (its ``DistributedSamplerWrapper``: the order's positions shuffled by
+    ``PL_GLOBAL_SEED`` and the epoch, then sharded by rank), with the wrapper's epoch set too. Lightning leaves a
+    distributed sampler alone, and would set its own wrapper's epoch only after the resumed fit's workers have
+    prefetched: each rank would then read another shard of the restored epoch than the uninterrupted run."""
+    epoch = fit_start_epoch(trainer)
+    sampler.set_epoch(epoch)
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+    wraps = getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
+    if kwargs and wraps and not getattr(trainer, "overfit_batches", 0):
+        from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+        sampler = DistributedSamplerWrapper(sampler, shuffle=True, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)
+        sampler.set_epoch(epoch)
+    return sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -284,7 +303,7 @@ class ImageDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed, self.first_epoch()) if train else None,
+            sampler=training_sampler(EpochShuffleSampler(len(dataset), self.seed), self.trainer) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

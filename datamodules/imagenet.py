@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_methods.datamodules.base import ImageDataModule, collate_dict
+from lightning_methods.datamodules.base import ImageDataModule, collate_dict, training_sampler
 from lightning_methods.datamodules.imagenet_files import (
     list_class_folders,
     read_class_list,
@@ -205,7 +205,7 @@ class ImageNetDataModule(ImageDataModule):
         return DataLoader(
             dataset.with_mode(mode),
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochTaggedSampler(len(dataset), self.seed, epoch=self.first_epoch()) if train else None,
+            sampler=training_sampler(EpochTaggedSampler(len(dataset), self.seed), self.trainer) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_methods.datamodules.base import EpochShuffleSampler, collate_dict, fit_start_epoch
+from lightning_methods.datamodules.base import EpochShuffleSampler, collate_dict, training_sampler
 from lightning_methods.utils import safe_torch_load, sharded_loader
 
 Variant = Literal["raw", "standardize", "l2"]
@@ -241,7 +241,7 @@ class EmbeddingDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train")
-        sampler = EpochShuffleSampler(len(ds), self.seed, fit_start_epoch(self.trainer))  # a resume's epoch
+        sampler = training_sampler(EpochShuffleSampler(len(ds), self.seed), self.trainer)  # a resume's epoch
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=collate_dict)
 

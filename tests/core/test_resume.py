@@ -4,6 +4,8 @@ weights, momentum buffers, scheduler, data order and augmentation draws all surv
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -12,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_methods import ImageClassifier
 from lightning_methods.datamodules import DigitsDataModule
 
-from helpers import TinyNet, quiet_trainer
+from helpers import TinyNet, quiet_trainer, run_ddp
 
 
 def _model() -> ImageClassifier:
@@ -94,3 +96,45 @@ def test_checkpoints_of_python_made_modules_load_with_weights_only(tmp_path):
     restored = ImageClassifier.load_from_checkpoint(tmp_path / "last.ckpt")
     opt = restored.configure_optimizers()["optimizer"]
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.05 and opt.defaults["momentum"] == 0.9
+
+
+class _Indices(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append(batch["index"].tolist())
+
+
+def _ddp_resume_job(rank: int, world_size: int, ckpt_dir: str) -> dict:
+    """One rank of three 2-process DDP fits with a DataLoader worker each: 2 epochs; 1 epoch and its last.ckpt; the
+    fit resumed from it. Returns the sample indices of each fit's training batches on this rank."""
+    def fit(max_epochs: int, ckpt_path: str | None = None, checkpoint: ModelCheckpoint | None = None) -> list:
+        record = _Indices()
+        callbacks = [record, *([checkpoint] if checkpoint else [])]
+        trainer = _trainer(max_epochs=max_epochs, strategy="ddp", devices=world_size,
+                           enable_checkpointing=bool(checkpoint), callbacks=callbacks)
+        trainer.fit(_model(), DigitsDataModule(batch_size=128, augment="crop", seed=3, num_workers=1),
+                    ckpt_path=ckpt_path)
+        return record.seen
+
+    full = fit(2)
+    first = fit(1, checkpoint=ModelCheckpoint(dirpath=ckpt_dir, save_last=True))
+    torch.distributed.barrier()  # rank 0 has written last.ckpt before any rank reads it
+    rest = fit(2, ckpt_path=os.path.join(ckpt_dir, "last.ckpt"))
+    return {"full": full, "first": first, "rest": rest}
+
+
+def test_two_ranks_with_workers_resume_with_the_next_epochs_shards(tmp_path):
+    """DDP (2 processes, gloo), one worker per rank: the fit resumed from the end-of-epoch checkpoint takes on each
+    rank the batches of the uninterrupted run's second epoch (both ranks start the sampler in the restored epoch, and
+    Lightning's sampler wrapper shards that order), and the ranks share each epoch's samples without overlap."""
+    ranks = run_ddp(_ddp_resume_job, 2, (str(tmp_path),))
+    per_epoch = (1259 // 2) // 128  # each rank's shard of the digits' training split, batches of 128, drop_last
+    for rank, job in enumerate(ranks):
+        assert len(job["full"]) == 2 * per_epoch and job["first"] == job["full"][:per_epoch], rank
+        assert job["rest"] == job["full"][per_epoch:] and job["rest"] != job["first"], rank
+    for epoch in range(2):
+        shards = [{i for batch in job["full"][epoch * per_epoch:(epoch + 1) * per_epoch] for i in batch}
+                  for job in ranks]
+        assert not shards[0] & shards[1]
