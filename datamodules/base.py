@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
@@ -102,19 +103,31 @@ def fit_start_epoch(trainer: Any) -> int:
 def training_sampler(sampler: Any, trainer: Any) -> Any:
     """``sampler`` (with ``set_epoch``) started in the fit's first epoch (:func:`fit_start_epoch`); under DDP already
     wrapped as Lightning would wrap it (its ``DistributedSamplerWrapper``: the order's positions shuffled by
-    ``PL_GLOBAL_SEED`` and the epoch, then sharded by rank), with the wrapper's epoch set too. Lightning leaves a
-    distributed sampler alone, and would set its own wrapper's epoch only after the resumed fit's workers have
-    prefetched: each rank would then read another shard of the restored epoch than the uninterrupted run."""
+    ``PL_GLOBAL_SEED`` and the epoch, then sharded by rank; :class:`RankShardSampler`), with the wrapper's epoch set
+    too. Lightning leaves a distributed sampler alone, and would set its own wrapper's epoch only after the resumed
+    fit's workers have prefetched: each rank would then read another shard of the restored epoch than the
+    uninterrupted run."""
     epoch = fit_start_epoch(trainer)
     sampler.set_epoch(epoch)
     kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
     wraps = getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
     if kwargs and wraps and not getattr(trainer, "overfit_batches", 0):
-        from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-
-        sampler = DistributedSamplerWrapper(sampler, shuffle=True, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)
+        sampler = RankShardSampler(sampler, shuffle=True, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)
         sampler.set_epoch(epoch)
     return sampler
+
+
+class RankShardSampler(DistributedSamplerWrapper):
+    """Lightning's ``DistributedSamplerWrapper`` that always forwards ``set_epoch`` to the sampler it wraps (Lightning
+    2.6.0's does not: there the wrapped order stayed that of the epoch the sampler started in)."""
+
+    def __init__(self, sampler: Any, **kwargs: Any) -> None:
+        super().__init__(sampler, **kwargs)
+        self.wrapped = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.wrapped.set_epoch(epoch)
 
 
 class EpochShuffleSampler(Sampler[int]):
