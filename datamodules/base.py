@@ -133,11 +133,11 @@ class RankShardSampler(DistributedSamplerWrapper):
 class EpochShuffleSampler(Sampler[int]):
     """Random order per epoch from ``(seed, epoch)`` (Lightning calls ``set_epoch``; under DDP its sampler wrapper
     shards this order and forwards ``set_epoch``). Unlike ``RandomSampler`` it does not draw from the global RNG,
-    so a run resumed from a checkpoint sees the same batches as the uninterrupted run (start it in
-    :func:`fit_start_epoch`)."""
+    so a run resumed from a checkpoint sees the same batches as the uninterrupted run (a training loader gets it
+    through :func:`training_sampler`)."""
 
-    def __init__(self, n: int, seed: int = 0, epoch: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, epoch
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -81,10 +81,10 @@ class EpochTaggedSampler(Sampler[tuple[int, int]]):
     """The training order of :class:`EpochShuffleSampler` (a function of ``(seed, epoch)``), each position tagged with
     the epoch: ``(position, epoch)``, so workers draw the augmentation of ``(seed, epoch, index)`` even with
     persistent workers. Lightning forwards ``set_epoch`` (also through its DDP sampler wrapper); a training loader
-    starts in ``fit_start_epoch`` (see there)."""
+    gets it through ``training_sampler`` (see there)."""
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, epoch: int = 0) -> None:
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, epoch
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
