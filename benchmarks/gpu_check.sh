@@ -18,8 +18,9 @@
 # second call. The steps come in the order of what they settle, issue 23's first.
 #
 # The GPU image holds torch, torchvision, lightning, timm, scikit-learn, matplotlib and pytest, but not litdata (and
-# its boto3), simplejpeg, turbojpeg, jsonargparse or wandb: --prepare downloads the first ones for the image's Python (3.12;
-# GPU_CHECK_PYTHON_VERSION to change) at the versions installed here; nothing in the check needs wandb.
+# its boto3), simplejpeg, turbojpeg, jsonargparse, pytest-xdist or wandb: --prepare downloads the first ones for the
+# image's Python (3.12; GPU_CHECK_PYTHON_VERSION to change) at the versions installed here; nothing in the check needs
+# wandb.
 #
 # Steps (GPU_CHECK_STEPS names in brackets); OUT gets 8 files (what the device tool brings back at most):
 #   summary.txt            the device and the versions, then one line per step: exit code and seconds
@@ -47,7 +48,8 @@ set -uo pipefail
 here=$(pwd)  # OUT and PYTHON are read from the caller's folder; the steps run in the repository root
 cd "$(dirname "$0")/.." || exit 2
 
-WHEELS=(litdata boto3 botocore s3transfer jmespath simplejpeg turbojpeg jsonargparse docstring-parser typeshed-client)
+WHEELS=(litdata boto3 botocore s3transfer jmespath simplejpeg turbojpeg jsonargparse docstring-parser typeshed-client
+        pytest-xdist execnet)  # pytest-xdist: pyproject's addopts name its -n (the GPU tests run in one process: -n 0)
 
 if [[ "${1:-}" == "--prepare" ]]; then
     py=$(cd "$here" && realpath -s "$(command -v "${PYTHON:-python}")") \
@@ -154,7 +156,7 @@ echo "steps:$wanted| budget: $budget s" >> "$summary"
 if [[ "$wanted" == *" pytest "* ]]; then
     rm -f "$out/pytest_gpu.log"
     step pytest "pytest -m gpu" 120 "$out/pytest_gpu.log" \
-        env PYTHONSAFEPATH=1 "$py" -m pytest -m gpu -q -p no:cacheprovider "${tests[@]}"
+        env PYTHONSAFEPATH=1 "$py" -m pytest -m gpu -q -p no:cacheprovider -n 0 "${tests[@]}"
 fi
 if [[ "$wanted" == *" imagenet "* ]]; then
     rm -f "$out"/imagenet_gpu.{json,log}

@@ -26,10 +26,48 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one test process per CPU this process may run on (the CI machine's 2), not
+    per physical core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, split the CPUs between the test processes: torch's default of one intra-op thread per core
+    in each of them would oversubscribe the machine (each test's tiny model then waits on the other's threads)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        cpus = pytest_xdist_auto_num_workers(config)
+        torch.set_num_threads(max(1, cpus // int(workers)))
+
+
+_WORKER_SWAPS = pytest.StashKey[list]()  # the xdist workers' swaps, gathered by the controlling process
+
+
+def _config_swaps() -> list[str]:
+    overrides = sys.modules.get("config_overrides")
+    return list(getattr(overrides, "SWAPS", None) or [])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """An xdist worker hands its config swaps to the controlling process, which prints the summary."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["config_swaps"] = _config_swaps()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The controlling process (pytest-xdist) collects each worker's config swaps."""
+    node.config.stash.setdefault(_WORKER_SWAPS, []).extend(getattr(node, "workeroutput", {}).get("config_swaps", []))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Say which shipped configs the config smoke test ran with something swapped for speed."""
-    overrides = sys.modules.get("config_overrides")
-    swaps = getattr(overrides, "SWAPS", None)
+    swaps = _config_swaps() + config.stash.get(_WORKER_SWAPS, [])
     if swaps:
         terminalreporter.section("config smoke test: swapped for speed")
         terminalreporter.write_line("every config: fast_dev_run, batch_size 4 unless listed, 32-true on CPU")
