@@ -192,8 +192,10 @@ def _write(cfg: Any, report: TunnelReport) -> None:
         return
     import wandb
 
+    from lightning_methods.runs import new_wandb_id
+
     run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name, mode=cfg.wandb_mode, job_type="tunnel-probe",
-                     dir=str(out.resolve()),
+                     id=new_wandb_id(), dir=str(out.resolve()),
                      config={"ckpt": str(ckpt), "probe": dict(vars(cfg.probe)), "data": str(cfg.data.class_path)})
     with contextlib.ExitStack() as stack:
         stack.callback(run.finish)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from lightning_methods.runs import new_wandb_id
 from lightning_methods.utils import atomic_write_json, sha256_file
 from lightning_methods.utils.wandb import log_pictures
 from lightning_methods.vit_locality.checkpoints import BY_CLASSES, DATASETS, checkpoint_record, evaluation_set
@@ -131,6 +132,7 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"written to {out}/ (table.md, table.csv, per_checkpoint.csv, locality.json, mad_by_layer.png)")
     if opts.wandb_project:
         settings = {"project": opts.wandb_project, "name": f"locality-{out.resolve().name}", "job_type": "locality",
-                    "save_dir": str(out.resolve()), **({"mode": opts.wandb_mode} if opts.wandb_mode else {})}
+                    "id": new_wandb_id(), "save_dir": str(out.resolve()),
+                    **({"mode": opts.wandb_mode} if opts.wandb_mode else {})}
         log_pictures({"locality/mad_by_layer": out / "mad_by_layer.png"}, settings=settings)
     return rows

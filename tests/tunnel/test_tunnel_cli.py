@@ -3,6 +3,7 @@ a seeded CIFAR-100 class subset (fake CIFAR files in the official format); files
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,7 @@ def test_probe_checkpoint_with_ood(checkpoint, fake_cifar_root, tmp_path, monkey
     assert len(csv) == 6 and csv[1].startswith("1,fc1,layers.0.act,24,")
     assert (out / "tunnel.png").stat().st_size > 1000 and (out / "tunnel.json").is_file()
     run_file = next((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert re.fullmatch(r"run-r[0-9a-f]{11}\.wandb", run_file.name)  # the package's kind of W&B run id
     logged = logged_text(run_file)
     assert "tunnel/table" in logged and "tunnel/plot" in logged
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -96,8 +97,10 @@ def test_table_over_conditions_and_seeds(checkpoints, tmp_path, monkeypatch, cap
 
     # cached: a second run probes nothing again; a LABEL=PATH argument renames one run's condition
     monkeypatch.setattr(locality_cli, "checkpoint_record", lambda *a, **k: pytest.fail("recomputed"))
-    rows2 = locality_cli.main([f"Mine={paths['base0']}", *args[1:]])
+    rows2 = locality_cli.main([f"Mine={paths['base0']}", *args[1:], "--wandb_project", "p", "--wandb_mode", "offline"])
     assert {r["condition"]: r["runs"] for r in rows2} == {"Baseline": 1, "Modern": 2, "Mine": 1}
+    (run,) = (out / "wandb").glob("offline-run-*")  # the picture's W&B run, with the package's kind of run id
+    assert re.fullmatch(r"offline-run-\d{8}_\d{6}-r[0-9a-f]{11}", run.name)
     assert rows2[1]["min_mad_early_mean"] == rows[1]["min_mad_early_mean"]
 
 
