@@ -8,6 +8,11 @@ difference, ``n`` and ``m`` runs are apart by the seed alone with probability ``
 extreme rank-sum (Mann-Whitney) outcome: 0.1 for 3 runs against 3, 0.008 for 5 against 5. Ties are not apart. With
 one run on each side the chance is 1: one run each cannot show an effect.
 
+``--paired`` compares each run with the baseline's run of the same seed instead: for configurations that share
+what the seed decides (data split, partition, initialisation; e.g. the algorithms of one ``fed`` config, or a grid's
+``--set`` values of one config) the question is then whether the difference has one sign in every seed, by chance
+alone ``2 / 2**n`` for ``n`` seeds (0.0625 for 5), more sensitive than *apart* when the seeds move both rows together.
+
 ``--baseline_metric M`` compares every metric of the rows with the baseline's ``M`` (e.g. Early Cutting's
 ``test_acc_last`` against plain training's ``test/acc``). :func:`paired_comparison` compares two metrics of the same
 runs (e.g. two detectors of one OOD report): there the question is whether the difference has the same sign in every
@@ -20,7 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_methods.results.aggregate import Row, row_values, run_value
+from lightning_methods.results.aggregate import Row, row_values, run_seed, run_value
 
 
 @dataclass(frozen=True)
@@ -96,26 +101,57 @@ def find_row(rows: Sequence[Row], name: str) -> Row:
 
 
 def compare_rows(rows: Sequence[Row], baseline: Row, metrics: Sequence[str],
-                 baseline_metric: str | None = None) -> list[Comparison]:
-    """Every other row against ``baseline``, per metric (against ``baseline_metric`` when given); pairs where either
-    side has no finite value are left out."""
+                 baseline_metric: str | None = None, paired: bool = False) -> list[Comparison]:
+    """Every other row against ``baseline``, per metric (against ``baseline_metric`` when given); runs without a
+    finite value are left out. ``paired``: each run against the baseline's run of the same seed (seeds that only one
+    side has are left out).
+
+    Raises:
+        ValueError: ``paired`` and a row holds two runs of one seed (the pairs would be ambiguous).
+    """
     out = []
+    if paired:
+        base_runs = _runs_by_seed(baseline)
     for row in rows:
         if row is baseline:
             continue
         for metric in metrics:
             base_metric = baseline_metric or metric
+            if paired:
+                runs = _runs_by_seed(row)
+                pairs = [(run_value(runs[s], metric), run_value(base_runs[s], base_metric)) for s in runs
+                         if s in base_runs]
+                kept = [(a, b) for a, b in pairs if _is_finite(a) and _is_finite(b)]
+                if kept:
+                    out.append(Comparison(row.name, metric, baseline.name, base_metric, tuple(a for a, _ in kept),
+                                          tuple(b for _, b in kept), paired=True))
+                continue
             values, base = _finite(row_values(row, metric)), _finite(row_values(baseline, base_metric))
             if values and base:
                 out.append(Comparison(row.name, metric, baseline.name, base_metric, values, base))
     return out
 
 
+def _runs_by_seed(row: Row) -> dict[str, dict]:
+    by_seed: dict[str, dict] = {}
+    for run in row.runs:
+        seed = str(run_seed(run))
+        if seed in by_seed:
+            raise ValueError(f"--paired: {row.name} holds two runs of seed {seed}; pair runs by seed only where each "
+                             "row has one run per seed (leave --paired out to compare the rows' ranges)")
+        by_seed[seed] = run
+    return by_seed
+
+
+def _is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def paired_comparison(row: Row, metric: str, baseline_metric: str) -> Comparison | None:
     """``metric`` against ``baseline_metric`` run by run over the runs of one row (runs lacking a finite value of
     either are left out); ``None`` when no run has both."""
     pairs = [(run_value(r, metric), run_value(r, baseline_metric)) for r in row.runs]
-    kept = [(a, b) for a, b in pairs if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+    kept = [(a, b) for a, b in pairs if _is_finite(a) and _is_finite(b)]
     if not kept:
         return None
     return Comparison(row.name, metric, row.name, baseline_metric, tuple(a for a, _ in kept),
@@ -127,7 +163,8 @@ def markdown(comparisons: Sequence[Comparison], digits: int = 2) -> str:
     if not comparisons:
         return ""
     first = comparisons[0]
-    apart = ("the difference has one sign in every run, with the chance 2 / 2^n of that" if first.paired else
+    apart = ("the difference to the same run's (or seed's) baseline value has one sign in every run, with the "
+             "chance 2 / 2^n of that" if first.paired else
              "every run of the row above (or below) every run of the baseline, with the chance 2 / C(n + m, n) of that")
     lines = [f"Against `{first.baseline}`: Δ = mean - the baseline's mean; apart = {apart} when nothing differs.", "",
              "| Config | metric | Δ | runs | verdict |", "|---|---|---|---|---|"]

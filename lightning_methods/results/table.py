@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "spread, below the table and in baseline.csv")
     parser.add_argument("--baseline_metric", metavar="METRIC", help="compare every metric with this metric of the "
                         "baseline (default: the same metric)")
+    parser.add_argument("--paired", action="store_true", help="compare each run with the baseline's run of the "
+                        "same seed (one sign in every seed, chance 2 / 2^n) instead of the two rows' ranges: for rows "
+                        "that share what the seed decides (split, partition, initialisation)")
     parser.add_argument("--no_plot", action="store_true", help="skip the learning-curve plot")
     parser.add_argument("--wandb_project", default=None,
                         help="also log the table, the baseline comparison and the learning curves to a new W&B run in "
@@ -165,8 +168,9 @@ def main(args: list[str] | None = None) -> Table:
     """Entry point of ``lightning-methods table`` (see the module docstring); prints the Markdown table."""
     parser = build_parser()
     ns = parser.parse_args(sys.argv[1:] if args is None else args)
-    if ns.baseline_metric and not ns.baseline:
-        parser.error("--baseline_metric needs --baseline NAME (the row to compare with)")
+    for option in ("baseline_metric", "paired"):
+        if getattr(ns, option) and not ns.baseline:
+            parser.error(f"--{option} needs --baseline NAME (the row to compare with)")
     records: list[dict[str, Any]] = []
     local = [r for r in ns.runs if not r.startswith("wandb:")]
     if local:
@@ -191,7 +195,8 @@ def main(args: list[str] | None = None) -> Table:
                   file=sys.stderr)
     comparisons = []
     if ns.baseline:
-        comparisons = compare.compare_rows(rows, compare.find_row(rows, ns.baseline), metrics, ns.baseline_metric)
+        comparisons = compare.compare_rows(rows, compare.find_row(rows, ns.baseline), metrics, ns.baseline_metric,
+                                           ns.paired)
     text = markdown(rows, metrics, ns.ddof) + ("\n" + compare.markdown(comparisons) if comparisons else "")
     print(text)
     first_dir = next((Path(r) for r in local if Path(r).is_dir()), Path("."))

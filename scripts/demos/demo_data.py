@@ -43,6 +43,12 @@ DEMOS = (
         "FedFree",
         "`lightning-methods fed --config configs/federated/digits_demo.yaml` (final-round client accuracy)",
     ),
+    (
+        "fedfree_skew",
+        "FedFree under label skew",
+        "`lightning-methods fed --config configs/federated/digits_demo.yaml --data.partition.classes_per_client 2` "
+        "(the paper's non-IID1 regime: 2 of the 10 classes per client; final-round client accuracy)",
+    ),
 )
 
 
@@ -64,6 +70,17 @@ def records(folder: Path) -> list[dict]:
 def times(root: Path) -> list[dict]:
     path = root / "times.tsv"
     return list(csv.DictReader(path.open(), delimiter="\t")) if path.is_file() else []
+
+
+def demo_times(rows: list[dict], name: str, threads: str = "1") -> list[dict]:
+    """The times.tsv rows of demo ``name`` (its label, or ``<name>_<part>`` such as ``early_cutting_ce``, unless a
+    longer demo name owns the label: ``fedfree_skew`` is not part of ``fedfree``) run with ``threads`` threads."""
+
+    def owner(label: str) -> str | None:
+        names = [d[0] for d in DEMOS if label == d[0] or label.startswith(d[0] + "_")]
+        return max(names, key=len) if names else None
+
+    return [r for r in rows if owner(r["demo"]) == name and r["threads"] == threads]
 
 
 def seeds_text(base: Path) -> str:

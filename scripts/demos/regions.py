@@ -10,6 +10,7 @@ from comparisons import effect_lines, ood_comparisons, ood_effect_lines, verdict
 from demo_data import (
     baseline_rows,
     csv_rows,
+    demo_times,
     pm,
     records,
     rows_by_name,
@@ -58,7 +59,7 @@ def fed_summaries(base: Path, rows: list[dict]) -> dict[str, str]:
         against = versus.get(row.name)
         means.append(f"{title} {summary}" + (f" (against Local-only: {verdict(against)})" if against else ""))
     effect = " ".join(effect_lines(folder, ("final_mean",)))
-    time = time_line([], [r for r in rows if r["demo"].startswith("fedfree") and r["threads"] == "1"])
+    time = time_line([], demo_times(rows, "fedfree"))
     return {"readme_fedfree": f"seeds {seeds_text(folder)}: " + "; ".join(means) + ".",
             "fedfree_seeds": "\n".join(table), "fedfree_effect": effect, "fedfree_time": time}
 
@@ -80,7 +81,7 @@ def ood_summaries(base: Path, rows: list[dict]) -> dict[str, str]:
     pairs = [c for c in ood_comparisons(folder) if c.metric.endswith("/union/auroc")]
     union_verdicts = "; ".join(f"against {c.baseline_metric.split('/')[1]} {c.diff:+.2f}, {c.verdict}" for c in pairs)
     fused = " / ".join(pm(row, f"ood/EncMin2L/{s}/auroc", 2) for s in sets[1:])
-    time = time_line([], [r for r in rows if r["demo"].startswith("ood") and r["threads"] == "1"])
+    time = time_line([], demo_times(rows, "ood"))
     return {
         "readme_ood": (f"seeds {seeds_text(folder)}; union of shifts (ID vs all OOD sets pooled): EncMin2L "
                        f"{union['EncMin2L']}, trained ResNet-8 "
@@ -100,7 +101,7 @@ def summaries(base: Path) -> dict[str, str]:
         out["readme_quickstart"] = f"{pm(quick[0], 'test/acc')}%"
         out["quickstart_seeds"] = f"seeds {seeds_text(base / 'quickstart')}"
         recs = records(base / "quickstart")
-        timed = [r for r in rows if r["demo"] == "quickstart" and r["threads"] == "1"]
+        timed = demo_times(rows, "quickstart")
         walls = [r["wall_time_s"] for r in recs if r.get("wall_time_s")]
         if walls and timed:
             cpu = sum(float(r["cpu_s"]) for r in timed) / len(walls)

@@ -9,7 +9,8 @@
 #
 # Demos: quickstart, multibit (EMQ and LSQ vs Any-Precision), hpn (task-weight sweep), early_cutting (select vs plain CE),
 # tunnel (MLP + TunnelProbe), ood (EncMin2L vs single encoders, AUROC x 100), fedfree (FedFree and the HmFL
-# baselines FedAvg, FedProx, Per-FedAvg, pFedLA vs Local-only), threads (seed 0 of each demo again with 2 threads,
+# baselines FedAvg, FedProx, Per-FedAvg, pFedLA vs Local-only), fedfree_skew (the same with 2 classes per client, the
+# paper's label-skew regime), threads (seed 0 of each demo again with 2 threads,
 # into $DEMO_DIR/threads2/).
 # Output per demo: $DEMO_DIR/<demo>/table.md + table.csv (mean +- std over seeds, from `lightning-methods table`;
 # with --baseline: the difference to the baseline row and whether it is beyond the seed spread, baseline.csv),
@@ -107,6 +108,14 @@ demo_fedfree() {  # FedFree and the HmFL baselines vs Local-only, final-round me
   table "$OUT/fedfree" "$OUT/fedfree" -- final_mean final_std best_weighted -- --baseline digits_demo:local
 }
 
+demo_fedfree_skew() {  # the same in the paper's regime (non-IID1: pathological label skew), 2 of the 10 classes each
+  timed fedfree_skew lightning-methods grid --command fed --config configs/federated/digits_demo.yaml \
+    --set data.partition.classes_per_client=2 --seeds $SEEDS --grid_dir "$OUT/fedfree_skew"
+  # every algorithm against FedFree, seed by seed (one seed: the same partition and client initialisations for all)
+  table "$OUT/fedfree_skew" "$OUT/fedfree_skew" -- final_mean final_std best_weighted -- \
+    --baseline digits_demo:fedfree --paired
+}
+
 demo_threads() {  # seed 0 of each demo with 2 threads: how much the digits move with the thread count alone
   local t2="$OUT/threads2"  # THREAD_DEMOS picks the demos (default: all)
   # shellcheck disable=SC2086
@@ -114,7 +123,7 @@ demo_threads() {  # seed 0 of each demo with 2 threads: how much the digits move
 }
 
 demos=("$@")
-[ ${#demos[@]} -gt 0 ] || demos=(quickstart multibit hpn early_cutting tunnel ood fedfree)
+[ ${#demos[@]} -gt 0 ] || demos=(quickstart multibit hpn early_cutting tunnel ood fedfree fedfree_skew)
 for d in "${demos[@]}"; do
   echo "=== demo $d (OMP_NUM_THREADS=$OMP_NUM_THREADS, seeds $SEEDS, load $(load1)) ==="
   "demo_$d"

@@ -9,7 +9,7 @@ import itertools
 import math
 
 import pytest
-from results_testing import RHO_ACC, write_rho_grid
+from results_testing import RHO_ACC, write_rho_grid, write_run
 
 from lightning_methods.results import compare
 from lightning_methods.results.aggregate import Row
@@ -89,6 +89,37 @@ def test_table_with_a_baseline_writes_the_verdicts(tmp_path, capsys):
     assert "| test/acc vs best/val/acc |" in table.markdown
 
 
+def test_paired_pairs_each_run_with_the_baselines_run_of_the_same_seed(tmp_path, capsys):
+    """Seeds that move both rows together (the same split and initialisation): the ranges overlap, yet every seed's
+    difference has one sign; a seed only one row has is left out; two runs of one seed are refused."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed_everything: 0\n")
+    runs = tmp_path / "runs"
+    base, better = [0.70, 0.80, 0.90], [0.71, 0.81, 0.91, 0.50]  # seed 3 only in the second row
+    for rho, accs in ((0.5, base), (1.0, better)):
+        for seed, acc in enumerate(accs):
+            write_run(runs, f"rho{rho}-s{seed}", cfg, rho, seed, acc)
+    common = [str(runs), "--metrics", "test/acc", "--baseline", "rho=0.5", "--no_plot", "--output", str(tmp_path)]
+    (unpaired,) = table_main(common).comparisons
+    assert unpaired.apart == 0 and len(unpaired.values) == 4
+    (paired,) = table_main([*common, "--paired"]).comparisons
+    assert paired.paired and paired.values == pytest.approx((71.0, 81.0, 91.0))
+    assert paired.baseline_values == pytest.approx((70.0, 80.0, 90.0))
+    assert paired.diff == pytest.approx(1.0, rel=1e-9) and paired.apart == 1 and paired.chance == 0.25  # 2 / 2**3
+    assert "| `c rho=1.0` | test/acc | +1.00 | 3 vs 3 | above in every run (by chance alone: 0.25) |" in (
+        (tmp_path / "table.md").read_text())
+    with open(tmp_path / "baseline.csv") as f:
+        (saved,) = csv.DictReader(f)
+    assert (saved["n"], saved["apart"], float(saved["chance"])) == ("3", "1", 0.25)
+
+    write_run(runs, "rho1.0-s1-again", cfg, 1.0, 1, 0.60)  # a second run of seed 1: which one pairs is ambiguous
+    with pytest.raises(ValueError, match="--paired: c rho=1.0 holds two runs of seed 1"):
+        table_main([*common, "--paired"])
+    with pytest.raises(SystemExit):
+        table_main([str(runs), "--paired"])
+    assert "--paired needs --baseline NAME" in capsys.readouterr().err
+
+
 def test_a_baseline_that_names_no_single_row_is_refused_with_the_rows(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("seed_everything: 0\n")
@@ -120,6 +151,12 @@ def test_the_demos_page_says_which_differences_are_beyond_the_seed_spread(tmp_pa
     assert demo_data.time_line([], timed).startswith("Time: the commands 100 s of wall time summed, 90 s of CPU time")
     assert demo_data.time_line([{"wall_time_s": 30.0}, {"wall_time_s": 41.0}], timed).startswith(
         "Time: 2 fit runs, wall time per run 30-41 s; the commands")
+    labels = ["fedfree", "fedfree_skew", "early_cutting_select_seed0", "early_cutting_ce", "ood", "fedfree"]
+    rows = [{"demo": label, "threads": threads} for label in labels for threads in ("1", "2")]
+    owned = {name: [r["demo"] for r in demo_data.demo_times(rows, name)] for name in ("fedfree", "fedfree_skew",
+                                                                                      "early_cutting", "tunnel")}
+    assert owned == {"fedfree": ["fedfree", "fedfree"], "fedfree_skew": ["fedfree_skew"],  # one demo's rows each
+                     "early_cutting": ["early_cutting_select_seed0", "early_cutting_ce"], "tunnel": []}
 
 
 def _load_script(relative: str):
