@@ -176,17 +176,17 @@ def markdown(comparisons: Sequence[Comparison], digits: int = 2) -> str:
 
 
 CSV_HEADER = ("config", "metric", "baseline", "baseline_metric", "n", "baseline_n", "mean", "baseline_mean", "diff",
-              "min", "max", "baseline_min", "baseline_max", "apart", "chance")
+              "min", "max", "baseline_min", "baseline_max", "apart", "chance", "paired")
 
 
 def csv_rows(comparisons: Sequence[Comparison]) -> list[list[object]]:
-    """Rows under :data:`CSV_HEADER` (``apart``: 1, -1 or 0)."""
+    """Rows under :data:`CSV_HEADER` (``apart``: 1, -1 or 0; ``paired``: 1 when runs were compared pairwise)."""
     rows = []
     for c in comparisons:
         rows.append([c.row, c.metric, c.baseline, c.baseline_metric, len(c.values), len(c.baseline_values),
                      *(f"{v:.6g}" for v in (c.mean, c.baseline_mean, c.diff, min(c.values), max(c.values),
                                             min(c.baseline_values), max(c.baseline_values))),
-                     c.apart, f"{c.chance:.6g}"])
+                     c.apart, f"{c.chance:.6g}", int(c.paired)])
     return rows
 
 

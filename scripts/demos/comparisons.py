@@ -27,8 +27,7 @@ def effect_lines(folder: Path, metrics: tuple[str, ...] = ()) -> list[str]:
         text = f"Beyond the seed spread? `{config}` against `{mine[0]['baseline']}`: "
         if apart:
             text += "yes for " + ", ".join(
-                f"{label(r)} ({float(r['diff']):+.2f}, every run {'above' if r['apart'] == '1' else 'below'}, "
-                f"chance {float(r['chance']):.2g})" for r in apart)
+                f"{label(r)} ({verdict(r)})" for r in apart)
         if within:
             text += ("; " if apart else "") + "within the seed spread for " + ", ".join(
                 f"{label(r)} ({float(r['diff']):+.2f})" for r in within)

@@ -134,12 +134,18 @@ def label(row: dict) -> str:
     return row["metric"] if row["metric"] == row["baseline_metric"] else f"{row['metric']} vs {row['baseline_metric']}"
 
 
+def apart_text(row: dict) -> str:
+    """``every run above`` (``above in every seed`` for a ``--paired`` comparison) from a baseline.csv row that is
+    apart."""
+    side = "above" if row["apart"] == "1" else "below"
+    return f"{side} in every seed" if row.get("paired") == "1" else f"every run {side}"
+
+
 def verdict(row: dict) -> str:
     """``+21.71, every run above (chance 0.0079)`` or ``-2.05, within the seed spread`` from a baseline.csv row."""
     if row["apart"] == "0":
         return f"{float(row['diff']):+.2f}, within the seed spread"
-    side = "above" if row["apart"] == "1" else "below"
-    return f"{float(row['diff']):+.2f}, every run {side}, chance {float(row['chance']):.2g}"
+    return f"{float(row['diff']):+.2f}, {apart_text(row)}, chance {float(row['chance']):.2g}"
 
 
 def time_line(recs: list[dict], timed: list[dict]) -> str:

@@ -78,6 +78,7 @@ def test_table_with_a_baseline_writes_the_verdicts(tmp_path, capsys):
     with open(out / "baseline.csv") as f:
         saved = {r["metric"]: r for r in csv.DictReader(f)}
     assert saved["test/acc"]["apart"] == "1" and float(saved["test/acc"]["diff"]) == pytest.approx(expected, rel=1e-5)
+    assert saved["test/acc"]["paired"] == "0"
     assert (saved["test/acc"]["n"], saved["test/acc"]["baseline_n"]) == ("4", "3")
     assert float(saved["test/acc"]["baseline_max"]) == pytest.approx(77.45, rel=1e-5)
 
@@ -110,7 +111,7 @@ def test_paired_pairs_each_run_with_the_baselines_run_of_the_same_seed(tmp_path,
         (tmp_path / "table.md").read_text())
     with open(tmp_path / "baseline.csv") as f:
         (saved,) = csv.DictReader(f)
-    assert (saved["n"], saved["apart"], float(saved["chance"])) == ("3", "1", 0.25)
+    assert (saved["n"], saved["apart"], float(saved["chance"]), saved["paired"]) == ("3", "1", 0.25, "1")
 
     write_run(runs, "rho1.0-s1-again", cfg, 1.0, 1, 0.60)  # a second run of seed 1: which one pairs is ambiguous
     with pytest.raises(ValueError, match="--paired: c rho=1.0 holds two runs of seed 1"):
@@ -151,6 +152,9 @@ def test_the_demos_page_says_which_differences_are_beyond_the_seed_spread(tmp_pa
     assert demo_data.time_line([], timed).startswith("Time: the commands 100 s of wall time summed, 90 s of CPU time")
     assert demo_data.time_line([{"wall_time_s": 30.0}, {"wall_time_s": 41.0}], timed).startswith(
         "Time: 2 fit runs, wall time per run 30-41 s; the commands")
+    row = {"apart": "-1", "diff": "-15.72", "chance": "0.0625", "paired": "1"}  # baseline.csv of table --paired
+    assert demo_data.verdict(row) == "-15.72, below in every seed, chance 0.062"
+    assert demo_data.verdict({**row, "paired": "0"}) == "-15.72, every run below, chance 0.062"
     labels = ["fedfree", "fedfree_skew", "early_cutting_select_seed0", "early_cutting_ce", "ood", "fedfree"]
     rows = [{"demo": label, "threads": threads} for label in labels for threads in ("1", "2")]
     owned = {name: [r["demo"] for r in demo_data.demo_times(rows, name)] for name in ("fedfree", "fedfree_skew",
