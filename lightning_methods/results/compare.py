@@ -115,10 +115,10 @@ def compare_rows(rows: Sequence[Row], baseline: Row, metrics: Sequence[str],
     for row in rows:
         if row is baseline:
             continue
+        runs = _runs_by_seed(row) if paired else {}
         for metric in metrics:
             base_metric = baseline_metric or metric
             if paired:
-                runs = _runs_by_seed(row)
                 pairs = [(run_value(runs[s], metric), run_value(base_runs[s], base_metric)) for s in runs
                          if s in base_runs]
                 kept = [(a, b) for a, b in pairs if _is_finite(a) and _is_finite(b)]
@@ -136,6 +136,9 @@ def _runs_by_seed(row: Row) -> dict[str, dict]:
     by_seed: dict[str, dict] = {}
     for run in row.runs:
         seed = str(run_seed(run))
+        if run_seed(run) is None:
+            raise ValueError(f"--paired: a run of {row.name} records no seed, so it pairs with no baseline run "
+                             f"({run.get('run_dir') or run.get('run_id') or 'no run directory'})")
         if seed in by_seed:
             raise ValueError(f"--paired: {row.name} holds two runs of seed {seed}; pair runs by seed only where each "
                              "row has one run per seed (leave --paired out to compare the rows' ranges)")

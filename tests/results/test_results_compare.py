@@ -119,6 +119,9 @@ def test_paired_pairs_each_run_with_the_baselines_run_of_the_same_seed(tmp_path,
     with pytest.raises(SystemExit):
         table_main([str(runs), "--paired"])
     assert "--paired needs --baseline NAME" in capsys.readouterr().err
+    seedless = Row("a", "", [{"metrics": {"m": 1.0}, "run_dir": "/runs/a"}])
+    with pytest.raises(ValueError, match=r"a run of a records no seed, so it pairs with no baseline run \(/runs/a\)"):
+        compare.compare_rows([seedless, Row("b", "", [])], Row("b", "", []), ["m"], paired=True)
 
 
 def test_a_baseline_that_names_no_single_row_is_refused_with_the_rows(tmp_path, capsys):
