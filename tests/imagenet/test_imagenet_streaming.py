@@ -237,25 +237,37 @@ def _rank_job(rank: int, world_size: int, kwargs: dict, ckpt_dir: str) -> dict:
     first = _fit(kwargs, max_steps=2, enable_checkpointing=True, callbacks=[ckpt], **ddp)
     torch.distributed.barrier()  # the checkpoint is written (by rank 0) before any rank reads it
     rest = _fit(kwargs, ckpt_path=os.path.join(ckpt_dir, "epoch=0-step=2.ckpt"), **ddp)
+    # the usual resume, last.ckpt of a finished epoch, with a DataLoader worker on each rank (it prefetches before
+    # Lightning sets the epoch)
+    worker = dict(kwargs, num_workers=1)
+    worker_full = _fit(worker, **ddp)
+    _fit(worker, max_epochs=1, enable_checkpointing=True, **ddp,
+         callbacks=[ModelCheckpoint(dirpath=os.path.join(ckpt_dir, "epochs"), save_last=True)])
+    torch.distributed.barrier()
+    next_epoch = _fit(worker, ckpt_path=os.path.join(ckpt_dir, "epochs", "last.ckpt"), **ddp)
     dm = ImageNetDataModule(**dict(kwargs, eval_batch_size=64))
     dm.setup("fit")
     loader = dm.val_dataloader()
     val = [b["index"].tolist() for b in loader]
-    return {"full": full, "first": first, "rest": rest, "val": val, "val_len": len(loader)}
+    return {"full": full, "first": first, "rest": rest, "val": val, "val_len": len(loader),
+            "worker_full": worker_full, "next_epoch": next_epoch}
 
 
 def test_two_ranks_share_each_epoch_resume_mid_epoch_and_split_validation_evenly(converted, tmp_path):
     """2 ranks (gloo): every training sample once per epoch on one rank, reshuffled each epoch; the checkpoint of
     rank 0 (litdata's loader state counts samples per rank, alike on every rank) resumes both ranks at their next
-    unseen sample (each sees the batches of the uninterrupted run); 8 validation images in batches of 64 are split
+    unseen sample (each sees the batches of the uninterrupted run); with a worker per rank, the end-of-epoch
+    checkpoint resumes each rank with its share of the next epoch; 8 validation images in batches of 64 are split
     4 / 4 (litdata's own rule gave the last rank all 8 and the other an empty loader, which stops Lightning's
-    validation). Workers: the single-process tests above."""
+    validation)."""
     root, conv = converted
     ranks = run_ddp(_rank_job, 2, (dict(SMALL, data_dir=str(root), streaming=str(conv)), str(tmp_path)))
     for rank, job in enumerate(ranks):
         assert len(job["full"]) == 6  # 2 epochs x 3 batches of 4 on each rank: nothing to drop
         assert job["first"] == job["full"][:2] and job["first"] + job["rest"] == job["full"], rank
         assert job["val_len"] == len(job["val"]) == 1 and len(job["val"][0]) == 4
+        assert len(job["worker_full"]) == 6 and job["next_epoch"] == job["worker_full"][3:], rank
+        assert job["next_epoch"] != job["worker_full"][:3]  # the second epoch's order and crops, not the first's
     epochs = [[[i for batch, _ in job["full"][3 * e:3 * e + 3] for i in batch] for e in range(2)] for job in ranks]
     for epoch in range(2):
         assert sorted(epochs[0][epoch] + epochs[1][epoch]) == list(range(24))
