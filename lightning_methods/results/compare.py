@@ -121,10 +121,8 @@ def compare_rows(rows: Sequence[Row], baseline: Row, metrics: Sequence[str],
             if paired:
                 pairs = [(run_value(runs[s], metric), run_value(base_runs[s], base_metric)) for s in runs
                          if s in base_runs]
-                kept = [(a, b) for a, b in pairs if _is_finite(a) and _is_finite(b)]
-                if kept:
-                    out.append(Comparison(row.name, metric, baseline.name, base_metric, tuple(a for a, _ in kept),
-                                          tuple(b for _, b in kept), paired=True))
+                found = _paired(row.name, metric, baseline.name, base_metric, pairs)
+                out += [found] if found else []
                 continue
             values, base = _finite(row_values(row, metric)), _finite(row_values(baseline, base_metric))
             if values and base:
@@ -135,10 +133,11 @@ def compare_rows(rows: Sequence[Row], baseline: Row, metrics: Sequence[str],
 def _runs_by_seed(row: Row) -> dict[str, dict]:
     by_seed: dict[str, dict] = {}
     for run in row.runs:
-        seed = str(run_seed(run))
-        if run_seed(run) is None:
+        seed = run_seed(run)
+        if seed is None:
             raise ValueError(f"--paired: a run of {row.name} records no seed, so it pairs with no baseline run "
                              f"({run.get('run_dir') or run.get('run_id') or 'no run directory'})")
+        seed = str(seed)  # the same seed whether a record holds it as a number or as text
         if seed in by_seed:
             raise ValueError(f"--paired: {row.name} holds two runs of seed {seed}; pair runs by seed only where each "
                              "row has one run per seed (leave --paired out to compare the rows' ranges)")
@@ -146,19 +145,21 @@ def _runs_by_seed(row: Row) -> dict[str, dict]:
     return by_seed
 
 
-def _is_finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
+def _paired(row: str, metric: str, baseline: str, baseline_metric: str,
+            pairs: Sequence[tuple[float | None, float | None]]) -> Comparison | None:
+    """A paired comparison of the ``(value, baseline value)`` pairs where both are finite; ``None`` when none is."""
+    kept = [(a, b) for a, b in pairs if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+    if not kept:
+        return None
+    return Comparison(row, metric, baseline, baseline_metric, tuple(a for a, _ in kept), tuple(b for _, b in kept),
+                      paired=True)
 
 
 def paired_comparison(row: Row, metric: str, baseline_metric: str) -> Comparison | None:
     """``metric`` against ``baseline_metric`` run by run over the runs of one row (runs lacking a finite value of
     either are left out); ``None`` when no run has both."""
-    pairs = [(run_value(r, metric), run_value(r, baseline_metric)) for r in row.runs]
-    kept = [(a, b) for a, b in pairs if _is_finite(a) and _is_finite(b)]
-    if not kept:
-        return None
-    return Comparison(row.name, metric, row.name, baseline_metric, tuple(a for a, _ in kept),
-                      tuple(b for _, b in kept), paired=True)
+    return _paired(row.name, metric, row.name, baseline_metric,
+                   [(run_value(r, metric), run_value(r, baseline_metric)) for r in row.runs])
 
 
 def markdown(comparisons: Sequence[Comparison], digits: int = 2) -> str:
