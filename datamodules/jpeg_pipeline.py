@@ -300,12 +300,22 @@ def decode_batch(batch: dict[str, Any], size: int, device: torch.device | str,
             with ThreadPoolExecutor(max_workers=min(threads, len(data))) as pool:
                 return torch.stack(list(pool.map(one, range(len(data)))))
         return torch.stack([one(i) for i in range(len(data))])
+    return decode_together(data, size, device, boxes, flips, eval_resize)
+
+
+def decode_together(data: list[torch.Tensor], size: int, device: torch.device | str,
+                    boxes: Sequence[Sequence[int]] | None = None, flips: Sequence[bool] | None = None,
+                    eval_resize: int | None = None) -> torch.Tensor:
+    """Decode the encoded images ``data`` in one ``torchvision.io.decode_jpeg`` call on ``device`` and crop them:
+    with ``boxes`` and ``flips`` the training crop and flip, otherwise the evaluation resize / center crop; uint8
+    ``(N, 3, size, size)``. :func:`decode_batch` does this on CUDA (nvJPEG). On the CPU torchvision's decoder gives
+    the per-image path's pixels (tested), so everything but the decoder is checked without a GPU."""
     images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    if boxes is not None:
-        out = torch.stack([crop_resize(img, box, size) for img, box in zip(images, boxes)])
-        flip = batch["flip"].to(out.device).view(-1, 1, 1, 1)
-        return torch.where(flip, out.flip(-1), out)
-    return torch.stack([eval_resize_crop(img, eval_resize or size, size) for img in images])
+    if boxes is None:
+        return torch.stack([eval_resize_crop(img, eval_resize or size, size) for img in images])
+    out = torch.stack([crop_resize(img, box, size) for img, box in zip(images, boxes)])
+    flip = torch.tensor([bool(f) for f in flips], device=out.device).view(-1, 1, 1, 1)
+    return torch.where(flip, out.flip(-1), out)
 
 
 class _ReusedBatchMemory:

@@ -23,10 +23,12 @@ from lightning_methods.datamodules.jpeg_pipeline import (
     crop_resize,
     decode_batch,
     decode_rgb,
+    decode_together,
     jpeg_header,
     rgb_jpeg_bytes,
     sample_augmentation,
     train_image,
+    unpack_jpegs,
 )
 
 
@@ -130,6 +132,33 @@ def test_device_path_equals_worker_path_on_cpu(tmp_path, train, threads):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["target"], b["target"])
         assert torch.equal(a["image"], b["image"])  # same decoder, same crop function: bit-identical
         assert a["image"].dtype == torch.float32 and a["image"].shape[-2:] == (24, 24)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batched_decode_gives_the_per_image_pixels_on_cpu(tmp_path, train):
+    """What decode_batch does on CUDA (one decode_jpeg call for the batch, then the crops, the flip mask or the
+    evaluation crop), run on the CPU, where torchvision's decoder is libjpeg-turbo as on the per-image path: the same
+    pixels exactly, grayscale JPEGs included, so on a GPU only nvJPEG's own pixels remain to check (the test below)."""
+    root = write_imagenet_tree(tmp_path / "in", classes=2, per_class=6, val_per_class=2, size=(120, 160))
+    gray = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 130), dtype=np.uint8), "L").save(gray, "JPEG")
+    for split in ("train", "val"):
+        folder = next(p for p in sorted((root / split).iterdir()) if p.is_dir())
+        (folder / f"{folder.name}_gray.JPEG").write_bytes(gray.getvalue())
+    dm = ImageNetDataModule(str(root), num_classes=2, image_size=64, eval_resize=72,
+                            batch_size=13 if train else 5, num_workers=0, decode_on_device=True)
+    dm.setup("fit")  # the training loader drops a last partial batch: one batch of all 13 images
+    batch = next(iter(dm.train_dataloader() if train else dm.val_dataloader()))
+    assert len(batch["index"]) == (13 if train else 5)
+    data = [t.clone() for t in unpack_jpegs(batch["jpeg"], batch["jpeg_offsets"])]
+    if train:
+        assert set(batch["flip"].tolist()) == {True, False}  # both branches of the flip mask are taken
+        together = decode_together(data, 64, "cpu", batch["box"].tolist(), batch["flip"].tolist())
+    else:
+        together = decode_together(data, 64, "cpu", eval_resize=72)
+    per_image = decode_batch(dict(batch), 64, "cpu", eval_resize=72)
+    assert together.dtype == torch.uint8 and together.shape == (len(data), 3, 64, 64)
+    assert torch.equal(together, per_image)
 
 
 @pytest.mark.gpu
