@@ -132,7 +132,9 @@ def merge_teachers(teachers: Sequence[tuple[Params, LayerSpec]],
         out = min(spec.out_features, global_spec.out_features)
         ungrouped = spec.groups == 1
         k = min(width, spec.in_features) if ungrouped else spec.in_features
-        key = (spec.kind, out, k, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups)
+        # a grouped layer runs whole (all its outputs), so its own output width is part of what it computes
+        key = (spec.kind, out, k, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups,
+               None if ungrouped else spec.out_features)
         w = params["weight"][:out, :k] if ungrouped else params["weight"]
         b = params.get("bias")
         b = torch.zeros(len(w), dtype=w.dtype) if b is None else b

@@ -131,3 +131,25 @@ def test_merging_client_layers_keeps_the_exact_update():
     grads = torch.autograd.grad(distillation_loss(p, glob, teachers, x), list(p.values()))
     for (k, v), grad in zip(g.items(), grads):
         torch.testing.assert_close(new[k], v - 0.1 * grad, rtol=1e-12, atol=1e-12)
+
+
+def test_merging_keeps_grouped_layers_of_other_output_widths_apart():
+    """Two grouped convs with the same input width and groups but other output widths (a channel multiplier) are
+    different maps of the pseudo-data: they are not merged, and the step equals the unmerged Eq. 3's."""
+    from lightning_methods.federated.distill import merge_teachers
+
+    glob = LayerSpec(name="g", kind="conv", index=0, count=1, in_features=4, out_features=4, kernel=(3, 3),
+                     padding=(1, 1), input_size=(5, 5))
+    dw = LayerSpec(name="a", kind="conv", index=0, count=1, in_features=4, out_features=4, kernel=(3, 3),
+                   padding=(1, 1), groups=4)
+    dw2 = LayerSpec(name="b", kind="conv", index=0, count=1, in_features=4, out_features=8, kernel=(3, 3),
+                    padding=(1, 1), groups=4)  # two output channels per input channel
+    teachers = [(_params(dw, 1), dw), (_params(dw2, 2), dw2)]
+    assert sorted(n for _, _, n in merge_teachers(teachers, glob)) == [1, 1]
+    g = _params(glob, 0)
+    new, _ = distill_layer(g, glob, teachers, steps=1, lr=0.1, batch_size=3, generator=torch.Generator().manual_seed(4))
+    x = pseudo_input(glob, 3, torch.Generator().manual_seed(4), dtype=torch.float64)
+    p = {k: v.clone().requires_grad_(True) for k, v in g.items()}
+    grads = torch.autograd.grad(distillation_loss(p, glob, teachers, x), list(p.values()))
+    for (k, v), grad in zip(g.items(), grads):
+        torch.testing.assert_close(new[k], v - 0.1 * grad, rtol=1e-12, atol=1e-12)

@@ -32,6 +32,17 @@ def test_fpr95_toy_case_by_hand():
     assert fpr_at_tpr(TOY_ID, TOY_OOD, convention="head") == 0.95
 
 
+def test_fpr95_counts_ood_ties_at_the_threshold_as_accepted():
+    """OpenOOD reads FPR@95 off scikit-learn's ROC curve, where a score equal to the threshold is accepted: with ID
+    1..20 the threshold is the 19th largest ID confidence, 2.0, and the OOD confidences 2.0, 2.0 and 10.0 are accepted
+    (3 of 10), not only the one strictly above it (a strict ">" would give 0.1). EncMin2L's p-values are discrete, so
+    such ties occur."""
+    ood = np.array([2.0, 2.0, 10.0, 0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7])
+    assert fpr_at_tpr(TOY_ID, ood) == 0.3
+    # "head" (OOD positive): flagging 95% of the 10 OOD means all of them, conf <= 10.0, which flags ID 1..10
+    assert fpr_at_tpr(TOY_ID, ood, convention="head") == 0.5
+
+
 @pytest.mark.parametrize("case", ["toy", "ties"])
 def test_matches_openood_golden_values(case):
     cid, cood = {"toy": (TOY_ID, TOY_OOD), "ties": (TIES_ID, TIES_OOD)}[case]
