@@ -67,9 +67,13 @@ def dataset_targets(dataset: Dataset) -> torch.Tensor:
 
 
 def subset(dataset: Dataset, pos: torch.Tensor, label_map: dict[int, int] | None = None) -> Dataset:
-    """The samples at positions ``pos`` as a dict dataset whose ``"index"`` is the position in ``dataset``."""
+    """The samples at positions ``pos`` as a dict dataset whose ``"index"`` is the position in ``dataset``.
+
+    The probe reads images without augmentation: the per-sample ``transform`` of a package dataset (the worker
+    AutoAugment / ColorJitter of ``augment="autoaugment" | "colorjitter"``) is not applied.
+    """
     pos = pos.long()
-    if isinstance(dataset, IndexedTensorDataset) and dataset.transform is None:
+    if isinstance(dataset, IndexedTensorDataset):
         targets = dataset.targets[pos]
         if label_map is not None:
             lut = torch.full((int(dataset.targets.max()) + 1,), -1, dtype=torch.long)

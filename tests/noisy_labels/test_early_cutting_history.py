@@ -101,3 +101,55 @@ def test_resumed_fit_has_the_history_of_an_uninterrupted_one(tmp_path):
     best = max(tracker.history, key=lambda h: h["monitor"])
     assert summary["acc_last"] == tracker.history[-1]["test_acc"] and summary["acc_at_best_val"] == best["test_acc"]
     assert summary["acc_max"] == max(h["test_acc"] for h in tracker.history)
+
+
+class _Recorder(torch.nn.Module):
+    """A fixed linear classifier that records the inputs it is given (in call order)."""
+
+    def __init__(self, d: int, classes: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(d, classes, generator=torch.Generator().manual_seed(0)))
+        self.inputs: list[torch.Tensor] = []
+        self.device = torch.device("cpu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        return x.flatten(1) @ self.w
+
+
+def test_history_transform_train_replicates_the_training_augmentation_and_eval_does_not():
+    """Spec pitfall: the official history predicts the training set WITH the training augmentation (default "train");
+    "eval" predicts the stored images, normalized, with neither the worker transform nor the on-device crop + flip."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from lightning_methods.datamodules import IndexedTensorDataset
+    from lightning_methods.datamodules.transforms import normalize
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 8, 8), generator=g, dtype=torch.uint8)
+    targets, base = torch.randint(0, 3, (20,), generator=g), torch.arange(20) * 2 + 1
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    ds = IndexedTensorDataset(images, targets, base, transform=lambda img: 255 - img)  # a worker-side augmentation
+    dm = SimpleNamespace(train_set=ds, mean=mean, std=std, augment="standard", eval_batch_size=8, num_workers=0)
+    trainer = SimpleNamespace(datamodule=dm, global_rank=0, world_size=1, fast_dev_run=False,
+                              strategy=SimpleNamespace(precision_plugin=SimpleNamespace(forward_context=nullcontext)))
+    clean = normalize(images, mean, std)
+
+    def run(transform: str, epoch: int) -> torch.Tensor:
+        model = _Recorder(3 * 8 * 8, 3).train()
+        index, pred, target, _ = PredictionHistoryCallback(history_transform=transform, seed=3).predict_training_set(
+            trainer, model, epoch)
+        assert torch.equal(index, base) and torch.equal(target, targets) and model.training  # train mode restored
+        x = torch.cat(model.inputs)
+        assert torch.equal(pred, (x.flatten(1) @ model.w).argmax(-1))
+        return x
+
+    assert torch.equal(run("eval", 7), clean)
+    train = run("train", 7)
+    assert not torch.equal(train, clean) and not torch.equal(train, normalize(255 - images, mean, std))
+    assert torch.equal(run("train", 7), train)  # the crop + flip is seeded by (seed, epoch)
+    assert not torch.equal(run("train", 8), train)
+    dm.augment = "none"  # no on-device crop + flip: "train" shows the worker transform alone, "eval" never does
+    assert torch.equal(run("train", 7), normalize(255 - images, mean, std))
+    assert torch.equal(run("eval", 7), clean)

@@ -139,6 +139,9 @@ def test_select_command_runs_end_to_end(tmp_path, monkeypatch):
     stats = json.loads((run / "round0" / "stats.json").read_text())
     fkl, removed, selected = (np.load(run / "round0" / f"{n}.npy") for n in ("fkl", "removed", "selected"))
     assert stats["stop_epoch"] is not None and len(fkl) >= stats["threshold"]
+    # the later state is the best noisy-val checkpoint among epochs <= the stop epoch: the round ends there
+    last = torch.load(run / "round0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == stats["stop_epoch"] and int(stats["best_checkpoint"][5:8]) <= stats["stop_epoch"]
     assert set(removed) <= set(fkl) and selected.tolist() == [i for i in fkl if i not in set(removed)]
     labels = torch.load(run / "noisy_labels.pt")
     wrong = (labels["noisy"] != labels["clean"]).numpy()

@@ -173,3 +173,69 @@ def test_input_gradient_norm_of_a_linear_softmax_model():
         single.append(input_gradient_norms(net, xf[i : i + 1], y[i : i + 1]))
     assert torch.allclose(input_gradient_norms(net, xf[:4], y[:4]), torch.cat(single), rtol=1e-5)
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_compute_early_cut_scores_with_the_later_model_in_eval_mode_without_augmentation():
+    """The cut with a model (noisy_labels/cut.py) equals the set arithmetic of :func:`early_cut` on scores computed
+    independently in float64 from the definitions: CE against the noisy label and max softmax probability on the
+    normalized, un-augmented images, and ||d CE / d x||_2 per sample (one sample at a time), BatchNorm in eval mode.
+    The model is handed over in train mode with non-trivial running statistics and the DataModule augments
+    (crop + flip), so batch statistics or augmentation would change every score. Base indices are non-contiguous and
+    the FkL order is shuffled, so a misaligned score changes the result."""
+    import copy
+    from types import SimpleNamespace
+
+    from lightning_methods.datamodules import IndexedTensorDataset
+    from lightning_methods.noisy_labels.config import SelectionConfig
+    from lightning_methods.noisy_labels.cut import compute_early_cut
+
+    g = torch.Generator().manual_seed(0)
+    n, classes = 60, 5
+    images = torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8)
+    targets = torch.randint(0, classes, (n,), generator=g)
+    base = torch.arange(n) * 3 + 5
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    dm = SimpleNamespace(train_set=IndexedTensorDataset(images, targets, base), mean=mean, std=std, augment="standard")
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(64, classes))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.train()
+    reference = copy.deepcopy(model).double().eval()
+    fkl = base[torch.randperm(n, generator=g)[:45]]  # 45 selected -> the first int(45 / 1.5) = 30 are re-examined
+    cfg = SelectionConfig(num_candidates=12, conf_quantile=0.25, grad_quantile=0.5, score_batch_size=7)
+
+    pos = torch.searchsorted(base, fkl)
+    m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    x = (images[pos].double() / 255 - m) / s
+    y = targets[pos]
+    with torch.no_grad():
+        logits = reference(x)
+    loss = F.cross_entropy(logits, y, reduction="none")
+    conf = logits.softmax(-1).max(-1).values
+    grad = torch.empty(len(fkl), dtype=torch.float64)
+    for i in range(len(fkl)):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        (gi,) = torch.autograd.grad(F.cross_entropy(reference(xi), y[i : i + 1]), xi)
+        grad[i] = gi.norm()
+    expected = early_cut(fkl, loss, conf, grad, cutting_rate=1.5, num_candidates=12, conf_quantile=0.25,
+                         grad_quantile=0.5)
+    # the float32 scores of the module are within ~1e-5 of these; every ranking boundary the cut uses is wider
+    def gap(values: torch.Tensor, k: int) -> float:
+        v = values.sort(descending=True).values
+        return float(v[k - 1] - v[k])
+
+    cand_pos = torch.tensor([fkl.tolist().index(i) for i in expected.candidates.tolist()])
+    assert min(gap(loss[:30], 12), gap(conf[cand_pos], 3), gap(-grad[cand_pos], 6)) > 1e-4
+    assert 0 < len(expected.removed) < 3  # a non-trivial cut
+
+    result, scores = compute_early_cut(model, dm, fkl, cfg)
+    assert torch.equal(result.subset, fkl[:30]) and torch.equal(scores["subset"], fkl[:30])
+    assert torch.equal(result.candidates, expected.candidates)
+    assert torch.equal(result.removed, expected.removed) and torch.equal(result.selected, expected.selected)
+    torch.testing.assert_close(scores["loss"].double(), loss[:30], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores["confidence"].double(), conf[:30], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores["candidate_grad_norm"].double(), grad[cand_pos], rtol=1e-4, atol=1e-6)

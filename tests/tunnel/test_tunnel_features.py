@@ -19,7 +19,7 @@ from lightning_methods.analysis.features import (
 from lightning_methods.datamodules import IndexedTensorDataset
 from lightning_methods.models import create_backbone
 from lightning_methods.tunnel import ProbeData, ProbeSettings, TunnelProber, class_subset, select_classes
-from lightning_methods.tunnel.data import image_preparer
+from lightning_methods.tunnel.data import image_preparer, subset
 
 STATS = SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3)  # a DataModule's normalization
 
@@ -127,3 +127,25 @@ def test_bad_ood_classes():
     with pytest.raises(ValueError, match="out of range: \\[12\\]"):
         select_classes(10, [3, 12])
     assert select_classes(100, [7, 3]) == [7, 3] and select_classes(10, None) == list(range(10))
+
+
+def test_probe_data_never_applies_the_worker_augmentation(one_thread):
+    """Spec (integration notes): the probe reads images without augmentation. A DataModule with augment='autoaugment'
+    or 'colorjitter' puts that augmentation on its train_set as a per-sample ``transform``; the probe's subsets must
+    return the stored images exactly, also through the OOD class subset, and the prober's train features must equal
+    the features of the stored images."""
+    clean = synthetic(40, 4, 0)
+    augmented = IndexedTensorDataset(clean.images, clean.targets, clean.indices, transform=lambda img: 255 - img)
+    assert not torch.equal(augmented[0]["image"], clean.images[0])  # the transform does change the images
+    pos = torch.tensor([3, 0, 17, 39])
+    for ds in (subset(augmented, pos), class_subset(ProbeData("aug", augmented, augmented, 4), [2, 1]).train):
+        items = [ds[i] for i in range(len(ds))]
+        index = torch.stack([it["index"] for it in items])
+        assert torch.equal(torch.stack([it["image"] for it in items]), clean.images[index])
+    model = create_backbone("mlp", 4, depth=2, width=8)
+    settings = ProbeSettings(max_train_samples=None, probe_epochs=1, probe_solver="adam", extract_batch_size=16)
+    prep = image_preparer(STATS, torch.device("cpu"))
+    reports = [TunnelProber(settings).run(model, ProbeData("toy", train, synthetic(20, 4, 1), 4), prep)
+               for train in (clean, augmented)]
+    assert [r["train_acc_id"] for r in reports[0].rows] == [r["train_acc_id"] for r in reports[1].rows]
+    assert [r["acc_id"] for r in reports[0].rows] == [r["acc_id"] for r in reports[1].rows]
