@@ -165,7 +165,56 @@ def resolve_configs(argv: list[str]) -> list[str]:
         out[at] = prefix + str(tree / path)
         print(f"[lightning-methods] {value} is not in {Path.cwd()}: using {tree / path} (the package's own)",
               file=sys.stderr, flush=True)
+    check_repeated_keys(out)
     return out
+
+
+def repeated_keys(text: str) -> list[tuple[str, int]]:
+    """The keys that appear a second time in one mapping of the YAML ``text``, with the line (1-based) of each
+    repetition; ``[]`` for text that is not valid YAML (the parser names what is wrong with it)."""
+    import yaml
+
+    try:
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        return []
+    found, stack = [], [d for d in documents if d is not None]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in seen:
+                        found.append((key.value, key.start_mark.line + 1))
+                    seen.add(key.value)
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return sorted(found, key=lambda item: item[1])
+
+
+def check_repeated_keys(argv: list[str]) -> None:
+    """Stop before anything runs when a YAML file given in ``argv`` (``--config`` files and YAML values of other
+    options) repeats a key in one mapping: YAML loaders, the config parser's included, keep the last value silently.
+
+    Raises:
+        ValueError: naming the file, each repeated key and its line.
+    """
+    for arg in argv:
+        value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+        if not value.endswith((".yaml", ".yml")):
+            continue
+        path = Path(value).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8") if path.is_file() else None
+        except (OSError, UnicodeDecodeError):
+            continue  # the parser names a file it cannot read
+        found = repeated_keys(text) if text else []
+        if found:
+            where = ", ".join(f"{key!r} again on line {line}" for key, line in found)
+            raise ValueError(f"{path}: a key appears twice in one mapping ({where}); YAML keeps only the last value "
+                             "without a word, so the file may not say what you meant: keep one of each.")
 
 
 def check_fit_config(argv: list[str]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_methods.cli import build_cli, main, resolve_configs
+from lightning_methods.cli import build_cli, main, repeated_keys, resolve_configs
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR = str(REPO / "configs/cifar100/resnet18.yaml")
@@ -158,3 +158,34 @@ def test_relative_configs_missing_here_come_from_the_checkout(tmp_path, monkeypa
     (tmp_path / "configs" / "quickstart.yaml").write_text("seed_everything: 1\n")
     mine = ["fit", "--config", "configs/quickstart.yaml", "--config", str(repo / "configs/base/ddp.yaml")]
     assert resolve_configs(mine) == mine and capsys.readouterr().err == ""
+
+
+def test_repeated_keys_are_found_in_every_mapping_with_their_lines():
+    text = ("model:\n  init_args:\n    backbone: resnet8\n    lr: 0.1\n    backbone: resnet20\n"
+            "base: &b {x: 1}\nmerged:\n  <<: *b\n  y: 2\n"
+            "callbacks:\n  - class_path: A\n    init_args: {k: 1, k: 2}\n  - class_path: B\n"
+            "model: again\n")
+    assert repeated_keys(text) == [("backbone", 5), ("k", 12), ("model", 14)]
+    assert repeated_keys("a: 1\nb: {a: 1}\n- c") == []  # not YAML: the parser's own error names the file
+    assert repeated_keys("a: [1, 2]\nb: {a: 1}\n") == [] and repeated_keys("") == []
+
+
+@pytest.mark.parametrize("command", ["fit", "fed", "grid"])
+def test_a_config_with_a_repeated_key_stops_before_anything_runs(command, tmp_path, monkeypatch):
+    """YAML keeps the last of two equal keys silently (the config parser too): every command refuses such a file,
+    given with --config (both forms, grid's second config included) or as the YAML value of another option, naming
+    the file, the key and its line; nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "mine.yaml"
+    bad.write_text(Path(QUICK).read_text() + "\nseed_everything: 3\n")
+    line = len(Path(QUICK).read_text().splitlines()) + 2
+    assert "seed_everything" in yaml.safe_load(Path(QUICK).read_text())  # the quickstart has the key already
+    given = {"fit": ["--config", str(bad)], "fed": [f"--config={bad}"], "grid": ["--config", QUICK, str(bad)]}
+    with pytest.raises(ValueError, match=rf"{bad}: .*'seed_everything' again on line {line}\b"):
+        main([command, *given[command]])
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text("- class_path: A\n  init_args: {k: 1}\n  init_args: {k: 2}\n")
+    with pytest.raises(ValueError, match=r"callbacks.yaml: .*'init_args' again on line 3"):
+        main(["fit", "--config", QUICK, f"--trainer.callbacks={callbacks}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["callbacks.yaml", "mine.yaml"]
+

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_methods.cli import main
+from lightning_methods.cli import main, repeated_keys
 
 from config_overrides import hook_for
 
@@ -65,3 +65,11 @@ def test_base_configs_compose(rel, fake_cifar_root, tmp_path, monkeypatch):
         assert exit_info.value.code in (0, None)
         return
     main(["fit", *args, *fast_args(cfg, fake_cifar_root[0], tmp_path)])
+
+
+def test_no_shipped_config_repeats_a_key():
+    """A repeated key is silently the last one for YAML loaders (the CLI refuses such a file, tests/core/test_cli.py);
+    a shipped config with one would not say what it runs."""
+    found = {p.relative_to(CONFIG_DIR).as_posix(): repeated_keys(p.read_text()) for p in CONFIG_DIR.rglob("*.yaml")}
+    assert len(found) > 200 and {name: keys for name, keys in found.items() if keys} == {}
+
