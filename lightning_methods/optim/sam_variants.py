@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch.optim import Optimizer
 
-from lightning_methods.optim.sam import SAM, Adaptive, Perturb
+from lightning_methods.optim.sam import SAM, Adaptive, Perturb, _parse_p
 
 
 class ASAM(SAM):
@@ -57,18 +58,29 @@ class SAMON(SAM):
 class ASAMON(SAM):
     """ASAM-ON: ASAM restricted to the normalization layers' affine parameters.
 
-    Defaults: ``rho = 10`` with elementwise ``T`` (SAM-ON README recommendation, there with ``normalize_bias=True``
-    and AutoAugment). Layerwise: ``rho = 0.5``; ``p = "inf"``: ``rho = 0.1`` (teaser figure). See :class:`SAM`.
+    Default ``rho`` (``None``) depends on the perturbation shape, since rho is not comparable across them: ``10`` with
+    elementwise ``T`` and ``p = 2`` (SAM-ON README recommendation, there with ``normalize_bias=True`` and
+    AutoAugment), ``0.5`` layerwise, ``0.1`` for ``p = "inf"`` (best values of the SAM-ON teaser figure).
+    See :class:`SAM`.
     """
 
     def __init__(
         self,
         params: Iterable[Any],
         base_optimizer: Callable[[Iterable[Any]], Optimizer],
-        rho: float = 10.0,
+        rho: float | None = None,
         adaptive: Adaptive = "elementwise",
         eta: float = 0.01,
         perturb: Perturb = "only_norm",
         **kwargs: Any,
     ) -> None:
+        if rho is None:
+            rho = asamon_default_rho(adaptive, kwargs.get("p", 2))
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, perturb=perturb, **kwargs)
+
+
+def asamon_default_rho(adaptive: Adaptive, p: float | str = 2) -> float:
+    """ASAM-ON's default ``rho`` for its perturbation shape: ``p = inf`` 0.1, layerwise 0.5, elementwise 10."""
+    if _parse_p(p) == math.inf:
+        return 0.1
+    return 0.5 if adaptive == "layerwise" else 10.0

@@ -58,8 +58,10 @@ def ref_koalapp_tensor(h, st, sigma, q, r, symmetric):
 
 
 def run_reference(kind, xs, grad_seq, loss_seq, wd, sigma=0.1, q=0.1, r=None, symmetric=True, kappa=0.9, qx=0.01,
-                  qv=0.01, lr=0.7):
-    """Reference trajectories of all three optimizers (float64, lists of tensors, adaptive R when r is None)."""
+                  qv=0.01, lr=0.7, qx_estimate="paper", trace=None):
+    """Reference trajectories of all three optimizers (float64, lists of tensors, adaptive R when r is None).
+    KOALA-M's q_x EMA is fed ``||x - x_avg||^2 / n`` (``"paper"``, supp. eq. 51) or ``||x - x_avg||_2 / n``
+    (``"official"``: the norm of the per-tensor norms over the total parameter count); ``trace`` collects q_x."""
     xs = [x.clone() for x in xs]
     R, traj = 1.0, []
     st = [None] * len(xs)
@@ -71,8 +73,11 @@ def run_reference(kind, xs, grad_seq, loss_seq, wd, sigma=0.1, q=0.1, r=None, sy
         if kind == "V":
             P = P + q
         if kind == "M":
-            d = sum(((a - x) ** 2).sum() for a, x in zip(avg, xs)) / sum(x.numel() for x in xs)
+            sq = sum(((a - x) ** 2).sum() for a, x in zip(avg, xs))
+            d = (sq if qx_estimate == "paper" else sq.sqrt()) / sum(x.numel() for x in xs)
             qx = 0.9 * qx + 0.1 * d
+            if trace is not None:
+                trace.append(float(qx))
             xs = [x + v for x, v in zip(xs, vel)]
             vel = [kappa * v for v in vel]
             F = torch.tensor([[1.0, 1.0], [0.0, kappa]], dtype=torch.float64)
@@ -134,6 +139,44 @@ def test_trajectory_matches_reference(kind, symmetric):
         for p, want in zip(params, ref_state):
             torch.testing.assert_close(opt.state[p]["v"], want["v"], rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(opt.state[p]["S"], want["S"], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimate", ["paper", "official"])
+def test_koalam_q_x_estimate_matches_reference(estimate):
+    """Both q_x estimates of KOALA-M (spec: official code ||x - x_avg||_2 / n_params, supp. eq. 51 squared norm / n)
+    against the float64 reference: the trajectory and the q_x state after each step."""
+    gen = torch.Generator().manual_seed(11)
+    x0 = [torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(2, 3, generator=gen, dtype=torch.float64)]
+    grads = [[torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)]
+             for _ in range(5)]
+    losses = [torch.rand(4, generator=gen, dtype=torch.float64) * 3 for _ in range(5)]
+    params = [torch.nn.Parameter(x.clone()) for x in x0]
+    opt = make("M", params, wd=0.05, q_x_estimate=estimate)
+    trace: list[float] = []
+    ref, _ = run_reference("M", [x.reshape(-1) for x in x0], grads, losses, wd=0.05, qx_estimate=estimate, trace=trace)
+    for k in range(5):
+        opt.step(injected(opt, params, [g.view_as(p) for g, p in zip(grads[k], params)], losses[k]))
+        assert opt.state["koala"]["q_x"].item() == pytest.approx(trace[k], rel=1e-12)
+        for p, want in zip(params, ref[k]):
+            torch.testing.assert_close(p.detach().reshape(-1), want, rtol=1e-9, atol=1e-12)
+
+
+def test_koalam_forward_and_backward_run_at_the_look_ahead_point():
+    """Spec: predict() runs before the forward pass (x += v, v *= kappa), so the closure sees x + v."""
+    x = quadratic(4)
+    opt = KOALAM([x], lr=0.5, weight_decay=0.0)
+    opt.step(quad_closure(opt, x))  # the first step gives a non-zero velocity
+    v, before = opt.state[x]["velocity"].clone(), x.detach().clone()
+    assert v.abs().max().item() > 0
+    seen = []
+    inner = quad_closure(opt, x)
+
+    def closure():
+        seen.append(x.detach().clone())
+        return inner()
+
+    opt.step(closure)
+    assert torch.equal(seen[0], before + v)  # the same float64 addition: bitwise
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

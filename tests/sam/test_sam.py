@@ -53,17 +53,25 @@ def grads_at(model, params, x, y):
 
 
 # ------------------------------------------------------------------------------------------------ reference values
-def test_sam_quadratic_reference():
-    w = nn.Parameter(torch.tensor([1.0, 1.0]))
+@pytest.mark.parametrize("dtype,atol", [
+    # the spec's values are rounded to 8 decimals (<= 5e-9 off); float64 rounding adds about 1e-15
+    (torch.float64, 1e-8),
+    # float32: in addition about five roundings of half an ulp (6e-8) at the scale |w + eps| ~ 1.05 (the ascent add,
+    # the gradient 10 (w + eps) scaled by lr 0.1, lr's representation, the SGD update): 5e-9 + 5 * 6e-8 < 4e-7
+    (torch.float32, 4e-7),
+])
+def test_sam_quadratic_reference(dtype, atol):
+    w = nn.Parameter(torch.tensor([1.0, 1.0], dtype=dtype))
     opt = SAM([w], SGD, rho=0.05)
-    closure = quad_closure(opt, [(w, A)])
+    closure = quad_closure(opt, [(w, A.to(dtype))])
     closure()
     opt.first_step()
-    torch.testing.assert_close(w.detach() - 1.0, torch.tensor([0.00497519, 0.04975186]), atol=1e-7, rtol=0)
+    eps = torch.tensor([0.00497519, 0.04975186], dtype=dtype)
+    torch.testing.assert_close(w.detach() - 1.0, eps, atol=atol, rtol=0)
     opt.zero_grad()
     closure()
     opt.second_step()
-    torch.testing.assert_close(w.detach(), torch.tensor([0.89950248, -0.04975186]), atol=1e-7, rtol=0)
+    torch.testing.assert_close(w.detach(), torch.tensor([0.89950248, -0.04975186], dtype=dtype), atol=atol, rtol=0)
 
 
 def test_step_evaluates_closure_twice_and_returns_pass1_loss():
@@ -86,10 +94,13 @@ def test_step_evaluates_closure_twice_and_returns_pass1_loss():
 
 
 def test_asam_property_and_unit_T_for_bias_and_beta():
-    w = nn.Parameter(torch.tensor([[2.0, 0.5]]))  # role weight
-    b = nn.Parameter(torch.tensor([0.3, -0.7]))  # role bias
-    beta = nn.Parameter(torch.tensor([1.5]))  # norm shift
-    mats = [(w, torch.tensor([[1.0, 10.0]])), (b, torch.tensor([2.0, 3.0])), (beta, torch.tensor([4.0]))]
+    # float64, so the spec's "||eps / T|| = rho to 1e-7" is far above the rounding (~1e-16) and xi's share (rho xi / n)
+    f64 = dict(dtype=torch.float64)
+    w = nn.Parameter(torch.tensor([[2.0, 0.5]], **f64))  # role weight
+    b = nn.Parameter(torch.tensor([0.3, -0.7], **f64))  # role bias
+    beta = nn.Parameter(torch.tensor([1.5], **f64))  # norm shift
+    mats = [(w, torch.tensor([[1.0, 10.0]], **f64)), (b, torch.tensor([2.0, 3.0], **f64)),
+            (beta, torch.tensor([4.0], **f64))]
     groups = [{"params": [w], "role": "weight"}, {"params": [b], "role": "bias"},
               {"params": [beta], "role": "norm", "scale": False}]
     opt = ASAM(groups, SGD, rho=0.5, eta=0.01)
@@ -106,6 +117,24 @@ def test_asam_property_and_unit_T_for_bias_and_beta():
     torch.testing.assert_close(eps[0], 0.5 * t_w**2 * grads[0] / n)
     torch.testing.assert_close(eps[1], 0.5 * grads[1] / n)
     torch.testing.assert_close(eps[2], 0.5 * grads[2] / n)
+
+
+def test_asam_normalize_bias_with_eta_zero_is_davda54_adaptive():
+    """Spec: davda54's ``adaptive=True`` is eps = rho T^2 g / ||T g|| with T = |w| (eta = 0) on ALL parameters, biases
+    and BN included; docs/methods/sam.md: ``ASAM(normalize_bias=True, eta=0)`` reproduces it. Float64, so the
+    default float64 tolerances of assert_close (rtol 1e-7) are far above the rounding."""
+    torch.manual_seed(0)
+    model = TinyNet(num_classes=5, width=4).double()
+    with torch.no_grad():
+        model.bn.bias.uniform_(-1.0, 1.0)  # beta starts at 0, where |w| = 0 would hide whether T applies to it
+        model.bn.weight.uniform_(0.5, 1.5)
+    x, y = torch.randn(8, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    opt = ASAM(param_groups_by_role(model), SGD, rho=2.0, eta=0.0, normalize_bias=True)
+    before, g, delta = ascent(model, opt, x, y)
+    n = torch.linalg.vector_norm(torch.cat([(before[k].abs() * g[k]).flatten() for k in before]))
+    for k in before:
+        torch.testing.assert_close(delta[k], 2.0 * before[k].abs() ** 2 * g[k] / n)
+    assert torch.linalg.vector_norm(delta["bn.bias"]).item() > 0
 
 
 def test_global_norm_spans_param_groups():
