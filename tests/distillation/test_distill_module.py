@@ -238,3 +238,51 @@ def test_deepkd_student_learns_the_teacher(method, teacher_file):
         opt.step(grads=(grads[0], grads[1], grads[2]))
     end = kd_now()
     assert end < 0.5 * start
+
+
+def test_method_defaults_are_the_spec_values():
+    """Spec (distillation.md): DKD alpha 1, beta 8 (resnet32x4 -> resnet8x4), warm-up 20 epochs, T 4, CE weight 1.0;
+    plain KD 0.1 CE + 0.9 KD at T 4; KD + DeepKD CE weight 0.1, the official batch-mean NCKD product by default, DTM
+    off (topk 0); logit standardization off; the KD / DKD optimizer SGD lr 0.05, momentum 0.9, wd 5e-4."""
+    from lightning_methods.distillation import DeepKDClassifier, DKDClassifier, KDClassifier, KDDeepKDClassifier
+
+    def build(cls):
+        return cls(backbone=STUDENT, teacher=create_backbone(TEACHER, NUM_CLASSES), num_classes=NUM_CLASSES,
+                   log_teacher_accuracy=False)
+
+    for cls in (DKDClassifier, DeepKDClassifier):
+        m = build(cls)
+        assert (m.alpha, m.beta, m.warmup_epochs, m.temperature, m.ce_weight) == (1.0, 8.0, 20, 4.0, 1.0)
+        assert m.logit_standardization is False
+    kd = build(KDClassifier)
+    assert (kd.ce_weight, kd.kd_weight, kd.temperature, kd.logit_standardization) == (0.1, 0.9, 4.0, False)
+    kd_deep = build(KDDeepKDClassifier)
+    assert (kd_deep.ce_weight, kd_deep.exact_per_sample_nckd, kd_deep.topk) == (0.1, False, 0)
+    assert build(DeepKDClassifier).topk == 0
+    opt = build(DKDClassifier).configure_optimizers()
+    assert opt.defaults["weight_decay"] == 5e-4 and opt.defaults["nesterov"] is False
+
+
+@pytest.mark.parametrize("method", ["dkd", "kd"])
+def test_logit_standardization_applies_to_the_distillation_terms_only(method, teacher_file):
+    """Spec: optional LOGIT_STAND, z <- (z - mean) / (std + 1e-7) before the distillation losses (CE keeps the raw
+    logits, as in the official code)."""
+    extra = {"beta": 8.0} if method == "dkd" else {}
+    module = make_module(teacher_file, method=method, logit_standardization=True, **extra)
+    batch = _batch()
+    losses, logits = module.forward_loss(batch)
+    t, y = module.teacher(batch["image"]), batch["target"]
+
+    def stand(z):  # the spec's formula, per sample, torch's default (unbiased) std as the official code
+        return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-7)
+
+    s_std, t_std = stand(logits), stand(t)
+    if method == "dkd":  # epoch 1 of the 20-epoch warm-up
+        expected = F.cross_entropy(logits, y, reduction="none") + (1 / 20) * (
+            tckd_loss(s_std, t_std, y, 4.0, "none") + 8.0 * nckd_loss(s_std, t_std, y, 4.0, None, "none"))
+    else:
+        expected = (0.1 * F.cross_entropy(logits, y, reduction="none")
+                    + 0.9 * kd_loss(s_std, t_std, 4.0, "none"))
+    torch.testing.assert_close(losses, expected)
+    plain, _ = make_module(teacher_file, method=method, **extra).forward_loss(batch)
+    assert not torch.allclose(plain, losses)  # the option changes the loss

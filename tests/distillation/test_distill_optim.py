@@ -152,3 +152,22 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="entries"):
         opt.step(grads=([], [], []))
     assert DeepKD.supports_grad_scaler is False
+
+
+def test_defaults_are_the_spec_values():
+    """Spec (distillation.md, DeepKD optimizer): mu = 0.9 with Delta_TOG = +0.075, Delta_TCG = -0.075,
+    Delta_NCG = +0.075 (momenta 0.975 / 0.825 / 0.975), weight decay 5e-4 on the TCG gradient only, and the paper's
+    momentum rule (official quirk off) by default; lr 0.05 (the CIFAR-100 recipe)."""
+    p = nn.Parameter(torch.tensor([2.0]))
+    opt = DeepKD([p])
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.05 and group["momentum"] == 0.9
+    assert (group["delta_tog"], group["delta_tcg"], group["delta_ncg"]) == (0.075, -0.075, 0.075)
+    assert group["weight_decay"] == 5e-4 and group["weight_decay_stream"] == "tcg"
+    assert group["replicate_official_momentum_quirk"] is False
+    # behaviour of the defaults: theta = 2 and zero gradients -> only the TCG buffer holds 5e-4 * 2 = 1e-3
+    zero = [torch.zeros(1)]
+    opt.step(grads=(zero, zero, zero))
+    state = opt.state[p]
+    assert state["momentum_buffer"].item() == 0.0 and state["momentum_ncg_buffer"].item() == 0.0
+    torch.testing.assert_close(state["momentum_tcg_buffer"], torch.tensor([1e-3]), rtol=1e-6, atol=0)

@@ -148,3 +148,37 @@ def test_bitwise_order_shards_one_global_order_over_ranks():
         interleaved = torch.stack(rank_bits, dim=1).flatten()  # rank r takes entries r, r + 2, ... of the global one
         assert torch.equal(interleaved, global_bit)
     assert union_fraction(subsets, 64) == 60 / 64
+
+
+def test_score_ema_averages_each_childs_scores_across_refreshes():
+    """Spec option: an EMA of s_b across refreshes, s = a s_old + (1 - a) s_new; the subsets follow the averaged
+    scores. Dyadic scores and a = 0.5 make every value exact."""
+    from types import SimpleNamespace
+
+    from lightning_methods.callbacks import BitwiseCoresetCallback
+
+    n, bits = 8, [32, 1]
+    index = torch.arange(n)
+    rounds = {  # scores per refresh epoch and bit-width
+        1: {32: torch.tensor([8.0, 7, 6, 5, 4, 3, 2, 1]) / 8, 1: torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8]) / 8},
+        3: {32: torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1]), 1: torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0])},
+    }
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(train_set=list(range(n))))
+    module = SimpleNamespace(train_order=bits)
+    results = {}
+    for ema in (None, 0.5):
+        cb = BitwiseCoresetCallback(prune_rate=0.75, score_ema=ema)  # subsets of round(0.25 * 8) = 2
+        for epoch, scores in rounds.items():
+            cb._score_pass = lambda t, m, ds, b, s=scores: (index, None, dict(s))
+            cb.refresh(trainer, module, epoch)
+        results[ema] = cb
+    plain, averaged = results[None], results[0.5]
+    for b in bits:
+        assert torch.equal(plain.scores[b], rounds[3][b])
+        assert torch.equal(averaged.scores[b], 0.5 * rounds[1][b] + 0.5 * rounds[3][b])
+    # 32 bits: new scores alone tie at positions 4..7 (smaller index first -> 4, 5); averaged 0.5 s_old + 0.5 s_new =
+    # [4, 3.5, 3, 2.5, 2, 1.5, 1, 0.5] / 8 + [0, 0, 0, 0, 4, 4, 4, 4] / 8 -> highest at 4 (6 / 8) and 5 (5.5 / 8)
+    assert plain.subsets[32].tolist() == [4, 5] and averaged.subsets[32].tolist() == [4, 5]
+    # 1 bit: new scores alone keep positions 0, 1; averaged [0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4] / 8 + [4, 4, 4, 4, 0, 0,
+    # 0, 0] / 8 -> highest at positions 3 (6 / 8) and 2 (5.5 / 8)
+    assert plain.subsets[1].tolist() == [0, 1] and averaged.subsets[1].tolist() == [2, 3]

@@ -196,3 +196,31 @@ def test_bn_stats_bank_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(saved, bn_stats(model)))
     with pytest.raises(ValueError, match="BatchNorm statistics"):
         load_bn_stats(model, saved[:-1])
+
+
+@pytest.mark.parametrize("bits", [*LOW_BITS, 32])
+def test_wbc_layer_forward_uses_the_corrected_weights(bits):
+    """Spec (WBC): applied after de-quantization, inside the forward pass, at every bit-width (32 included): the
+    layer computes conv(q_a(x), WBC(q_b(W), W)), and the weight it uses has W's per-output-channel mean and std."""
+    torch.manual_seed(bits)
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False).double()
+    layer = QuantConv2d.from_float(conv, wbc=True)
+    set_bits(nn.Sequential(layer), bits)
+    x = torch.rand(2, 8, 5, 5, dtype=torch.float64) * 1.5 - 0.25  # inside and outside the [0, 1] clamp
+    w = conv.weight.detach()
+    a, corrected = quantize_activation(x, bits), weight_bias_correction(quantize_weight(w, bits), w)
+    expected = nn.functional.conv2d(a, corrected, padding=1)
+    # float64 sums of 72 products: |error| <= 72 eps64 sum_j |a_j w_j| (first order), per output
+    eps = torch.finfo(torch.float64).eps
+    bound = 72 * eps * nn.functional.conv2d(a.abs(), corrected.abs(), padding=1).max().item()
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=bound)
+    used = layer.quantized_weight().detach()
+    std, mean = torch.std_mean(used, dim=(1, 2, 3), correction=0)
+    w_std, w_mean = torch.std_mean(w, dim=(1, 2, 3), correction=0)
+    q_std = torch.std(quantize_weight(w, bits), dim=(1, 2, 3), correction=0)
+    # centring, scaling and shifting 72 values, then their mean: a few roundings of size eps64 max|Q~| each
+    torch.testing.assert_close(mean, w_mean, rtol=0, atol=4 * 72 * eps * used.abs().max().item())
+    # std(Q~) = std(Q) std(W) / (std(Q) + eps): relative deficit eps / (std(Q) + eps) < 1e-8 / min std(Q)
+    assert ((std - w_std).abs() / w_std).max().item() <= 1e-8 / q_std.min().item() + 1e-14
+    layer.wbc = False  # without WBC the channel moments are the quantizer's, not W's
+    assert not torch.allclose(torch.std_mean(layer.quantized_weight().detach(), dim=(1, 2, 3), correction=0)[0], w_std)

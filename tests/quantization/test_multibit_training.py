@@ -237,3 +237,68 @@ def test_a_multibit_step_frees_its_batch_by_reference_counting(one_thread):
     finally:
         gc.enable()
     assert freed.checked == 3  # 5 batches of 8: batches 0-2, checked at the starts of batches 2-4
+
+
+@pytest.mark.parametrize("supervision", ["hard", "soft", "recursive"])
+def test_per_bit_batches_gradient_is_the_sum_of_each_childs_loss(supervision, one_thread):
+    """Spec: on per-bit (coreset) batches every child b trains on its own batch; the loss is CE for every bit-width by
+    default (``hard``), and the soft-target options take the teacher bit-width's softmax on the *child's* batch from
+    one extra forward pass that carries no gradient. One step's gradient equals the gradient of the sum of the
+    children's mean losses with the soft targets as constants (float64)."""
+    torch.manual_seed(0)
+    model = tiny_model(supervision=supervision).double()
+    reference = tiny_model(supervision=supervision).double()
+    reference.load_state_dict(model.state_dict())
+    k, m = len(model.train_order), 4
+    x, y = torch.randn(k * m, 3, 8, 8, dtype=torch.float64), torch.arange(k * m) % 4
+    batch = {"image": x, "target": y, "index": torch.arange(k * m)}
+    grads = {}
+
+    class Grab(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    model.bitwise_batches = True  # what BitwiseCoresetCallback sets on coreset epochs
+    quiet_trainer(max_steps=1, callbacks=[Grab()], precision="64-true").fit(model, DataLoader([batch], batch_size=None))
+    reference.train()
+    total = 0
+    for i, bits in enumerate(reference.train_order):
+        xi, yi = x[i * m : (i + 1) * m], y[i * m : (i + 1) * m]
+        if i == 0 or supervision == "hard":
+            set_bits(reference.backbone, bits)
+            loss = F.cross_entropy(reference(xi), yi)
+        else:
+            teacher_bits = reference.train_order[i - 1] if supervision == "recursive" else reference.train_order[0]
+            set_bits(reference.backbone, teacher_bits)
+            with torch.no_grad():
+                target = torch.softmax(reference(xi), -1)
+            set_bits(reference.backbone, bits)
+            loss = -(target * F.log_softmax(reference(xi), -1)).sum(-1).mean()
+        total = total + loss
+    total.backward()
+    # float64, the same operations summed in another order: a few thousand roundings per gradient entry
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    teacher = model.cost.history[0]["samples_by_kind"]["teacher"]
+    expected = {} if supervision == "hard" else {
+        str(b): m * (1 if supervision == "recursive" else k - 1)
+        for b in (model.train_order[:-1] if supervision == "recursive" else model.train_order[:1])}
+    assert {b: n for b, n in teacher.items() if n} == expected  # one extra forward per soft target, on m samples
+
+
+def test_spec_defaults(one_thread):
+    """Spec defaults (multibit_quant.md, Hyperparameters): trained bits 1, 2, 4, 8, 32; calibrated 3, 5, 6, 7; one
+    shared BN with WBC (eps 1e-8) and CE for every bit (EMQ); 50 recalibration batches; ResNet-20 x5 (80 / 160 / 320
+    channels); coresets with p = 0.8, refresh every 10 epochs, 1 full-data warm-up epoch, EL2N scores."""
+    from lightning_methods.layers import QuantConv2d, SwitchableBatchNorm
+
+    cb = BitwiseCoresetCallback()
+    assert (cb.prune_rate, cb.refresh_every, cb.warmup_full, cb.score, cb.score_ema) == (0.8, 10, 1, "el2n", None)
+    model = MultiBitClassifier(num_classes=100)
+    assert model.bits == [1, 2, 4, 8, 32] and model.eval_bits == [1, 2, 3, 4, 5, 6, 7, 8, 32]
+    assert (model.supervision, model.recalib_batches, model.bn_recalibration) == ("hard", 50, "all")
+    assert not any(isinstance(m, SwitchableBatchNorm) for m in model.backbone.modules())
+    quantized = [m for m in model.backbone.modules() if isinstance(m, QuantConv2d)]
+    assert quantized and all(m.wbc and m.wbc_eps == 1e-8 and m.wbc_max_ratio is None for m in quantized)
+    widths = sorted({m.out_channels for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)})
+    assert widths == [80, 160, 320]
