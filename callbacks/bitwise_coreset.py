@@ -20,6 +20,9 @@ How it plugs into Lightning (works with ``MultiBitClassifier`` and any DataModul
   the scores are gathered by position (``gather_by_index``: no padding duplicates), so every rank chooses the same
   subsets; the per-rank order comes from ``(seed, epoch)`` and is a shard of one global order
   (``bitwise_epoch_order``); its sampler is a ``DistributedSampler``, which Lightning does not wrap again.
+- The children score with the BatchNorm running statistics that training left (the spec's eval mode; with a shared
+  BN every child's mixed), or, with ``score_bn="recalibrated"``, each with its own statistics re-estimated first on
+  un-augmented training batches (the same on every rank; the training statistics are put back afterwards).
 - Scores, subsets and the last refresh epoch are in the checkpoint: resuming does not re-score a finished refresh
   and reads the same batches as the uninterrupted run. Scoring time and samples go into the module's cost log.
 """
@@ -34,6 +37,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_methods.layers.quantized import set_bits
+from lightning_methods.quantization.bn import batchnorms, bn_stats, load_bn_stats, recalibrate_bn
 from lightning_methods.quantization.convert import classifier_layer
 from lightning_methods.quantization.coreset import (
     bitwise_epoch_order,
@@ -45,11 +49,12 @@ from lightning_methods.quantization.coreset import (
     select_coreset,
     union_fraction,
 )
-from lightning_methods.quantization.data import plain_images, scoring_loader, train_dataset
+from lightning_methods.quantization.data import calibration_batches, plain_images, scoring_loader, train_dataset
 from lightning_methods.quantization.sampler import bitwise_loader
 from lightning_methods.utils import gather_by_index, seeded_generator
 
 Score = Literal["el2n", "grand", "random"]
+ScoreBN = Literal["running", "recalibrated"]
 
 
 class BitwiseCoresetCallback(Callback):
@@ -65,16 +70,23 @@ class BitwiseCoresetCallback(Callback):
         stratified: per-class quotas proportional to the class sizes.
         random_fraction: fraction of each subset drawn at random from the samples not chosen by score.
         score_batch_size: batch size of the scoring pass (default: the training batch size).
+        score_bn: the BatchNorm statistics each child scores with: ``"running"`` (default, the spec: the running
+            statistics training left; with a shared BN they mix every child's, and a child far from that mix, such
+            as the unclamped 32-bit one, scores with an accuracy far below its own) or ``"recalibrated"`` (each
+            child's statistics re-estimated first, as its evaluation does with ``bn_recalibration``; our option).
+        score_recalib_batches: calibration batches per child for ``score_bn="recalibrated"`` (1 under
+            fast_dev_run); their forward passes are counted as scoring cost.
         seed: seed of the per-epoch order and of random draws.
 
     Raises:
         ValueError: for a prune rate outside [0, 1), ``refresh_every < 1``, ``warmup_full < 0``, an unknown score,
-            or ``score_ema`` outside [0, 1).
+            ``score_ema`` outside [0, 1), an unknown ``score_bn`` or ``score_recalib_batches < 1``.
     """
 
     def __init__(self, prune_rate: float = 0.8, refresh_every: int = 10, warmup_full: int = 1, score: Score = "el2n",
                  score_ema: float | None = None, stratified: bool = False, random_fraction: float = 0.0,
-                 score_batch_size: int | None = None, seed: int = 0) -> None:
+                 score_batch_size: int | None = None, score_bn: ScoreBN = "running", score_recalib_batches: int = 50,
+                 seed: int = 0) -> None:
         check_prune_rate(prune_rate)
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1 epoch, got {refresh_every}")
@@ -86,9 +98,14 @@ class BitwiseCoresetCallback(Callback):
             raise ValueError(f"score_ema must be in [0, 1) or null, got {score_ema}")
         if not 0.0 <= random_fraction <= 1.0:
             raise ValueError(f"random_fraction must be in [0, 1], got {random_fraction}")
+        if score_bn not in ("running", "recalibrated"):
+            raise ValueError(f"score_bn must be 'running' or 'recalibrated', got {score_bn!r}")
+        if score_recalib_batches < 1:
+            raise ValueError(f"score_recalib_batches must be >= 1, got {score_recalib_batches}")
         self.prune_rate, self.refresh_every, self.warmup_full = prune_rate, refresh_every, warmup_full
         self.score, self.score_ema, self.stratified = score, score_ema, stratified
         self.random_fraction, self.score_batch_size, self.seed = random_fraction, score_batch_size, seed
+        self.score_bn, self.score_recalib_batches = score_bn, score_recalib_batches
         self.scores: dict[int, torch.Tensor] = {}
         self.subsets: dict[int, torch.Tensor] = {}  # positions in the training set, sorted
         self.refresh_epoch = -1
@@ -204,8 +221,10 @@ class BitwiseCoresetCallback(Callback):
         hook = head.register_forward_pre_hook(lambda m, a: features.append(a[0])) if head is not None else None
         was_training = pl_module.training
         previous = set_bits(pl_module.backbone, bits[0])
+        base = bn_stats(pl_module.backbone) if self.score_bn == "recalibrated" else None
         pos, idx, tgt, scores = [], [], [], {b: [] for b in bits}
         try:
+            bank = {} if base is None else self._recalibrated_stats(trainer, pl_module, bits, batch_size, base)
             pl_module.eval()
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 for batch in scoring_loader(ds, batch_size):
@@ -213,6 +232,8 @@ class BitwiseCoresetCallback(Callback):
                     y = batch["target"].to(device)
                     for b in bits:
                         set_bits(pl_module.backbone, b)
+                        if b in bank:
+                            load_bn_stats(pl_module.backbone, bank[b])
                         features.clear()
                         logits = pl_module(x)
                         s = (el2n_scores(logits, y) if head is None else
@@ -226,6 +247,8 @@ class BitwiseCoresetCallback(Callback):
         finally:
             if hook is not None:
                 hook.remove()
+            if base is not None:
+                load_bn_stats(pl_module.backbone, base)  # training goes on with its own statistics
             pl_module.train(was_training)
             set_bits(pl_module.backbone, previous)
         gathered = gather_by_index(torch.cat(pos), torch.cat(idx), torch.cat(tgt),
@@ -234,6 +257,24 @@ class BitwiseCoresetCallback(Callback):
         if not torch.equal(position, torch.arange(len(ds))):
             raise RuntimeError(f"coreset scoring covered {len(position)} of {len(ds)} training samples")
         return index, targets, dict(zip(bits, per_bit))
+
+    def _recalibrated_stats(self, trainer: Trainer, pl_module: LightningModule, bits: list[int], batch_size: int,
+                            base: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
+        """Each child's BatchNorm statistics re-estimated on un-augmented training batches (``calibration_batches``:
+        the same on every rank), starting each time from the training statistics ``base``."""
+        if not batchnorms(pl_module.backbone):
+            return {}
+        n_batches = 1 if trainer.fast_dev_run else self.score_recalib_batches
+        bank = {}
+        with trainer.precision_plugin.forward_context():
+            for b in bits:
+                load_bn_stats(pl_module.backbone, base)
+                batches = calibration_batches(trainer, n_batches, batch_size, pl_module.device, seed=self.seed)
+                seen = recalibrate_bn(pl_module.backbone, b, batches, n_batches)
+                bank[b] = bn_stats(pl_module.backbone)
+                if hasattr(pl_module, "cost"):
+                    pl_module.cost.add("score", b, seen)
+        return bank
 
     # ------------------------------------------------------------------------------------------ logging, state
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -187,6 +187,10 @@ def test_bad_input_is_refused(one_thread):
     for bad in (1.0, -0.2):
         with pytest.raises(ValueError, match="prune_rate must be in"):
             BitwiseCoresetCallback(prune_rate=bad)
+    with pytest.raises(ValueError, match="score_bn must be 'running' or 'recalibrated', got 'eval'"):
+        BitwiseCoresetCallback(score_bn="eval")
+    with pytest.raises(ValueError, match="score_recalib_batches must be >= 1, got 0"):
+        BitwiseCoresetCallback(score_recalib_batches=0)
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs: 1"):
         quiet_trainer(max_epochs=1, callbacks=[BitwiseCoresetCallback()]).fit(tiny_model(), TinyImages())
     with pytest.raises(ValueError, match="no layer left to quantize"):
@@ -302,3 +306,62 @@ def test_spec_defaults(one_thread):
     assert quantized and all(m.wbc and m.wbc_eps == 1e-8 and m.wbc_max_ratio is None for m in quantized)
     widths = sorted({m.out_channels for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)})
     assert widths == [80, 160, 320]
+
+
+@pytest.mark.parametrize("score_bn", ["running", "recalibrated"])
+def test_scores_use_the_chosen_batchnorm_statistics_and_training_keeps_its_own(score_bn, one_thread):
+    """score_bn="running" scores every child with the shared running statistics training left; "recalibrated"
+    re-estimates each child's first (recalibrate_bn on calibration_batches, as evaluation does) and puts the training
+    statistics back, bit for bit. Reference: a copy of the module scored child by child, batch by batch as the
+    callback does (same shapes, so the same float operations)."""
+    import copy
+
+    from lightning_methods.quantization.bn import bn_stats, load_bn_stats, recalibrate_bn
+    from lightning_methods.quantization.coreset import el2n_scores
+    from lightning_methods.quantization.data import calibration_batches, plain_images, scoring_loader
+
+    coreset = BitwiseCoresetCallback(prune_rate=0.5, refresh_every=1, warmup_full=1, score_bn=score_bn,
+                                     score_recalib_batches=3)
+    seen = {}
+    original = coreset.refresh
+
+    def refresh(trainer, module, epoch):
+        ref, bits = copy.deepcopy(module), list(module.train_order)
+        base = bn_stats(ref.backbone)
+        expected = {}
+        for b in bits:
+            load_bn_stats(ref.backbone, base)
+            if score_bn == "recalibrated":
+                recalibrate_bn(ref.backbone, b, calibration_batches(trainer, 3, 8, ref.device), 3)
+            set_bits(ref.backbone, b)
+            ref.eval()
+            with torch.no_grad():
+                expected[b] = torch.cat([el2n_scores(ref(plain_images(batch["image"], trainer, ref.device)),
+                                                     batch["target"])
+                                         for batch in scoring_loader(trainer.datamodule.train_set, 8)])
+        seen["before"], seen["expected"] = bn_stats(module.backbone), expected
+        original(trainer, module, epoch)
+        seen["after"] = bn_stats(module.backbone)
+
+    coreset.refresh = refresh
+    model = tiny_model(shared_bn=True, wbc=True)
+    fit(model, [coreset], epochs=2, limit_val_batches=0)
+    assert all(torch.equal(a, b) for a, b in zip(seen["before"], seen["after"]))  # training's statistics kept
+    for b, expected in seen["expected"].items():
+        assert torch.equal(coreset.scores[b], expected), b
+    extra = 3 * 8 if score_bn == "recalibrated" else 0
+    assert model.cost.history[1]["samples_by_kind"]["score"] == {str(b): 48 + extra for b in model.train_order}
+
+
+def test_recalibrated_scores_differ_from_running_ones_on_a_shared_bn(one_thread):
+    """The option changes what is scored: with one shared BN trained by every child, at least one child's scores move
+    when its statistics are its own (otherwise the test above could not tell the two apart)."""
+    scores = {}
+    for score_bn in ("running", "recalibrated"):
+        torch.manual_seed(0)
+        coreset = BitwiseCoresetCallback(prune_rate=0.5, refresh_every=1, warmup_full=1, score_bn=score_bn)
+        fit(tiny_model(shared_bn=True, wbc=True), [coreset], epochs=2, limit_val_batches=0)
+        scores[score_bn] = coreset.scores
+    # EL2N lies in [0, sqrt 2]; float32 rounding of this tiny net moves a score by ~1e-6, the statistics by ~0.1 here
+    moved = [b for b in BITS if (scores["running"][b] - scores["recalibrated"][b]).abs().max() > 1e-3]
+    assert moved, {b: (scores["running"][b] - scores["recalibrated"][b]).abs().max() for b in BITS}
