@@ -4,7 +4,8 @@ augmentation and an optional GPU-resident training loader.
 Workers only index uint8 tensors (one ``index_select`` per batch through ``__getitems__``). The standard CIFAR
 augmentation (pad-4 random crop, horizontal flip), normalization and CutMix/MixUp run batched on the training
 device in ``on_after_batch_transfer``. AutoAugment runs per sample in the workers (torchvision.transforms.v2 on
-uint8 tensors) before that.
+uint8 tensors) before that, its draws seeded by ``(seed, epoch, index)`` (the training sampler tags each position with
+its epoch).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightning_methods.datamodules.transforms import device_augment, mix_batch, 
 from lightning_methods.utils.seeding import mix_seed, seeded_generator
 
 Augment = Literal["standard", "crop", "none", "autoaugment", "colorjitter"]
+_TRANSFORM_KEY = 1  # the fourth key of a worker-side transform's seed: (seed, epoch, index, 1)
 
 
 class IndexedTensorDataset(Dataset):
@@ -34,6 +36,9 @@ class IndexedTensorDataset(Dataset):
         indices: int64 positions of the samples in the full source split (``"index"`` in batches).
         transform: optional per-sample transform of the uint8 CHW image (runs in workers).
         extras: further per-sample tensors of length N added to every item under their key.
+        seed: seed of ``transform``'s random draws for keys ``(position, epoch)`` (a training sampler with
+            ``tag_epoch=True``): they come from ``(seed, epoch, index)``, whatever the worker, the worker count or
+            the global RNG (restored afterwards); a plain position draws from the global RNG.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class IndexedTensorDataset(Dataset):
         indices: torch.Tensor | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         extras: dict[str, torch.Tensor] | None = None,
+        seed: int = 0,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be a uint8 NCHW tensor, got {images.dtype} {tuple(images.shape)}")
@@ -51,6 +57,7 @@ class IndexedTensorDataset(Dataset):
         self.indices = torch.arange(len(images)) if indices is None else indices.long()
         self.transform = transform
         self.extras = extras or {}
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.images)
@@ -60,16 +67,28 @@ class IndexedTensorDataset(Dataset):
         out.update({k: v[i] for k, v in self.extras.items()})
         return out
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = self._item(i)
-        if self.transform is not None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        tagged = isinstance(key, (tuple, list))
+        item = self._item(int(key[0]) if tagged else key)
+        if self.transform is None:
+            return item
+        if not tagged:
             item["image"] = self.transform(item["image"])
+            return item
+        rng = torch.default_generator  # torchvision's transforms draw from the global CPU RNG: seed it, then restore
+        state = rng.get_state()  # (torch.random.fork_rng costs three times the transform itself)
+        try:
+            rng.manual_seed(mix_seed(self.seed, int(key[1]), int(item["index"]), _TRANSFORM_KEY))
+            item["image"] = self.transform(item["image"])
+        finally:
+            rng.set_state(state)
         return item
 
-    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+    def __getitems__(self, idx: list[Any]) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         if self.transform is not None:
             return [self[i] for i in idx]
-        return self._item(torch.as_tensor(idx))  # already a batch: one gather per tensor
+        pos = [int(i[0]) if isinstance(i, (tuple, list)) else i for i in idx]
+        return self._item(torch.as_tensor(pos))  # already a batch: one gather per tensor
 
 
 def collate_dict(items: Any) -> Any:
@@ -104,15 +123,19 @@ def training_sampler(sampler: Any, trainer: Any) -> Any:
     """``sampler`` (with ``set_epoch``) started in the fit's first epoch (:func:`fit_start_epoch`); under DDP already
     wrapped as Lightning would wrap it (its ``DistributedSamplerWrapper``: the order's positions shuffled by
     ``PL_GLOBAL_SEED`` and the epoch, then sharded by rank; :class:`RankShardSampler`), with the wrapper's epoch set
-    too. Lightning leaves a distributed sampler alone, and would set its own wrapper's epoch only after the resumed
-    fit's workers have prefetched: each rank would then read another shard of the restored epoch than the
+    too. Every rank gets ``N // world_size`` distinct positions (``drop_last=True``): Lightning's default pads the
+    shards with repeats, so up to ``world_size - 1`` samples would run twice per epoch (as in
+    :class:`DeviceBatchLoader`, the ``N % world_size`` positions at the end of an epoch's shuffled order wait for
+    another epoch). Lightning leaves a distributed sampler alone, and would set its own wrapper's epoch only after the
+    resumed fit's workers have prefetched: each rank would then read another shard of the restored epoch than the
     uninterrupted run."""
     epoch = fit_start_epoch(trainer)
     sampler.set_epoch(epoch)
     kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
     wraps = getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
     if kwargs and wraps and not getattr(trainer, "overfit_batches", 0):
-        sampler = RankShardSampler(sampler, shuffle=True, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)
+        sampler = RankShardSampler(sampler, shuffle=True, seed=int(os.getenv("PL_GLOBAL_SEED", 0)),
+                                   **{**kwargs, "drop_last": True})
         sampler.set_epoch(epoch)
     return sampler
 
@@ -134,10 +157,11 @@ class EpochShuffleSampler(Sampler[int]):
     """Random order per epoch from ``(seed, epoch)`` (Lightning calls ``set_epoch``; under DDP its sampler wrapper
     shards this order and forwards ``set_epoch``). Unlike ``RandomSampler`` it does not draw from the global RNG,
     so a run resumed from a checkpoint sees the same batches as the uninterrupted run (a training loader gets it
-    through :func:`training_sampler`)."""
+    through :func:`training_sampler`). ``tag_epoch=True`` yields ``(position, epoch)``: the key with which an
+    :class:`IndexedTensorDataset` seeds its per-sample transform (persistent workers never see ``set_epoch``)."""
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int = 0, tag_epoch: bool = False) -> None:
+        self.n, self.seed, self.epoch, self.tag_epoch = n, seed, 0, tag_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -145,8 +169,9 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
+    def __iter__(self) -> Iterator[Any]:
+        order = epoch_permutation(self.n, self.seed, self.epoch).tolist()
+        return iter([(p, self.epoch) for p in order] if self.tag_epoch else order)
 
 
 class DeviceBatchLoader:
@@ -300,7 +325,7 @@ class ImageDataModule(LightningDataModule):
 
         def subset(pos: torch.Tensor, transform: Callable | None) -> IndexedTensorDataset:
             extras = {k: v[pos] for k, v in labels.items()}
-            return IndexedTensorDataset(images[pos], target[pos], base[pos], transform, extras)
+            return IndexedTensorDataset(images[pos], target[pos], base[pos], transform, extras, seed=self.seed)
 
         self.train_set = subset(train_pos, self._worker_transform())
         test_images, test_targets = splits["test"]
@@ -313,10 +338,14 @@ class ImageDataModule(LightningDataModule):
         return fit_start_epoch(self.trainer)
 
     def _loader(self, dataset: IndexedTensorDataset, train: bool) -> DataLoader:
+        sampler = None
+        if train:  # positions tagged with the epoch where workers augment: their draws come from (seed, epoch, index)
+            sampler = EpochShuffleSampler(len(dataset), self.seed, tag_epoch=dataset.transform is not None)
+            sampler = training_sampler(sampler, self.trainer)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=training_sampler(EpochShuffleSampler(len(dataset), self.seed), self.trainer) if train else None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -325,12 +354,16 @@ class ImageDataModule(LightningDataModule):
         )
 
     def _require(self, split: str) -> None:
+        """:meth:`_require_built` (the OOD image sets override ``_require`` with a split check of their own)."""
+        self._require_built(split)
+
+    def _require_built(self, split: str) -> None:
         if getattr(self, split, None) is None:
             raise RuntimeError(f"{type(self).__name__}.{split} is not built yet: call setup() first (the Trainer "
                                "does this; in your own code call datamodule.setup('fit') before asking for loaders)")
 
     def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
-        self._require("train_set")
+        self._require_built("train_set")
         if not self.gpu_resident:
             return self._loader(self.train_set, train=True)
         trainer = self.trainer
@@ -341,11 +374,11 @@ class ImageDataModule(LightningDataModule):
                                  rank=rank, world_size=world)
 
     def val_dataloader(self) -> DataLoader:
-        self._require("val_set")
+        self._require_built("val_set")
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        self._require("test_set")
+        self._require_built("test_set")
         return self._loader(self.test_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:

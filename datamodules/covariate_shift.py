@@ -81,6 +81,8 @@ class CorruptedDataModule(ImageDataModule):
                 images, targets, index = self.corrupted_split(split)
             sets[split] = IndexedTensorDataset(images, targets, index)
         self.train_set, self.val_set, self.test_set = sets["train"], sets["val"], sets["test"]
+        # the base's normalization as set up (e.g. DigitsDataModule computes its mean / std in setup)
+        self.num_classes, self.mean, self.std = self.base.num_classes, self.base.mean, self.base.std
 
 
 class CIFARCDataModule(OODImageDataModule):

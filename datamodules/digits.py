@@ -83,5 +83,6 @@ class DigitsDataModule(ImageDataModule):
         self.mean = tuple(train.mean(dim=(0, 2, 3)).tolist())
         self.std = tuple(train.std(dim=(0, 2, 3)).tolist())
         ds = {k: IndexedTensorDataset(images[p], targets[p], p) for k, p in pos.items()}
+        ds["train"].transform, ds["train"].seed = self._worker_transform(), self.seed  # augment="colorjitter" etc.
         self.train_set, self.test_set = ds["train"], ds["test"]
         self.val_set = ds["val"] if len(pos["val"]) else ds["test"]

@@ -193,12 +193,12 @@ class NoisyLabelsMixin:
     def _subset_dataset(self, full: IndexedTensorDataset, pos: torch.Tensor) -> IndexedTensorDataset:
         """The samples of ``full`` at positions ``pos`` (file-backed DataModules override this)."""
         return IndexedTensorDataset(full.images[pos], full.targets[pos], full.indices[pos], full.transform,
-                                    {k: v[pos] for k, v in full.extras.items()})
+                                    {k: v[pos] for k, v in full.extras.items()}, seed=full.seed)
 
     # ------------------------------------------------------------------------------------- reporting
     def _record_noise_stats(self) -> None:
         for name in ("noisy_targets", "clean_targets", "train_set"):
-            self._require(name)
+            self._require_built(name)
         flipped = self.noisy_targets != self.clean_targets
         stats = {"noise/realized_rate": flipped.float().mean().item(),
                  "noise/train_rate": flipped[self.full_train_set.indices].float().mean().item(),

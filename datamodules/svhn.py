@@ -17,11 +17,16 @@ def read_svhn_mat(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One official ``.mat`` file -> (uint8 images (N, 3, 32, 32), int64 labels in 0..9).
 
     Raises:
-        ValueError: the file lacks ``X``/``y`` or has the wrong shapes.
+        ValueError: the file is not a readable MATLAB file, lacks ``X``/``y`` or has the wrong shapes.
     """
     from scipy.io import loadmat
 
-    data = loadmat(str(path))
+    try:
+        data = loadmat(str(path))
+    except Exception as err:  # scipy raises ValueError, IndexError, NotImplementedError (v7.3), ... without the path
+        raise ValueError(f"{path} is not a readable SVHN .mat file ({type(err).__name__}: {err}); replace it with the "
+                         "official file from http://ufldl.stanford.edu/housenumbers/ (or delete it and download "
+                         "again)") from err
     if "X" not in data or "y" not in data:
         raise ValueError(f"{path} is not an SVHN cropped-digits file (needs the variables X and y)")
     x, y = np.asarray(data["X"]), np.asarray(data["y"]).reshape(-1)
