@@ -93,6 +93,7 @@ class ResultsWriter(Callback):
         self.command: str | None = None
         self._record: dict[str, Any] = {}
         self._snapshot: dict[str, float] | None = None
+        self._fit_checkpoints: dict[str, Any] | None = None  # the checkpoint paths at the end of fit
         self._late: set[str] = set()  # metrics the LightningModule logs in its own on_train_epoch_end (after ours)
         self._stage: str | None = None
         self._started = time.perf_counter()
@@ -154,6 +155,7 @@ class ResultsWriter(Callback):
 
     # ----------------------------------------------------------------------------------------- fit
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_checkpoints = None
         self._record["resumed_from"] = str(trainer.ckpt_path) if trainer.ckpt_path else None
         if trainer.ckpt_path and trainer.is_global_zero:
             self._fill_from_file(trainer)
@@ -242,6 +244,9 @@ class ResultsWriter(Callback):
         return bool(new)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # kept for the record: testing a checkpoint after fit (test_after_fit: best) restores the ModelCheckpoint's
+        # state from that checkpoint, which names no last.ckpt when it was written before the first one
+        self._fit_checkpoints = _checkpoint_paths(trainer)
         self._finish(trainer, "interrupted" if trainer.interrupted else "finished")
 
     # ----------------------------------------------------------------------------------------- test
@@ -274,7 +279,6 @@ class ResultsWriter(Callback):
         """The current record (what ``results.json`` holds)."""
         monitor, mode = self._monitor(trainer)
         best, last = best_and_last(self.history, monitor, mode)
-        ckpt = trainer.checkpoint_callback
         config = self.run_config
         rec = dict(self._record)
         rec.update({
@@ -288,9 +292,7 @@ class ResultsWriter(Callback):
             "global_step": trainer.global_step,
             "max_epochs": trainer.max_epochs, "wall_time_s": round(self.previous_seconds + self._elapsed(), 3),
             "monitor": monitor, "mode": mode, "best": best, "last": last,
-            "checkpoints": {"best": getattr(ckpt, "best_model_path", None) or None,
-                            "last": getattr(ckpt, "last_model_path", None) or None,
-                            "best_score": _score(getattr(ckpt, "best_model_score", None))},
+            "checkpoints": self._fit_checkpoints or _checkpoint_paths(trainer),
             "model_hparams": plain(dict(trainer.lightning_module.hparams)) if trainer.lightning_module else None,
             "info": self.info,
         })
@@ -406,6 +408,14 @@ def _seed(config: dict[str, Any] | None) -> Any:
         return config["seed_everything"]
     seed = os.environ.get("PL_GLOBAL_SEED")
     return int(seed) if seed is not None and seed.lstrip("-").isdigit() else None
+
+
+def _checkpoint_paths(trainer: Trainer) -> dict[str, Any]:
+    """The best and last checkpoint paths and the best score of the Trainer's ModelCheckpoint (``None`` where none)."""
+    ckpt = trainer.checkpoint_callback
+    return {"best": getattr(ckpt, "best_model_path", None) or None,
+            "last": getattr(ckpt, "last_model_path", None) or None,
+            "best_score": _score(getattr(ckpt, "best_model_score", None))}
 
 
 def _score(value: Any) -> float | None:

@@ -5,7 +5,7 @@ Pure functions over run records (``results.json`` dicts, or the same shape built
 - a *configuration* is the resolved config without the seed keys and the settings that cannot change results
   (paths, loggers, workers, checkpoint and result directories); runs of one configuration differ only in their seed;
 - its *label* is the grid's configuration name (``info.name``) or the stem of the config file, plus the ``--set``
-  values of a grid (``rho=0.5``), or the keys that differ between configurations of the same label;
+  values of a grid (``rho=0.5``) and the other keys that differ between configurations of the same label;
 - statistics: mean and sample standard deviation (``ddof=1``, numpy's ``std(ddof=1)``; ``ddof`` is an argument);
   accuracy-like metrics (name containing ``acc``) are shown in percent;
 - paper numbers come from ``# paper: <metric>=<value>[, ...] [(source)]`` lines in the header of the config file
@@ -161,7 +161,10 @@ def group_runs(records: Sequence[Mapping[str, Any]], seed_keys: Sequence[str] = 
             combination = (row.runs[0].get("info") or {}).get("combination")
             if combination:
                 grid_names = short_names(list(combination))
-                row.setting = ",".join(f"{grid_names[k]}={v}" for k, v in combination.items())
+                # keys that differ besides the --set keys (two grids of one config name, other fit arguments)
+                other = [k for k in varying if not any(k == c or k.startswith(f"{c}.") for c in combination)][:4]
+                row.setting = ",".join([*(f"{grid_names[k]}={v}" for k, v in combination.items()),
+                                        *(f"{names[k]}={flats[key].get(k)}" for k in other)])
             else:
                 row.setting = ",".join(f"{names[k]}={flats[key].get(k)}" for k in varying[:4])
     return list(groups.values())

@@ -7,7 +7,8 @@ method table of ``README.md`` (its Paper / Status / Entry point columns; the con
 method's), configs from ``configs/**/*.yaml`` (the first header line is the summary; ``# paper:`` lines give the
 paper's numbers), backbones from the backbone registry (parameter counts of a model built on the ``meta`` device,
 for ``--num_classes`` classes), DataModules from ``lightning_methods.datamodules``. ``--root`` is the source tree
-(default: the current directory if it holds ``configs/``, else the tree this package was installed from).
+(default: the current directory if it is a source tree of this package, else the tree this package was installed
+from, else the current directory if it holds ``configs/``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ SHARED_FOLDERS = (".", "base")
 
 
 def find_root(root: str | None = None) -> Path | None:
-    """The source tree holding ``configs/`` (and ``README.md``)."""
-    candidates = [Path(root)] if root else [Path.cwd(), Path(__file__).resolve().parents[2]]
+    """The source tree holding ``configs/`` (and ``README.md``): ``root``, else the current directory when it is a
+    source tree of this package (it holds ``lightning_methods/`` too; a project of one's own with a ``configs/``
+    folder is not), else the tree this package was installed from, else the current directory."""
+    if root:
+        return Path(root) if (Path(root) / "configs").is_dir() else None
+    cwd, package = Path.cwd(), Path(__file__).resolve().parents[2]
+    candidates = [cwd] if (cwd / "lightning_methods").is_dir() else []
+    candidates += [package, cwd]
     return next((c for c in candidates if (c / "configs").is_dir()), None)
 
 

@@ -183,8 +183,9 @@ def main(args: list[str] | None = None) -> Table:
     if not ns.include_unfinished:
         records = [r for r in records if r.get("status") == "finished" and r.get("command") in (None, "fit")]
         if unfinished:
+            names = (str(r.get("path") or r.get("run_dir") or r.get("run_id")) for r in unfinished[:5])  # the file
             print(f"left out {len(unfinished)} runs that are not finished fits (--include_unfinished to keep them): "
-                  + ", ".join(str(r.get("run_dir") or r.get("run_id")) for r in unfinished[:5]), file=sys.stderr)
+                  + ", ".join(names), file=sys.stderr)
     if not records:
         raise ValueError("no finished runs to tabulate")
     metrics = ns.metrics or default_metrics(records)

@@ -91,3 +91,16 @@ def test_top_level_help_points_to_list(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     assert re.search(r"^  list\s+methods, configs, backbones and DataModules", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_list_from_a_users_project_with_its_own_configs_folder_shows_the_packages(tmp_path, monkeypatch, capsys):
+    """Run in a project of one's own that has a ``configs/`` folder too: the package's methods and configs are listed
+    (the current directory is taken only when it is this package's source tree, or with ``--root``)."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/mine.yaml").write_text("# My own experiment.\nmodel: {}\n")
+    monkeypatch.chdir(tmp_path)
+    data = catalog.main(["--section", "methods", "configs"])
+    assert str(REPO / "configs/quickstart.yaml") in capsys.readouterr().out
+    assert data["methods"] and "mine.yaml" not in json.dumps(data)
+    mine = catalog.main(["--section", "configs", "--root", str(tmp_path)])  # asked for: the project's own configs
+    assert "mine.yaml" in json.dumps(mine)

@@ -127,3 +127,38 @@ def test_ddp_predictions_have_one_row_per_sample(tmp_path):
         assert np.array_equal(rows["pred"], expected["pred"].numpy())
         probs = np.stack([rows[f"prob_{c}"] for c in range(5)], axis=1)
         assert np.allclose(probs, expected["probs"].numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_npz_output_no_files_under_fast_dev_run_and_gather_predictions_dedups(tmp_path, one_thread):
+    """``--predictions.filename predictions.npz`` writes arrays (``probs`` N x C) with ``predictions.json`` beside
+    them; ``fast_dev_run`` writes no result files (predictions, results.json); GatherPredictions keeps one row per
+    index, sorted, of the keys asked for."""
+    from lightning_methods.callbacks import GatherPredictions, ResultsWriter
+    from lightning_methods.datamodules import collate_dict
+
+    from helpers import quiet_trainer
+
+    writer = PredictionWriter(dirpath=str(tmp_path / "npz"), filename="predictions.npz", probabilities=True)
+    quiet_trainer(callbacks=[writer]).predict(tiny_model(), TinyData(), return_predictions=False)
+    arrays = np.load(tmp_path / "npz/predictions.npz")
+    assert np.array_equal(arrays["index"], np.arange(N_SAMPLES)) and arrays["probs"].shape == (N_SAMPLES, 5)
+    summary = json.loads((tmp_path / "npz/predictions.json").read_text())
+    assert summary["files"][0]["rows"] == summary["files"][0]["dataset_size"] == N_SAMPLES
+
+    smoke = [PredictionWriter(dirpath=str(tmp_path / "smoke")), ResultsWriter(dirpath=str(tmp_path / "smoke"))]
+    quiet_trainer(callbacks=smoke, fast_dev_run=True).predict(tiny_model(), TinyData(), return_predictions=False)
+    data = TinyData()
+    data.test_dataloader = data.predict_dataloader
+    quiet_trainer(callbacks=smoke[1:], fast_dev_run=True).test(tiny_model(), data, verbose=False)
+    assert not (tmp_path / "smoke").exists()
+
+    class Repeats(TinyData):  # samples 3, 0 and 5 twice, as padding would repeat them
+        def predict_dataloader(self):
+            repeated = torch.utils.data.Subset(self.dataset, [3, 0, 5])
+            return torch.utils.data.DataLoader(torch.utils.data.ConcatDataset([self.dataset, repeated]), batch_size=4,
+                                               collate_fn=collate_dict)
+
+    gather = GatherPredictions(keys=["pred"])
+    quiet_trainer(callbacks=[gather]).predict(tiny_model(), Repeats(), return_predictions=False)
+    (result,) = gather.results.values()
+    assert sorted(result) == ["index", "pred"] and torch.equal(result["index"], torch.arange(N_SAMPLES))

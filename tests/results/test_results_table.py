@@ -132,3 +132,40 @@ def test_table_and_curves_go_to_a_wandb_run_when_asked(tmp_path, monkeypatch):
     assert row["config"] == c.row and row["apart"] == 1 and float(row["diff"]) == pytest.approx(c.diff, rel=1e-5)
     table_main([str(tmp_path / "runs"), "--output", str(tmp_path / "plain")])
     assert not (tmp_path / "plain" / "wandb").exists()
+
+
+def test_rows_of_two_grids_of_one_config_name_get_distinct_names():
+    """Two grid directories of the same config name and ``--set`` values but other fit arguments (``-- --trainer.
+    max_epochs N``): every row is named by its ``--set`` values and the other keys that differ, never twice alike."""
+    def record(epochs: int, smoothing: float, seed: int) -> dict:
+        return {"config": {"seed_everything": seed, "trainer": {"max_epochs": epochs},
+                           "model": {"init_args": {"label_smoothing": smoothing}}}, "metrics": {"test/acc": 0.5},
+                "info": {"name": "quickstart", "combination": {"model.init_args.label_smoothing": str(smoothing)},
+                         "seed": seed}}
+
+    rows = aggregate.group_runs([record(e, s, seed) for e in (1, 3) for s in (0.0, 0.1) for seed in (0, 1)])
+    assert [(row.name, row.n) for row in rows] == [
+        ("quickstart label_smoothing=0.0,max_epochs=1", 2), ("quickstart label_smoothing=0.1,max_epochs=1", 2),
+        ("quickstart label_smoothing=0.0,max_epochs=3", 2), ("quickstart label_smoothing=0.1,max_epochs=3", 2)]
+    one_grid = aggregate.group_runs([record(1, s, seed) for s in (0.0, 0.1) for seed in (0, 1)])
+    assert [row.name for row in one_grid] == ["quickstart label_smoothing=0.0", "quickstart label_smoothing=0.1"]
+    optimizers = [{"config": {"seed_everything": 0, "model": {"init_args": {"optimizer": {"class_path": name}}}},
+                   "info": {"name": "q", "combination": {"model.init_args.optimizer": f"{{class_path: {name}}}"}},
+                   "metrics": {}} for name in ("SGD", "Adam")]  # a --set value that is a whole class
+    assert [row.name for row in aggregate.group_runs(optimizers)] == ["q optimizer={class_path: SGD}",
+                                                                        "q optimizer={class_path: Adam}"]
+
+
+def test_left_out_records_are_named_by_their_file(tmp_path, capsys):
+    """A ``test`` of a finished run's checkpoint (``results_test-last.json`` beside its ``results.json``) is left
+    out of the table; the message names that file, not the run, whose fit is finished and tabulated."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed_everything: 0\n")
+    write_run(tmp_path / "runs", "s0", cfg, 1.0, 0, 0.7)
+    run = tmp_path / "runs/s0"
+    evaluation = {**json.loads((run / "results.json").read_text()), "command": "test"}
+    (run / "results_test-last.json").write_text(json.dumps(evaluation))
+    (row,) = table_main([str(tmp_path / "runs"), "--no_plot", "--output", str(tmp_path)]).rows
+    assert row.n == 1
+    err = capsys.readouterr().err
+    assert "left out 1 runs that are not finished fits" in err and str(run / "results_test-last.json") in err

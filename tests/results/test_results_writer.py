@@ -157,3 +157,16 @@ def test_failed_fit_is_recorded_and_a_resume_keeps_the_whole_history(tmp_path, o
     assert val["validate"]["metrics"]["val/acc"] == pytest.approx(record["best"]["metrics"]["val/acc"])
     assert json.loads((run / "results.json").read_text()) == record
     assert (run / f"metrics_validate-{tag}.csv").is_file()
+
+
+def test_checkpoint_paths_survive_the_test_of_the_best_checkpoint(tmp_path, one_thread):
+    """``test_after_fit: best`` (``trainer.test(ckpt_path="best")``) restores the ModelCheckpoint's state from the best
+    checkpoint, written before any ``last.ckpt``: the record still names the fit's last checkpoint (not ``null``)."""
+    run = tmp_path / "run"
+    trainer, model, data = fit_digits(run, max_epochs=1)  # the best epoch is epoch 0, saved before last.ckpt
+    trainer.test(model, data, ckpt_path="best", verbose=False)
+    record = json.loads((run / "results.json").read_text())
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    assert record["test"]["checkpoint"] == str(best.resolve()) and record["checkpoints"]["best"] == str(best)
+    assert record["checkpoints"]["last"] == str(run / "checkpoints/last.ckpt")
+    assert record["checkpoints"]["best_score"] == pytest.approx(record["best"]["metrics"]["val/acc"])
