@@ -99,19 +99,29 @@ def run_name(combo: Mapping[str, str], names: Mapping[str, str], seed: int) -> s
     return f"{combo_part}/seed{seed}" if combo_part else f"seed{seed}"
 
 
+def _entry(value: Any) -> Any:
+    """What a dotted key reaches through ``value``: a list's last entry (as on the CLI, where
+    ``--trainer.callbacks.init_args.prune_rate`` sets the last callback's argument), else ``value``."""
+    return value[-1] if isinstance(value, list) and value and isinstance(value[-1], Mapping) else value
+
+
 def flat_keys(config: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of a nested dict."""
+    """Every dotted key of a nested dict (through a list of dicts, those of its last entry)."""
     if not isinstance(config, Mapping):
         return [prefix.rstrip(".")] if prefix else []
     out = []
     for key, value in config.items():
+        value = _entry(value)
         out += flat_keys(value, f"{prefix}{key}.") if isinstance(value, Mapping) and value else [f"{prefix}{key}"]
     return out
 
 
 def has_key(config: Mapping[str, Any], key: str) -> bool:
+    """Whether the dotted ``key`` exists in ``config`` (through a list of dicts: in its last entry, as the CLI reads
+    ``--trainer.callbacks.init_args.X``)."""
     node: Any = config
     for part in key.split("."):
+        node = _entry(node)
         if not isinstance(node, Mapping) or part not in node:
             return False
         node = node[part]
@@ -125,8 +135,9 @@ def check_keys(config: Mapping[str, Any], keys: Sequence[str], source: str) -> N
         if not has_key(config, key):
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise KeyError(f"--set {key}: {source} has no such key{hint} (see the resolved config with "
-                           f"`lightning-methods fit --config {source} --print_config`)")
+            raise KeyError(f"--set {key}: {source} has no such key{hint} (a key through a list, such as "
+                           "trainer.callbacks.init_args.X, names its last entry, as on the command line; see the "
+                           f"resolved config with `lightning-methods fit --config {source} --print_config`)")
 
 
 def set_key(config: dict[str, Any], key: str, value: Any) -> None:
@@ -141,9 +152,11 @@ def delete_key(config: dict[str, Any], key: str) -> None:
     node: Any = config
     parts = key.split(".")
     for part in parts[:-1]:
+        node = _entry(node)
         if not isinstance(node, dict) or part not in node:
             return
         node = node[part]
+    node = _entry(node)
     if isinstance(node, dict):
         node.pop(parts[-1], None)
 

@@ -122,3 +122,24 @@ def test_commands_and_sweep_modes_prepare_every_combination(tmp_path, monkeypatc
                                    "data.init_args.augment": {"values": ["none", "crop"]}}
     assert sweep["command"] == ["lightning-methods", "fit", "--config", str(Path(config).resolve()),
                                 "--trainer.max_epochs=3", "${args}"]
+
+
+def test_set_reaches_a_callbacks_argument_as_the_command_line_does(tmp_path, monkeypatch):
+    """A key through a list names its last entry, as `--trainer.callbacks.init_args.X` does on the fit command line:
+    EMQ's prune rate (a callback argument) can be swept; a key that only an earlier entry has is refused with that
+    rule in the message."""
+    monkeypatch.chdir(tmp_path)
+    emq = str(REPO / "configs/quantization/digits_emq.yaml")
+    grid.main(["--config", emq, "--seeds", "0", "--set", "trainer.callbacks.init_args.prune_rate=0.5,0.6",
+               "--grid_dir", str(tmp_path / "g"), "--mode", "commands"])
+    for rate in (0.5, 0.6):
+        cfg = yaml.safe_load((tmp_path / f"g/digits_emq/prune_rate={rate}/seed0/run.yaml").read_text())
+        callback = cfg["trainer"]["callbacks"][-1]
+        assert callback["class_path"].endswith("BitwiseCoresetCallback") and callback["init_args"]["prune_rate"] == rate
+    two = tmp_path / "two_callbacks.yaml"
+    two.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": {"monitor": "val/acc"}},
+        {"class_path": "lightning_methods.callbacks.BitwiseCoresetCallback", "init_args": {"prune_rate": 0.5}}]}}))
+    with pytest.raises(KeyError, match=r"trainer.callbacks.init_args.monitor: .*names its last entry"):
+        grid.main(["--config", emq, "--set", "trainer.callbacks.init_args.monitor=val/loss", "--grid_dir",
+                   str(tmp_path / "h"), "--mode", "commands", "--", "--config", str(two)])
