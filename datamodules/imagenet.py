@@ -225,6 +225,21 @@ class ImageNetDataModule(ImageDataModule):
         return self._loader(self.train_set, train=True)
 
     # ------------------------------------------------------------------------------------------ device side
+    def sample_name(self, index: int, training: bool) -> str:
+        """The file of the sample with base index ``index`` in the training set or the evaluation set the trainer is
+        reading (for the error of an image decoded on the device, where the batch carries bytes, not paths)."""
+        trainer = self.trainer
+        if training:
+            dataset = self.train_set
+        else:
+            dataset = self.test_set if trainer is not None and (trainer.testing or trainer.predicting) else self.val_set
+        files, indices = getattr(dataset, "files", None), getattr(dataset, "indices", None)
+        if files is not None and indices is not None:
+            hit = (torch.as_tensor(indices) == index).nonzero().flatten()
+            if len(hit):
+                return str(files[int(hit[0])])
+        return f"sample index {index}" + (f" of {self.streaming}" if self.streaming else "")
+
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "jpeg" in batch:
             host = {k: batch.pop(k) for k in HOST_KEYS if k in batch}
@@ -237,8 +252,11 @@ class ImageNetDataModule(ImageDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if "jpeg" in batch:
             host = {k: batch.pop(k) for k in HOST_KEYS if k in batch}
+            index = batch["index"]
+            training = self.trainer.training if self.trainer is not None else "box" in host
             batch["image"] = decode_batch(host, self.image_size, batch["target"].device, self.eval_resize,
-                                          threads=self.decode_threads or torch.get_num_threads())
+                                          threads=self.decode_threads or torch.get_num_threads(),
+                                          name_of=lambda i: self.sample_name(int(index[i]), training))
         image = batch["image"]
         if image.dtype != torch.uint8:
             return batch

@@ -50,11 +50,17 @@ def list_class_folders(folder: str | Path) -> list[str]:
         raise FileNotFoundError(f"{folder} does not exist; expected class folders <wnid>/*.JPEG inside it")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
-        loose = [p.name for p in folder.iterdir() if _is_image(p)][:1]
-        hint = (f" (it holds images such as {loose[0]} directly: a flat validation folder? sort it with "
-                f"`lightning-methods prepare-data sort-val {folder} --ground-truth ...`)") if loose else ""
-        raise FileNotFoundError(f"{folder} has no class folders{hint}")
+        raise FileNotFoundError(f"{folder} has no class folders{_flat_folder_hint(folder)}")
     return classes
+
+
+def _flat_folder_hint(folder: Path) -> str:
+    """The sort-val command, where ``folder`` holds images directly (the flat ILSVRC2012 validation folder)."""
+    loose = next((p.name for p in folder.iterdir() if _is_image(p)), None) if folder.is_dir() else None
+    if loose is None:
+        return ""
+    return (f" ({folder} holds images such as {loose} directly: a flat validation folder? sort it with "
+            f"`lightning-methods prepare-data sort-val {folder} --ground_truth ...`)")
 
 
 def scan_image_folder(folder: str | Path, classes: list[str]) -> tuple[list[str], list[int]]:
@@ -70,7 +76,8 @@ def scan_image_folder(folder: str | Path, classes: list[str]) -> tuple[list[str]
         sub = folder / name
         if not sub.is_dir():
             raise FileNotFoundError(f"class folder {sub} is missing (class {label} of {len(classes)}); every class "
-                                    f"of the class list needs a folder <root>/<split>/<class>/ with its images")
+                                    f"of the class list needs a folder <root>/<split>/<class>/ with its images"
+                                    + _flat_folder_hint(folder))
         found = sorted(str(p) for p in sub.iterdir() if _is_image(p))
         if not found:
             raise FileNotFoundError(f"class folder {sub} holds no .JPEG/.jpg/.png images")

@@ -65,7 +65,7 @@ class LazyJpegImages:
 
     def load(self, i: int) -> torch.Tensor:
         path = self.files[i]
-        return eval_resize_crop(decode_rgb(read_bytes(path), path), self.resize, self.size)
+        return eval_resize_crop(decode_rgb(rgb_jpeg_bytes(read_bytes(path), path)[0], path), self.resize, self.size)
 
     def __getitem__(self, idx: Any) -> torch.Tensor:
         if isinstance(idx, int) or (isinstance(idx, torch.Tensor) and idx.ndim == 0):
@@ -192,7 +192,9 @@ def encode_sample(data: bytes, target: Any, index: Any, mode: str, seed: int, ep
             data, seed, epoch, index=int(index), size=size, flip=flip, scale=scale, ratio=ratio, name=name
         )
     elif mode == "eval":
-        out["image"] = eval_resize_crop(decode_rgb(data, name), eval_resize, size)
+        # the bytes the other paths decode (PNG / CMYK / grayscale files re-encoded as RGB JPEG, as in ``eval_bytes``
+        # and ``convert``): decoding the original instead gave those files other evaluation pixels here
+        out["image"] = eval_resize_crop(decode_rgb(rgb_jpeg_bytes(data, name)[0], name), eval_resize, size)
     else:
         data, h, w = rgb_jpeg_bytes(data, name)
         out["jpeg"] = data

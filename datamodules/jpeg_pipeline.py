@@ -29,7 +29,7 @@ import os
 import platform
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -103,6 +103,8 @@ def to_rgb_jpeg(data: bytes, name: str = "<bytes>", quality: int = 95) -> bytes:
 def rgb_jpeg_bytes(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
     """``(bytes, height, width)`` of a 3-component baseline/progressive JPEG: ``data`` itself when it is one,
     otherwise the image re-encoded by :func:`to_rgb_jpeg`."""
+    if len(data) == 0:
+        raise BadImageError(f"{name}: empty file (0 bytes)")
     try:
         h, w, comps = jpeg_header(data, name)
         if comps == 3:
@@ -145,6 +147,8 @@ def decode_rgb(data: bytes | torch.Tensor, name: str = "<bytes>") -> torch.Tenso
                 return torch.from_numpy(fast.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
         except (BadImageError, ValueError, RuntimeError):  # damaged or unusual: torchvision decides and names it
             pass
+    if len(data) == 0:  # torch.frombuffer refuses an empty buffer with a message that names no file
+        raise BadImageError(f"{name}: empty file (0 bytes)")
     t = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         return decode_image(t, mode=ImageReadMode.RGB)
@@ -271,7 +275,8 @@ def unpack_jpegs(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor
 
 
 def decode_batch(batch: dict[str, Any], size: int, device: torch.device | str,
-                 eval_resize: int | None = None, threads: int = 1) -> torch.Tensor:
+                 eval_resize: int | None = None, threads: int = 1,
+                 name_of: Callable[[int], str] | None = None) -> torch.Tensor:
     """Decode a batch of packed JPEG bytes on ``device`` and crop it: training batches (with ``"box"`` /
     ``"flip"``) get their RandomResizedCrop + flip, evaluation batches the resize / center crop. uint8 ``(N, 3, size,
     size)`` on ``device``.
@@ -279,7 +284,12 @@ def decode_batch(batch: dict[str, Any], size: int, device: torch.device | str,
     On CUDA the images are decoded together by nvJPEG. On the CPU each image is decoded and cropped by the workers'
     own functions (:func:`decode_rgb`, :func:`crop_resize`, :func:`eval_resize_crop`: the same pixels as the worker
     path), by ``threads`` threads of this process: the decoder and the resize release the GIL, so the batch scales
-    with the threads without the inter-process hand-over of worker processes."""
+    with the threads without the inter-process hand-over of worker processes.
+
+    ``name_of(i)`` names the ``i``-th image (its file) in the error of an image that cannot be decoded (default:
+    ``batch image i``), called only then; nvJPEG names none, so where the batched decode fails each image is decoded
+    on the CPU to find the culprit."""
+    name_of = name_of or (lambda i: f"batch image {i}")
     data = unpack_jpegs(batch["jpeg"], batch["jpeg_offsets"])
     if not data:
         return torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
@@ -291,16 +301,28 @@ def decode_batch(batch: dict[str, Any], size: int, device: torch.device | str,
 
         def one(i: int) -> torch.Tensor:
             encoded, name = memoryview(data[i].numpy()), f"batch image {i}"
-            if boxes is None:
-                return eval_resize_crop(decode_rgb(encoded, name), eval_resize or size, size)
-            out = resize_uint8(decode_crop(encoded, boxes[i], name), size, size)
-            return out.flip(-1) if flips[i] else out
+            try:
+                if boxes is None:
+                    return eval_resize_crop(decode_rgb(encoded, name), eval_resize or size, size)
+                out = resize_uint8(decode_crop(encoded, boxes[i], name), size, size)
+                return out.flip(-1) if flips[i] else out
+            except BadImageError as err:
+                failure = err
+            # the error again, naming the file (looked up only now), raised outside the handler so that it is not
+            # chained to the unnamed one (the command line reports the innermost error of the package in a chain)
+            decode_rgb(encoded, name_of(i))
+            raise failure
 
         if threads > 1 and len(data) > 1:
             with ThreadPoolExecutor(max_workers=min(threads, len(data))) as pool:
                 return torch.stack(list(pool.map(one, range(len(data)))))
         return torch.stack([one(i) for i in range(len(data))])
-    return decode_together(data, size, device, boxes, flips, eval_resize)
+    try:
+        return decode_together(data, size, device, boxes, flips, eval_resize)
+    except RuntimeError:
+        for i, encoded in enumerate(data):  # the first image the CPU decoder refuses, named (BadImageError)
+            decode_rgb(memoryview(encoded.numpy()), name_of(i))
+        raise
 
 
 def decode_together(data: list[torch.Tensor], size: int, device: torch.device | str,

@@ -25,6 +25,7 @@ from lightning_methods.datamodules.jpeg_pipeline import (
     decode_rgb,
     decode_together,
     jpeg_header,
+    normalize_uint8,
     rgb_jpeg_bytes,
     sample_augmentation,
     train_image,
@@ -134,6 +135,32 @@ def test_device_path_equals_worker_path_on_cpu(tmp_path, train, threads):
         assert a["image"].dtype == torch.float32 and a["image"].shape[-2:] == (24, 24)
 
 
+def test_evaluation_pixels_of_png_cmyk_and_gray_files_agree_on_every_path(tmp_path):
+    """Files nvJPEG cannot take (PNG saved as .JPEG, CMYK and grayscale JPEGs; ImageNet has a few) are re-encoded as
+    RGB JPEG where bytes are shipped (``eval_bytes``, ``convert``); the worker's evaluation crop and the lazy images
+    of the prediction pass decode the same bytes. They used to decode the original file: up to 2 levels apart."""
+    root = write_imagenet_tree(tmp_path / "in", classes=2, per_class=2, val_per_class=1, size=(60, 80))
+    gray = np.random.default_rng(4).integers(0, 256, (70, 90), dtype=np.uint8)
+    folder = root / "val" / sorted(p.name for p in (root / "val").iterdir())[0]
+    for kind in ("L", "CMYK", "PNG"):
+        buf = io.BytesIO()
+        if kind == "PNG":
+            Image.fromarray(np.stack([gray] * 3, -1)).save(buf, "PNG")
+        else:
+            Image.fromarray(gray).convert(kind).save(buf, "JPEG")
+        (folder / f"z_{kind}.JPEG").write_bytes(buf.getvalue())
+    kwargs = dict(data_dir=str(root), num_classes=2, image_size=32, eval_resize=36, batch_size=4, num_workers=0,
+                  eval_batch_size=8)
+    worker = _batches(ImageNetDataModule(decode_on_device=False, **kwargs), False)
+    dm = ImageNetDataModule(decode_on_device=True, **kwargs)
+    device = _batches(dm, False)
+    assert len(worker) == len(device) == 1 and len(worker[0]["index"]) == 5
+    assert torch.equal(worker[0]["image"], device[0]["image"])
+    lazy = dm.test_set.images[list(range(5))]
+    raw = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)  # bytes decoded, then normalized
+    assert torch.equal(normalize_uint8(lazy, dm.mean, dm.std), raw["image"])
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_batched_decode_gives_the_per_image_pixels_on_cpu(tmp_path, train):
     """What decode_batch does on CUDA (one decode_jpeg call for the batch, then the crops, the flip mask or the
@@ -156,7 +183,8 @@ def test_batched_decode_gives_the_per_image_pixels_on_cpu(tmp_path, train):
         together = decode_together(data, 64, "cpu", batch["box"].tolist(), batch["flip"].tolist())
     else:
         together = decode_together(data, 64, "cpu", eval_resize=72)
-    per_image = decode_batch(dict(batch), 64, "cpu", eval_resize=72)
+    # a file's name is looked up only for an image that fails (a search through the data set's indices)
+    per_image = decode_batch(dict(batch), 64, "cpu", eval_resize=72, name_of=lambda i: pytest.fail("name looked up"))
     assert together.dtype == torch.uint8 and together.shape == (len(data), 3, 64, 64)
     assert torch.equal(together, per_image)
 

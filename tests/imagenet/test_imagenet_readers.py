@@ -3,6 +3,7 @@ sorter with both official ground-truth formats, WebVision list files, class list
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from imagenet_tiny_tree import (
 )
 
 from lightning_methods.cli import main
+from lightning_methods.cli_runs import package_error
 from lightning_methods.datamodules import (
     ImageNet200DataModule,
     ImageNetDataModule,
@@ -92,6 +94,20 @@ def test_sort_val_from_official_ground_truth(tmp_path, fmt):
     assert {p.name: p.parent.name for p in (root / "val").glob("*/*.JPEG")} == sorted_files
 
 
+def test_unsorted_validation_folder_names_the_sort_val_command_that_runs(tmp_path):
+    """A user who forgot sort-val is told the command; copied as printed (with the ground truth for ``...``), it
+    parses and sorts the folder."""
+    root = write_imagenet_tree(tmp_path / "in", classes=2, per_class=1, val_per_class=2, flat_val=True)
+    dm = ImageNetDataModule(str(root), num_classes=2, **SMALL)
+    with pytest.raises(FileNotFoundError, match="flat validation folder") as err:
+        dm.setup("fit")
+    command = re.search(r"`lightning-methods (prepare-data sort-val [^`]*)`", str(err.value)).group(1)
+    gt = root / "LOC_val_solution.csv"
+    main(command.replace("...", str(gt)).split() + ["--expected", "4"])
+    ImageNetDataModule(str(root), num_classes=2, **SMALL).setup("fit")
+    assert not list((root / "val").glob("*.JPEG"))
+
+
 def test_ground_truth_errors_name_the_file(tmp_path):
     root = write_imagenet_tree(tmp_path / "in", classes=2, per_class=1, val_per_class=2, flat_val=True)
     gt = root / "LOC_val_solution.csv"
@@ -121,6 +137,46 @@ def test_corrupt_jpeg_is_named(tmp_path):
     with pytest.raises(BadImageError, match=str(bad)):
         list(dm.train_dataloader())
     with pytest.raises(PrepareError, match=str(bad)):
+        main(["prepare-data", "convert", str(root), str(tmp_path / "out"), "--num_workers", "1"])
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per_image", "batched_decode"])
+def test_corrupt_jpeg_decoded_on_the_device_is_named(tmp_path, monkeypatch, batched):
+    """With decode_on_device (the default on CUDA) the workers ship the bytes of a truncated JPEG, whose header is
+    intact; the error names its file, not "batch image i" (per-image decoding on a CPU trainer) or nvJPEG's bare
+    error (the batched decode: here torchvision's CPU decoder, given the batch as on CUDA, refuses it alike)."""
+    from lightning_methods.datamodules import jpeg_pipeline
+
+    root = write_imagenet_tree(tmp_path / "in", classes=2, per_class=2, val_per_class=1)
+    bad = root / "train" / wnid(1) / f"{wnid(1)}_2.JPEG"
+    bad.write_bytes(bad.read_bytes()[:-200])
+    dm = ImageNetDataModule(str(root), num_classes=2, decode_on_device=True, **dict(SMALL, batch_size=4))
+    dm.setup("fit")
+    batch = dm.transfer_batch_to_device(next(iter(dm.train_dataloader())), torch.device("cpu"), 0)
+    assert "jpeg" in batch and "box" in batch  # bytes on the "device": nothing decoded in the loader
+    if batched:
+        together = jpeg_pipeline.decode_together
+        monkeypatch.setattr(jpeg_pipeline, "decode_together", lambda data, size, device, *args: together(
+            data, size, "cpu", *args))
+        batch["target"] = batch["target"].to("meta")  # a device other than the CPU takes the batched decode
+    with pytest.raises(BadImageError, match=f"{bad}: cannot decode") as err:
+        dm.on_after_batch_transfer(batch, 0)
+    assert str(package_error(err.value)).startswith(f"{bad}: cannot decode")  # what the command line prints
+
+
+def test_empty_jpeg_is_named(tmp_path):
+    """A 0-byte image (an interrupted download) in the evaluation split: the evaluation loader, the lazy images of
+    the selection callbacks and ``convert`` stop naming it (torch.frombuffer's own error named no file)."""
+    root = write_imagenet_tree(tmp_path / "in", classes=2, per_class=2, val_per_class=1)
+    (empty,) = (root / "val" / wnid(1)).iterdir()
+    empty.write_bytes(b"")
+    dm = ImageNetDataModule(str(root), num_classes=2, **SMALL)
+    dm.setup("fit")
+    with pytest.raises(BadImageError, match=f"{empty}: empty file"):
+        list(dm.val_dataloader())
+    with pytest.raises(BadImageError, match=f"{empty}: empty file"):
+        dm.test_set.images[dm.test_set.files.index(str(empty))]
+    with pytest.raises(PrepareError, match=f"{empty}: empty file"):
         main(["prepare-data", "convert", str(root), str(tmp_path / "out"), "--num_workers", "1"])
 
 
