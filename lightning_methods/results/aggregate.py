@@ -126,12 +126,23 @@ def configuration(record: Mapping[str, Any], seed_keys: Sequence[str], neutral: 
 
 
 def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested config; a list of dicts (callbacks) by position, ``trainer.callbacks.0.init_args.x``,
+    so that a row is named by the argument that differs, not by the whole list."""
+    if isinstance(config, list) and config and all(isinstance(v, Mapping) for v in config):
+        config = {str(i): v for i, v in enumerate(config)}
     if not isinstance(config, Mapping):
         return {prefix.rstrip("."): config}
     out: dict[str, Any] = {}
     for key, value in config.items():
         out.update(_flatten(value, f"{prefix}{key}."))
     return out
+
+
+def _under(key: str, combination: Iterable[str]) -> bool:
+    """Whether the flat ``key`` is (inside) a ``--set`` key of ``combination``; list positions in ``key`` are passed
+    over (``--set trainer.callbacks.init_args.x`` reaches ``trainer.callbacks.<last>.init_args.x``)."""
+    plain = ".".join(p for p in key.split(".") if not p.isdigit())
+    return any(k == c or k.startswith(f"{c}.") for k in (key, plain) for c in combination)
 
 
 def group_runs(records: Sequence[Mapping[str, Any]], seed_keys: Sequence[str] = DEFAULT_SEED_KEYS,
@@ -162,7 +173,7 @@ def group_runs(records: Sequence[Mapping[str, Any]], seed_keys: Sequence[str] = 
             if combination:
                 grid_names = short_names(list(combination))
                 # keys that differ besides the --set keys (two grids of one config name, other fit arguments)
-                other = [k for k in varying if not any(k == c or k.startswith(f"{c}.") for c in combination)][:4]
+                other = [k for k in varying if not _under(k, combination)][:4]
                 row.setting = ",".join([*(f"{grid_names[k]}={v}" for k, v in combination.items()),
                                         *(f"{names[k]}={flats[key].get(k)}" for k in other)])
             else:

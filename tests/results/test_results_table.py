@@ -156,6 +156,24 @@ def test_rows_of_two_grids_of_one_config_name_get_distinct_names():
                                                                         "q optimizer={class_path: Adam}"]
 
 
+def test_rows_that_differ_in_a_callbacks_argument_are_named_by_that_argument():
+    """Configs differing inside a list of dicts (the callbacks) are named by the argument that differs, not by the
+    whole list; a grid's --set through the list (its last entry) is not named twice."""
+    def record(score_bn: str, seed: int, combination: dict | None = None) -> dict:
+        callbacks = [{"class_path": "EarlyStopping", "init_args": {"patience": 3}},
+                     {"class_path": "BitwiseCoresetCallback", "init_args": {"prune_rate": 0.5, "score_bn": score_bn}}]
+        info = {"name": "digits_emq", "seed": seed, **({"combination": combination} if combination else {})}
+        return {"config": {"seed_everything": seed, "trainer": {"callbacks": callbacks}}, "metrics": {},
+                "info": info}
+
+    rows = aggregate.group_runs([record(bn, seed) for bn in ("running", "recalibrated") for seed in (0, 1)])
+    assert [(row.name, row.n) for row in rows] == [("digits_emq score_bn=running", 2),
+                                                   ("digits_emq score_bn=recalibrated", 2)]
+    swept = [record(bn, 0, {"trainer.callbacks.init_args.score_bn": bn}) for bn in ("running", "recalibrated")]
+    assert [row.name for row in aggregate.group_runs(swept)] == ["digits_emq score_bn=running",
+                                                                 "digits_emq score_bn=recalibrated"]
+
+
 def test_left_out_records_are_named_by_their_file(tmp_path, capsys):
     """A ``test`` of a finished run's checkpoint (``results_test-last.json`` beside its ``results.json``) is left
     out of the table; the message names that file, not the run, whose fit is finished and tabulated."""
