@@ -354,16 +354,12 @@ class ImageDataModule(LightningDataModule):
         )
 
     def _require(self, split: str) -> None:
-        """:meth:`_require_built` (the OOD image sets override ``_require`` with a split check of their own)."""
-        self._require_built(split)
-
-    def _require_built(self, split: str) -> None:
         if getattr(self, split, None) is None:
             raise RuntimeError(f"{type(self).__name__}.{split} is not built yet: call setup() first (the Trainer "
                                "does this; in your own code call datamodule.setup('fit') before asking for loaders)")
 
     def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
-        self._require_built("train_set")
+        self._require("train_set")
         if not self.gpu_resident:
             return self._loader(self.train_set, train=True)
         trainer = self.trainer
@@ -374,11 +370,11 @@ class ImageDataModule(LightningDataModule):
                                  rank=rank, world_size=world)
 
     def val_dataloader(self) -> DataLoader:
-        self._require_built("val_set")
+        self._require("val_set")
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        self._require_built("test_set")
+        self._require("test_set")
         return self._loader(self.test_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:

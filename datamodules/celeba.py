@@ -70,7 +70,7 @@ class CelebADataModule(OODImageDataModule):
         CelebA(str(self.data_dir), split="all", download=True)
 
     def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        self._require(split)
+        self._require_files(split)
         files = self._entries(split)
         identity = {}
         id_file = self.folder / "identity_CelebA.txt"

@@ -125,7 +125,7 @@ class CIFARCDataModule(OODImageDataModule):
         download_and_extract_archive(self.url, str(self.data_dir))
 
     def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        self._require(split)
+        self._require_files(split)
         images_path, labels_path = self._files()
         images, labels = np.load(images_path, mmap_mode="r"), np.load(labels_path)
         if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(images) != len(labels) or len(images) % 5:

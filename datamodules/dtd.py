@@ -68,7 +68,7 @@ class DTDDataModule(OODImageDataModule):
         DTD(str(self.data_dir), split="test", partition=self.partition, download=True)
 
     def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        self._require(split)
+        self._require_files(split)
         classes = {c: i for i, c in enumerate(self._classes())}
         files = self._files(split)
         unknown = [f for f in files if f.split("/")[0] not in classes]

@@ -71,7 +71,7 @@ class MNISTDataModule(OODImageDataModule):
         MNIST(str(self.data_dir), train=True, download=True)
 
     def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        self._require(split)
+        self._require_files(split)
         images = read_idx(self._file(split, "images-idx3"))
         labels = read_idx(self._file(split, "labels-idx1"))
         if images.ndim != 3 or len(images) != len(labels):

@@ -198,7 +198,7 @@ class NoisyLabelsMixin:
     # ------------------------------------------------------------------------------------- reporting
     def _record_noise_stats(self) -> None:
         for name in ("noisy_targets", "clean_targets", "train_set"):
-            self._require_built(name)
+            self._require(name)
         flipped = self.noisy_targets != self.clean_targets
         stats = {"noise/realized_rate": flipped.float().mean().item(),
                  "noise/train_rate": flipped[self.full_train_set.indices].float().mean().item(),

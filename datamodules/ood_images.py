@@ -147,7 +147,8 @@ class OODImageDataModule(ImageDataModule):
         """
         raise NotImplementedError
 
-    def _require(self, split: str) -> None:
+    def _require_files(self, split: str) -> None:
+        """Stop unless ``split`` is one of this data set's splits and its files are all there."""
         self._check_split(split)
         missing = self.missing(split)
         if missing:

@@ -78,7 +78,7 @@ class Places365DataModule(OODImageDataModule):
                       download=True)
 
     def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        self._require(split)
+        self._require_files(split)
         entries = self._entries(split)
         labels = torch.tensor([label for _, label in entries], dtype=torch.int64)
         return load_images([p for p, _ in entries], self.image_size), labels

@@ -66,6 +66,6 @@ class SVHNDataModule(OODImageDataModule):
             SVHN(str(self.folder), split=split, download=True)
 
     def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        self._require(split)
+        self._require_files(split)
         images, labels = read_svhn_mat(self.folder / f"{split}_32x32.mat")
         return resize_uint8(images, self.image_size), labels

@@ -21,7 +21,7 @@ from lightning_methods.datamodules.transforms import random_crop
 
 
 def test_ood_datamodules_build_their_loaders():
-    # OODImageDataModule's _require(split) shadowed the base's _require("train_set"): every loader raised ValueError
+    # OODImageDataModule once overrode the base's _require("train_set") with its split check: every loader raised
     dm = SamplePatchesDataModule(num_samples=6, batch_size=4)
     dm.setup("fit")
     batch = next(iter(dm.test_dataloader()))
