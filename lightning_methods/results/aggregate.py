@@ -214,9 +214,9 @@ def default_metrics(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return preferred or sorted(k for k in present if not k.endswith("/epoch"))
 
 
-def curves(row: Row, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(epochs, mean, std)`` of ``metric`` over the row's runs per epoch (display units; the std over the runs
-    that reached that epoch, 0 where one did)."""
+def curves(row: Row, metric: str, ddof: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(epochs, mean, std)`` of ``metric`` over the row's runs per epoch (display units; the std with ``ddof``
+    over the runs that reached that epoch, 0 where no more than ``ddof`` did)."""
     per_epoch: dict[int, list[float]] = {}
     for run in row.runs:
         history = run.get("history")  # a list of epoch rows, a callable returning one (W&B), or None (files)
@@ -232,5 +232,5 @@ def curves(row: Row, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] |
         return None
     epochs = np.array(sorted(per_epoch))
     mean = np.array([np.mean(per_epoch[e]) for e in epochs])
-    std = np.array([np.std(per_epoch[e], ddof=1) if len(per_epoch[e]) > 1 else 0.0 for e in epochs])
+    std = np.array([np.std(per_epoch[e], ddof=ddof) if len(per_epoch[e]) > ddof else 0.0 for e in epochs])
     return epochs, mean, std

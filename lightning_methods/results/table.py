@@ -99,9 +99,10 @@ def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
-def plot_curves(rows: Sequence[Row], metric: str, path: Path) -> Path | None:
-    """Mean +- std band over seeds of ``metric`` per epoch, one line per configuration (matplotlib, Agg)."""
-    series = [(row, curves(row, metric)) for row in rows]
+def plot_curves(rows: Sequence[Row], metric: str, path: Path, ddof: int = 1) -> Path | None:
+    """Mean +- std band (``ddof``) over seeds of ``metric`` per epoch, one line per configuration (matplotlib,
+    Agg)."""
+    series = [(row, curves(row, metric, ddof)) for row in rows]
     series = [(row, c) for row, c in series if c is not None]
     if not series:
         return None
@@ -206,7 +207,7 @@ def main(args: list[str] | None = None) -> Table:
     if ns.baseline:
         files.append(atomic_write_text(out / "baseline.csv", _csv(compare.CSV_HEADER, compare.csv_rows(comparisons))))
     if not ns.no_plot:
-        png = plot_curves(rows, ns.curve, out / "curves.png")
+        png = plot_curves(rows, ns.curve, out / "curves.png", ns.ddof)
         files += [png] if png else []
     print("written: " + ", ".join(map(str, files)))
     table = Table(rows, metrics, text, files, comparisons)

@@ -63,6 +63,8 @@ def test_curves_average_the_seeds_per_epoch(tmp_path):
     accs = np.array(RHO_ACC[1.0])
     assert list(epochs) == [0, 1] and mean == pytest.approx([100 * (accs - 0.1).mean(), 100 * accs.mean()])
     assert std == pytest.approx([100 * (accs - 0.1).std(ddof=1), 100 * accs.std(ddof=1)])
+    _, _, population = aggregate.curves(row, "val/acc", ddof=0)  # table --ddof 0 draws its band the same way
+    assert population == pytest.approx([100 * (accs - 0.1).std(ddof=0), 100 * accs.std(ddof=0)])
 
 
 def test_paper_numbers_are_read_from_the_config_header_only(tmp_path):
