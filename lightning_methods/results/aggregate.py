@@ -58,6 +58,24 @@ def paper_numbers(config_file: str | Path | None) -> dict[str, float]:
     return out
 
 
+def paper_notes(config_file: str | Path | None) -> list[str]:
+    """The header's ``# paper:`` lines that are only a parenthesized note (``(no number: ... unconfirmed)``), so
+    that a listing can say why a config has no paper value (a line citing the paper is not a note)."""
+    if not config_file or not Path(config_file).is_file():
+        return []
+    notes = []
+    for line in Path(config_file).read_text().splitlines():
+        if not line.startswith("#"):
+            if line.strip():
+                break  # end of the header
+            continue
+        match = _PAPER_LINE.match(line.strip())
+        text = match.group(1).strip() if match else ""
+        if text.startswith("(") and text.endswith(")") and not _PAIR.findall(re.sub(r"\([^)]*\)", "", text)):
+            notes.append(text)
+    return notes
+
+
 def is_percent(metric: str) -> bool:
     """Accuracy-like metrics are shown in percent (also the federated summaries: mean / std of client accuracy)."""
     from lightning_methods.results.multistage import FEDERATED_METRICS

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning_methods.results.aggregate import paper_numbers
+from lightning_methods.results.aggregate import paper_notes, paper_numbers
 
 #: Width of the text output (descriptions are wrapped, never cut).
 WIDTH = 120
@@ -131,15 +131,16 @@ def config_summary(path: Path) -> str:
 
 
 def configs_by_folder(root: Path) -> dict[str, list[dict[str, Any]]]:
-    """``{folder: [{"path", "summary", "paper"}, ...]}`` for every YAML under ``root/configs`` (folder ``.`` for the
-    top level)."""
+    """``{folder: [{"path", "summary", "paper", "paper_note"}, ...]}`` for every YAML under ``root/configs`` (folder
+    ``.`` for the top level; ``paper_note``: the text of ``# paper:`` lines without a number)."""
     out: dict[str, list[dict[str, Any]]] = {}
     base = root / "configs"
     for path in sorted(base.rglob("*.yaml")):
         rel = path.relative_to(base)
         folder = rel.parts[0] if len(rel.parts) > 1 else "."
         out.setdefault(folder, []).append({"path": f"configs/{rel.as_posix()}", "file": str(path.resolve()),
-                                           "summary": config_summary(path), "paper": paper_numbers(path)})
+                                           "summary": config_summary(path), "paper": paper_numbers(path),
+                                           "paper_note": "; ".join(paper_notes(path))})
     return out
 
 
@@ -224,7 +225,7 @@ def render(data: dict[str, Any], root: Path | None) -> str:
         for folder, items in data["configs"].items():
             lines.append(f"  {folder}/ ({len(items)})")
             for item in items:
-                paper = ", ".join(f"{k}={v:g}" for k, v in item["paper"].items())
+                paper = ", ".join(f"{k}={v:g}" for k, v in item["paper"].items()) or item.get("paper_note", "")
                 lines.append(f"    {item.get('file') or item['path']}" + (f"  [paper: {paper}]" if paper else ""))
                 if item["summary"]:
                     lines += textwrap.wrap(item["summary"], WIDTH, initial_indent=" " * 8, subsequent_indent=" " * 8)

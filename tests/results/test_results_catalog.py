@@ -46,7 +46,7 @@ def test_parameter_counts_and_json_output(capsys):
                                                                for d in data["datamodules"]]
 
 
-def test_paper_lines_and_readme_table_parsing(tmp_path):
+def test_paper_lines_and_readme_table_parsing(tmp_path, capsys):
     (tmp_path / "configs/mine").mkdir(parents=True)
     cfg = tmp_path / "configs/mine/a.yaml"
     cfg.write_text("# My method on CIFAR-100 (arXiv 2401.00001).\n# paper: top1=84.2, test/acc_top5=97.1 (Table 2, "
@@ -59,7 +59,16 @@ def test_paper_lines_and_readme_table_parsing(tmp_path):
                                 "entry_point": "configs/mine/, docs: docs/m.md", "folders": ["mine"]}]
     assert data["configs"]["mine"] == [{"path": "configs/mine/a.yaml", "file": str(cfg.resolve()),
                                         "summary": "My method on CIFAR-100 (arXiv 2401.00001).",
-                                        "paper": {"test/acc": 84.2, "test/acc_top5": 97.1, "best/val/acc": 85.0}}]
+                                        "paper": {"test/acc": 84.2, "test/acc_top5": 97.1, "best/val/acc": 85.0},
+                                        "paper_note": ""}]
+    # a config whose paper value is unconfirmed says so in the listing (a citation line is not a note)
+    (tmp_path / "configs/mine/b.yaml").write_text("# Mine on ImageNet.\n# paper: Me, *A*, 2024\n# paper: (no number: "
+                                                  "the ImageNet table is unconfirmed here)\nseed_everything: 0\n")
+    catalog.main(["--root", str(tmp_path), "--section", "configs"])
+    listed = capsys.readouterr().out
+    assert f"{(tmp_path / 'configs/mine/b.yaml').resolve()}  [paper: (no number: the ImageNet table is unconfirmed " \
+           "here)]" in listed
+    assert f"{cfg.resolve()}  [paper: test/acc=84.2, test/acc_top5=97.1, best/val/acc=85]" in listed
 
 
 def test_descriptions_are_whole_and_plain(tmp_path):
