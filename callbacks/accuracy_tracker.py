@@ -86,7 +86,9 @@ class TestAccuracyTracker(Callback):
         value = None if value is None else float(value)
         best = self.best_monitor
         improved = value is not None and (best is None or (value > best if self.mode == "max" else value < best))
-        last = trainer.should_stop or (trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs)
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps  # -1 (or None): no limit
+        last = (trainer.should_stop or (max_epochs not in (None, -1) and epoch + 1 >= max_epochs)
+                or (max_steps not in (None, -1) and trainer.global_step >= max_steps))
         if not (improved or last or (epoch + 1) % self.every_n_epochs == 0):
             return
         acc = self.evaluate(trainer, pl_module)

@@ -64,8 +64,9 @@ class LatestCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_latest(trainer)
+        # every epoch, also when the checkpoints follow validation (run before this hook) and it skipped this epoch
+        # (check_val_every_n_epoch > 1): a save of this step at validation end is not repeated
+        self._save_latest(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

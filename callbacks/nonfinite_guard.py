@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
 from lightning_methods.utils.distributed import is_distributed
 
@@ -180,8 +181,10 @@ class NonFiniteGuard(Callback):
             self._stop(trainer, pl_module, int(value), self._steps)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if trainer.training:
-            self._check_now(trainer, pl_module)  # before the file is written: NaN weights never reach a checkpoint
+        # before the file is written: NaN weights never reach a checkpoint. Within fit, not only while training: a
+        # checkpoint callback that validates less (or more) often than every epoch saves while validating
+        if trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING:
+            self._check_now(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_now(trainer, pl_module)

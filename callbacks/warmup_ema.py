@@ -38,10 +38,14 @@ class WarmupEMA(WeightAveraging):
         super().__init__(use_buffers=use_buffers, avg_fn=self._average)
 
     def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        # num_averaged counts the initial weights as the first update, so it equals the optimizer step k
-        k = float(num_averaged)
-        decay = min(self.decay, (1.0 + k) / (10.0 + k)) if self.warmup else self.decay
-        return averaged - (1.0 - decay) * (averaged - current)
+        # num_averaged counts the initial weights as the first update, so it equals the optimizer step k. It is a
+        # device tensor and this runs once per parameter: 1 - d_k = max(1 - decay, 9 / (10 + k)) is computed on the
+        # device (float(k) would wait for the device once per parameter and step)
+        if not self.warmup:
+            return averaged - (1.0 - self.decay) * (averaged - current)
+        k = num_averaged.to(averaged.device, torch.float64 if averaged.dtype == torch.float64 else torch.float32)
+        rate = torch.clamp(9.0 / (10.0 + k), min=1.0 - self.decay)
+        return averaged - rate * (averaged - current)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # score_sde starts the average at the initial weights (a resumed run restores its own count instead)

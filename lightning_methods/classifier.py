@@ -25,7 +25,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_methods.hparams import callable_from_config, checkpoint_safe
+from lightning_methods.hparams import checkpoint_safe, recorded_factory
 from lightning_methods.models import create_backbone
 from lightning_methods.parameters import frozen_bn_stats, param_groups_by_role
 
@@ -114,6 +114,8 @@ class ImageClassifier(LightningModule):
         self.automatic_optimization = False
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if scheduler_interval not in ("epoch", "step"):  # any other value would never step the scheduler
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         self.backbone_kwargs = dict(backbone_kwargs or {})
         if not isinstance(backbone, nn.Module):
             backbone = create_backbone(backbone, num_classes, **self.backbone_kwargs)
@@ -122,8 +124,8 @@ class ImageClassifier(LightningModule):
             self.backbone.to(memory_format=torch.channels_last)
         self.num_classes = num_classes
         # load_from_checkpoint hands back the {"class_path", "init_args"} form stored by on_save_checkpoint
-        self.optimizer_factory = callable_from_config(optimizer)
-        self.scheduler_factory = callable_from_config(lr_scheduler)
+        self.optimizer_factory = recorded_factory(optimizer, "optimizer")
+        self.scheduler_factory = recorded_factory(lr_scheduler, "lr_scheduler")
         self.closure_call = 0  # index of the current closure evaluation within one optimizer step
         # settings read during training live in attributes, so subclasses may re-save their own hparams
         self.label_smoothing, self.grad_clip_norm, self.channels_last = label_smoothing, grad_clip_norm, channels_last

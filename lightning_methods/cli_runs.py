@@ -175,7 +175,7 @@ def resolve_last_checkpoint(config: Any, dumped: dict[str, Any], ignore: frozens
             raise ResumeError(f"--ckpt_path last: there is no {last}. Give the checkpoint file itself (--ckpt_path "
                               "PATH), or start a new run without --ckpt_path.")
         config["ckpt_path"] = str(last)
-        return f"{PREFIX} resuming from {last}"
+        return f"{PREFIX} {'evaluating' if ignore else 'resuming from'} {last}"
     root, key = layout
     runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     if not runs:
@@ -196,15 +196,16 @@ def resolve_last_checkpoint(config: Any, dumped: dict[str, Any], ignore: frozens
             if key:
                 config_set_run_id(config, run_dir.name, key)
             config["ckpt_path"] = str(last)
-            return f"{PREFIX} --ckpt_path last: resuming run {run_dir.name}, the latest of {len(runs)} run(s) in {root}"
+            doing = "evaluating the last checkpoint of run" if ignore else "resuming run"  # ignore: an evaluation
+            return f"{PREFIX} --ckpt_path last: {doing} {run_dir.name}, the latest of {len(runs)} run(s) in {root}"
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last.stat().st_mtime))
         shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
         listing.append(f"  run {run_dir.name} (last saved {when}; differs in {shown})\n"
                        f"      {resume_command(run_dir, last)}")
     raise ResumeError("--ckpt_path last: no run under " + str(root) + " has this config, so nothing was resumed "
                       "(a run with different settings would mix two experiments). Runs found, newest first, with "
-                      "the command that resumes each with its own config (append overrides such as --trainer."
-                      "max_epochs N to continue one with other settings):\n" + "\n".join(listing[:10]))
+                      "the command that resumes each with its own config (append --trainer.max_epochs N to train one "
+                      "longer, the only setting a resume may change):\n" + "\n".join(listing[:10]))
 
 
 def config_set_run_id(config: Any, run_id: Any, key: str | None = None) -> None:
@@ -375,9 +376,10 @@ def check_run_config(run_dir: Path, dumped: dict[str, Any], ckpt_path: Any, ckpt
     except (OSError, yaml.YAMLError):
         return  # unreadable: the checkpoint's own checks decide
     diff = fingerprint_diff(_fingerprint(old), _fingerprint(dumped))
-    own_dir = Path(str(ckpt_path)).expanduser().absolute().parent if ckpt_path else None
-    resuming = own_dir is not None and (own_dir == Path(run_dir).absolute() / "checkpoints"
-                                        or (ckpt_dir is not None and own_dir == Path(str(ckpt_dir)).absolute()))
+    # resolved: a path spelled through a symlink (cluster home directories) names the same run
+    own_dir = Path(str(ckpt_path)).expanduser().resolve().parent if ckpt_path else None
+    resuming = own_dir is not None and (own_dir == Path(run_dir).expanduser().resolve() / "checkpoints"
+                                        or (ckpt_dir is not None and own_dir == Path(str(ckpt_dir)).resolve()))
     if resuming:
         diff = [d for d in diff if d not in EXTENSION_KEYS]
     if not diff:
@@ -438,7 +440,7 @@ def evaluate_beside_run(config: Any, sub: str) -> None:
             config[group]["dirpath"] = str(run_dir)
     layout, entries = runs_root(config), logger_entries(config)
     if layout and entries and _kind(entries[0]) == "wandb" and not _get(_get(entries[0], "init_args"), "id"):
-        if Path(layout[0]).absolute() == run_dir.parent:
+        if Path(layout[0]).resolve() == run_dir.resolve().parent:
             config_set_run_id(config, run_dir.name, "id")  # the evaluation joins the run's W&B run
     print(f"{PREFIX} {sub} of {ckpt} (run {run_dir.name}): result files go to {run_dir}", flush=True)
 

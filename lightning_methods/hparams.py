@@ -81,14 +81,47 @@ def import_path(path: str) -> Any:
     return obj
 
 
-def callable_from_config(value: Any) -> Any:
+def callable_from_config(value: Any, what: str = "callable") -> Any:
     """Inverse of :func:`describe_callable` for ``{"class_path", "init_args"}`` dicts (nested ones included);
-    anything else is returned unchanged."""
+    anything else is returned unchanged.
+
+    Raises:
+        ImportError: a ``class_path`` cannot be imported (a class defined in a notebook, in a script run as
+            ``__main__`` or inside a function), naming ``what`` (the module argument) and how to load anyway.
+    """
     if not is_callable_config(value):
         return value
-    obj = import_path(value["class_path"])
-    kwargs = {k: callable_from_config(v) for k, v in (value.get("init_args") or {}).items()}
+    path = value["class_path"]
+    try:
+        obj = import_path(path)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ImportError(
+            f"model argument {what}: {path!r}, recorded in the checkpoint's hyperparameters, cannot be imported here "
+            f"({type(err).__name__}: {err}). A class or function defined in a notebook, in a script run as __main__ "
+            "or inside a function cannot be found by its path in another process: define it in an importable module, "
+            f"or give the argument when loading: load_from_checkpoint(path, {what}=...) (None: the default)."
+        ) from err
+    kwargs = {k: callable_from_config(v, what) for k, v in (value.get("init_args") or {}).items()}
     return functools.partial(obj, **kwargs)
+
+
+def recorded_factory(value: Any, what: str) -> Any:
+    """The factory argument ``what`` (``optimizer`` / ``lr_scheduler``) as given, or rebuilt from the form a checkpoint
+    records: a ``{"class_path", "init_args"}`` dict is rebuilt; text - what a checkpoint records for a factory it
+    cannot name by import path (a lambda, a partial with positional arguments, a callable object) - becomes a
+    factory that says so when it is called, so such a checkpoint still loads for evaluation."""
+    if not isinstance(value, str):
+        return callable_from_config(value, what)
+
+    def unrecorded(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError(
+            f"model argument {what} is {value!r}: text, not a callable. A checkpoint records a factory that it "
+            "cannot name by import path (a lambda, a functools.partial with positional arguments, a callable object) "
+            f"as its text, which cannot be rebuilt: give it when loading, load_from_checkpoint(path, {what}=...), or "
+            "use a class or a functools.partial with keyword arguments only."
+        )
+
+    return unrecorded
 
 
 def checkpoint_safe(hparams: Mapping[str, Any], module_class: type | None = None) -> dict[str, Any]:

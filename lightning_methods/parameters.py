@@ -3,7 +3,8 @@
 Roles are found by module type, never by parameter name:
 
 - ``"norm"``: affine parameters of normalization layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm and
-  their subclasses, e.g. timm's norm layers). Two groups: ``scale=True`` (gamma) and ``scale=False`` (beta).
+  their subclasses, and every layer of timm's norm modules, e.g. timm's RmsNorm and SimpleNorm). Two groups:
+  ``scale=True`` (gamma) and ``scale=False`` (beta).
 - ``"bias"``: other parameters with one dimension or fewer (biases of convolutions and linear layers).
 - ``"weight"``: everything else (conv / linear weights, embeddings, tokens).
 """
@@ -28,13 +29,21 @@ _TORCH_NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+#: timm's modules that define only normalization layers (some subclass no torch norm: RmsNorm, RmsNormFp32,
+#: SimpleNorm, SimpleNorm2d, ..., the gamma of RMS-normalized ViTs)
+_TIMM_NORM_MODULES = ("timm.layers.norm", "timm.layers.norm_act")
+
+
 def norm_types() -> tuple[type[nn.Module], ...]:
-    """The normalization layer types: torch's, plus timm's RmsNorm variants (which do not subclass a torch norm)
-    when timm is loaded. A timm layer can only exist once timm is imported, so this never imports timm itself and
-    the optimizers stay free of timm's import cost."""
-    timm_norm = sys.modules.get("timm.layers.norm")
-    extra = tuple(getattr(timm_norm, n) for n in ("RmsNorm", "RmsNorm2d") if hasattr(timm_norm, n)) if timm_norm else ()
-    return _TORCH_NORM_TYPES + extra
+    """The normalization layer types: torch's, plus every layer class that timm's norm modules define, when timm is
+    loaded. A timm layer can only exist once timm is imported, so this never imports timm itself and the optimizers
+    stay free of timm's import cost."""
+    extra: list[type[nn.Module]] = []
+    for name in _TIMM_NORM_MODULES:
+        module = sys.modules.get(name)
+        extra += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, nn.Module)
+                  and c.__module__ == name and not issubclass(c, _TORCH_NORM_TYPES)] if module else []
+    return _TORCH_NORM_TYPES + tuple(extra)
 
 
 def __getattr__(name: str):  # NORM_TYPES is computed on access: it depends on whether timm is loaded

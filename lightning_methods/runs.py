@@ -261,15 +261,32 @@ class StagedRun:
         return get_rank() == 0
 
     def open(self) -> StagedRun:
-        """Lock the directory, then load (checking kind and fingerprint) or create the state."""
+        """Lock the directory, then load (checking kind and fingerprint) or create the state. Rank zero decides; a
+        refusal (lock held, other settings, another kind) travels in the same broadcast as the state, so every rank
+        raises it and none is left waiting."""
+        state, refusal, error = None, None, None
         if self.is_writer:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._lock()
+                state = self._load_or_create()
+            except Exception as err:
+                self.close()
+                refusal, error = (type(err), str(err)), err
         try:
-            self.state = broadcast_object(self._load_or_create() if self.is_writer else None)
+            state, refusal = broadcast_object((state, refusal))
         except BaseException:
             self.close()
             raise
+        if refusal is not None:
+            if error is not None:
+                raise error
+            try:
+                same = refusal[0](refusal[1])
+            except TypeError:  # an exception class that takes other arguments
+                same = RuntimeError(f"{refusal[0].__name__}: {refusal[1]}")
+            raise same
+        self.state = state
         return self
 
     def _load_or_create(self) -> dict[str, Any]:

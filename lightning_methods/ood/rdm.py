@@ -83,7 +83,7 @@ class RDMModule(LightningModule):
         self.training_settings = as_settings(TrainingSettings, training, "training")
         self.likelihood_settings = as_settings(LikelihoodSettings, likelihood, "likelihood")
         # load_from_checkpoint / load_rdm hand back the {"class_path", "init_args"} form of the optimizer
-        self.optimizer_factory = callable_from_config(optimizer)
+        self.optimizer_factory = callable_from_config(optimizer, "optimizer")
         self.save_hyperparameters({
             "dim": dim, "num_classes": num_classes, "optimizer": describe_callable(optimizer),
             "sde": settings_dict(self.sde_settings), "net": settings_dict(self.net_settings),

@@ -55,3 +55,40 @@ def test_fast_dev_run_writes_no_checkpoint(tmp_path):
     quiet_trainer(fast_dev_run=True, enable_checkpointing=True, callbacks=[ours]).fit(
         Worsening(), tiny_loader(), tiny_loader())
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+class LastAtEpochStart(Callback):
+    """The epoch of ``last.ckpt`` when each epoch starts (``None``: no file yet)."""
+
+    def __init__(self, directory) -> None:
+        self.directory, self.seen = directory, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        last = self.directory / "last.ckpt"
+        self.seen.append(torch.load(last, weights_only=False)["epoch"] if last.is_file() else None)
+
+
+@pytest.mark.parametrize("setting", [{"check_val_every_n_epoch": 2}, {"limit_val_batches": 0}])
+def test_last_ckpt_follows_every_epoch_when_validation_does_not(tmp_path, setting):
+    """Validation every other epoch makes the checkpoint callback save at the end of validation only: last.ckpt
+    still holds the latest epoch at the start of every epoch, so a crash loses at most the epoch it happened in."""
+    ckpt = LatestCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", filename="best")
+    seen = LastAtEpochStart(tmp_path)
+    trainer = quiet_trainer(max_epochs=4, enable_checkpointing=True, callbacks=[ckpt, seen], default_root_dir=tmp_path,
+                            **{"limit_val_batches": 1, **setting})
+    trainer.fit(Worsening(), tiny_loader(), tiny_loader())
+    assert seen.seen == [None, 0, 1, 2]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 3
+
+
+@pytest.mark.parametrize("safe_io", [True, False])
+def test_safe_io_installs_the_verified_writer_or_leaves_lightnings(tmp_path, safe_io):
+    """``--checkpoint.safe_io false`` keeps Lightning's own CheckpointIO: no ``.sha256`` records, no digest inside."""
+    from lightning_methods.checkpoint_io import DIGEST_KEY, SafeCheckpointIO
+
+    ckpt = LatestCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", filename="best", safe_io=safe_io)
+    trainer = quiet_trainer(max_epochs=1, enable_checkpointing=True, limit_val_batches=1, callbacks=[ckpt])
+    trainer.fit(Worsening(), tiny_loader(), tiny_loader())
+    assert isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO) == safe_io
+    assert (tmp_path / "last.ckpt.sha256").is_file() == safe_io
+    assert (DIGEST_KEY in torch.load(tmp_path / "last.ckpt", weights_only=True)) == safe_io

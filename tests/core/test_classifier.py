@@ -170,6 +170,14 @@ def test_scheduler_steps_per_epoch_or_per_step(interval):
     assert tr.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**steps)
 
 
+
+@pytest.mark.parametrize("interval", ["epochs", "Step", None])
+def test_an_unknown_scheduler_interval_is_refused_by_name(interval):
+    """From Python nothing checks the Literal: an interval that is neither "epoch" nor "step" would never step the
+    scheduler, silently training at the initial learning rate."""
+    with pytest.raises(ValueError, match=f"scheduler_interval must be 'epoch' or 'step', got {interval!r}"):
+        ImageClassifier(TinyNet(4), 4, scheduler_interval=interval)
+
 def test_grad_clip_norm_limits_the_update():
     net = TinyNet(4)
     before = [p.detach().clone() for p in net.parameters()]

@@ -102,6 +102,7 @@ def test_resume_keeps_identity_and_lr_then_finished_runs_and_evaluations(tmp_pat
     assert f"test results: {run / 'results_test-last.json'}" in capsys.readouterr().out
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
     build_cli(["predict", *SMALL, "--ckpt_path=last"])  # `last` resolves to this run (its config, any max_epochs)
+    assert f"--ckpt_path last: evaluating the last checkpoint of run {run.name}" in capsys.readouterr().out
     build_cli(["predict", *SMALL, f"--ckpt_path={best}"])
     assert (run / "predictions-last.csv").is_file() and (run / f"predictions-{best.stem}.csv").is_file()
     assert json.loads((run / f"predictions-{best.stem}.json").read_text())["checkpoint"] == str(best)
@@ -354,3 +355,28 @@ def test_check_run_config_allows_only_a_longer_resume_of_the_run_itself(tmp_path
     with pytest.raises(ConfigMismatchError, match=r"differ in: model\.lr\. "):
         check_run_config(run, other_lr, run / "checkpoints/last.ckpt")
     check_run_config(tmp_path / "new", other_lr, None)  # no run there yet: nothing to compare
+
+
+def test_a_run_reached_through_a_symlink_is_the_same_run(tmp_path):
+    """Cluster home directories are often symlinks: a resume whose --ckpt_path spells the run's own checkpoint through
+    one may still train the run longer, and an evaluation of it still joins the run's W&B run."""
+    from lightning_methods.cli_runs import check_run_config, evaluate_beside_run
+
+    real = tmp_path / "real"
+    run_dir = real / "project" / "r0123456789a"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_epochs": 3}}))
+    (tmp_path / "link").symlink_to(real)
+    via_link = tmp_path / "link" / "project" / "r0123456789a" / "checkpoints" / "last.ckpt"
+    longer = {"trainer": {"max_epochs": 5}}
+    check_run_config(run_dir, longer, via_link)  # its own checkpoint: training it longer is allowed
+    check_run_config(tmp_path / "link" / "project" / "r0123456789a", longer, run_dir / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigMismatchError, match="trainer.max_epochs"):  # another run's checkpoint: refused
+        check_run_config(run_dir, longer, tmp_path / "elsewhere" / "checkpoints" / "last.ckpt")
+    logger = {"class_path": "lightning.pytorch.loggers.WandbLogger",
+              "init_args": {"save_dir": str(real), "project": "project"}}
+    config = {"ckpt_path": str(via_link), "results": {"dirpath": None}, "trainer": {"logger": logger}}
+    evaluate_beside_run(config, "test")
+    assert config["trainer"]["logger"]["init_args"]["id"] == "r0123456789a"  # joins the run's W&B run
+    assert Path(config["results"]["dirpath"]).resolve() == run_dir.resolve()

@@ -93,6 +93,54 @@ def test_roles_found_by_type_not_name():
     assert groups[("bias", None)] == [model.downsample[0].bias, model.norm.bias]
 
 
+
+
+def test_roles_of_shared_frozen_and_affine_free_parameters():
+    """A tied parameter is grouped once (the role of its first owner), frozen parameters are left out (also half of a
+    norm layer), a BatchNorm without affine parameters contributes nothing, and every torch norm family gives its
+    gamma to the scale group and its beta to the shift group."""
+    emb, head = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+    head.weight = emb.weight  # tied weights
+    half = nn.BatchNorm1d(4)
+    half.weight.requires_grad_(False)
+    frozen = nn.Linear(4, 4)
+    frozen.requires_grad_(False)
+    norms = [nn.LayerNorm(4, bias=False), nn.GroupNorm(2, 4), nn.InstanceNorm1d(4, affine=True), nn.RMSNorm(4)]
+    model = nn.Sequential(emb, head, nn.BatchNorm1d(4, affine=False), half, frozen, *norms)
+    groups = {(g["role"], g.get("scale")): g["params"] for g in param_groups_by_role(model)}
+    assert groups == {("weight", None): [emb.weight],
+                      ("norm", True): [norms[0].weight, norms[1].weight, norms[2].weight, norms[3].weight],
+                      ("norm", False): [half.bias, norms[1].bias, norms[2].bias]}
+
+def test_every_timm_norm_layer_has_the_norm_role():
+    """timm's norm layers that subclass no torch norm (RmsNormFp32, SimpleNorm, SimpleNorm2d, ...: the gamma of
+    RMS-normalized ViTs) are norm layers too: their gamma is a norm scale, not a "bias" (SAM-ON, ASAM and weight-decay
+    exclusions select by role)."""
+    import inspect
+
+    import timm.layers.norm
+    import timm.layers.norm_act
+
+    checked = 0
+    for module in (timm.layers.norm, timm.layers.norm_act):
+        for name, cls in vars(module).items():
+            if not (inspect.isclass(cls) and issubclass(cls, nn.Module) and cls.__module__ == module.__name__):
+                continue
+            try:
+                layer = cls(32)
+            except TypeError:
+                continue
+            params = dict(layer.named_parameters(recurse=False))
+            if not params:
+                continue  # frozen statistics only
+            roles = param_groups_by_role(nn.Sequential(nn.Linear(32, 32), layer))
+            got = {(g["role"], g.get("scale")): g["params"] for g in roles}
+            assert got[("norm", True)] == [params["weight"]], name
+            assert got.get(("norm", False), []) == ([params["bias"]] if "bias" in params else []), name
+            assert {r for r, _ in got} == {"weight", "bias", "norm"}, name  # the Linear's weight and bias
+            checked += 1
+    assert checked >= 20  # timm 1.0.22 and later have this many norm layers with an affine scale
+
 def test_no_weight_decay_roles():
     model = create_backbone("resnet8", 10)
     groups = param_groups_by_role(model, weight_decay=5e-4, no_weight_decay_roles=["norm", "bias"])

@@ -98,6 +98,34 @@ def test_checkpoints_of_python_made_modules_load_with_weights_only(tmp_path):
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.05 and opt.defaults["momentum"] == 0.9
 
 
+
+@pytest.mark.parametrize("path", ["__main__.NotebookSGD", "no_such_module.Opt", "torch.optim.sgd.f.<locals>.Opt"])
+def test_an_unimportable_recorded_callable_is_named_with_the_way_out(path):
+    """A checkpoint records an optimizer class defined in a notebook, a script (``__main__``) or a function by that
+    path, which another process cannot import: loading names the argument, the path and how to load anyway."""
+    from lightning_methods.hparams import callable_from_config
+
+    recorded = {"class_path": path, "init_args": {"lr": 0.1}}
+    with pytest.raises(ImportError, match=r"(?s)model argument optimizer: .*" + path.split(".")[-1] +
+                       r".*load_from_checkpoint\(path, optimizer=\.\.\.\)"):
+        ImageClassifier(TinyNet(10), 10, optimizer=recorded)
+    with pytest.raises(ImportError, match="lr_scheduler"):
+        ImageClassifier(TinyNet(10), 10, lr_scheduler=recorded)
+    assert callable_from_config({"class_path": "torch.optim.SGD", "init_args": {}}).func is torch.optim.SGD
+
+
+def test_a_callable_recorded_as_text_is_named_when_the_optimizer_is_built():
+    """A factory the checkpoint cannot name by import path (a partial with positional arguments, a callable object)
+    is recorded as its repr: the loaded module still evaluates, and building its optimizer says what happened."""
+    recorded = "functools.partial(<function sgd at 0x7f0000000000>, 0.1)"
+    model = ImageClassifier(TinyNet(10), 10, optimizer=recorded)  # loads: evaluation needs no optimizer
+    with pytest.raises(ValueError, match=r"(?s)model argument optimizer is 'functools.partial.*"
+                                         r"load_from_checkpoint\(path, optimizer=\.\.\.\)"):
+        model.configure_optimizers()
+    model = ImageClassifier(TinyNet(10), 10, lr_scheduler="<mymodule.Schedule object at 0x7f0000000000>")
+    with pytest.raises(ValueError, match="model argument lr_scheduler"):
+        model.configure_optimizers()
+
 class _Indices(L.Callback):
     def __init__(self) -> None:
         self.seen: list[list[int]] = []

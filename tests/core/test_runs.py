@@ -147,3 +147,28 @@ def test_stage_logger_settings_point_each_stage_at_its_own_wandb_run(tmp_path):
         assert init == {"project": "p", "name": "exp-round1", "group": "exp", "job_type": "round1",
                         "id": run.wandb_id("round1"), "resume": "allow"}
         assert trainer["logger"][1]["init_args"] == {"save_dir": "."}
+
+
+@pytest.mark.parametrize("refusal", ["settings", "lock"])
+def test_a_refusal_on_rank_zero_reaches_every_rank(tmp_path, monkeypatch, refusal):
+    """Under a process group (``ood`` under torchrun joins one before its first stage) rank zero locks the directory
+    and checks the recorded run, and the other ranks wait for its answer in a broadcast: a refusal must travel in that
+    broadcast, so every rank raises it instead of waiting for a broadcast that never comes."""
+    import lightning_methods.runs as runs
+
+    StagedRun(tmp_path, "demo", config_fingerprint(cfg())).open().close()
+    if refusal == "lock":
+        (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "another-host"}))
+        error, fp = RunLockedError, config_fingerprint(cfg())
+    else:
+        error, fp = ConfigMismatchError, config_fingerprint(_epochs(5))
+    sent = []
+    monkeypatch.setattr(runs, "broadcast_object", lambda obj, src=0: sent.append(obj) or obj)
+    with pytest.raises(error) as on_zero:
+        StagedRun(tmp_path, "demo", fp).open()
+    assert len(sent) == 1  # rank zero broadcast its answer before raising
+    monkeypatch.setattr(runs, "get_rank", lambda: 1)  # another rank receives what rank zero sent
+    monkeypatch.setattr(runs, "broadcast_object", lambda obj, src=0: sent[0])
+    with pytest.raises(error) as on_one:
+        StagedRun(tmp_path, "demo", fp).open()
+    assert str(on_one.value) == str(on_zero.value)
