@@ -27,6 +27,7 @@ Rules it enforces (so a run never mixes two experiments and never redoes finishe
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -184,14 +185,17 @@ class RunLock:
         """Take the lock (raises :class:`RunLockedError` while another live process holds it)."""
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(20):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
                 holder = self.holder(self.path)
                 pid, host = holder.get("pid"), holder.get("host")
+                if not holder:  # just created by another process, which writes its pid next: look again
+                    time.sleep(0.05)
+                    continue
                 if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
-                    self.path.unlink(missing_ok=True)  # stale lock of a dead process on this host
+                    self._remove_stale(holder)  # a dead process's lock on this host
                     continue
                 raise RunLockedError(
                     f"{self.path.parent} ({self.what}) is in use by process {pid} on {host} (lock file {self.path}). "
@@ -202,7 +206,29 @@ class RunLock:
                 json.dump(me, f)
             self.locked = True
             return self
-        raise RunLockedError(f"could not take the lock {self.path}")
+        raise RunLockedError(f"could not take the lock {self.path}: it stays empty or unreadable (a process killed "
+                             "while taking it?). If no process works in this run directory, delete the lock file.")
+
+    def _remove_stale(self, holder: dict[str, Any]) -> None:
+        """Delete the lock file if it still holds ``holder`` (a dead process), one process at a time: two processes
+        that both read the same stale lock would otherwise both take the lock, the second deleting the fresh lock of
+        the first. The deletion is guarded by ``<lock>.break`` (taken with ``O_EXCL``; one left by a process that
+        died holding it is removed after 10 s); while another process holds it, wait a moment and look again."""
+        guard = self.path.with_name(self.path.name + ".break")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if time.time() - guard.stat().st_mtime > 10:
+                    guard.unlink(missing_ok=True)
+            time.sleep(0.05)
+            return
+        try:
+            if self.holder(self.path) == holder:  # not yet replaced by another process
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+            guard.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Release the lock (if this object holds it)."""

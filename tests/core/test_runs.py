@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -172,3 +173,29 @@ def test_a_refusal_on_rank_zero_reaches_every_rank(tmp_path, monkeypatch, refusa
     with pytest.raises(error) as on_one:
         StagedRun(tmp_path, "demo", fp).open()
     assert str(on_one.value) == str(on_zero.value)
+
+
+def test_two_processes_that_read_the_same_stale_lock_do_not_both_take_it(tmp_path, monkeypatch):
+    """A and B both find the lock of a dead process. A replaces it first; B, acting on what it read before, must not
+    delete A's fresh lock: it looks again under the <lock>.break guard and finds A, alive. An empty or unreadable lock
+    file is looked at again, then named with what to do."""
+    from lightning_methods.runs import RunLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"pid": dead.pid, "host": socket.gethostname()}
+    (tmp_path / ".lock").write_text(json.dumps(stale))
+    a = RunLock(tmp_path).acquire()  # A: the stale lock replaced
+    assert RunLock.holder(tmp_path / ".lock")["pid"] == os.getpid()
+    reads = iter([stale])  # B's first look: the file as it was before A replaced it
+    real = RunLock.holder
+    monkeypatch.setattr(RunLock, "holder", staticmethod(lambda path: next(reads, None) or real(path)))
+    with pytest.raises(RunLockedError, match=f"in use by process {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    assert a.locked and RunLock.holder(tmp_path / ".lock")["pid"] == os.getpid()  # A's lock still there
+    assert not (tmp_path / ".lock.break").exists()
+    a.release()
+    monkeypatch.undo()
+    (tmp_path / ".lock").write_text("")  # a process killed between creating the file and writing its pid
+    with pytest.raises(RunLockedError, match="stays empty or unreadable.*delete the lock file"):
+        RunLock(tmp_path).acquire()
