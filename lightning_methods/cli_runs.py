@@ -388,9 +388,10 @@ def check_run_config(run_dir: Path, dumped: dict[str, Any], ckpt_path: Any, ckpt
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     resume = f" Resume it with its own settings: {resume_command(Path(run_dir), last)}." if last.is_file() else ""
     raise ConfigMismatchError(
-        f"{run_dir} holds run {Path(run_dir).name} made with other settings; they differ in: {shown}. A run directory "
+        f"{Path(run_dir).resolve()} holds a run made with other settings; they differ in: {shown}. A run directory "
         f"belongs to one configuration, so nothing was written.{resume} To run the new settings, start a new run "
-        "(leave out --trainer.logger.init_args.id / version, or choose another one)."
+        "(leave out --trainer.logger.init_args.id / version, or choose another one; without a logger the run "
+        "directory is --trainer.default_root_dir: choose another)."
     )
 
 

@@ -349,6 +349,10 @@ def test_check_run_config_allows_only_a_longer_resume_of_the_run_itself(tmp_path
     check_run_config(run, longer, tmp_path / "ckpt/last.ckpt", ckpt_dir=tmp_path / "ckpt")  # its explicit dirpath
     with pytest.raises(ConfigMismatchError, match=r"differ in: trainer\.max_epochs\. "):
         check_run_config(run, longer, None)  # a fresh start with other settings
+    (tmp_path / "cwd").mkdir()  # without a logger the run directory is default_root_dir, often "."
+    (tmp_path / "cwd/config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigMismatchError, match=rf"^{tmp_path / 'cwd'} holds a run .*default_root_dir"):
+        check_run_config(Path(os.path.relpath(tmp_path / "cwd")), longer, None)
     with pytest.raises(ConfigMismatchError, match=r"differ in: trainer\.max_epochs\. "):
         check_run_config(run, longer, tmp_path / "elsewhere/last.ckpt")  # another run's checkpoint
     other_lr = {**longer, "model": {"lr": 0.2}}
