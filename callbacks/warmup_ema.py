@@ -39,13 +39,15 @@ class WarmupEMA(WeightAveraging):
 
     def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         # num_averaged counts the initial weights as the first update, so it equals the optimizer step k. It is a
-        # device tensor and this runs once per parameter: 1 - d_k = max(1 - decay, 9 / (10 + k)) is computed on the
-        # device (float(k) would wait for the device once per parameter and step)
+        # device tensor and this runs once per parameter, so d_k = min(decay, (1 + k) / (10 + k)) is computed on the
+        # device (float(k) would wait for the device once per parameter and step), in float64 with score_sde's own
+        # operations: the same rate, bit for bit, as that Python arithmetic (float32 where the device has no float64)
         if not self.warmup:
             return averaged - (1.0 - self.decay) * (averaged - current)
-        k = num_averaged.to(averaged.device, torch.float64 if averaged.dtype == torch.float64 else torch.float32)
-        rate = torch.clamp(9.0 / (10.0 + k), min=1.0 - self.decay)
-        return averaged - rate * (averaged - current)
+        wide = torch.float32 if averaged.device.type == "mps" else torch.float64
+        k = num_averaged.to(averaged.device, wide)
+        rate = 1.0 - torch.clamp((1.0 + k) / (10.0 + k), max=self.decay)
+        return averaged - rate.to(averaged.dtype) * (averaged - current)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # score_sde starts the average at the initial weights (a resumed run restores its own count instead)
