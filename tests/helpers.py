@@ -328,3 +328,13 @@ def read_wandb_records(path: str | Path) -> list:
         else:
             pending += chunk
     return records
+
+
+def signature_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """``{argument: default}`` of ``fn``'s (or a class's ``__init__``'s) signature, for tests that pin a spec's
+    defaults."""
+    import inspect
+
+    params = inspect.signature(fn).parameters.items()
+    return {k: p.default for k, p in params if p.default is not inspect.Parameter.empty}
+

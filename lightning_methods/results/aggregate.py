@@ -42,9 +42,18 @@ def paper_numbers(config_file: str | Path | None) -> dict[str, float]:
     ``top1``/``acc`` -> ``test/acc``, ``top5`` -> ``test/acc_top5``) and the paper's value, in the paper's unit
     (percent for accuracies); text in parentheses is a free-form source note. Missing file or no line: ``{}``.
     """
-    if not config_file or not Path(config_file).is_file():
-        return {}
     out: dict[str, float] = {}
+    for text in _paper_lines(config_file):
+        for key, value in _PAIR.findall(re.sub(r"\([^)]*\)", "", text)):
+            out[PAPER_ALIASES.get(key, key)] = float(value)
+    return out
+
+
+def _paper_lines(config_file: str | Path | None) -> list[str]:
+    """The text after ``# paper:`` of each such line of a config's header comment (none for a missing file)."""
+    if not config_file or not Path(config_file).is_file():
+        return []
+    lines = []
     for line in Path(config_file).read_text().splitlines():
         if not line.startswith("#"):
             if line.strip():
@@ -52,28 +61,15 @@ def paper_numbers(config_file: str | Path | None) -> dict[str, float]:
             continue
         match = _PAPER_LINE.match(line.strip())
         if match:
-            text = re.sub(r"\([^)]*\)", "", match.group(1))
-            for key, value in _PAIR.findall(text):
-                out[PAPER_ALIASES.get(key, key)] = float(value)
-    return out
+            lines.append(match.group(1).strip())
+    return lines
 
 
 def paper_notes(config_file: str | Path | None) -> list[str]:
     """The header's ``# paper:`` lines that are only a parenthesized note (``(no number: ... unconfirmed)``), so
     that a listing can say why a config has no paper value (a line citing the paper is not a note)."""
-    if not config_file or not Path(config_file).is_file():
-        return []
-    notes = []
-    for line in Path(config_file).read_text().splitlines():
-        if not line.startswith("#"):
-            if line.strip():
-                break  # end of the header
-            continue
-        match = _PAPER_LINE.match(line.strip())
-        text = match.group(1).strip() if match else ""
-        if text.startswith("(") and text.endswith(")") and not _PAIR.findall(re.sub(r"\([^)]*\)", "", text)):
-            notes.append(text)
-    return notes
+    return [text for text in _paper_lines(config_file) if text.startswith("(") and text.endswith(")")
+            and not _PAIR.findall(re.sub(r"\([^)]*\)", "", text))]
 
 
 def is_percent(metric: str) -> bool:

@@ -87,8 +87,9 @@ def test_the_fault_is_seen_within_lag_steps(tmp_path, one_thread, lag_on_cpu):
     assert len(recorder.losses) - 1 - bad == (2 if lag_on_cpu else 0)  # stopped exactly lag steps later
 
 
-def test_a_non_finite_parameter_never_reaches_a_checkpoint(tmp_path, one_thread):
-    """A parameter that the loss does not use: only the parameter check before the save can see it."""
+def _spare_turns_nan_in_epoch_1() -> ImageClassifier:
+    """A classifier with a parameter the loss does not use, set to NaN at the start of epoch 1: only the parameter
+    check before a save can see it."""
 
     class Unused(ImageClassifier):
         def on_train_epoch_start(self):
@@ -99,11 +100,17 @@ def test_a_non_finite_parameter_never_reaches_a_checkpoint(tmp_path, one_thread)
     torch.manual_seed(0)
     module = Unused(TinyNet(10), 10, optimizer=partial(torch.optim.SGD, lr=0.05))
     module.spare = torch.nn.Parameter(torch.zeros(3))
+    return module
+
+
+def test_a_non_finite_parameter_never_reaches_a_checkpoint(tmp_path, one_thread):
+    """A parameter that the loss does not use: only the parameter check before the save can see it."""
+
+    module = _spare_turns_nan_in_epoch_1()
     with pytest.raises(NonFiniteTrainingError, match=r"a parameter or buffer became NaN.*spare") as info:
         fit(tmp_path, NonFiniteGuard(param_check_every_n_steps=0), explode_epoch=None, module=module)
     assert "last.ckpt" in str(info.value)
     assert read_checkpoint(tmp_path / "last.ckpt")["epoch"] == 0
-
 
 
 def test_a_checkpoint_written_by_validation_within_fit_is_checked_too(tmp_path, one_thread):
@@ -111,15 +118,7 @@ def test_a_checkpoint_written_by_validation_within_fit_is_checked_too(tmp_path, 
     the end of validation, while the Trainer is validating, not training: the guard checks that save as well, so NaN
     weights are never written (here without SafeCheckpointIO, the second line of defence)."""
 
-    class Unused(ImageClassifier):
-        def on_train_epoch_start(self):
-            if self.current_epoch == 1:
-                with torch.no_grad():
-                    self.spare.fill_(float("nan"))
-
-    torch.manual_seed(0)
-    module = Unused(TinyNet(10), 10, optimizer=partial(torch.optim.SGD, lr=0.05))
-    module.spare = torch.nn.Parameter(torch.zeros(3))
+    module = _spare_turns_nan_in_epoch_1()
     checkpoint = LatestCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", safe_io=False)
     trainer = quiet_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, check_val_every_n_epoch=2,
                             num_sanity_val_steps=0, enable_checkpointing=True,
@@ -128,6 +127,7 @@ def test_a_checkpoint_written_by_validation_within_fit_is_checked_too(tmp_path, 
         trainer.fit(module, DigitsDataModule(batch_size=32))
     assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]  # epoch 0's; validation's save never came
     assert read_checkpoint(tmp_path / "last.ckpt")["epoch"] == 0  # finite (read_checkpoint refuses NaN weights)
+
 
 def test_a_healthy_run_is_not_stopped(tmp_path, one_thread):
     recorder = fit(tmp_path, NonFiniteGuard(param_check_every_n_steps=1), explode_epoch=None, epochs=2)

@@ -3,7 +3,6 @@ the shipped CIFAR-100 configs, read from the code's signatures and the YAML file
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
@@ -16,34 +15,32 @@ from lightning_methods.hpn.prototypes import build_prototypes, prototype_filenam
 from lightning_methods.losses.hpn import COSINE_EPS, multitask_loss
 from lightning_methods.results.aggregate import paper_numbers
 
+from helpers import signature_defaults
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "hpn"
 
 
-def defaults(fn) -> dict:
-    params = inspect.signature(fn).parameters.items()
-    return {k: p.default for k, p in params if p.default is not inspect.Parameter.empty}
-
 
 def test_code_defaults_are_the_spec_table():
-    proto = defaults(optimize_prototypes)
+    proto = signature_defaults(optimize_prototypes)
     assert {k: proto[k] for k in ("num_classes", "dims", "iterations", "lr", "persistent_momentum", "seed",
                                   "neighbours", "prior_weight")} == {
         "num_classes": 100, "dims": 100, "iterations": 10_000, "lr": 0.1, "persistent_momentum": False, "seed": 300,
         "neighbours": 5, "prior_weight": 1.0}
-    build = defaults(build_prototypes)
+    build = signature_defaults(build_prototypes)
     assert (build["iterations"], build["seed"], build["persistent_momentum"], build["neighbours"]) == (
         10_000, 300, False, 5)
-    cls = defaults(HPNClassifier.__init__)
+    cls = signature_defaults(HPNClassifier.__init__)
     assert {k: cls[k] for k in ("prototype_dims", "prototype_seed", "prototype_iterations",
                                 "prototype_persistent_momentum", "semantic_neighbours", "reduction", "cosine_eps",
                                 "backbone")} == {
         "prototype_dims": 100, "prototype_seed": 300, "prototype_iterations": 10_000,
         "prototype_persistent_momentum": False, "semantic_neighbours": 5, "reduction": "sum", "cosine_eps": 1e-9,
         "backbone": "hpn_resnet32"}
-    assert defaults(HPNRegressor.__init__)["reduction"] == "sum" and COSINE_EPS == 1e-9
-    mt = defaults(HPNMultiTask.__init__)
+    assert signature_defaults(HPNRegressor.__init__)["reduction"] == "sum" and COSINE_EPS == 1e-9
+    mt = signature_defaults(HPNMultiTask.__init__)
     assert (mt["task_weight"], mt["reg_dim"]) == (0.5, 1)  # official code default t (0.25 reported best)
-    mtl = defaults(multitask_loss)
+    mtl = signature_defaults(multitask_loss)
     assert (mtl["task_weight"], mtl["reg_dim"], mtl["reduction"]) == (0.5, 1, "sum")
     # optimizer=None: the official SGD lr 0.01, momentum 0.9, weight decay 1e-4
     opt = official_sgd([torch.nn.Parameter(torch.zeros(1))])

@@ -3,7 +3,6 @@ official settings of the shipped configs, read from the code's signatures and th
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,12 +19,10 @@ from lightning_methods.noisy_labels.config import SelectionConfig
 from lightning_methods.noisy_labels.selection import early_cut
 from lightning_methods.results.aggregate import paper_numbers
 
+from helpers import signature_defaults
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "noisy_labels"
 
-
-def defaults(fn) -> dict:
-    params = inspect.signature(fn).parameters.items()
-    return {k: p.default for k, p in params if p.default is not inspect.Parameter.empty}
 
 
 def test_code_defaults_are_the_spec_table():
@@ -36,17 +33,17 @@ def test_code_defaults_are_the_spec_table():
         "rounds": 3, "keep_rate": 0.84, "k": 3, "warm_up_epochs": 6, "lag": 1, "history_transform": "train",
         "early_cutting": True, "cutting_rate": 1.5, "loss_select": "count", "num_candidates": 3000,
         "loss_quantile": 0.1, "conf_quantile": 0.2, "grad_quantile": 0.2}
-    cut = defaults(early_cut)
+    cut = signature_defaults(early_cut)
     assert (cut["cutting_rate"], cut["loss_select"], cut["num_candidates"], cut["loss_quantile"],
             cut["conf_quantile"], cut["grad_quantile"]) == (1.5, "count", 3000, 0.1, 0.2, 0.2)
-    hist = defaults(PredictionHistoryCallback.__init__)
+    hist = signature_defaults(PredictionHistoryCallback.__init__)
     assert (hist["warm_up_epochs"], hist["k"], hist["lag"], hist["history_transform"]) == (6, 3, 1, "train")
-    co = defaults(CoTrainingClassifier.__init__)
+    co = signature_defaults(CoTrainingClassifier.__init__)
     assert (co["backbone"], co["ema_decay"], co["kd_weight"], co["temperature"]) == ("resnet34", 0.999, 0.5, 2.0)
-    kd = defaults(mutual_kd_loss)
+    kd = signature_defaults(mutual_kd_loss)
     assert (kd["temperature"], kd["weight"]) == (2.0, 0.5)
-    assert defaults(make_noisy_labels)["include_noise"] is False
-    dm = defaults(NoisyCIFAR100DataModule.__init__)
+    assert signature_defaults(make_noisy_labels)["include_noise"] is False
+    dm = signature_defaults(NoisyCIFAR100DataModule.__init__)
     assert (dm["val_split"], dm["seed"]) == (0.1, 1)  # 10% noisy hold-out, split seed 1
     assert NoisyCIFAR100DataModule.asym_groupings[0] == "consecutive5"  # the first entry is the default
     assert (NoisyCIFAR100DataModule.mean, NoisyCIFAR100DataModule.std) == ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276))

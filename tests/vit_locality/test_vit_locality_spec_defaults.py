@@ -3,7 +3,6 @@ read from the code's signatures and the Modern CIFAR-100 config (no training).""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,24 +13,21 @@ from lightning_methods.callbacks import AttentionLocality
 from lightning_methods.vit_locality import ViTLocalityClassifier
 from lightning_methods.vit_locality.settings import LocalitySettings
 
+from helpers import signature_defaults
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "vit_locality"
-
-
-def defaults(fn) -> dict:
-    params = inspect.signature(fn).parameters.items()
-    return {k: p.default for k, p in params if p.default is not inspect.Parameter.empty}
 
 
 def test_code_defaults_are_the_spec_table():
     s = {f.name: f.default for f in fields(LocalitySettings)}
     assert (s["num_images"], s["split"], s["include_cls"], s["renormalize"], s["max_early_layer"]) == (
         1000, "test", False, True, 2)
-    assert (defaults(patch_attention)["include_cls"], defaults(patch_attention)["renormalize"]) == (False, True)
-    assert (defaults(attention_locality)["include_cls"], defaults(attention_locality)["renormalize"]) == (False, True)
-    assert defaults(locality_summary)["max_early_layer"] == 2
-    cb = defaults(AttentionLocality.__init__)
+    for fn in (patch_attention, attention_locality):
+        assert (signature_defaults(fn)["include_cls"], signature_defaults(fn)["renormalize"]) == (False, True)
+    assert signature_defaults(locality_summary)["max_early_layer"] == 2
+    cb = signature_defaults(AttentionLocality.__init__)
     assert (cb["every_n_epochs"], cb["heatmap_norm"]) == (10, "grid")
-    assert defaults(ViTLocalityClassifier.__init__)["backbone"] == "vit_lite_7_4"
+    assert signature_defaults(ViTLocalityClassifier.__init__)["backbone"] == "vit_lite_7_4"
 
 
 def test_modern_config_is_the_spec_protocol():
