@@ -1,7 +1,9 @@
 """Backbones for 32x32 inputs (and ImageNet-size ones named ``imagenet_*``) and ``create_backbone(name, num_classes)``.
 
 Every backbone returns logits from ``forward`` and pooled features from ``forward_features``; ``num_features`` is
-the width of those features. Names are case-insensitive; the names of the shared CIFAR-100 distillation zoo
+the width of those features. Exception: ``vit_lite_*`` (plain timm ``VisionTransformer``) return timm's token
+sequence from ``forward_features``; their pooled features are ``forward_head(tokens, pre_logits=True)``.
+Names are case-insensitive; the names of the shared CIFAR-100 distillation zoo
 (``ResNet50``, ``wrn_40_2``, ``vgg13``, ...) are accepted as they are spelled there. Names this registry does not
 know are created with timm (with a warning: timm models have ImageNet stems).
 """

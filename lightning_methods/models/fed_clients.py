@@ -11,14 +11,14 @@ Registered names (``create_backbone(name, num_classes, stem=..., feature_dim=...
 
 =================== ====================================================== ===========
 ``fed_cnn``         FedCNN 2 conv + 3 FC (:mod:`.fed_cnn`)                  1.19M [3.2M]
-``fedavg_cnn``      HtFLlib ``FedAvgCNN``, 2 conv + 2 FC                    0.93M
+``fedavg_cnn``      HtFLlib ``FedAvgCNN``, 2 conv + 2 FC                    0.92M
 ``fed_resnet18``    ResNet-18 (:mod:`.resnet`)                              11.22M [11.2M]
 ``fed_resnet34``    ResNet-34                                               21.33M [21.3M]
 ``fed_resnet50``    ResNet-50                                               23.55M [23.5M]
 ``fed_resnet101``   ResNet-101 (:mod:`.resnet_deep`)                        42.54M [42.5M]
 ``fed_resnet152``   ResNet-152                                              58.19M [58.2M]
 ``fed_googlenet``   GoogLeNet (:mod:`.googlenet`)                           5.53M [6.8M]
-``fed_mobilenetv2`` MobileNetV2 width 1.0 (:mod:`.mobilenetv2_x1`)          2.27M [3.5M]
+``fed_mobilenetv2`` MobileNetV2 width 1.0 (:mod:`.mobilenetv2_x1`)          2.28M [3.5M]
 =================== ====================================================== ===========
 
 ``fed_resnet8`` / ``fed_resnet20`` (the 16-32-64-filter CIFAR ResNets of :mod:`.cifar_resnet`, 64-d features
