@@ -1,4 +1,4 @@
-"""Audit of the backbone zoo: every registered backbone's forward contract, the forward semantics of the
+"""The backbone zoo: every registered backbone's forward contract, the forward semantics of the
 distillation zoo against mdistiller's definitions (written here functionally, from the state dict), and the parameter
 counts printed in the client-family docstring."""
 
