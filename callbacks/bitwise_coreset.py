@@ -174,7 +174,7 @@ class BitwiseCoresetCallback(Callback):
             world_size=trainer.world_size,
         )
         pl_module.bitwise_batches = True
-        return bitwise_loader(loader, order, len(subsets), trainer.global_rank, trainer.world_size)
+        return bitwise_loader(loader, order, len(subsets), trainer.global_rank, trainer.world_size, epoch)
 
     # ------------------------------------------------------------------------------------------ scoring
     def refresh(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import Dataset
 
 from lightning_methods.datamodules.base import IndexedTensorDataset, collate_dict
 from lightning_methods.datamodules.transforms import model_input
@@ -46,6 +47,21 @@ def limited(loader: Iterable, trainer: Trainer) -> Iterable:
         if trainer.fast_dev_run and i >= 1:
             return
         yield batch
+
+
+class _EpochKeyed(Dataset):
+    """``dataset[(i, epoch)]`` for position ``i``: an :class:`IndexedTensorDataset` then seeds its per-sample transform
+    (AutoAugment, colour jitter: CPU, global RNG) from ``(seed, epoch, index)``, so a resumed run or another worker
+    count draws the same augmentation."""
+
+    def __init__(self, dataset: IndexedTensorDataset, epoch: int) -> None:
+        self.dataset, self.epoch = dataset, int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.dataset[(i, self.epoch)]
 
 
 class PredictionHistoryCallback(Callback):
@@ -151,7 +167,7 @@ class PredictionHistoryCallback(Callback):
         return stats
 
     # --------------------------------------------------------------------------------------- prediction pass
-    def _batches(self, trainer: Trainer) -> Iterable:
+    def _batches(self, trainer: Trainer, epoch: int) -> Iterable:
         if self.dataloader_fn is not None:
             return self.dataloader_fn(trainer)
         dm = trainer.datamodule
@@ -159,10 +175,10 @@ class PredictionHistoryCallback(Callback):
         if not isinstance(ds, IndexedTensorDataset):
             raise RuntimeError("PredictionHistoryCallback needs an ImageDataModule (with train_set) or dataloader_fn")
         transform = ds.transform if self.history_transform == "train" else None
-        ds = IndexedTensorDataset(ds.images, ds.targets, ds.indices, transform, ds.extras)
+        ds = IndexedTensorDataset(ds.images, ds.targets, ds.indices, transform, ds.extras, seed=self.seed)
         bs = self.batch_size or getattr(dm, "eval_batch_size", 256)
         return sharded_loader(
-            ds,
+            ds if transform is None else _EpochKeyed(ds, epoch),
             bs,
             getattr(dm, "num_workers", 0) if transform is not None else 0,
             collate_fn=collate_dict,
@@ -181,7 +197,7 @@ class PredictionHistoryCallback(Callback):
         out: dict[str, list[torch.Tensor]] = {"index": [], "pred": [], "target": [], "clean": []}
         has_clean = False
         try:
-            for batch in limited(self._batches(trainer), trainer):
+            for batch in limited(self._batches(trainer, epoch), trainer):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 batch["image"] = prepare_images(batch, trainer.datamodule, self.history_transform == "train", gen)
                 with trainer.strategy.precision_plugin.forward_context():
@@ -197,6 +213,12 @@ class PredictionHistoryCallback(Callback):
         return index, pred, target, clean if has_clean else None
 
     # --------------------------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a fit resumed after the stop rule fired (its checkpoint holds stop_epoch) trains no further epoch, as the
+        # uninterrupted fit did not: Lightning does not save trainer.should_stop
+        if self.stop_epoch is not None and self.stop_training:
+            trainer.should_stop = True
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch <= self.warm_up_epochs or epoch in self.recorded_epochs:

@@ -122,10 +122,16 @@ class SSAMMaskCallback(SAMEpochSync):
             dataset = getattr(trainer.train_dataloader, "dataset", None)
         if dataset is None:
             raise RuntimeError("SSAM-F needs the training dataset: use a DataModule with `train_set` or a DataLoader")
-        gen = seeded_generator(self.seed, trainer.current_epoch)
+        epoch = trainer.current_epoch
+        gen = seeded_generator(self.seed, epoch)
         idx = torch.randperm(len(dataset), generator=gen)[: self.num_samples]
         for i in idx[trainer.global_rank :: trainer.world_size].tolist():
-            batch = pl_module._apply_batch_transfer_handler(default_collate([dataset[i]]))
+            # a worker-side transform (e.g. AutoAugment) draws from the global CPU RNG: seed it by (seed, epoch,
+            # sample) and restore it, so a resumed run draws the same augmentation and training's RNG is untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(mix_seed(self.seed, epoch, i))
+                item = dataset[i]
+            batch = pl_module._apply_batch_transfer_handler(default_collate([item]))
             batch = as_dict_batch(batch)
             yield batch["image"], batch["target"]
 

@@ -26,13 +26,19 @@ class RankOrderSampler(DistributedSampler):
         order: the positions, in order.
         rank: this process's rank.
         world_size: number of ranks.
+        epoch: when given and the dataset augments in its workers (a ``transform``), each position is yielded as
+            ``(position, epoch)``, the key with which the package's datasets seed that transform (see
+            ``EpochShuffleSampler``): a resumed run draws the same augmentation.
     """
 
-    def __init__(self, dataset: Dataset, order: torch.Tensor, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, dataset: Dataset, order: torch.Tensor, rank: int = 0, world_size: int = 1,
+                 epoch: int | None = None) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         self.order = order.tolist()
+        if epoch is not None and getattr(dataset, "transform", None) is not None:
+            self.order = [(p, int(epoch)) for p in self.order]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.order)
 
     def __len__(self) -> int:
@@ -57,8 +63,10 @@ class DeviceOrderLoader:
             yield batch
 
 
-def bitwise_loader(loader: Any, order: torch.Tensor, n_bits: int, rank: int, world_size: int) -> Any:
-    """The training loader ``loader`` rebuilt to read ``order`` in batches of ``n_bits * loader.batch_size``.
+def bitwise_loader(loader: Any, order: torch.Tensor, n_bits: int, rank: int, world_size: int,
+                   epoch: int | None = None) -> Any:
+    """The training loader ``loader`` rebuilt to read ``order`` in batches of ``n_bits * loader.batch_size``
+    (``epoch`` seeds a worker-side augmentation, see :class:`RankOrderSampler`).
 
     Raises:
         TypeError: for a loader that is neither a ``DataLoader`` with ``batch_size`` nor a ``DeviceBatchLoader``.
@@ -75,6 +83,6 @@ def bitwise_loader(loader: Any, order: torch.Tensor, n_bits: int, rank: int, wor
                                   multiprocessing_context=loader.multiprocessing_context, timeout=loader.timeout)
     if loader.num_workers > 0:
         kwargs.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
-    sampler = RankOrderSampler(loader.dataset, order, rank, world_size)
+    sampler = RankOrderSampler(loader.dataset, order, rank, world_size, epoch)
     return DataLoader(loader.dataset, batch_size=n_bits * loader.batch_size, sampler=sampler, drop_last=False,
                       **kwargs)

@@ -150,7 +150,7 @@ def test_test_writes_the_per_bit_accuracy_files_of_a_results_run(one_thread, tmp
     assert (tmp_path / "bit_accuracy_test.json").read_bytes() == first
 
 
-def _run(tmp_path, epochs, ckpt=None):
+def _run(tmp_path, epochs, ckpt=None, augment="none"):
     torch.manual_seed(0)
     model = tiny_model()
     coreset = BitwiseCoresetCallback(prune_rate=0.5, refresh_every=2, warmup_full=1)
@@ -160,14 +160,18 @@ def _run(tmp_path, epochs, ckpt=None):
     trainer = quiet_trainer(max_epochs=epochs, reload_dataloaders_every_n_epochs=1, default_root_dir=tmp_path,
                             callbacks=[coreset, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
                             enable_checkpointing=True, limit_val_batches=1)
-    trainer.fit(model, TinyImages(), ckpt_path=ckpt)
+    trainer.fit(model, TinyImages(augment=augment), ckpt_path=ckpt)
     return model, coreset, calls
 
 
-def test_resume_gives_the_same_next_steps(one_thread, tmp_path):
-    full, full_cb, full_calls = _run(tmp_path / "a", 4)
-    _run(tmp_path / "b", 2)
-    resumed, resumed_cb, resumed_calls = _run(tmp_path / "b", 4, ckpt=str(tmp_path / "b" / "last.ckpt"))
+@pytest.mark.parametrize("augment", ["none", "colorjitter"])
+def test_resume_gives_the_same_next_steps(one_thread, tmp_path, augment):
+    """Also with a worker-side augmentation (colorjitter draws in the dataset): the coreset epochs' loader keys each
+    sample by its epoch, so the resumed run draws the same jitter as the uninterrupted one."""
+    full, full_cb, full_calls = _run(tmp_path / "a", 4, augment=augment)
+    _run(tmp_path / "b", 2, augment=augment)
+    resumed, resumed_cb, resumed_calls = _run(tmp_path / "b", 4, ckpt=str(tmp_path / "b" / "last.ckpt"),
+                                              augment=augment)
     assert full_calls == [1, 3] and resumed_calls == [3]  # the finished refresh of epoch 1 is not redone
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
