@@ -158,6 +158,10 @@ class FederatedRunner:
     def _save(self, run: StagedRun, round: int) -> None:
         run.save_torch(self._checkpoint_path(round), {"round": round, "clients": self.clients, "history": self.history,
                                                        "server": self.algorithm.server_state_dict()})
+
+    def _prune(self, run: StagedRun, round: int) -> None:
+        """Delete the checkpoint that falls out of ``keep_checkpoints`` - only after ``round`` is recorded: until then a
+        resume starts from the previous recorded round, whose checkpoint must still exist."""
         old = round - self.fed.keep_checkpoints
         if run.is_writer and old >= 1:
             (self.run_dir / self._checkpoint_path(old)).unlink(missing_ok=True)
@@ -212,6 +216,7 @@ class FederatedRunner:
                     self._save(run, t)
                     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "round"}
                     run.mark_done(f"round{t}", scalars)
+                    self._prune(run, t)
                     if run.is_writer:  # the rounds so far, readable while the run goes on (rewritten at the end)
                         atomic_write_text(self.run_dir / "history.csv", to_csv(self.history))
                     if logger is not None:  # W&B also gets which clients received a layer (text)

@@ -130,3 +130,28 @@ def test_history_csv_grows_round_by_round(tmp_path, one_thread, monkeypatch):
     assert [int(r["round"]) for r in rows] == [1]
     assert float(rows[0]["acc/mean"]) == pytest.approx(runner.history[0]["acc/mean"], rel=1e-12)
     assert not (runner.run_dir / "results.json").exists()  # the run is not finished
+
+
+def test_kill_before_a_round_is_recorded_keeps_the_recorded_rounds_checkpoint(tmp_path, one_thread, monkeypatch):
+    """A kill after round 2's checkpoint is written but before round 2 is recorded in state.json resumes from round
+    1, so round 1's checkpoint must still be on disk then (keep_checkpoints=1 deletes it only once round 2 is
+    recorded)."""
+    from fedfree_testing import Killed
+
+    from lightning_methods.federated import LocalOnly
+    from lightning_methods.runs import StagedRun
+
+    mark_done = StagedRun.mark_done
+
+    def dying_mark_done(self, stage, record=None):
+        if stage == "round2":
+            raise Killed("killed before round 2 was recorded")
+        return mark_done(self, stage, record)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StagedRun, "mark_done", dying_mark_done)
+        with pytest.raises(Killed):
+            make_runner(tmp_path, LocalOnly(), rounds=2, num_clients=2, keep_checkpoints=1).run()
+    resumed = make_runner(tmp_path, LocalOnly(), rounds=2, num_clients=2, keep_checkpoints=1)
+    assert resumed.run()["rounds"] == 2
+    assert sorted(p.name for p in (resumed.run_dir / "checkpoints").glob("*.pt")) == ["round0002.pt"]
