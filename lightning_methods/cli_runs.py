@@ -382,6 +382,9 @@ def check_run_config(run_dir: Path, dumped: dict[str, Any], ckpt_path: Any, ckpt
                                         or (ckpt_dir is not None and own_dir == Path(str(ckpt_dir)).resolve()))
     if resuming:
         diff = [d for d in diff if d not in EXTENSION_KEYS]
+    if resuming and diff:  # what the checkpoint's hyperparameters set on resume (LightningCLI copies them into the
+        hparams = _checkpoint_hparams(ckpt_path)  # config): values the module derived while training, e.g. HPN's bounds
+        diff = [d for d in diff if not _set_by_checkpoint(d, dumped, hparams)]
     if not diff:
         return
     shown = ", ".join(diff[:12]) + (f" (and {len(diff) - 12} more)" if len(diff) > 12 else "")
@@ -393,6 +396,48 @@ def check_run_config(run_dir: Path, dumped: dict[str, Any], ckpt_path: Any, ckpt
         "(leave out --trainer.logger.init_args.id / version, or choose another one; without a logger the run "
         "directory is --trainer.default_root_dir: choose another)."
     )
+
+
+def _checkpoint_hparams(ckpt_path: Any) -> dict[str, Any]:
+    """The ``hyper_parameters`` of a checkpoint, read without loading its tensors into memory (``{}`` if unreadable:
+    the checkpoint's own checks report that)."""
+    import torch
+
+    try:
+        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file: nothing is taken from it
+        return {}
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    return hparams if isinstance(hparams, dict) else {}
+
+
+def _set_by_checkpoint(key: str, dumped: dict[str, Any], hparams: dict[str, Any]) -> bool:
+    """Whether the config field ``key`` (``model.init_args.<name>...``) holds the value the checkpoint's
+    hyperparameters give it."""
+    prefix = "model.init_args."
+    if not key.startswith(prefix):
+        return False
+    new: Any = dumped
+    for part in key.split("."):
+        new = new.get(part, _MISSING) if isinstance(new, dict) else _MISSING
+    recorded: Any = hparams
+    for part in key[len(prefix):].split("."):
+        recorded = recorded.get(part, _MISSING) if isinstance(recorded, dict) else _MISSING
+    return new is not _MISSING and recorded is not _MISSING and _plain(new) == _plain(recorded)
+
+
+_MISSING = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists and tensors as lists, for comparing YAML data with checkpoint values."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def check_finished(config: Any) -> None:

@@ -148,13 +148,19 @@ def _diff(old: Any, new: Any, prefix: str, owner: str | None, sections: Mapping[
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs: a zombie (killed, not yet reaped by its parent, which takes a
+    moment after ``kill -9`` under ``timeout`` or a scheduler) counts as dead, so a rerun started at once takes over."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): the signal test decides
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]  # the state follows the command name in parentheses
 
 
 class RunLock:

@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from jsonargparse import Namespace
@@ -199,3 +201,25 @@ def test_two_processes_that_read_the_same_stale_lock_do_not_both_take_it(tmp_pat
     (tmp_path / ".lock").write_text("")  # a process killed between creating the file and writing its pid
     with pytest.raises(RunLockedError, match="stays empty or unreadable.*delete the lock file"):
         RunLock(tmp_path).acquire()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="zombies are read from /proc")
+def test_the_lock_of_a_killed_process_not_yet_reaped_is_stale(tmp_path):
+    """After kill -9 a process stays a zombie until its parent reaps it (a moment under `timeout` or a scheduler):
+    it runs no more, so its lock is replaced at once."""
+    from lightning_methods.runs import RunLock
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        for _ in range(200):  # exited, not reaped: the state in /proc/<pid>/stat is Z
+            if Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the child did not exit")
+        (tmp_path / ".lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
+        lock = RunLock(tmp_path).acquire()
+        assert lock.locked and RunLock.holder(tmp_path / ".lock")["pid"] == os.getpid()
+        lock.release()
+    finally:
+        child.wait()

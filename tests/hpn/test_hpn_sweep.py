@@ -46,3 +46,23 @@ def test_sweep_runs_resumes_and_refuses_other_settings(tmp_path, monkeypatch, ca
         main(["--config", str(CONFIG), "--out", str(tmp_path / "other"), "--trainer.devices=2"])
     with pytest.raises(ValueError, match="task_weight t must be in"):
         main(["--config", str(CONFIG), "--task_weights", "1.5", "--out", str(tmp_path / "other")])
+
+
+def test_a_fit_resumes_from_its_own_checkpoint_although_training_set_its_hyperparameters(tmp_path, monkeypatch):
+    """HPN writes values it derives while training into its hyperparameters (the regression bounds from the data, the
+    prototypes' source), which LightningCLI copies into the config of a resume: the run's own checkpoint still
+    resumes it (a killed sweep value resumes too), and it trains on to the longer schedule."""
+    import torch
+
+    from lightning_methods.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = ["fit", "--config", str(CONFIG), "--trainer.logger", "false", "--trainer.default_root_dir", "D",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--test_after_fit", "off"]
+    cli_main([*args, "--trainer.max_epochs", "1"])
+    last = tmp_path / "D/checkpoints/last.ckpt"
+    hparams = torch.load(last, weights_only=True)["hyper_parameters"]
+    assert hparams["bounds"] is not None  # derived from the data during the fit: the config said null
+    cli_main([*args, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
+    assert torch.load(last, weights_only=True)["epoch"] == 1
