@@ -245,7 +245,12 @@ def _timm_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _package_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return net.forward_features(x)
+    """Pooled features of a package backbone: ``forward_features``, except for the ViT-Lite backbones (timm
+    ``VisionTransformer``), whose ``forward_features`` is the token sequence: pooled by their own head."""
+    features = net.forward_features(x)
+    if features.ndim > 2 and hasattr(net, "forward_head"):
+        return net.forward_head(features, pre_logits=True)
+    return features
 
 
 def _forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -156,3 +156,18 @@ def test_bad_encoders_are_named(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a package ImageClassifier checkpoint"):
         build_encoder(EncoderSpec("x", checkpoint=str(tmp_path / "other.ckpt")), 10)
+
+
+def test_package_backbone_encoders_give_pooled_features_also_for_vit_lite(one_thread):
+    """A package backbone's encoder gives one feature vector per image: the CNNs' forward_features, and for the
+    ViT-Lite backbones (whose forward_features are the tokens) the pooled features of their own head."""
+    for backbone, width in (("resnet8", 64), ("vit_lite_7_4", 256)):
+        encoder, _ = build_encoder(EncoderSpec("e", backbone=backbone, seed=0), 10)
+        with torch.no_grad():
+            feats, logits = encoder(IMAGES[:2])
+            net = encoder.net
+            pooled = net.forward_head(net.forward_features(encoder.prepare(IMAGES[:2])), pre_logits=True) \
+                if backbone.startswith("vit") else net.forward_features(encoder.prepare(IMAGES[:2]))
+        assert feats.shape == (2, width) and logits.shape == (2, 10), backbone
+        torch.testing.assert_close(feats, pooled, rtol=0, atol=0)
+
