@@ -124,13 +124,7 @@ def test_merging_client_layers_keeps_the_exact_update():
     teachers = [(_params(same, 1), same), (_params(same, 2), same), ({"weight": _params(other, 3)["weight"]}, other),
                 (_params(dw, 4), dw)]
     assert sorted(n for _, _, n in merge_teachers(teachers, glob)) == [1, 1, 2]
-    g = _params(glob, 0)
-    new, _ = distill_layer(g, glob, teachers, steps=1, lr=0.1, batch_size=4, generator=torch.Generator().manual_seed(7))
-    x = pseudo_input(glob, 4, torch.Generator().manual_seed(7), dtype=torch.float64)
-    p = {k: v.clone().requires_grad_(True) for k, v in g.items()}
-    grads = torch.autograd.grad(distillation_loss(p, glob, teachers, x), list(p.values()))
-    for (k, v), grad in zip(g.items(), grads):
-        torch.testing.assert_close(new[k], v - 0.1 * grad, rtol=1e-12, atol=1e-12)
+    _assert_one_step_is_unmerged_eq3(glob, teachers, batch_size=4, seed=7)
 
 
 def test_merging_keeps_grouped_layers_of_other_output_widths_apart():
@@ -146,10 +140,18 @@ def test_merging_keeps_grouped_layers_of_other_output_widths_apart():
                     padding=(1, 1), groups=4)  # two output channels per input channel
     teachers = [(_params(dw, 1), dw), (_params(dw2, 2), dw2)]
     assert sorted(n for _, _, n in merge_teachers(teachers, glob)) == [1, 1]
+    _assert_one_step_is_unmerged_eq3(glob, teachers, batch_size=3, seed=4)
+
+
+def _assert_one_step_is_unmerged_eq3(glob: LayerSpec, teachers: list, batch_size: int, seed: int) -> None:
+    """One distillation step (teachers merged where they compute the same) equals a plain gradient step on Eq. 3's
+    loss over every teacher (autograd, float64; both sides the same few float64 operations)."""
     g = _params(glob, 0)
-    new, _ = distill_layer(g, glob, teachers, steps=1, lr=0.1, batch_size=3, generator=torch.Generator().manual_seed(4))
-    x = pseudo_input(glob, 3, torch.Generator().manual_seed(4), dtype=torch.float64)
+    new, _ = distill_layer(g, glob, teachers, steps=1, lr=0.1, batch_size=batch_size,
+                           generator=torch.Generator().manual_seed(seed))
+    x = pseudo_input(glob, batch_size, torch.Generator().manual_seed(seed), dtype=torch.float64)
     p = {k: v.clone().requires_grad_(True) for k, v in g.items()}
     grads = torch.autograd.grad(distillation_loss(p, glob, teachers, x), list(p.values()))
     for (k, v), grad in zip(g.items(), grads):
         torch.testing.assert_close(new[k], v - 0.1 * grad, rtol=1e-12, atol=1e-12)
+

@@ -118,14 +118,20 @@ def make(kind, params, **kw):
     return KOALAM(params, kappa=0.9, q_x=0.01, q_v=0.01, **common, **kw)
 
 
+def random_problem(seed: int, steps: int) -> tuple[list, list, list]:
+    """Float64 start points of two tensors (5 and 2 x 3), per-step flat gradients and per-sample losses."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = [torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(2, 3, generator=gen, dtype=torch.float64)]
+    grads = [[torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)]
+             for _ in range(steps)]
+    losses = [torch.rand(4, generator=gen, dtype=torch.float64) * 3 for _ in range(steps)]
+    return x0, grads, losses
+
+
 @pytest.mark.parametrize("kind,symmetric", [("PP", True), ("PP", False), ("V", None), ("M", None)])
 def test_trajectory_matches_reference(kind, symmetric):
     """Random gradients and per-sample losses, two tensors, weight decay, adaptive R: 6 steps against the reference."""
-    gen = torch.Generator().manual_seed(3)
-    x0 = [torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(2, 3, generator=gen, dtype=torch.float64)]
-    grads = [[torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)]
-             for _ in range(6)]
-    losses = [torch.rand(4, generator=gen, dtype=torch.float64) * 3 for _ in range(6)]
+    x0, grads, losses = random_problem(seed=3, steps=6)
     params = [torch.nn.Parameter(x.clone()) for x in x0]
     kw = {} if symmetric is None else {"symmetric": symmetric}
     opt = make(kind, params, wd=0.05, **kw)
@@ -145,11 +151,7 @@ def test_trajectory_matches_reference(kind, symmetric):
 def test_koalam_q_x_estimate_matches_reference(estimate):
     """Both q_x estimates of KOALA-M (spec: official code ||x - x_avg||_2 / n_params, supp. eq. 51 squared norm / n)
     against the float64 reference: the trajectory and the q_x state after each step."""
-    gen = torch.Generator().manual_seed(11)
-    x0 = [torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(2, 3, generator=gen, dtype=torch.float64)]
-    grads = [[torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)]
-             for _ in range(5)]
-    losses = [torch.rand(4, generator=gen, dtype=torch.float64) * 3 for _ in range(5)]
+    x0, grads, losses = random_problem(seed=11, steps=5)
     params = [torch.nn.Parameter(x.clone()) for x in x0]
     opt = make("M", params, wd=0.05, q_x_estimate=estimate)
     trace: list[float] = []
