@@ -68,6 +68,7 @@ from lightning_methods.runs import (
     new_wandb_id,
 )
 from lightning_methods.utils.io import atomic_write_text
+from lightning_methods.utils.wandb import plain
 
 #: config keys that a resumed run may change: paths, display, checkpointing and evaluation choices
 RESUME_NEUTRAL = NEUTRAL_KEYS | {"ckpt_path", "weights_only", "test_after_fit", "checkpoint", "nonfinite_guard",
@@ -411,33 +412,24 @@ def _checkpoint_hparams(ckpt_path: Any) -> dict[str, Any]:
     return hparams if isinstance(hparams, dict) else {}
 
 
-def _set_by_checkpoint(key: str, dumped: dict[str, Any], hparams: dict[str, Any]) -> bool:
-    """Whether the config field ``key`` (``model.init_args.<name>...``) holds the value the checkpoint's
-    hyperparameters give it."""
-    prefix = "model.init_args."
-    if not key.startswith(prefix):
-        return False
-    new: Any = dumped
-    for part in key.split("."):
-        new = new.get(part, _MISSING) if isinstance(new, dict) else _MISSING
-    recorded: Any = hparams
-    for part in key[len(prefix):].split("."):
-        recorded = recorded.get(part, _MISSING) if isinstance(recorded, dict) else _MISSING
-    return new is not _MISSING and recorded is not _MISSING and _plain(new) == _plain(recorded)
-
-
 _MISSING = object()
 
 
-def _plain(value: Any) -> Any:
-    """``value`` with tuples as lists and tensors as lists, for comparing YAML data with checkpoint values."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+def _dig(data: Any, parts: list[str]) -> Any:
+    """``data[p0][p1]...`` through nested dicts, or :data:`_MISSING`."""
+    for part in parts:
+        data = data.get(part, _MISSING) if isinstance(data, dict) else _MISSING
+    return data
+
+
+def _set_by_checkpoint(key: str, dumped: dict[str, Any], hparams: dict[str, Any]) -> bool:
+    """Whether the config field ``key`` (``model.init_args.<name>...``) holds the value the checkpoint's
+    hyperparameters give it (compared as plain data: tuples as lists)."""
+    prefix = "model.init_args."
+    if not key.startswith(prefix):
+        return False
+    new, recorded = _dig(dumped, key.split(".")), _dig(hparams, key[len(prefix):].split("."))
+    return new is not _MISSING and recorded is not _MISSING and plain(new) == plain(recorded)
 
 
 def check_finished(config: Any) -> None:
