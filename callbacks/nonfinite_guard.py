@@ -89,13 +89,25 @@ class NonFiniteGuard(Callback):
         self._flag: torch.Tensor | None = None  # device uint8: 1 bit = loss non-finite, 2 = a parameter
         self._ring: list[tuple[torch.Tensor, Any, int]] = []  # (pinned host copy, cuda event, step) per slot
         self._steps = 0
+        self._restored: dict[str, float | None] = {}  # the smoothed loss and minimum of a resumed run's checkpoint
         self._lag_on_cpu = False  # tests: exercise the lagged (CUDA) path on the CPU
 
     # --------------------------------------------------------------------------------------------- device side
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flag = torch.zeros((), dtype=torch.uint8, device=pl_module.device)
         self._ring, self._steps = [], 0
-        self._ema = self._ema_min = None
+        self._ema, self._ema_min = (None if self._restored.get(k) is None else  # a resume goes on smoothing
+                                    torch.tensor(self._restored[k], dtype=torch.float32, device=pl_module.device)
+                                    for k in ("ema", "ema_min"))
+        self._restored = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The smoothed loss and its running minimum of the divergence check (floats; ``None`` before the first
+        step or with the check off), so a resumed run stops where the uninterrupted one would."""
+        return {k: None if v is None else float(v) for k, v in (("ema", self._ema), ("ema_min", self._ema_min))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)  # made tensors on the module's device in on_train_start
 
     @staticmethod
     def _loss_of(outputs: Any) -> torch.Tensor | None:

@@ -212,3 +212,40 @@ def test_the_divergence_rule_on_a_known_loss_sequence():
     flags = [bool(guard._diverged(torch.tensor(v))) for v in losses]
     assert flags == [False, False, False, False, False, False, True]
     assert float(guard._ema) == pytest.approx(6.87375, rel=1e-6) and float(guard._ema_min) == pytest.approx(0.39)
+
+
+def test_the_divergence_check_resumes_with_its_smoothed_loss_and_minimum(tmp_path, one_thread):
+    """The smoothed loss and its running minimum are checkpointed: a run resumed after the loss fell keeps the low
+    minimum, so it stops where the uninterrupted run stops. Loss sequence of the test above, split after step 4:
+    uninterrupted, the smoothed loss at the last step is 4.87 > 10 x 0.39; a guard that forgot the past would start
+    again at 0.6 (ema 0.6, 1.8, 4.9 against 10 x 0.6) and not stop."""
+    first, rest = [2.0, 1.0, 0.02, 0.02], [0.6, 3.0, 8.0]
+    settings = dict(divergence_factor=10, divergence_smoothing=0.5, divergence_floor=0.1)
+    whole = NonFiniteGuard(**settings)
+    assert [bool(whole._diverged(torch.tensor(v))) for v in first + rest][-3:] == [False, False, True]
+    before = NonFiniteGuard(**settings)
+    for v in first:
+        before._diverged(torch.tensor(v))
+    module = ImageClassifier(TinyNet(10), 10)  # on_train_start reads its device
+    for state, expect in ((before.state_dict(), [False, False, True]), ({}, [False, False, False])):
+        after = NonFiniteGuard(**settings)
+        after.load_state_dict(state)
+        after.on_train_start(None, module)
+        assert [bool(after._diverged(torch.tensor(v))) for v in rest] == expect
+
+    # through a real checkpoint: the state saved with the weights is the state a resumed fit starts from
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.ema = [float(guard._ema), float(guard._ema_min)]
+
+    ckpt = tmp_path / "one.ckpt"
+    trainer = _fit_digits(0.05, NonFiniteGuard(divergence_factor=100), epochs=1)
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["NonFiniteGuard"]
+    saved_guard = next(cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
+    assert saved["ema"] == float(saved_guard._ema) and saved["ema_min"] <= saved["ema"]
+    guard, probe = NonFiniteGuard(divergence_factor=100), AtStart()
+    model = ImageClassifier(TinyNet(10), 10, optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+    quiet_trainer(max_epochs=2, limit_train_batches=10, callbacks=[guard, probe]).fit(
+        model, DigitsDataModule(batch_size=32, seed=0), ckpt_path=ckpt)
+    assert probe.ema == [saved["ema"], saved["ema_min"]]  # float32 values: exact through a Python float
