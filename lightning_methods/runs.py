@@ -44,10 +44,11 @@ from lightning_methods.utils.io import atomic_save_numpy, atomic_torch_save, ato
 from lightning_methods.utils.wandb import plain, stage_run_settings
 
 #: Config keys (leaf names) that never change results: where data lives, how it is loaded, how progress is shown.
+#: ``devices`` and ``num_nodes`` are not among them: their product is the world size, which sets the global batch.
 NEUTRAL_KEYS = frozenset({
     "data_dir", "download", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "label_file",
     "logger", "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir",
-    "accelerator", "num_nodes", "profiler", "barebones", "detect_anomaly", "enable_checkpointing",
+    "accelerator", "profiler", "barebones", "detect_anomaly", "enable_checkpointing",
 })
 
 

@@ -37,6 +37,11 @@ def test_fingerprint_keeps_results_settings_and_drops_neutral_ones():
     other["data"]["init_args"]["seed"] = 2
     assert fingerprint_diff(fp, other) == ["data.init_args.seed", "trainer.devices"]
     assert fingerprint_diff(fp, config_fingerprint(cfg())) == []
+    # the node count sets the world size, and with it the global batch: another experiment, like another
+    # device count; a run recorded before num_nodes was kept resumes on one node (Trainer's default)
+    assert "num_nodes" not in NEUTRAL_KEYS
+    assert fingerprint_diff(fp, config_fingerprint(cfg(num_nodes=2))) == ["trainer.num_nodes"]
+    assert fingerprint_diff(fp, config_fingerprint(cfg(num_nodes=1))) == []
 
 
 def test_settings_a_later_version_added_with_their_defaults_are_no_difference(tmp_path):
