@@ -388,7 +388,6 @@ class ImageDataModule(LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         if training:  # randomness keyed by (seed, step, rank): reproducible, resumable, different on every rank
             seed = mix_seed(self.seed, self.trainer.global_step, self.trainer.global_rank)
-        if training:
             image = device_augment(image, self.augment, torch.Generator(device=image.device).manual_seed(seed))
         batch["image"] = normalize(image, self.mean, self.std)
         if training and (self.cutmix_alpha > 0 or self.mixup_alpha > 0):

@@ -121,6 +121,10 @@ def test_normalize_uses_the_dataset_statistics():
     expected = (1.0 - torch.tensor(CIFAR100DataModule.mean)) / torch.tensor(CIFAR100DataModule.std)
     assert torch.allclose(out[0, :, 0, 0], expected)
     assert out.dtype == torch.float32
+    # float images are already on the 0-1 scale: the same pixels as float give the same output, not 1/255 of it
+    # (one division, one subtraction and one division in float32 on both sides: equal up to a few ulps)
+    out_float = normalize(x.float() / 255.0, CIFAR100DataModule.mean, CIFAR100DataModule.std)
+    assert torch.allclose(out_float, out, rtol=0, atol=4 * torch.finfo(torch.float32).eps * float(out.abs().max()))
 
 
 def test_on_after_batch_transfer_augments_only_in_training(fake_cifar_root):
@@ -131,6 +135,23 @@ def test_on_after_batch_transfer_augments_only_in_training(fake_cifar_root):
     plain = normalize(batch["image"], dm.mean, dm.std)
     out = dm.on_after_batch_transfer(dict(batch), 0)  # no trainer attached: evaluation path
     assert torch.equal(out["image"], plain)
+
+
+def test_mix_batch_with_both_alphas_picks_cutmix_or_mixup_with_a_fair_coin():
+    """With CutMix and MixUp both on, the first host draw picks CutMix when it is below 1/2 (timm's
+    ``switch_prob`` 0.5): a CutMix image holds only the pixel values of the sample and its partner, a MixUp image
+    their blend. Over 40 seeds both happen, each exactly when the replayed draw says so."""
+    n = 4
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 8, 8).clone()
+    y = torch.arange(n)
+    picks = []
+    for seed in range(40):
+        img, _ = mix_batch(x, y, n, cutmix_alpha=1.0, mixup_alpha=1.0, rng=np.random.default_rng(seed))
+        pure = bool(((img[0] == 0) | (img[0] == n - 1)).all())  # sample 0's partner is sample n - 1
+        cutmix = np.random.default_rng(seed).random() < 0.5
+        assert pure == cutmix, seed
+        picks.append(cutmix)
+    assert 0 < sum(picks) < len(picks)
 
 
 def test_mix_batch_soft_targets_match_the_mixed_area():

@@ -85,8 +85,25 @@ def test_crop_boxes_inside_and_within_ranges():
     # (binomial standard deviation over >= 2000 boxes is < 0.012; 0.05 is four of them)
     big = ok & (h >= 50) & (w >= 50)
     assert big.sum() > 2000 and abs((ratio[big] > 1).double().mean().item() - 0.5) < 0.05
-    # an image far outside the ratio range falls back to its center crop clamped to the range
+    # an image far outside the ratio range falls back to its center crop clamped to the range (wide and tall)
     assert crop_box(10, 400, rng) == [0, (400 - round(10 * RATIO[1])) // 2, 10, round(10 * RATIO[1])]
+    assert crop_box(400, 10, rng) == [(400 - round(10 / RATIO[0])) // 2, 0, round(10 / RATIO[0]), 10]
+
+
+def test_a_box_as_wide_or_as_tall_as_the_image_is_accepted_and_placed_uniformly():
+    """torchvision accepts a drawn box whose side equals the image's (``0 < w <= W``): on a 50 x 100 image an area
+    fraction of 1/2 at ratio 4 gives exactly 100 x 25, placed at a uniform top in 0..25 (the draw after the area
+    and the ratio), never the fallback's center crop (top 12); the same transposed for a full-height box."""
+    for seed in range(20):
+        rng = random.Random(seed)
+        box = crop_box(50, 100, rng, scale=(0.5, 0.5), ratio=(4.0, 4.0))
+        ref = random.Random(seed)
+        ref.uniform(0.5, 0.5), ref.uniform(math.log(4.0), math.log(4.0))
+        assert box == [ref.randint(0, 25), 0, 25, 100]
+        box = crop_box(100, 50, random.Random(seed), scale=(0.5, 0.5), ratio=(0.25, 0.25))
+        ref = random.Random(seed)
+        ref.uniform(0.5, 0.5), ref.uniform(math.log(0.25), math.log(0.25))
+        assert box == [ref.randint(0, 0), ref.randint(0, 25), 100, 25]  # the top's draw comes first
 
 
 def test_augmentation_is_a_function_of_seed_epoch_index():
@@ -94,6 +111,12 @@ def test_augmentation_is_a_function_of_seed_epoch_index():
     assert a == sample_augmentation(3, 1, 17, 300, 400)
     draws = {str(sample_augmentation(3, e, i, 300, 400)) for e in range(3) for i in range(5)}
     assert len(draws) == 15
+    # the flip is a fair coin (RandomHorizontalFlip's p = 0.5): over 4000 samples the count of flips has binomial
+    # standard deviation sqrt(4000 / 4) = 31.6, and the seeded draws are fixed, so +-200 (over 6 of them) cannot
+    # fail by chance and a coin of p = 0.25 or 0.75 (1000 or 3000 flips) cannot pass
+    flips = sum(sample_augmentation(3, 0, i, 300, 400)[1] for i in range(4000))
+    assert abs(flips - 2000) < 200
+    assert not any(sample_augmentation(3, 0, i, 300, 400, flip=False)[1] for i in range(100))
 
 
 def test_flip_is_a_mirror_of_the_same_crop():
@@ -355,7 +378,8 @@ def test_resizes_equal_torchvisions_on_decoder_views():
     from lightning_methods.datamodules.jpeg_pipeline import eval_resize_crop
 
     rng = np.random.default_rng(3)
-    for h, w in ((61, 90), (90, 61), (64, 64), (28, 40)):
+    # (61, 95) and (95, 61): the longer side 28 * 95 / 61 = 43.6 is truncated to 43 by torchvision, not rounded
+    for h, w in ((61, 90), (90, 61), (61, 95), (95, 61), (64, 64), (28, 40)):
         view = torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
         assert not view.is_contiguous()
         image = view.contiguous()
