@@ -224,3 +224,25 @@ def test_metrics_are_per_stage_clones():
     model = ImageClassifier("resnet8", 10)
     assert set(model.val_metrics.keys()) == {"val/acc", "val/acc_top5"}
     assert model.train_metrics["train/acc"] is not model.val_metrics["val/acc"]
+
+
+def test_evaluation_loss_is_the_plain_cross_entropy_whatever_the_training_label_smoothing():
+    """``test/loss`` (and ``val/loss``) measure the model, not the training objective: no label smoothing, the mean
+    cross-entropy over all samples (equal batches). Smoothing 0.3 on 4 classes would move it by far more than the
+    float32 round-off of 16 log-softmaxes and a mean (< 1e-5 relative)."""
+    data = batches(2, 8, 4)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    with torch.no_grad():
+        net[1].weight.mul_(20.0)  # confident predictions: smoothing changes the loss a lot
+    model = ImageClassifier(net, 4, label_smoothing=0.3)
+    t = trainer()
+    t.test(model, loader(data), verbose=False)
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(b["image"]) for b in data])
+    target = torch.cat([b["target"] for b in data])
+    plain = F.cross_entropy(logits, target)
+    assert float(t.callback_metrics["test/loss"]) == pytest.approx(float(plain), rel=1e-5)
+    smoothed = F.cross_entropy(logits, target, label_smoothing=0.3)
+    assert abs(float(smoothed - plain)) > 1e-2 * float(plain)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.error
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -190,6 +191,43 @@ def test_gpu_resident_loader_visits_every_index_once_per_epoch(world):
     e1 = torch.cat([b["index"] for b in ld])
     ld.sampler.set_epoch(0)
     assert torch.equal(e0, torch.cat([b["index"] for b in ld])) and not torch.equal(e0, e1)
+
+
+def test_gpu_resident_loader_gives_every_rank_n_over_world_samples():
+    """With ``N`` not a multiple of the world size, every rank visits exactly ``N // world_size`` samples, also in an
+    incomplete last batch (``drop_last=False``): the first ``world_size * (N // world_size)`` entries of the epoch's
+    permutation, dealt out in turn. Ranks that visit different numbers of samples would disagree on their last batch."""
+    n, bs, world = 50, 5, 3
+    ds = IndexedTensorDataset(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.zeros(n), torch.arange(n))
+    seen = []
+    for r in range(world):
+        ld = DeviceBatchLoader(ds, bs, "cpu", True, drop_last=False, seed=5, rank=r, world_size=world)
+        ld.sampler.set_epoch(2)
+        sizes = [len(b["index"]) for b in ld]
+        assert sizes == [5, 5, 5, 1]
+        seen += torch.cat([b["index"] for b in ld]).tolist()
+    assert len(seen) == len(set(seen)) == world * (n // world)
+
+
+def test_device_augmentation_is_keyed_by_step_and_rank(fake_cifar_root):
+    """The batched crop and flip draw from ``(seed, global step, rank)``: the same on a rerun of a step, different on
+    another rank (ranks must not crop their batches alike) and at another step."""
+    root, _ = fake_cifar_root
+    dm = CIFAR10DataModule(data_dir=str(root), download=False, num_workers=0, batch_size=16)
+    dm.setup("fit")
+    batch = next(iter(dm._loader(dm.train_set, train=False)))
+
+    def augmented(step: int, rank: int) -> torch.Tensor:
+        dm.trainer = SimpleNamespace(training=True, global_step=step, global_rank=rank)
+        return dm.on_after_batch_transfer(dict(batch), 0)["image"]
+
+    try:
+        reference = augmented(3, 0)
+        assert torch.equal(augmented(3, 0), reference)
+        assert not torch.equal(augmented(3, 1), reference)
+        assert not torch.equal(augmented(4, 0), reference)
+    finally:
+        dm.trainer = None
 
 
 def test_gpu_resident_rejects_autoaugment():
