@@ -4,7 +4,11 @@ A ``predict_step`` returns a dict of per-sample tensors with an ``"index"`` entr
 (a padding ``DistributedSampler`` repeats samples to equalise the shards); at the end of the predict epoch this
 callback gathers every dataloader's outputs from all ranks and keeps one row per index, sorted
 (:func:`lightning_methods.utils.gather_by_index`). ``results[dataloader_idx]`` then holds the same CPU tensors on every
-rank. Used by the OOD family's embedding and scoring stages (EncMin2L, arXiv 2605.20502).
+rank. A rank that got no batch of a dataloader (a shard shorter than the world size, a custom sampler; Lightning
+allows it with ``allow_zero_length_dataloader_with_multiple_devices``) contributes an empty shard
+(:func:`lightning_methods.utils.gather_columns`). (A rank that has no batch of *any* dataloader never reaches this
+callback: Lightning skips its predict loop.) Used by the OOD family's embedding and scoring stages (EncMin2L,
+arXiv 2605.20502).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_methods.utils import gather_by_index
+from lightning_methods.utils import gather_columns
 
 
 class GatherPredictions(Callback):
@@ -26,7 +30,8 @@ class GatherPredictions(Callback):
 
     Raises:
         KeyError: a ``predict_step`` output without ``"index"``.
-        RuntimeError: a dataloader that yielded no batch on some rank.
+        RuntimeError: a dataloader that yielded no batch on any rank, or ranks whose outputs have different entries,
+            dtypes or per-sample shapes (raised on every rank alike).
     """
 
     def __init__(self, keys: list[str] | None = None) -> None:
@@ -49,10 +54,7 @@ class GatherPredictions(Callback):
         count = len(loaders) if isinstance(loaders, (list, tuple)) else 1
         for idx in range(count):
             parts = self._parts.get(idx)
-            if not parts:
-                raise RuntimeError(f"predict dataloader {idx} yielded no batch on rank {trainer.global_rank}")
-            keys = list(parts[0])
-            cat = {k: torch.cat([p[k] for p in parts]) for k in keys}
-            gathered = gather_by_index(cat["index"], *(cat[k] for k in keys[1:]))
-            self.results[idx] = {k: v.cpu() for k, v in zip(keys, gathered)}
+            local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else None
+            self.results[idx] = gather_columns(local, pl_module.device, f"predict dataloader {idx}")
         self._parts = defaultdict(list)
+

@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_methods.callbacks.results_writer import checkpoint_tag
 from lightning_methods.results.record import read_record, run_directory
-from lightning_methods.utils import atomic_write_json, atomic_write_text, gather_by_index
+from lightning_methods.utils import atomic_write_json, atomic_write_text, gather_columns
 from lightning_methods.utils.io import _atomic_write
 
 FIRST_COLUMNS = ("index", "target", "pred", "confidence")
@@ -95,17 +95,17 @@ class PredictionWriter(BasePredictionWriter):
 
     def gather(self, batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
         """Concatenate one dataloader's batch outputs, gather them from every rank and keep one row per index
-        (sorted); every rank gets the same CPU tensors. Collective under DDP: every rank must call it."""
+        (sorted); every rank gets the same CPU tensors, also a rank without a batch
+        (:func:`~lightning_methods.utils.gather_columns`). Collective under DDP: every rank must call it."""
         if not batches:
-            raise RuntimeError("the predict dataloader yielded no batch on this rank; nothing to write")
+            return gather_columns(None, device, "the predict dataloader")
         if not isinstance(batches[0], dict) or "index" not in batches[0]:
             raise KeyError("PredictionWriter needs predict_step to return a dict with an 'index' entry (the position "
                            "of each sample), so rows of all ranks can be deduplicated; got "
                            f"{type(batches[0]).__name__} {sorted(batches[0]) if isinstance(batches[0], dict) else ''}")
         keys = ["index"] + [k for k, v in batches[0].items() if k != "index" and self._is_column(k, v, batches[0])]
-        cat = {k: torch.cat([b[k] for b in batches]).to(device) for k in keys}
-        gathered = gather_by_index(cat["index"], *(cat[k] for k in keys[1:]))
-        return {k: v.cpu() for k, v in zip(keys, gathered)}
+        return gather_columns({k: torch.cat([b[k] for b in batches]).to(device) for k in keys}, device,
+                              "the predict dataloader")
 
     def _is_column(self, key: str, value: Any, batch: dict[str, Any]) -> bool:
         """Per-sample scalars, and ``probs`` when ``probabilities`` is on."""

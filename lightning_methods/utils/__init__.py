@@ -10,7 +10,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "lightning_methods.utils.distributed": (
-            "all_reduce_flat", "barrier", "broadcast_object", "broadcast_tensors_", "gather_by_index", "get_rank",
+            "all_reduce_flat", "barrier", "broadcast_object", "broadcast_tensors_", "gather_by_index", "gather_columns",
+            "get_rank",
             "get_world_size", "is_distributed", "leave_process_group", "sharded_loader",
         ),
         "lightning_methods.utils.io": (

@@ -138,6 +138,42 @@ def gather_by_index(index: torch.Tensor, *values: torch.Tensor,
     return (index[sel], *(v[sel] for v in values))
 
 
+def gather_columns(local: dict[str, torch.Tensor] | None, device: torch.device | str,
+                   what: str = "the predict dataloader") -> dict[str, torch.Tensor]:
+    """:func:`gather_by_index` of named per-sample columns (``"index"`` first), as CPU tensors identical on every rank.
+
+    A rank without rows (``local=None``: a shard shorter than the world size, a custom sampler) contributes an empty
+    shard: every rank first shares its columns' names, dtypes and per-sample shapes (one small object gather), so
+    every rank enters the same collectives.
+
+    Raises:
+        RuntimeError: no rank has rows, or two ranks' columns differ (raised on every rank alike); ``what`` names the
+            source in the message.
+    """
+    mine = None if local is None else {"columns": {k: (v.dtype, tuple(v.shape[1:])) for k, v in local.items()},
+                                       "device": next(iter(local.values())).device.type}
+    layouts = [mine]
+    if is_distributed():
+        layouts = [None] * get_world_size()
+        dist.all_gather_object(layouts, mine)
+    found = [(rank, lay) for rank, lay in enumerate(layouts) if lay is not None]
+    if not found:
+        raise RuntimeError(f"{what} yielded no batch on any rank")
+    first_rank, layout = found[0]
+    for rank, lay in found[1:]:
+        if lay != layout:
+            raise RuntimeError(f"{what}: the outputs of rank {rank} ({lay}) differ from those of rank {first_rank} "
+                               f"({layout}) in their entries, dtypes or per-sample shapes")
+    if local is None:  # an empty shard of the columns the other ranks share, on the device type they gather on
+        device = torch.device(device)
+        device = device if device.type == layout["device"] else torch.device(layout["device"])
+        local = {k: torch.empty((0, *shape), dtype=dtype, device=device)
+                 for k, (dtype, shape) in layout["columns"].items()}
+    keys = list(layout["columns"])
+    gathered = gather_by_index(local["index"], *(local[k] for k in keys[1:]))
+    return {k: v.cpu() for k, v in zip(keys, gathered)}
+
+
 def sharded_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
                    collate_fn: Callable[[Any], Any] | None = None, rank: int | None = None,
                    world_size: int | None = None) -> DataLoader:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 
 from lightning_methods import ImageClassifier
@@ -162,3 +163,118 @@ def test_npz_output_no_files_under_fast_dev_run_and_gather_predictions_dedups(tm
     quiet_trainer(callbacks=[gather]).predict(tiny_model(), Repeats(), return_predictions=False)
     (result,) = gather.results.values()
     assert sorted(result) == ["index", "pred"] and torch.equal(result["index"], torch.arange(N_SAMPLES))
+
+
+class RankSampler(torch.utils.data.Sampler):
+    """Positions ``shards[rank]`` of the dataset on this rank (a shard may be empty)."""
+
+    def __init__(self, shards: list[list[int]]) -> None:
+        self.shards = shards
+
+    def _mine(self) -> list[int]:
+        return self.shards[torch.distributed.get_rank()]
+
+    def __iter__(self):
+        return iter(self._mine())
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+
+class UnevenData(TinyData):
+    """Two predict dataloaders over the same N_SAMPLES images: in the first, rank 0 gets every sample and rank 1
+    none; in the second the ranks share the samples, rank 1 repeating sample 0 as a padding sampler would (so rank 1
+    reaches the end of the predict epoch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # else Lightning refuses rank 1's empty loader
+
+    def predict_dataloader(self):
+        half = N_SAMPLES // 2
+        shards = ([list(range(N_SAMPLES)), []], [list(range(half)), [*range(half, N_SAMPLES), 0]])
+        return [torch.utils.data.DataLoader(self.dataset, batch_size=4, sampler=RankSampler(list(s)),
+                                            collate_fn=collate_dict) for s in shards]
+
+
+def _ddp_gather_uneven(rank: int, world_size: int) -> dict:
+    from lightning_methods.callbacks import GatherPredictions
+
+    gather, count = GatherPredictions(keys=["pred", "probs"]), CountRows()
+    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[gather, count])
+    trainer.predict(tiny_model(), UnevenData(), return_predictions=False)
+    return {"rows": count.rows, "results": gather.results}
+
+
+def test_gather_predictions_takes_an_empty_shard_from_a_rank_without_a_batch(tmp_path):
+    """A rank that got no batch of a predict dataloader contributes an empty shard instead of raising (before, rank 1
+    raised "yielded no batch" and rank 0 waited in the gather): with 2 gloo processes where rank 1 gets nothing of
+    the first dataloader, every rank holds every sample of each dataloader exactly once, sorted by index, with the
+    values single-process predict_step gives (probabilities computed the same way in float32 on the same CPU; 1e-6
+    relative leaves room for a different batch composition in the matmul)."""
+    out = run_ddp(_ddp_gather_uneven, 2)
+    assert out[0]["rows"] == N_SAMPLES + N_SAMPLES // 2 and out[1]["rows"] == N_SAMPLES - N_SAMPLES // 2 + 1
+    data = UnevenData()
+    expected = expected_predictions(tiny_model(), TinyData().predict_dataloader(),
+                                    lambda b: data.on_after_batch_transfer(b, 0))
+    for rank in (0, 1):
+        results = out[rank]["results"]
+        assert sorted(results) == [0, 1]
+        for idx in (0, 1):
+            got = results[idx]
+            assert sorted(got) == ["index", "pred", "probs"]
+            assert torch.equal(got["index"], torch.arange(N_SAMPLES))  # every sample once, sorted
+            assert torch.equal(got["pred"], expected["pred"])
+            assert got["probs"].shape == (N_SAMPLES, 5) and got["probs"].dtype == expected["probs"].dtype
+            torch.testing.assert_close(got["probs"], expected["probs"], rtol=1e-6, atol=1e-9)
+
+
+def test_gather_predictions_forgets_the_batches_of_an_interrupted_predict(one_thread):
+    """A predict that raised half way leaves no rows behind: the next predict with the same GatherPredictions holds
+    only its own rows (dedup keeps the first row of an index, so stale rows of the other model would win)."""
+    from lightning_methods.callbacks import GatherPredictions
+
+    from helpers import quiet_trainer
+
+    class Fails(ImageClassifier):
+        def predict_step(self, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 2:
+                raise RuntimeError("simulated failure")
+            return super().predict_step(batch, batch_idx, dataloader_idx)
+
+    gather = GatherPredictions(keys=["probs"])
+    torch.manual_seed(1)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        quiet_trainer(callbacks=[gather]).predict(Fails(backbone=TinyNet(5), num_classes=5), TinyData(),
+                                                  return_predictions=False)
+    quiet_trainer(callbacks=[gather]).predict(tiny_model(), TinyData(), return_predictions=False)
+    data = TinyData()
+    expected = expected_predictions(tiny_model(), data.predict_dataloader(), lambda b: data.on_after_batch_transfer(b,
+                                                                                                                    0))
+    assert torch.equal(gather.results[0]["index"], torch.arange(N_SAMPLES))
+    assert torch.equal(gather.results[0]["probs"], expected["probs"])  # same float32 ops, same batches: bit for bit
+
+
+def _ddp_write_uneven(rank: int, world_size: int, out: str) -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[PredictionWriter(dirpath=out)])
+    trainer.predict(tiny_model(), UnevenData(), return_predictions=False)
+
+
+def test_prediction_writer_takes_an_empty_shard_from_a_rank_without_a_batch(tmp_path):
+    """The same for the files of ``predict``: rank 1 has no batch of the first dataloader and contributes an empty
+    shard (before, it raised "yielded no batch" while rank 0 waited in the gather); each file holds every sample
+    once, sorted, with single-process predictions."""
+    run_ddp(_ddp_write_uneven, 2, (str(tmp_path),))
+    data = TinyData()
+    expected = expected_predictions(tiny_model(), data.predict_dataloader(), lambda b: data.on_after_batch_transfer(b,
+                                                                                                                    0))
+    for idx in (0, 1):
+        rows = read_predictions(tmp_path / f"predictions_{idx}.csv")
+        assert np.array_equal(rows["index"], np.arange(N_SAMPLES))
+        assert np.array_equal(rows["pred"], expected["pred"].numpy())
+    summary = json.loads((tmp_path / "predictions.json").read_text())
+    assert [f["rows"] for f in summary["files"]] == [N_SAMPLES, N_SAMPLES]
