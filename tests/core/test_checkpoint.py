@@ -48,6 +48,17 @@ def test_after_a_kill_last_ckpt_holds_the_last_finished_epoch(tmp_path):
     assert saved["epoch"] == 1 and saved["global_step"] == 8
 
 
+def test_a_fit_stopped_mid_epoch_saves_its_final_step(tmp_path):
+    """``max_steps`` ending the fit inside an epoch (also max_time or a stop rule): ``last.ckpt`` holds that step,
+    not the end of the previous epoch (4 batches per epoch, 6 steps: epoch 1 after its second batch)."""
+    ckpt = LatestCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", filename="best")
+    trainer = quiet_trainer(max_epochs=4, max_steps=6, enable_checkpointing=True, limit_val_batches=1,
+                            callbacks=[ckpt], default_root_dir=tmp_path)
+    trainer.fit(Worsening(), tiny_loader(), tiny_loader())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert trainer.global_step == 6 and saved["global_step"] == 6 and saved["epoch"] == 1
+
+
 def test_fast_dev_run_writes_no_checkpoint(tmp_path):
     """A smoke run leaves no checkpoint, as fast_dev_run promises (Lightning 2.6's ModelCheckpoint.on_train_end
     writes ``last.ckpt`` even then, although its own pre-save check skips fast_dev_run everywhere else)."""
