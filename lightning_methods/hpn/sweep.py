@@ -13,6 +13,10 @@ the overrides, a lock, atomic writes): ``lightning-methods fit --config CONFIG -
 goes to ``OUT/sweep.csv`` and ``OUT/sweep.json``; at the end it is printed and plotted to ``OUT/sweep.png`` (also
 logged to the W&B run ``<name>-sweep`` when the config has a ``WandbLogger``). A sweep with another config or other
 overrides in the same ``OUT`` stops with a message naming the differing settings.
+``--threads`` (torch's intra-op threads) changes float round-off but not the settings: it is kept out of the
+fingerprint, and the thread count each t ran with is recorded in its stage record (``state.json``) and in
+``sweep.json`` (``"threads"``, per t); a resumed sweep whose thread count differs from a finished t's prints a
+warning (its t's were computed with other round-off) and goes on.
 Each t runs on one device (``trainer.devices`` 1): the demo is a CPU sweep.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +109,12 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(run: StagedRun, results: dict[str, dict[str, float]]) -> None:
-    """``sweep.json`` and ``sweep.csv`` in the run directory (rank zero, atomic)."""
-    run.write_json("sweep.json", {"results": results, "paper_omniart": {str(k): v for k, v in PAPER_OMNIART.items()}})
+def write_results(run: StagedRun, results: dict[str, dict[str, float]],
+                  threads: dict[str, int | None] | None = None) -> None:
+    """``sweep.json`` (results, torch threads per t, the paper's numbers) and ``sweep.csv`` in the run directory (rank
+    zero, atomic)."""
+    run.write_json("sweep.json", {"results": results, "threads": dict(threads or {}),
+                                  "paper_omniart": {str(k): v for k, v in PAPER_OMNIART.items()}})
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["task_weight", *METRICS])
@@ -139,6 +147,14 @@ def plot(out: Path, results: dict[str, dict[str, float]]) -> Path:
     return path
 
 
+def warn_thread_mismatch(stage: str, recorded: int | None, threads: int) -> None:
+    """Print a warning (stderr) when a finished t ran with another torch thread count than this sweep."""
+    if recorded is not None and int(recorded) != threads:
+        print(f"warning: {stage} finished with {recorded} torch threads, this sweep runs with {threads}: thread counts "
+              "change float round-off, so the sweep's t's are not computed alike (rerun with --threads "
+              f"{recorded} to match)", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The sweep's own options; every other argument is a ``fit`` override passed to each run."""
     parser = argparse.ArgumentParser(prog="lightning-methods hpn-sweep", description=__doc__.split("\n")[0])
@@ -154,10 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Run the sweep; returns ``{str(t): test metrics}``."""
     opts, extra = build_parser().parse_known_args(args)
-    if opts.threads > 0:
-        import torch
+    import torch  # after the parser: --help stays fast
 
+    if opts.threads > 0:
         torch.set_num_threads(opts.threads)
+    threads = torch.get_num_threads()  # what runs (with --threads 0: torch's default)
     if not opts.config.is_file():
         raise SystemExit(f"config {opts.config} does not exist")
     for t in opts.task_weights:
@@ -168,20 +185,24 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         raise SystemExit(f"the sweep runs each t on one device (devices={devices!r}); for a multi-GPU run of one t use "
                          "`lightning-methods fit --config CONFIG --model.init_args.task_weight T`")
     results: dict[str, dict[str, float]] = {}
+    thread_counts: dict[str, int | None] = {}
     with StagedRun(opts.out, "hpn_tsweep", sweep_fingerprint(opts.config, extra),
                    config_text=opts.config.read_text()) as run:
         for t in opts.task_weights:
             stage = f"t={t}"
             if run.is_done(stage):
                 print(f"{stage}: finished earlier, skipped")
+                warn_thread_mismatch(stage, (run.record(stage) or {}).get("threads"), threads)
             else:
                 row = run_one(run, opts.config, t, extra)
                 if row is None:  # not rank 0
                     continue
-                run.mark_done(stage, row)
+                run.mark_done(stage, {**row, "threads": threads})
                 print(f"{stage}: test acc {100 * row['test/acc']:.2f}%  test MAE {row['test/mae']:.4f}")
-            results[str(t)] = dict(run.record(stage) or {})
-            write_results(run, results)
+            record = dict(run.record(stage) or {})
+            thread_counts[str(t)] = record.pop("threads", None)  # None: finished by a version that did not record it
+            results[str(t)] = record
+            write_results(run, results, thread_counts)
         if results and run.is_writer:
             print(format_table(results))
             png = plot(run.run_dir, results)

@@ -66,3 +66,32 @@ def test_a_fit_resumes_from_its_own_checkpoint_although_training_set_its_hyperpa
     assert hparams["bounds"] is not None  # derived from the data during the fit: the config said null
     cli_main([*args, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
     assert torch.load(last, weights_only=True)["epoch"] == 1
+
+
+def test_the_thread_count_is_recorded_per_t_and_a_resume_with_another_warns(tmp_path, monkeypatch, capsys, one_thread):
+    """``--threads`` changes float round-off, not the settings: it stays out of the fingerprint (a resume with another
+    count is not refused), each finished t records the count it ran with (stage record in state.json, ``threads`` in
+    sweep.json), and a resume with another count prints a warning naming the t and both counts; the same count, or a
+    t finished before counts were recorded, prints none."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sweep"
+    args = ["--config", str(CONFIG), "--task_weights", "0.5", "--out", str(out), *FAST, "--trainer.logger=false"]
+    results = main([*args, "--threads", "1"])
+    assert "threads" not in results["0.5"]  # the metrics alone
+    state = json.loads((out / "state.json").read_text())
+    assert state["stages"]["t=0.5"]["threads"] == 1 and "threads" not in json.dumps(state["fingerprint"])
+    assert json.loads((out / "sweep.json").read_text())["threads"] == {"0.5": 1}
+    capsys.readouterr()
+
+    again = main([*args, "--threads", "2"])
+    err = capsys.readouterr().err
+    assert again == results and "warning: t=0.5 finished with 1 torch threads, this sweep runs with 2" in err
+    assert json.loads((out / "sweep.json").read_text())["threads"] == {"0.5": 1}  # the count the t ran with
+    main([*args, "--threads", "1"])
+    assert "warning" not in capsys.readouterr().err
+
+    del state["stages"]["t=0.5"]["threads"]  # a t finished by a version that did not record the count
+    (out / "state.json").write_text(json.dumps(state))
+    assert main([*args, "--threads", "2"]) == results
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((out / "sweep.json").read_text())["threads"] == {"0.5": None}
