@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_methods import ImageClassifier
 from lightning_methods.datamodules import DigitsDataModule
-from lightning_methods.optim import SAM, SSAM, sam_closure
+from lightning_methods.optim import SAM, SSAM, global_topk_mask, sam_closure
+from lightning_methods.optim.sam_masks import drop_grow_counts
 from lightning_methods.parameters import param_groups_by_role
 from lightning_methods.utils import leave_process_group
 
@@ -109,6 +110,25 @@ def reference(rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[t
     return w, eps, [p.grad.detach().clone() for p in model.parameters()]
 
 
+def gradient_survivors() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """SSAM-D in the worker (rate 0.5, sparsity 0.5, the random initial mask): the old mask and the survivors expected
+    from the drop scores |g| at w, with g the rank mean of the two local gradients (what the docs promise) and with
+    rank 0's local gradient alone (what a missing all-reduce would read)."""
+    grads = []
+    for rank in (0, 1):
+        model = tiny()
+        x, y = local_batch(rank)
+        params = [p for g in param_groups_by_role(model) for p in g["params"]]  # the masks' order
+        grads.append(torch.autograd.grad(F.cross_entropy(model(x), y), params))
+    old = SSAM(param_groups_by_role(tiny()), SGD, rho=0.5, sparsity=0.5, mask_init="random").masks()
+    keep = drop_grow_counts(sum(m.numel() for m in old), 0.5, 0.5)[0]
+
+    def survivors(gs):
+        return global_topk_mask([(g.abs() + 1e-7) * m for g, m in zip(gs, old)], keep)
+
+    return old, survivors([(a + b) / 2 for a, b in zip(*grads)]), survivors(grads[0])
+
+
 def test_each_rank_ascends_by_its_own_batch_and_the_weights_stay_identical(one_thread):
     r0, r1 = run_ddp(_worker, 2, groups=2)
     refs = [reference(0), reference(1)]
@@ -124,6 +144,9 @@ def test_each_rank_ascends_by_its_own_batch_and_the_weights_stay_identical(one_t
         torch.testing.assert_close(a, w[i] - 0.1 * (refs[0][2][i] + refs[1][2][i]) / 2, rtol=RTOL, atol=1e-15)
     for drop in ("gradient", "weight"):  # SSAM-D: drop scores from the rank mean, the same masks everywhere
         assert all(torch.equal(a, b) for a, b in zip(r0["masks"][drop], r1["masks"][drop])), drop
+    old, mean_survivors, rank0_survivors = gradient_survivors()  # the mean, not rank 0's gradient, selects them
+    assert not all(torch.equal(a, b) for a, b in zip(mean_survivors, rank0_survivors))
+    assert all(torch.equal(n & m, e) for n, m, e in zip(r0["masks"]["gradient"], old, mean_survivors))
     for local in (True, False):  # ImageClassifier under the ddp strategy: identical replicas either way ...
         assert all(torch.equal(a, b) for a, b in zip(r0["fit"][local], r1["fit"][local]))
     # ... and the flag reaches its closure (a synced pass 1 would give the default's weights)
