@@ -176,10 +176,11 @@ class EncMin2LPipeline:
                 continue
             stage = f"encoder/{spec.name}"
             record = self.staged.record(stage)
-            if record is not None and not Path(record["checkpoint"]).is_file():
+            checkpoint = self._recorded_path(record["checkpoint"], stage) if record is not None else None
+            if record is not None and not checkpoint.is_file():
                 record = None  # deleted: train it again
             if record is not None:
-                verify_checksum(record["checkpoint"])  # a damaged checkpoint stops here, naming the file
+                verify_checksum(checkpoint)  # a damaged checkpoint stops here, naming the file
             if record is None:
                 dm, sets = self.data()
                 ids = calibration_split(sets["id_fit"].index, self.id_cfg.calib_fractions, self.seed)["rdm_train"]
@@ -194,11 +195,27 @@ class EncMin2LPipeline:
                 finish_open_run()
                 if ckpt is None:
                     return False
-                record = {"checkpoint": str(ckpt)}
-                self.staged.mark_done(stage, record)
+                checkpoint = Path(ckpt)
+                self.staged.mark_done(stage, {"checkpoint": self._record_path(checkpoint)})
             self.encoders[i] = EncoderSpec(**{**plain(spec.__dict__), "backbone": None, "train": None,
-                                              "checkpoint": record["checkpoint"]})
+                                              "checkpoint": str(checkpoint)})
         return True
+
+    def _record_path(self, path: Path) -> str:
+        """A path as a stage record keeps it: relative to the run directory when it lies inside (a moved or copied
+        run directory keeps finding its files), else absolute."""
+        path, root = Path(path).resolve(), self.run_dir.resolve()
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+    def _recorded_path(self, recorded: str, stage: str) -> Path:
+        """The file a stage record names: a relative path lies in the run directory; an absolute one (the records
+        of older runs) is taken as it is unless it is gone and the run directory holds the same file at the stage's
+        own place (``<stage>/<file name>``: the run directory was moved or copied)."""
+        path = Path(recorded)
+        if not path.is_absolute():
+            return self.run_dir / path
+        moved = self.run_dir / stage / path.name
+        return moved if not path.is_file() and moved.is_file() else path
 
     def _embed(self) -> None:
         for spec in self.encoders:

@@ -252,3 +252,53 @@ def test_grid_runs_the_pipeline_over_seeds_and_table_reads_it(demo_run, tmp_path
                       str(tmp_path / "table")])
     assert "| `digits_demo` | 1 |" in out.markdown
     assert f"{100 * fused['metrics']['union']['auroc']:.2f}" in out.markdown
+
+
+def test_a_moved_run_directory_keeps_its_trained_encoder(tmp_path, monkeypatch):
+    """The encoder stage records its checkpoint relative to the run directory: after the run directory is moved,
+    a rerun neither trains the encoder again nor reads the old location; it embeds with the moved checkpoint. A
+    record of an older run (an absolute path) still works: as it is while the file is there, and, once the file
+    was moved with its run directory, from the stage's own place in the moved directory."""
+    import shutil
+
+    small = ["--encoders", json.dumps([{"name": "cnn", "backbone": "resnet8", "train": {"max_epochs": 1}}]),
+             "--ood", json.dumps([{"name": "digits59", "split": "train", "classes": [5, 6], "max_samples": 20}]),
+             "--diagnostics.corruptions", "[]", "--stop_after", "embed"]
+
+    def args(run: Path) -> list[str]:
+        return _args(run, tmp_path / "cache", *small)
+
+    old, moved = tmp_path / "old", tmp_path / "moved"
+    assert run_ood(args(old))["stage"] == "embed"
+    state = json.loads((old / "state.json").read_text())
+    assert state["stages"]["encoder/cnn"] == {"checkpoint": "encoder/cnn/last.ckpt"}
+    shutil.move(old, moved)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the encoder was trained again")
+
+    used = []
+    real = pipeline_module.build_encoder
+    monkeypatch.setattr(pipeline_module, "train_encoder", forbidden)
+    monkeypatch.setattr(pipeline_module, "build_encoder", lambda spec, *a, **k: used.append(spec.checkpoint)
+                        or real(spec, *a, **k))
+    entry = tmp_path / "cache" / "cnn" / "id_test.pt"
+
+    def rerun() -> None:
+        entry.unlink()  # one missing cache entry: the embed stage rebuilds the encoder from its checkpoint
+        assert run_ood(args(moved))["stage"] == "embed"
+
+    rerun()
+    checkpoint = moved / "encoder" / "cnn" / "last.ckpt"
+    assert used == [str(checkpoint)] and not old.exists()
+    # older records: an absolute path that exists is used as it is; one that is gone falls back to the moved file
+    elsewhere = tmp_path / "elsewhere.ckpt"
+    shutil.copy(checkpoint, elsewhere)
+    shutil.copy(checkpoint.with_name(checkpoint.name + ".sha256"), elsewhere.with_name(elsewhere.name + ".sha256"))
+    for recorded, expected in ((elsewhere, elsewhere), (old / "encoder" / "cnn" / "last.ckpt", checkpoint)):
+        state = json.loads((moved / "state.json").read_text())
+        state["stages"]["encoder/cnn"] = {"checkpoint": str(recorded)}
+        (moved / "state.json").write_text(json.dumps(state))
+        used.clear()
+        rerun()
+        assert used == [str(expected)]
