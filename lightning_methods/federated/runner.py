@@ -43,10 +43,15 @@ def aligned_text(aligned: Mapping[int, str]) -> str:
 
 def build_logger(config: Mapping[str, Any] | None, run: StagedRun, stage: str) -> Any:
     """Instantiate a Lightning logger from ``{"class_path", "init_args"}`` for one stage of ``run`` (W&B: fixed id,
-    name ``<name>-<stage>``, resumed after a kill)."""
+    name ``<name>-<stage>``, resumed after a kill). A W&B logger without a ``save_dir`` (or ``dir``) writes its
+    files into the run directory, not into the working directory."""
     if not config:
         return None
     config = {"class_path": config["class_path"], "init_args": dict(config.get("init_args") or {})}
+    init_args = config["init_args"]
+    if config["class_path"].endswith("WandbLogger") and all(init_args.get(k) in (None, "", ".")
+                                                            for k in ("save_dir", "dir")):
+        init_args["save_dir"] = str(run.run_dir)
     run.stage_logger_settings({"logger": config}, stage)
     if "save_dir" in config["init_args"]:
         config["init_args"]["save_dir"] = str(Path(config["init_args"]["save_dir"] or ".").expanduser().resolve())
