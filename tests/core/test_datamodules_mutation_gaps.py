@@ -30,7 +30,7 @@ from lightning_methods.datamodules import (
     read_image_list,
 )
 from lightning_methods.datamodules.cinic10 import CINIC10_CLASSES
-from lightning_methods.datamodules.label_noise import group_cyclic_transition, instance_noise
+from lightning_methods.datamodules.label_noise import group_cyclic_transition
 from lightning_methods.datamodules.ood_images import load_image, resize_uint8
 from lightning_methods.datamodules.transforms import device_augment, normalize
 from lightning_methods.federated.partition import PartitionSettings
@@ -196,31 +196,6 @@ def test_federated_device_augmentation_is_keyed_by_seed_client_round():
 
 
 # ------------------------------------------------------------------------------------------------ label noise
-
-
-def test_instance_noise_draws_every_class_projection_even_for_an_absent_class():
-    """The official stream draws ``W`` for all classes (one ``C x D x C`` normal block) whether or not a class occurs:
-    a data set without class 3 gives the labels of that reference, not of a stream that skips ``W[3]``."""
-    from scipy import stats
-
-    rng = np.random.default_rng(2)
-    images = rng.integers(0, 256, (300, 2, 2, 3), dtype=np.uint8)
-    labels = rng.choice([0, 1, 2, 4, 5], 300)
-    got = instance_noise(images, labels, 0.4, 6, seed=9)
-    ref_rng = np.random.RandomState(9)
-    q = stats.truncnorm(-0.4 / 0.1, 0.2 / 0.1, loc=0.4, scale=0.1).rvs(300, random_state=ref_rng)
-    x = images.reshape(300, -1).astype(np.float32)
-    W = ref_rng.randn(6, x.shape[1], 6).astype(np.float32)
-    expected = []
-    for i, y in enumerate(labels):
-        a = (x[i] @ W[y]).astype(np.float64)
-        a[y] = -np.inf
-        p = np.exp(a - a.max())
-        p = q[i] * p / p.sum()
-        p[y] += 1 - q[i]
-        expected.append(ref_rng.choice(6, p=p / p.sum()))
-    assert np.array_equal(got, expected)
-    assert (got != labels).any() and 3 not in set(labels.tolist())
 
 
 def test_singleton_and_ungrouped_classes_keep_their_label():

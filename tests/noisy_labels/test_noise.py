@@ -102,6 +102,17 @@ def _instance_reference(images: np.ndarray, labels: np.ndarray, rate: float, num
     return np.array(out), np.array(argmax_other), q
 
 
+def test_instance_noise_draws_every_class_projection_even_for_an_absent_class():
+    """The official stream draws ``W`` for all classes (one ``C x D x C`` normal block) whether or not a class occurs:
+    a data set without class 3 gives the labels of that reference, not of a stream that skips ``W[3]``."""
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (300, 2, 2, 3), dtype=np.uint8)
+    labels = rng.choice([0, 1, 2, 4, 5], 300)
+    got = instance_noise(images, labels, 0.4, 6, seed=9)
+    assert np.array_equal(got, _instance_reference(images, labels, 0.4, 6, seed=9)[0])
+    assert (got != labels).any() and 3 not in set(labels.tolist())
+
+
 def test_instance_noise_matches_the_official_stream_and_rate():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (1500, 4, 4, 3), dtype=np.uint8)

@@ -41,6 +41,12 @@ def expected_predictions(model: ImageClassifier, loader, transfer) -> dict[str, 
     return {k: v[order] for k, v in cat.items()}
 
 
+def tiny_expected() -> dict[str, torch.Tensor]:
+    """:func:`expected_predictions` of ``tiny_model()`` on ``TinyData``, in one process."""
+    data = TinyData()
+    return expected_predictions(tiny_model(), data.predict_dataloader(), lambda b: data.on_after_batch_transfer(b, 0))
+
+
 def test_predict_command_writes_one_row_per_sample_matching_predict_step(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     common = ["--config", QUICK, "--trainer.logger=false", "--trainer.accelerator=cpu",
@@ -119,9 +125,7 @@ def _ddp_predict(rank: int, world_size: int, out: str) -> dict:
 def test_ddp_predictions_have_one_row_per_sample(tmp_path):
     seen = run_ddp(_ddp_predict, 2, (str(tmp_path),))
     assert seen[0][True] + seen[1][True] == N_SAMPLES + 1  # the padding sampler duplicated one sample
-    data = TinyData()
-    expected = expected_predictions(tiny_model(), data.predict_dataloader(), lambda b: data.on_after_batch_transfer(b,
-                                                                                                                    0))
+    expected = tiny_expected()
     for padding in (0, 1):
         rows = read_predictions(tmp_path / f"padding{padding}/predictions.csv")
         assert np.array_equal(rows["index"], np.arange(N_SAMPLES))
@@ -216,9 +220,7 @@ def test_gather_predictions_takes_an_empty_shard_from_a_rank_without_a_batch(tmp
     relative leaves room for a different batch composition in the matmul)."""
     out = run_ddp(_ddp_gather_uneven, 2)
     assert out[0]["rows"] == N_SAMPLES + N_SAMPLES // 2 and out[1]["rows"] == N_SAMPLES - N_SAMPLES // 2 + 1
-    data = UnevenData()
-    expected = expected_predictions(tiny_model(), TinyData().predict_dataloader(),
-                                    lambda b: data.on_after_batch_transfer(b, 0))
+    expected = tiny_expected()
     for rank in (0, 1):
         results = out[rank]["results"]
         assert sorted(results) == [0, 1]
@@ -250,9 +252,7 @@ def test_gather_predictions_forgets_the_batches_of_an_interrupted_predict(one_th
         quiet_trainer(callbacks=[gather]).predict(Fails(backbone=TinyNet(5), num_classes=5), TinyData(),
                                                   return_predictions=False)
     quiet_trainer(callbacks=[gather]).predict(tiny_model(), TinyData(), return_predictions=False)
-    data = TinyData()
-    expected = expected_predictions(tiny_model(), data.predict_dataloader(), lambda b: data.on_after_batch_transfer(b,
-                                                                                                                    0))
+    expected = tiny_expected()
     assert torch.equal(gather.results[0]["index"], torch.arange(N_SAMPLES))
     assert torch.equal(gather.results[0]["probs"], expected["probs"])  # same float32 ops, same batches: bit for bit
 
@@ -269,9 +269,7 @@ def test_prediction_writer_takes_an_empty_shard_from_a_rank_without_a_batch(tmp_
     shard (before, it raised "yielded no batch" while rank 0 waited in the gather); each file holds every sample
     once, sorted, with single-process predictions."""
     run_ddp(_ddp_write_uneven, 2, (str(tmp_path),))
-    data = TinyData()
-    expected = expected_predictions(tiny_model(), data.predict_dataloader(), lambda b: data.on_after_batch_transfer(b,
-                                                                                                                    0))
+    expected = tiny_expected()
     for idx in (0, 1):
         rows = read_predictions(tmp_path / f"predictions_{idx}.csv")
         assert np.array_equal(rows["index"], np.arange(N_SAMPLES))
