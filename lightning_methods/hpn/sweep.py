@@ -15,8 +15,10 @@ logged to the W&B run ``<name>-sweep`` when the config has a ``WandbLogger``). A
 overrides in the same ``OUT`` stops with a message naming the differing settings.
 ``--threads`` (torch's intra-op threads) changes float round-off but not the settings: it is kept out of the
 fingerprint, and the thread count each t ran with is recorded in its stage record (``state.json``) and in
-``sweep.json`` (``"threads"``, per t); a resumed sweep whose thread count differs from a finished t's prints a
-warning (its t's were computed with other round-off) and goes on.
+``sweep.json`` (``"threads"``, per t: one count, or the counts of its parts in order when an interrupted t was
+resumed with another; ``OUT/t=<t>/threads.json`` keeps them while the t runs); a resumed sweep whose thread count
+differs from a finished t's, or from an interrupted t's earlier part, prints a warning (the t's are computed with
+other round-off) and goes on.
 Each t runs on one device (``trainer.devices`` 1): the demo is a CPU sweep.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,8 @@ from lightning_methods.losses.hpn import check_task_weight
 from lightning_methods.runs import NEUTRAL_KEYS, StagedRun, config_fingerprint
 from lightning_methods.utils import atomic_write_text
 from lightning_methods.utils.wandb import log_pictures, stage_run_settings
+
+Threads = int | list[int] | None  # a t's torch thread count: one, its parts' counts in order, or not recorded
 
 PAPER_OMNIART = {0.01: (46.6, 65.2), 0.1: (51.2, 64.6), 0.25: (54.5, 64.1), 0.5: (52.6, 68.3), 0.9: (51.4, 83.6)}
 METRICS = ("test/acc", "test/acc_top5", "test/mae", "test/rmse", "test/loss_c", "test/loss_r")
@@ -86,11 +91,16 @@ def run_one(run: StagedRun, config: Path, t: float, extra: list[str]) -> dict[st
     if (ckpt_dir / "last.ckpt").is_file():
         args.append(f"--ckpt_path={ckpt_dir / 'last.ckpt'}")
     cli = build_cli(args + extra)
-    if not cli.trainer.is_global_zero:
+    if cli is None:  # killed after its fit and test had finished, before the sweep recorded it: results.json has them
+        from lightning_methods.results.record import read_record
+
+        metrics = (read_record(run.stage_dir(stage) / "results.json").get("test") or {}).get("metrics") or {}
+    elif not cli.trainer.is_global_zero:
         return None
-    if cli.trainer.interrupted:
+    elif cli.trainer.interrupted:
         raise RuntimeError(f"the run for t={t} was interrupted; rerun the sweep to resume it")
-    metrics = cli.trainer.callback_metrics
+    else:
+        metrics = cli.trainer.callback_metrics
     missing = [k for k in ("test/acc", "test/mae") if k not in metrics]
     if missing:
         raise RuntimeError(f"the run for t={t} logged no {missing}: the sweep needs an HPNMultiTask config with a "
@@ -110,7 +120,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def write_results(run: StagedRun, results: dict[str, dict[str, float]],
-                  threads: dict[str, int | None] | None = None) -> None:
+                  threads: dict[str, Threads] | None = None) -> None:
     """``sweep.json`` (results, torch threads per t, the paper's numbers) and ``sweep.csv`` in the run directory (rank
     zero, atomic)."""
     run.write_json("sweep.json", {"results": results, "threads": dict(threads or {}),
@@ -147,12 +157,25 @@ def plot(out: Path, results: dict[str, dict[str, float]]) -> Path:
     return path
 
 
-def warn_thread_mismatch(stage: str, recorded: int | None, threads: int) -> None:
-    """Print a warning (stderr) when a finished t ran with another torch thread count than this sweep."""
-    if recorded is not None and int(recorded) != threads:
-        print(f"warning: {stage} finished with {recorded} torch threads, this sweep runs with {threads}: thread counts "
+def warn_thread_mismatch(stage: str, recorded: Threads, threads: int, ran: str = "finished") -> None:
+    """Print a warning (stderr) when a t ran (all or part of it) with another torch thread count than this sweep."""
+    counts = recorded if isinstance(recorded, list) else [] if recorded is None else [recorded]
+    if any(int(c) != threads for c in counts):
+        shown = ", then ".join(str(c) for c in counts)
+        print(f"warning: {stage} {ran} with {shown} torch threads, this sweep runs with {threads}: thread counts "
               "change float round-off, so the sweep's t's are not computed alike (rerun with --threads "
-              f"{recorded} to match)", file=sys.stderr)
+              f"{counts[0]} to match)", file=sys.stderr)
+
+
+def start_threads(run: StagedRun, stage: str, threads: int) -> list[int]:
+    """The thread counts of ``stage``'s parts including the one starting now (``OUT/t=<t>/threads.json``); an earlier
+    part counts only when its ``last.ckpt`` is there to resume from. Warns when an earlier part used another count."""
+    path = run.stage_dir(stage) / "threads.json"
+    resumed = (run.stage_dir(stage) / "checkpoints" / "last.ckpt").is_file() and path.is_file()
+    earlier = [int(c) for c in json.loads(path.read_text())] if resumed else []
+    warn_thread_mismatch(stage, earlier, threads, ran="was interrupted after running")
+    run.write_json(f"{stage}/threads.json", [*earlier, threads])
+    return [*earlier, threads]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,7 +208,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         raise SystemExit(f"the sweep runs each t on one device (devices={devices!r}); for a multi-GPU run of one t use "
                          "`lightning-methods fit --config CONFIG --model.init_args.task_weight T`")
     results: dict[str, dict[str, float]] = {}
-    thread_counts: dict[str, int | None] = {}
+    thread_counts: dict[str, Threads] = {}
     with StagedRun(opts.out, "hpn_tsweep", sweep_fingerprint(opts.config, extra),
                    config_text=opts.config.read_text()) as run:
         for t in opts.task_weights:
@@ -194,10 +217,11 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
                 print(f"{stage}: finished earlier, skipped")
                 warn_thread_mismatch(stage, (run.record(stage) or {}).get("threads"), threads)
             else:
+                parts = start_threads(run, stage, threads)
                 row = run_one(run, opts.config, t, extra)
                 if row is None:  # not rank 0
                     continue
-                run.mark_done(stage, {**row, "threads": threads})
+                run.mark_done(stage, {**row, "threads": parts[0] if len(set(parts)) == 1 else parts})
                 print(f"{stage}: test acc {100 * row['test/acc']:.2f}%  test MAE {row['test/mae']:.4f}")
             record = dict(run.record(stage) or {})
             thread_counts[str(t)] = record.pop("threads", None)  # None: finished by a version that did not record it

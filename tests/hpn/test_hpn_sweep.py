@@ -95,3 +95,67 @@ def test_the_thread_count_is_recorded_per_t_and_a_resume_with_another_warns(tmp_
     assert main([*args, "--threads", "2"]) == results
     assert "warning" not in capsys.readouterr().err
     assert json.loads((out / "sweep.json").read_text())["threads"] == {"0.5": None}
+
+
+def test_an_interrupted_t_resumed_with_another_thread_count_warns_and_records_both(tmp_path, monkeypatch, capsys,
+                                                                                      one_thread):
+    """A t interrupted (Ctrl-C) after its first epoch with 2 threads and resumed with 1 from its last.ckpt warns before
+    it goes on and records both counts in order; a finished t that ran partly with another count warns too."""
+    from lightning_methods.hpn import HPNMultiTask
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sweep"
+    args = ["--config", str(CONFIG), "--task_weights", "0.5", "--out", str(out), *FAST, "--trainer.logger=false",
+            "--trainer.max_epochs=2"]
+    real = HPNMultiTask.on_train_epoch_start
+
+    def ctrl_c(self):
+        if self.current_epoch == 1:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(HPNMultiTask, "on_train_epoch_start", ctrl_c)
+    with pytest.raises((RuntimeError, SystemExit)):
+        main([*args, "--threads", "2"])
+    monkeypatch.setattr(HPNMultiTask, "on_train_epoch_start", real)
+    assert json.loads((out / "t=0.5" / "threads.json").read_text()) == [2]
+    assert "t=0.5" not in json.loads((out / "state.json").read_text()).get("stages", {})
+    capsys.readouterr()
+
+    main([*args, "--threads", "1"])
+    err = capsys.readouterr().err
+    assert "warning: t=0.5 was interrupted after running with 2 torch threads, this sweep runs with 1" in err
+    state = json.loads((out / "state.json").read_text())
+    assert state["stages"]["t=0.5"]["threads"] == [2, 1]
+    assert json.loads((out / "sweep.json").read_text())["threads"] == {"0.5": [2, 1]}
+    main([*args, "--threads", "1"])  # finished now: a t that ran partly with another count still warns
+    assert "warning: t=0.5 finished with 2, then 1 torch threads, this sweep runs with 1" in capsys.readouterr().err
+
+
+def test_a_t_killed_after_its_test_before_the_sweep_recorded_it_takes_its_results_from_its_record(
+        tmp_path, monkeypatch, capsys, one_thread):
+    """Killed between a t's finished fit + test and the sweep's record of it, the resumed sweep used to crash (the fit
+    says the run has finished and returns nothing): it now takes the t's test metrics from its results.json. A t
+    started again without a checkpoint to resume from has one part only (no warning about the earlier part)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sweep"
+    args = ["--config", str(CONFIG), "--task_weights", "0.5", "--out", str(out), *FAST, "--trainer.logger=false"]
+    results = main([*args, "--threads", "2"])
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["stages"]["t=0.5"]  # the kill's window: the t's results.json says finished, state.json not yet
+    state_path.write_text(json.dumps(state))
+    again = main([*args, "--threads", "2"])
+    assert again == results  # the same float32 metrics, through results.json
+    assert "finished earlier" not in capsys.readouterr().out
+    assert json.loads(state_path.read_text())["stages"]["t=0.5"]["threads"] == 2  # two parts, one count
+
+    state = json.loads(state_path.read_text())
+    del state["stages"]["t=0.5"]
+    state_path.write_text(json.dumps(state))
+    for ckpt in (out / "t=0.5" / "checkpoints").glob("*.ckpt"):
+        ckpt.unlink()  # nothing to resume: the earlier parts do not count
+    (out / "t=0.5" / "results.json").unlink()
+    main([*args, "--threads", "1"])
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads(state_path.read_text())["stages"]["t=0.5"]["threads"] == 1
