@@ -26,9 +26,10 @@ def distillation_args(config_path: Path, tmp_path: Path, data_root: Path) -> lis
     note_swap(f"distillation/{config_path.name}", "batch_size -> 2")
     if teacher is None:  # teachers/*.yaml
         return FAST
-    key = (teacher, 100)
+    classes = 10 if cfg["data"]["class_path"].endswith("DigitsDataModule") else 100  # the digits demo: 10 classes
+    key = (teacher, classes)
     if key not in _WRITTEN or not _WRITTEN[key].is_file():
-        _WRITTEN[key] = write_teacher_file(tmp_path, teacher, 100)
+        _WRITTEN[key] = write_teacher_file(tmp_path, teacher, classes)
     # the teacher's validation accuracy is tested in tests/test_distill_module.py; skip its extra forward here
     return [f"--model.init_args.teacher_checkpoint={_WRITTEN[key]}", "--model.init_args.log_teacher_accuracy=false",
             *FAST]

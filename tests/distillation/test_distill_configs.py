@@ -100,3 +100,54 @@ def test_teacher_configs_are_the_vanilla_recipe(teacher):
     assert init["backbone"].lower() == teacher and init["optimizer"]["init_args"]["lr"] == 0.05
     _common(cfg, init["optimizer"]["init_args"])
     assert paper_numbers(CONFIGS / "teachers" / f"{teacher}.yaml") == {"best/val/acc": TEACHERS[teacher]}
+
+
+#: the offline digits demo (scripts/demos/run_demos.sh distillation): file -> (module class, method arguments); the
+#: methods take the res56 -> res20 values above (a ResNet teacher), the DeepKD streams their DEEPKD entries
+DIGITS = {
+    "digits_student.yaml": ("lightning_methods.ImageClassifier", {}),
+    "digits_kd.yaml": ("lightning_methods.distillation.KDClassifier", {"ce_weight": 0.1, "kd_weight": 0.9}),
+    "digits_dkd.yaml": ("lightning_methods.distillation.DKDClassifier",
+                        {"ce_weight": 1.0, "alpha": 1.0, "beta": DKD_BETA["res56_res20"], "warmup_epochs": 2}),
+    "digits_kd_deepkd.yaml": ("lightning_methods.distillation.KDDeepKDClassifier",
+                              {"ce_weight": DEEPKD["res56_res20"][1][3], "exact_per_sample_nckd": False}),
+    "digits_deepkd.yaml": ("lightning_methods.distillation.DeepKDClassifier",
+                           {"ce_weight": 1.0, "alpha": 1.0, "beta": DEEPKD["res56_res20"][0][3], "warmup_epochs": 2}),
+}
+
+
+def test_digits_demo_shares_one_split_one_student_and_the_teacher_it_was_trained_on():
+    """Every digits demo file has the teacher's data (data seed 0: the teacher never saw the students' test digits),
+    trainer and schedule; the students share their backbone; the distilling ones name the teacher's architecture
+    at T = 4; each method has the res56 -> res20 settings; the DeepKD files the three-stream optimizer of DEEPKD."""
+    assert {p.name for p in CONFIGS.glob("digits_*.yaml")} == {"digits_teacher.yaml", *DIGITS}
+    teacher = yaml.safe_load((CONFIGS / "digits_teacher.yaml").read_text())
+    t_init = teacher["model"]["init_args"]
+    assert teacher["data"]["class_path"].endswith("DigitsDataModule") and teacher["data"]["init_args"]["seed"] == 0
+    student_backbone = None
+    for name, (cls, method) in DIGITS.items():
+        cfg = yaml.safe_load((CONFIGS / name).read_text())
+        init = cfg["model"]["init_args"]
+        assert cfg["model"]["class_path"] == cls
+        assert cfg["data"] == teacher["data"] and init["lr_scheduler"] == t_init["lr_scheduler"]
+        assert cfg["trainer"]["logger"]["init_args"].pop("name") == f"digits-{name[7:-5]}"
+        assert {k: v for k, v in cfg["trainer"].items()} == {
+            **teacher["trainer"], "logger": {**teacher["trainer"]["logger"], "init_args": {
+                k: v for k, v in teacher["trainer"]["logger"]["init_args"].items() if k != "name"}}}
+        backbone = (init["backbone"], init["backbone_kwargs"])
+        student_backbone = student_backbone or backbone
+        assert backbone == student_backbone and backbone[0] != t_init["backbone"]
+        assert {k: init.get(k) for k in method} == method
+        if cls.endswith("ImageClassifier"):
+            assert init["optimizer"] == t_init["optimizer"] and "teacher" not in init
+            continue
+        assert init["teacher"] == t_init["backbone"] and init["temperature"] == 4.0
+        assert init["teacher_checkpoint"] is None  # the demo passes the teacher's last.ckpt
+        if "deepkd" in name:
+            dkd_row, kd_row = DEEPKD["res56_res20"]
+            lr, tcg, ncg, _ = kd_row if name == "digits_kd_deepkd.yaml" else dkd_row
+            opt = init["optimizer"]["init_args"]
+            assert init["optimizer"]["class_path"] == "lightning_methods.optim.DeepKD"
+            assert (opt["lr"], opt["delta_tcg"], opt["delta_ncg"], opt["delta_tog"]) == (lr, tcg, ncg, 0.075)
+        else:
+            assert init["optimizer"] == t_init["optimizer"]

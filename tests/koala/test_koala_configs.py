@@ -40,8 +40,32 @@ FILES = {
 }
 
 
+# the offline digits demo (scripts/demos/run_demos.sh koala): the optimizers of the CIFAR-100 files above, on ResNet-8
+DIGITS = {f"digits_{name}.yaml": f"cifar100_resnet50_{name}.yaml" for name in ("sgd", "adam", "koalam", "koalapp")}
+
+
 def test_every_shipped_file_is_checked():
-    assert {p.name for p in DIR.glob("*.yaml")} == set(FILES)
+    assert {p.name for p in DIR.glob("*.yaml")} == set(FILES) | set(DIGITS)
+
+
+@pytest.mark.parametrize("name", sorted(DIGITS))
+def test_digits_demo_uses_the_cifar_optimizers_and_differs_only_in_them(name):
+    """Each digits demo file has the optimizer section of its CIFAR-100 file and is digits_sgd.yaml otherwise (the
+    KOALA optimizers add KOALAMonitor), with the 100-epoch step schedule scaled to 12 epochs (x0.2 at 4 / 7 / 11)."""
+    cfg = yaml.safe_load((DIR / name).read_text())
+    ref = yaml.safe_load((DIR / "digits_sgd.yaml").read_text())
+    cifar = yaml.safe_load((DIR / DIGITS[name]).read_text())
+    opt = cfg["model"]["init_args"].pop("optimizer")
+    assert opt == cifar["model"]["init_args"]["optimizer"]
+    ref["model"]["init_args"].pop("optimizer")
+    koala = "koala" in name
+    assert cfg["trainer"].pop("callbacks", None) == (cifar["trainer"]["callbacks"] if koala else None)
+    assert cfg["trainer"]["logger"]["init_args"].pop("name") == f"digits-{name[7:-5]}"
+    ref["trainer"]["logger"]["init_args"].pop("name")
+    assert cfg == ref
+    assert ref["trainer"]["max_epochs"] == 12 and ref["model"]["init_args"]["lr_scheduler"]["init_args"] == {
+        "milestones": [4, 7, 11], "gamma": 0.2}
+    assert ref["data"]["class_path"].endswith("DigitsDataModule")
 
 
 @pytest.mark.parametrize("name", sorted(FILES))

@@ -43,6 +43,10 @@ VARIANTS = {
 }
 FILES = {(aug, m, v): DIR / ("autoaugment" if aug else "") / f"cifar100_{m}_{v}.yaml"
          for aug in (False, True) for m in MODELS for v in VARIANTS}
+# the offline digits demo (scripts/demos/run_demos.sh sam): variant -> (optimizer class, perturb, adaptive, rho)
+DIGITS = {"sam": ("SAM", "all", None, 0.05), "samon": ("SAMON", "only_norm", None, 0.5),
+          "asamon": ("ASAMON", "only_norm", "elementwise", 1.0)}
+DIGITS_FILES = {v: DIR / f"digits_{v}.yaml" for v in ("sgd", *DIGITS)}
 
 
 def load(path: Path) -> dict:
@@ -60,7 +64,7 @@ def build(spec: dict, *args, **extra):
 
 def test_family_is_complete():
     shipped = set(DIR.rglob("*.yaml"))
-    assert shipped == set(FILES.values())
+    assert shipped == set(FILES.values()) | set(DIGITS_FILES.values())
     assert all((DIR.parent / rel).is_file() for rel in FITTED)
 
 
@@ -141,3 +145,21 @@ def test_optimizer_and_callbacks_build_and_step(variant):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     for cb in cfg["trainer"].get("callbacks", []):
         build(cb)
+
+
+@pytest.mark.parametrize("variant", sorted(DIGITS))
+def test_digits_demo_differs_from_its_sgd_baseline_only_in_the_optimizer(variant):
+    """A variant of the digits demo is digits_sgd.yaml with the SGD wrapped in its SAM optimizer (same SGD settings),
+    so the demo compares optimizers and nothing else."""
+    cfg, ref = load(DIGITS_FILES[variant]), load(DIGITS_FILES["sgd"])
+    cls, perturb, adaptive, rho = DIGITS[variant]
+    opt = cfg["model"]["init_args"].pop("optimizer")
+    sgd = ref["model"]["init_args"].pop("optimizer")
+    assert opt["class_path"] == f"lightning_methods.optim.{cls}"
+    args = dict(opt["init_args"])
+    assert args.pop("base_optimizer") == sgd
+    assert args == {"rho": rho, "perturb": perturb, **({"adaptive": adaptive} if adaptive else {})}
+    assert cfg["trainer"]["logger"]["init_args"].pop("name") == f"digits-{variant}"
+    ref["trainer"]["logger"]["init_args"].pop("name")
+    assert cfg == ref
+    assert ref["data"]["class_path"].endswith("DigitsDataModule") and ref["data"]["init_args"]["augment"] == "crop"
