@@ -49,6 +49,36 @@ DEMOS = (
         "`lightning-methods fed --config configs/federated/digits_demo.yaml --data.partition.classes_per_client 2` "
         "(the paper's non-IID1 regime: 2 of the 10 classes per client; final-round client accuracy)",
     ),
+    (
+        "sam",
+        "SAM, SAM-ON and ASAM-ON vs SGD",
+        "`configs/sam/digits_sgd.yaml` (ResNet-8, 12 epochs, SGD with label smoothing 0.1) and `digits_sam.yaml` "
+        "(rho 0.05, every parameter), `digits_samon.yaml` (rho 0.5, normalization layers only), `digits_asamon.yaml` "
+        "(elementwise adaptive, rho 1.0, normalization layers only), the same SGD inside; test accuracy after the last "
+        "epoch, each variant against SGD seed by seed",
+    ),
+    (
+        "sam_long",
+        "SGD, SAM and SAM-ON in 30 epochs",
+        "The SAM demo's `digits_sgd`, `digits_sam` and `digits_samon` again with 30 epochs "
+        "(`-- --trainer.max_epochs 30 --model.init_args.lr_scheduler.init_args.T_max 30`), nothing else changed",
+    ),
+    (
+        "koala",
+        "KOALA-M and KOALA++ vs SGD and Adam",
+        "`configs/koala/digits_{sgd,adam,koalam,koalapp}.yaml` (ResNet-8, 12 epochs, x0.2 at epochs 4 / 7 / 11; the "
+        "CIFAR-100 files' optimizer settings); test accuracy after the last epoch, each optimizer against SGD seed by "
+        "seed",
+    ),
+    (
+        "distillation",
+        "KD, DKD and DeepKD vs the student alone",
+        "`configs/distillation/digits_teacher.yaml` (ResNet-20, seed 0) distilled into an MLP with two hidden layers "
+        "of 16 units: `digits_student.yaml` (no teacher), `digits_kd.yaml`, `digits_dkd.yaml`, "
+        "`digits_kd_deepkd.yaml` (KD + DeepKD) and `digits_deepkd.yaml` (DKD + DeepKD), 16 epochs, one split (data "
+        "seed 0, the teacher's); the seed sets the student's initialisation and batch order; test accuracy after the "
+        "last epoch, each method against the student alone seed by seed",
+    ),
 )
 
 

@@ -92,10 +92,41 @@ def ood_summaries(base: Path, rows: list[dict]) -> dict[str, str]:
     }
 
 
+#: demos of one metric whose rows are compared with one baseline row: demo -> (metric, baseline's name in the text)
+VERSUS_DEMOS = {"sam": ("test/acc", "SGD"), "sam_long": ("test/acc", "SGD"), "koala": ("test/acc", "SGD"),
+                "distillation": ("test/acc", "the student")}
+
+
+def versus_summaries(base: Path) -> dict[str, str]:
+    """The SAM, KOALA and distillation demos for README.md and their method pages: every row's mean ± std, its
+    verdict against the baseline (seed by seed) and the table (times: the demos page)."""
+    out = {}
+    for name, (metric, baseline) in VERSUS_DEMOS.items():
+        folder = base / name
+        table_rows = csv_rows(folder / "table.csv")
+        if not table_rows:
+            continue
+        versus = {r["config"]: r for r in baseline_rows(folder) if r["metric"] == metric}
+        parts = []
+        for row in table_rows:
+            label = f"{row['config']} {row.get('setting') or ''}".strip()
+            if row["n"] == "1":  # one run (the distillation teacher): no spread, and one pair shows nothing
+                parts.append(f"{label} {float(row[f'{metric} mean']):.1f} (one run)")
+                continue
+            text = f"{label} {pm(row, metric)}"
+            if label in versus:
+                text += f" (against {baseline}: {verdict(versus[label])})"
+            parts.append(text)
+        out[f"readme_{name}"] = (f"seeds {seeds_text(folder)}, test accuracy % after the last epoch: "
+                                 + "; ".join(parts) + ".")
+        out[name] = (folder / "table.md").read_text().strip()
+    return out
+
+
 def summaries(base: Path) -> dict[str, str]:
     """Short generated texts for the marked places in README.md and docs/methods/*.md."""
     rows = times(base)
-    out: dict[str, str] = {**fed_summaries(base, rows), **ood_summaries(base, rows)}
+    out: dict[str, str] = {**fed_summaries(base, rows), **ood_summaries(base, rows), **versus_summaries(base)}
     quick = csv_rows(base / "quickstart" / "table.csv")
     if quick:
         out["readme_quickstart"] = f"{pm(quick[0], 'test/acc')}%"
@@ -146,13 +177,14 @@ def summaries(base: Path) -> dict[str, str]:
     return out
 
 
-def fill(path: Path, texts: dict[str, str]) -> None:
-    """Replace the text between ``<!-- demos:KEY -->`` and ``<!-- /demos:KEY -->`` (or after a lone opening marker)
-    with ``texts[KEY]``."""
+def fill(path: Path, texts: dict[str, str], page: str = "demos") -> None:
+    """Replace the text between ``<!-- PAGE:KEY -->`` and ``<!-- /PAGE:KEY -->`` (or after a lone opening marker)
+    with ``texts[KEY]``; ``page`` is the stem of the demos page whose numbers the region carries (``demos``: the main
+    page docs/demos.md; ``demos_amd_epyc``: docs/demos_amd_epyc.md)."""
 
     text = path.read_text()
     for key, value in texts.items():
-        start, end = f"<!-- demos:{key} -->", f"<!-- /demos:{key} -->"
+        start, end = f"<!-- {page}:{key} -->", f"<!-- /{page}:{key} -->"
         if start not in text:
             continue
         new = f"{start}{value}{end}"

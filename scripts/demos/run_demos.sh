@@ -7,10 +7,12 @@
 #   SEEDS="0 1 2" OMP_NUM_THREADS=2 DEMO_DIR=runs/demos_2t scripts/demos/run_demos.sh hpn
 #   TABLES_ONLY=1 scripts/demos/run_demos.sh        # only the tables again, from the finished runs
 #
-# Demos: quickstart, multibit (EMQ and LSQ vs Any-Precision), hpn (task-weight sweep), early_cutting (select vs plain CE),
-# tunnel (MLP + TunnelProbe), ood (EncMin2L vs single encoders, AUROC x 100), fedfree (FedFree and the HmFL
+# Demos: quickstart, multibit (EMQ and LSQ vs Any-Precision), hpn (task-weight sweep), early_cutting (select vs
+# plain CE), tunnel (MLP + TunnelProbe), ood (EncMin2L vs single encoders, AUROC x 100), fedfree (FedFree and the HmFL
 # baselines FedAvg, FedProx, Per-FedAvg, pFedLA vs Local-only), fedfree_skew (the same with 2 classes per client, the
-# paper's label-skew regime), threads (seed 0 of each demo again with 2 threads,
+# paper's label-skew regime), sam (SAM, SAM-ON, ASAM-ON vs SGD), sam_long (SGD, SAM, SAM-ON in 30 epochs), koala
+# (KOALA-M, KOALA++ vs SGD, Adam), distillation (KD, DKD, KD+DeepKD, DKD+DeepKD vs the student alone), threads (seed 0
+# of each demo again with 2 threads,
 # into $DEMO_DIR/threads2/).
 # Output per demo: $DEMO_DIR/<demo>/table.md + table.csv (mean +- std over seeds, from `lightning-methods table`;
 # with --baseline: the difference to the baseline row and whether it is beyond the seed spread, baseline.csv),
@@ -116,14 +118,49 @@ demo_fedfree_skew() {  # the same in the paper's regime (non-IID1: pathological 
     --baseline digits_demo:fedfree --paired
 }
 
+demo_sam() {  # SAM, SAM-ON and ASAM-ON vs SGD (one seed: the same split and initialisation for every optimizer)
+  timed sam lightning-methods grid --config configs/sam/digits_sgd.yaml configs/sam/digits_sam.yaml \
+    configs/sam/digits_samon.yaml configs/sam/digits_asamon.yaml --seeds $SEEDS --grid_dir "$OUT/sam"
+  table "$OUT/sam" "$OUT/sam" -- test/acc last/val/acc -- --baseline digits_sgd --paired
+}
+
+demo_sam_long() {  # SGD, SAM and SAM-ON again with a 30-epoch schedule: does the budget decide the SAM demo?
+  timed sam_long lightning-methods grid --config configs/sam/digits_sgd.yaml configs/sam/digits_sam.yaml \
+    configs/sam/digits_samon.yaml --seeds $SEEDS --grid_dir "$OUT/sam_long" -- --trainer.max_epochs 30 \
+    --model.init_args.lr_scheduler.init_args.T_max 30
+  table "$OUT/sam_long" "$OUT/sam_long" -- test/acc last/val/acc -- --baseline digits_sgd --paired
+}
+
+demo_koala() {  # KOALA-M and KOALA++ vs SGD and Adam (paired by seed like the SAM demo)
+  timed koala lightning-methods grid --config configs/koala/digits_sgd.yaml configs/koala/digits_adam.yaml \
+    configs/koala/digits_koalam.yaml configs/koala/digits_koalapp.yaml --seeds $SEEDS --grid_dir "$OUT/koala"
+  table "$OUT/koala" "$OUT/koala" -- test/acc last/val/acc -- --baseline digits_sgd --paired
+}
+
+demo_distillation() {  # KD, DKD and their DeepKD versions vs the student alone; one teacher (seed 0) on one split
+  local teacher="$OUT/distillation/teacher/digits_teacher/seed0/checkpoints/last.ckpt"
+  timed distillation_teacher lightning-methods grid --config configs/distillation/digits_teacher.yaml --seeds 0 \
+    --grid_dir "$OUT/distillation/teacher"
+  # the seed sets the student's initialisation and batch order; the data seed stays 0 (the teacher's split)
+  timed distillation_student lightning-methods grid --config configs/distillation/digits_student.yaml \
+    --seeds $SEEDS --seed_keys seed_everything --grid_dir "$OUT/distillation/student"
+  timed distillation_kd lightning-methods grid --config configs/distillation/digits_kd.yaml \
+    configs/distillation/digits_dkd.yaml configs/distillation/digits_kd_deepkd.yaml \
+    configs/distillation/digits_deepkd.yaml --seeds $SEEDS --seed_keys seed_everything \
+    --grid_dir "$OUT/distillation/kd" -- --model.init_args.teacher_checkpoint "$teacher"
+  table "$OUT/distillation" "$OUT/distillation/teacher" "$OUT/distillation/student" "$OUT/distillation/kd" -- \
+    test/acc last/val/acc -- --baseline digits_student --paired
+}
+
 demo_threads() {  # seed 0 of each demo with 2 threads: how much the digits move with the thread count alone
   local t2="$OUT/threads2"  # THREAD_DEMOS picks the demos (default: all)
+  local all="quickstart multibit hpn early_cutting tunnel ood fedfree sam koala distillation"
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=2 SEEDS=0 DEMO_DIR="$t2" "$0" ${THREAD_DEMOS:-quickstart multibit hpn early_cutting tunnel ood fedfree}
+  OMP_NUM_THREADS=2 SEEDS=0 DEMO_DIR="$t2" "$0" ${THREAD_DEMOS:-$all}
 }
 
 demos=("$@")
-[ ${#demos[@]} -gt 0 ] || demos=(quickstart multibit hpn early_cutting tunnel ood fedfree fedfree_skew)
+[ ${#demos[@]} -gt 0 ] || demos=(quickstart multibit hpn early_cutting tunnel ood fedfree fedfree_skew sam sam_long koala distillation)
 for d in "${demos[@]}"; do
   echo "=== demo $d (OMP_NUM_THREADS=$OMP_NUM_THREADS, seeds $SEEDS, load $(load1)) ==="
   "demo_$d"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import statistics
 
 import pytest
 from results_testing import RHO_ACC, write_rho_grid, write_run
@@ -178,3 +179,43 @@ def _load_script(relative: str):
         return importlib.import_module(path.stem)
     finally:
         sys.path.remove(str(path.parent))
+
+
+def test_a_demos_page_fills_only_the_regions_named_after_it(tmp_path):
+    """README regions carry the numbers of one demos page: ``<!-- demos:KEY -->`` the main page's,
+    ``<!-- demos_amd_epyc:KEY -->`` that page's; filling from one page leaves the other's regions as they are."""
+    regions = _load_script("scripts/demos/regions.py")
+    doc = tmp_path / "README.md"
+    doc.write_text("a <!-- demos:sam -->old main<!-- /demos:sam --> b <!-- demos_amd_epyc:sam -->old<!-- "
+                   "/demos_amd_epyc:sam --> c <!-- demos_amd_epyc:koala -->x<!-- /demos_amd_epyc:koala -->\n")
+    regions.fill(doc, {"sam": "NEW", "koala": "K"}, "demos_amd_epyc")
+    assert doc.read_text() == ("a <!-- demos:sam -->old main<!-- /demos:sam --> b <!-- demos_amd_epyc:sam -->NEW"
+                               "<!-- /demos_amd_epyc:sam --> c <!-- demos_amd_epyc:koala -->K"
+                               "<!-- /demos_amd_epyc:koala -->\n")
+    regions.fill(doc, {"sam": "MAIN"})
+    assert "<!-- demos:sam -->MAIN<!-- /demos:sam -->" in doc.read_text() and "-->NEW<!--" in doc.read_text()
+
+
+def test_the_readme_line_of_a_demo_against_its_baseline_comes_from_the_tables_files(tmp_path):
+    """The SAM / KOALA / distillation demos' README and method-page texts: every row's mean ± std of test/acc (ddof 1),
+    and each row's seed-by-seed verdict against the baseline from baseline.csv (``table --paired``), in display %."""
+    regions = _load_script("scripts/demos/regions.py")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed_everything: 0\n")
+    write_rho_grid(tmp_path / "demos" / "sam", cfg)
+    write_run(tmp_path / "demos" / "sam", "rho2.0-s0", cfg, 2.0, 0, 0.7904)  # one run: no spread, no verdict
+    table_main([str(tmp_path / "demos" / "sam"), "--output", str(tmp_path / "demos" / "sam"), "--metrics", "test/acc",
+                "--baseline", "rho=0.5", "--paired", "--no_plot"])
+    texts = regions.versus_summaries(tmp_path / "demos")
+    assert set(texts) == {"readme_sam", "sam"}  # the other demos have no runs here
+
+    def pm(values):
+        return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+    paired = [b - a for a, b in zip(RHO_ACC[0.5], RHO_ACC[1.0], strict=False)]  # seed 3 has no baseline run
+    assert all(d > 0 for d in paired)
+    diff = 100 * (math.fsum(RHO_ACC[1.0][:3]) - math.fsum(RHO_ACC[0.5])) / 3
+    assert texts["readme_sam"] == (
+        f"seeds 0, 1, 2, 3, test accuracy % after the last epoch: c rho=0.5 {pm(RHO_ACC[0.5])}; c rho=1.0 "
+        f"{pm(RHO_ACC[1.0])} (against SGD: {diff:+.2f}, above in every seed, chance 0.25); c rho=2.0 79.0 (one run).")
+    assert texts["sam"] == (tmp_path / "demos" / "sam" / "table.md").read_text().strip()
