@@ -77,6 +77,8 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
+        if self.chance >= 1:  # one run on each side (or one pair): every order is as likely as this one
+            return "one run on each side: no verdict (by chance alone: 1)"
         if self.apart == 0:
             why = "the difference does not have one sign in every run" if self.paired else "the runs' ranges overlap"
             return f"within the seed spread ({why})"

@@ -23,7 +23,11 @@ def test_apart_diff_and_chance_by_hand():
     assert below.verdict == "every run below every baseline run (by chance alone: 0.1)"
     touching = compare.Comparison("a", "m", "b", "m", (3.0, 4.0, 5.0), (1.0, 2.0, 3.0))
     assert touching.apart == 0 and "within the seed spread" in touching.verdict  # a tie is not apart
-    assert compare.Comparison("a", "m", "b", "m", (2.0,), (1.0,)).chance == 1.0  # one run each shows nothing
+    one_each = compare.Comparison("a", "m", "b", "m", (2.0,), (1.0,))
+    assert one_each.chance == 1.0 and one_each.apart == 1  # one run each shows nothing, and the verdict says so
+    assert one_each.verdict == "one run on each side: no verdict (by chance alone: 1)"
+    one_pair = compare.Comparison("a", "m", "b", "m", (2.0,), (1.0,), paired=True)
+    assert one_pair.chance == 1.0 and one_pair.verdict == one_each.verdict
     assert compare.Comparison("a", "m", "b", "m", (6.0,) * 5, (1.0,) * 5).chance == pytest.approx(2 / 252)
 
 
